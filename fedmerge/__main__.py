@@ -1,0 +1,3 @@
+from fedmerge.cli import main
+
+raise SystemExit(main())
