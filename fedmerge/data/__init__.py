@@ -1,0 +1,1 @@
+"""Offline datasets, partitioners and task families (import from the submodules)."""
