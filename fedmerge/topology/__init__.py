@@ -15,7 +15,7 @@ diameter), :mod:`.specs` (presets, YAML, overrides), :mod:`.draw` (PNG).
 
 from fedmerge.topology.analysis import rounds_to_shrink, second_eigenvalue_modulus, spectral_gap
 from fedmerge.topology.build import Topology, build_topology
-from fedmerge.topology.graphs import GENERATORS, make_graph
+from fedmerge.topology.graphs import GENERATORS, make_graph, write_graph
 from fedmerge.topology.mixing import MIXING_RULES, mixing_matrix, stochasticity
 from fedmerge.topology.schedules import SCHEDULES, RoundPlan, make_schedule
 from fedmerge.topology.specs import list_presets, preset_path, resolve_spec
@@ -37,4 +37,5 @@ __all__ = [
     "second_eigenvalue_modulus",
     "spectral_gap",
     "stochasticity",
+    "write_graph",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 
 import networkx as nx
 
+from fedmerge.atomic import atomic_write_text
 from fedmerge.errors import ConfigError
 
 GRAPH_FILE_FORMATS = ("graphml", "edgelist", "adjlist")
@@ -67,8 +68,13 @@ def torus(rows: int, cols: int) -> nx.Graph:
 
 def hypercube(dim: int) -> nx.Graph:
     """2^dim nodes; i ~ j when their binary labels differ in one bit (degree dim)."""
-    g = nx.hypercube_graph(dim)
-    return nx.relabel_nodes(g, {bits: int("".join(map(str, bits)) or "0", 2) for bits in g.nodes})
+    if not isinstance(dim, int) or dim < 0:
+        raise ConfigError(f"graph 'hypercube' needs a dimension dim >= 0, got {dim!r}")
+    g = nx.empty_graph(2**dim)
+    g.add_edges_from(
+        (i, i ^ (1 << b)) for i in range(2**dim) for b in range(dim) if i < i ^ (1 << b)
+    )
+    return g
 
 
 def exponential(n: int) -> nx.Graph:
@@ -146,6 +152,29 @@ def _read_edgelist(p: Path) -> nx.Graph:
         else:
             g.add_edge(text[0], text[1])
     return g
+
+
+def write_graph(g: nx.Graph, path: str | Path, format: str = "auto") -> Path:  # noqa: A002
+    """Write ``g`` (with any ``weight`` attributes) as GraphML, edge list or adjacency list.
+
+    The file is written atomically and reads back with :func:`file` to the same graph
+    (adjacency lists carry no weights).
+    """
+    p = Path(path)
+    fmt = GRAPH_FILE_SUFFIXES.get(p.suffix.lower()) if format == "auto" else format
+    if fmt == "graphml":
+        text = "\n".join(nx.generate_graphml(g))
+    elif fmt == "edgelist":
+        rows = (
+            f"{u} {v} {w}" if w is not None else f"{u} {v}" for u, v, w in g.edges(data="weight")
+        )
+        text = "\n".join(rows)
+    elif fmt == "adjlist":
+        text = "\n".join(nx.generate_adjlist(g))
+    else:
+        raise ConfigError(f"cannot tell the graph format of {p}: use one of {GRAPH_FILE_FORMATS}")
+    atomic_write_text(p, text + "\n")
+    return p
 
 
 GENERATORS: dict[str, Callable[..., nx.Graph]] = {
