@@ -13,9 +13,10 @@ A spec names a graph and how to mix over it::
     allow_disconnected: false
 
 Presets are ``<name>.yaml`` files found, in order, in the directories of
-``$FEDMERGE_TOPOLOGY_PATH`` (``os.pathsep``-separated), ``./topologies`` and the
+``$FEDMERGE_TOPOLOGY_PATH`` (``os.pathsep``-separated), ``./topologies``, the
 repository's ``topologies/`` next to the ``fedmerge`` package (a source checkout
-or ``pip install -e .``). ``topologies/`` at the repository root is the single
+or ``pip install -e .``) and ``<prefix>/share/fedmerge/topologies`` (where a
+wheel install puts them). ``topologies/`` at the repository root is the single
 copy in git.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sysconfig
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,12 +48,13 @@ SPEC_FIELDS = (
 )
 PRESET_ENV = "FEDMERGE_TOPOLOGY_PATH"
 REPO_PRESETS = Path(__file__).resolve().parents[2] / "topologies"
+INSTALLED_PRESETS = Path(sysconfig.get_path("data")) / "share" / "fedmerge" / "topologies"
 
 
 def preset_dirs() -> list[Path]:
     """Directories searched for presets, first match wins."""
     env = [Path(p) for p in os.environ.get(PRESET_ENV, "").split(os.pathsep) if p]
-    dirs = [*env, Path.cwd() / "topologies", REPO_PRESETS]
+    dirs = [*env, Path.cwd() / "topologies", REPO_PRESETS, INSTALLED_PRESETS]
     seen, out = set(), []
     for d in dirs:
         key = d.resolve()
