@@ -296,3 +296,12 @@ def test_mh_is_symmetric_doubly_stochastic_nonnegative(g):
         props = stochasticity(mixing_matrix(g, rule))
         assert props["row_stochastic"] and props["nonnegative"]
     assert stochasticity(mixing_matrix(g, "max_degree"))["doubly_stochastic"]
+
+
+def test_networkx_graph_in_hand():
+    topo = build_topology(nx.petersen_graph(), overrides=["mixing=uniform"])
+    assert topo.n == 10 and topo.rule == "uniform" and topo.properties["doubly_stochastic"]
+    # Petersen graph adjacency eigenvalues 3, 1, -2 -> W = (I + A)/4 has |λ2| = 1/2
+    assert topo.analyze()["spectral_gap"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="used as given"):
+        build_topology(nx.petersen_graph(), n=3)

@@ -122,22 +122,31 @@ class Topology:
 
 
 def build_topology(
-    spec: str | os.PathLike[str] | Mapping[str, Any],
+    spec: str | os.PathLike[str] | Mapping[str, Any] | nx.Graph,
     *,
     n: int | None = None,
     seed: int | None = None,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
 ) -> Topology:
-    """Build a checked :class:`Topology` from a preset name, generator name, YAML file or dict.
+    """Build a checked :class:`Topology` from a preset name, generator name, YAML file, graph
+    file, spec dict, or a networkx graph.
 
     ``n`` overrides the node count, ``seed`` the spec's seed (random graphs and
     schedules), ``overrides`` any field (``{"schedule.kind": "random_matching"}`` or
     ``["mixing=uniform"]``).
     """
-    cfg = resolve_spec(spec, n=n, overrides=overrides)
-    if seed is not None:
-        cfg["seed"] = seed
-    graph = make_graph(cfg["graph"], cfg["params"], n=cfg["n"], seed=cfg["seed"])
+    if isinstance(spec, nx.Graph):  # a graph in hand: only the mixing fields apply
+        cfg = resolve_spec({"graph": "networkx", "name": "graph"}, overrides=overrides)
+        if cfg["params"] or (n is not None and n != spec.number_of_nodes()):
+            raise ConfigError("a networkx graph is used as given: set no graph parameters or n")
+    else:
+        cfg = resolve_spec(spec, n=n, overrides=overrides)
+    cfg["seed"] = cfg["seed"] if seed is None else seed
+    graph = (
+        spec
+        if isinstance(spec, nx.Graph)
+        else make_graph(cfg["graph"], cfg["params"], n=cfg["n"], seed=cfg["seed"])
+    )
     return Topology(
         graph,
         rule=cfg["mixing"],
