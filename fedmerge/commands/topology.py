@@ -37,7 +37,12 @@ NEIGHBOUR_TABLE_MAX_N = 40
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    show = sub.add_parser("show", help="analyse one topology (table, --json, --plot)")
+    show = sub.add_parser(
+        "show",
+        help="analyse one topology (table, --json, --plot)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     show.add_argument("spec", metavar="SPEC", help="preset, generator, YAML spec or graph file")
     show.add_argument("--n", type=int, default=None, help="number of nodes")
     show.add_argument("--seed", type=int, default=None, help="seed of random graphs/schedules")
