@@ -1,7 +1,7 @@
 """How long a large topology takes to build, analyse and plan, against baselines in the same run.
 
-    python benchmarks/topology_scale.py                 # 10,000-node small world, dense check at 2,000
-    python benchmarks/topology_scale.py --n 2000 --dense-n 500   # quick
+    python benchmarks/topology_scale.py            # 10,000-node small world, dense check at 2,000
+    python benchmarks/topology_scale.py --n 2000 --dense-n 500    # quick
 
 Ratios printed:
   build / networkx floor   build_topology (generator + checks + sparse MH W) vs

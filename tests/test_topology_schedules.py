@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmerge.errors import ConfigError
 from fedmerge.topology import RoundPlan, build_topology, stochasticity
@@ -148,3 +150,32 @@ def test_every_schedule_row_stochastic_under_churn(schedule):
         for i in set(range(64)) - active:
             assert plan.neighbors[i] == [(i, 1.0)]
             assert all(i not in (s, d) for s, d in plan.messages)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=24),
+    p=st.floats(min_value=0.2, max_value=1.0),
+    seed=st.integers(0, 1000),
+    r=st.integers(0, 50),
+    schedule=st.sampled_from(
+        ["static", "random_matching", "one_peer_exponential", "sparse_then_complete"]
+    ),
+    rule=st.sampled_from(["metropolis_hastings", "uniform", "max_degree", "edge_weights"]),
+    data=st.data(),
+)
+def test_any_round_on_any_graph_is_stochastic(n, p, seed, r, schedule, rule, data):
+    spec = {"graph": "erdos_renyi", "n": n, "p": p, "seed": seed, "allow_disconnected": True}
+    topo = build_topology(spec, overrides={"schedule": schedule, "mixing": rule})
+    active = data.draw(st.sets(st.integers(0, n - 1)) | st.none())
+    plan = topo.round(r, active=active, total_rounds=r + 1 + data.draw(st.integers(0, 3)))
+    props = assert_row(plan)
+    if rule in ("metropolis_hastings", "max_degree") and (
+        schedule != "one_peer_exponential" or n & (n - 1) == 0
+    ):
+        assert props["doubly_stochastic"] and props["symmetric"]
+    w = plan.mixing.toarray()
+    assert (np.diag(w) > 0).all()
+    for i in set(range(n)) - (set(range(n)) if active is None else active):
+        np.testing.assert_array_equal(w[i], np.eye(n)[i])
+        assert not np.delete(w[:, i], i).any()

@@ -36,8 +36,8 @@ GRAPH_FILE_SUFFIXES = {
 
 
 def ring(n: int) -> nx.Graph:
-    """Cycle 0-1-…-(n-1)-0 (each node has 2 neighbours; n=2 is one edge)."""
-    return nx.cycle_graph(n)
+    """Cycle 0-1-…-(n-1)-0 (each node has 2 neighbours; n ≤ 2 is a path, no self-loop)."""
+    return nx.cycle_graph(n) if n >= 3 else nx.path_graph(n)
 
 
 def complete(n: int) -> nx.Graph:
