@@ -68,3 +68,16 @@ def test_subprocess_from_another_directory_finds_presets(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["degree_max"] == 7
+
+
+def test_time_varying_schedule_show_and_plot_one_round(tmp_path, capsys):
+    assert main(["topology", "show", "sparse-then-merge-16"]) == 0
+    assert "static W" in capsys.readouterr().out
+    png = tmp_path / "merge.png"
+    argv = ["topology", "show", "sparse-then-merge-16", "--round", "3", "--total-rounds", "4"]
+    assert main([*argv, "--plot", str(png), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["round"]["kind"] == "complete" and len(report["round"]["edges"]) == 16 * 15 // 2
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(argv[:-2]) == 2
+    assert "needs the number of rounds" in capsys.readouterr().err

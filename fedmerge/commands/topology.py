@@ -73,14 +73,15 @@ def run(args: argparse.Namespace) -> int:
         plan = topo.round(args.round, total_rounds=args.total_rounds)
         report["round"] = _plan_summary(plan)
     if args.plot:
-        report["plot"] = str(topo.draw(args.plot, round=args.round))
+        report["plot"] = str(topo.draw(args.plot, plan=plan))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     console = Console()
     console.print(_summary_table(report))
     if topo.n <= NEIGHBOUR_TABLE_MAX_N:
-        console.print(_neighbour_table(topo, plan or topo.round(0, total_rounds=args.total_rounds)))
+        static = RoundPlan(round=0, mixing=topo.mixing, kind="static W")
+        console.print(_neighbour_table(topo, plan or static))
     if args.plot:
         console.print(f"wrote {report['plot']}")
     return 0
@@ -136,7 +137,10 @@ def _summary_table(report: dict[str, Any]) -> Table:
 
 
 def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
-    table = Table(title=f"in-weights W_ij, round {plan.round} ({plan.kind})")
+    when = (
+        "the graph's static W" if plan.kind == "static W" else f"round {plan.round} ({plan.kind})"
+    )
+    table = Table(title=f"in-weights W_ij, {when}")
     table.add_column("node", justify="right")
     table.add_column("self", justify="right")
     table.add_column("neighbours j: W_ij")

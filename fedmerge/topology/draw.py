@@ -19,6 +19,7 @@ from fedmerge.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from fedmerge.topology.build import Topology
+    from fedmerge.topology.schedules import RoundPlan
 
 LABEL_MAX_N = 40
 CIRCULAR = ("ring", "complete", "exponential", "watts_strogatz")
@@ -34,15 +35,15 @@ def _layout(topo: Topology) -> dict[int, tuple[float, float]]:
 
 
 def draw_topology(
-    topo: Topology, path: str | os.PathLike[str], *, round: int | None = None, dpi: int = 120
+    topo: Topology, path: str | os.PathLike[str], *, plan: RoundPlan | None = None, dpi: int = 120
 ) -> Path:
-    """Write ``topo`` (or its round-``round`` plan) as a PNG at ``path``; return the path."""
+    """Write ``topo``'s static W (or one round's ``plan``) as a PNG at ``path``; return it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w = topo.mixing if round is None else topo.round(round).mixing
+    w = topo.mixing if plan is None else plan.mixing
     small = topo.n <= LABEL_MAX_N
     g = nx.Graph()
     g.add_nodes_from(range(topo.n))
@@ -64,7 +65,7 @@ def draw_topology(
             nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=7)
             weights = {(i, j): f"{d['weight']:.2f}" for i, j, d in g.edges(data=True)}
             nx.draw_networkx_edge_labels(g, pos, edge_labels=weights, ax=ax, font_size=6)
-        when = "" if round is None else f", round {round}"
+        when = "" if plan is None else f", round {plan.round} ({plan.kind})"
         ax.set_title(f"{topo.name}: n={topo.n}, {topo.rule}{when}")
         ax.set_axis_off()
         buf = io.BytesIO()
