@@ -70,9 +70,12 @@ class RoundPlan:
         ]
         coo = w.tocoo()
         off = coo.row != coo.col
-        receivers, senders = coo.row[off].tolist(), coo.col[off].tolist()
-        messages = sorted(zip(senders, receivers, strict=True))
-        edges = sorted({(min(a, b), max(a, b)) for a, b in messages})
+        receivers, senders = coo.row[off].astype(np.int64), coo.col[off].astype(np.int64)
+        order = np.lexsort((receivers, senders))
+        messages = list(zip(senders[order].tolist(), receivers[order].tolist(), strict=True))
+        pairs = np.stack([np.minimum(senders, receivers), np.maximum(senders, receivers)], 1)
+        ends = np.unique(pairs, axis=0)
+        edges = list(zip(ends[:, 0].tolist(), ends[:, 1].tolist(), strict=True))
         object.__setattr__(self, "neighbors", neighbors)
         object.__setattr__(self, "messages", messages)
         object.__setattr__(self, "edges", edges)
