@@ -28,7 +28,7 @@ from fedmerge.topology.mixing import (
     graph_edges,
     mixing_from_edges,
 )
-from fedmerge.topology.schedules import RoundPlan, Static, make_schedule
+from fedmerge.topology.schedules import RoundPlan, Schedule, Static, make_schedule
 from fedmerge.topology.specs import resolve_spec
 
 
@@ -46,7 +46,7 @@ class Topology:
         *,
         rule: str = "metropolis_hastings",
         stochastic: str | None = None,
-        schedule: Any = None,
+        schedule: Schedule | None = None,
         seed: int = 0,
         allow_disconnected: bool = False,
         labels: list[Any] | None = None,

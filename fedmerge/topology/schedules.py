@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -85,6 +85,19 @@ class RoundPlan:
         return self.mixing.shape[0]
 
 
+class Schedule(Protocol):
+    """Picks round r's communication: ``mixing(...)`` → (W_r (n, n) CSR, round kind)."""
+
+    kind: str
+
+    def mixing(
+        self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
+    ) -> tuple[sp.csr_matrix, str]:
+        """W_r for the graph ``edges`` under ``rule``; ``active``: (n,) bool or None (all);
+        ``total``: the number of rounds in the run when known."""
+        ...
+
+
 def round_rng(seed: int, r: int) -> np.random.Generator:
     """The generator for round r of a schedule seeded with ``seed``."""
     return np.random.default_rng([seed, r])
@@ -96,7 +109,9 @@ class Static:
 
     kind = "static"
 
-    def mixing(self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None):
+    def mixing(
+        self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
+    ) -> tuple[sp.csr_matrix, str]:
         return mixing_from_edges(edges, rule, active), "static"
 
 
@@ -107,7 +122,9 @@ class RandomMatching:
     seed: int = 0
     kind = "random_matching"
 
-    def mixing(self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None):
+    def mixing(
+        self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
+    ) -> tuple[sp.csr_matrix, str]:
         present = edges.restrict(active)
         order = round_rng(self.seed, r).permutation(len(present.u))
         used = np.zeros(edges.n, dtype=bool)
@@ -127,7 +144,9 @@ class OnePeerExponential:
 
     kind = "one_peer_exponential"
 
-    def mixing(self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None):
+    def mixing(
+        self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
+    ) -> tuple[sp.csr_matrix, str]:
         n = edges.n
         if n < 2:
             return sp.identity(n, format="csr"), "one_peer"
@@ -172,7 +191,9 @@ class SparseThenComplete:
             raise ConfigError(f"total_rounds must be a positive integer, got {t!r}")
         return min(t - 1, math.floor(self.fraction * t))
 
-    def mixing(self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None):
+    def mixing(
+        self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
+    ) -> tuple[sp.csr_matrix, str]:
         if r == self.merge_round(total):
             return complete_average(edges.n, active), "complete"
         present = edges.restrict(active)
@@ -197,7 +218,7 @@ SCHEDULES = {
 }
 
 
-def make_schedule(spec: str | dict[str, Any] | None, *, seed: int = 0):
+def make_schedule(spec: str | dict[str, Any] | None, *, seed: int = 0) -> Schedule:
     """Build a schedule from ``"kind"`` or ``{"kind": ..., **params}`` (None: static)."""
     if spec is None:
         return Static()
