@@ -111,6 +111,7 @@ def test_disconnected_graph_refused_with_clear_message():
     [
         ("no-such-topology", {}, r"unknown topology 'no-such-topology'.*ring-8"),
         ({"graph": "moebius_strip"}, {}, r"unknown graph generator 'moebius_strip'.*'graph'"),
+        ({"graph": "write_graphml"}, {}, r"unknown graph generator 'write_graphml'"),
         ("ring", {"n": 8, "overrides": {"mixing": "magic"}}, r"unknown mixing rule 'magic'"),
         ("ring", {"n": 8, "overrides": ["schedule=sometimes"]}, r"unknown schedule 'sometimes'"),
         ("ring", {"n": 8, "overrides": ["schedule.q=1"]}, r"schedule.q"),

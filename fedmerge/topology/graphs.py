@@ -198,12 +198,17 @@ GENERATORS: dict[str, Callable[..., nx.Graph]] = {
 
 
 def generator(name: str) -> Callable[..., nx.Graph]:
-    """The generator called ``name``: ours first, then ``networkx.<name>[_graph]``."""
+    """The generator called ``name``: ours first, then ``networkx.<name>[_graph]``.
+
+    Only functions from ``networkx.generators`` qualify: a spec cannot call readers,
+    writers or algorithms.
+    """
     if name in GENERATORS:
         return GENERATORS[name]
     for candidate in (name, f"{name}_graph"):
         fn = getattr(nx, candidate, None)
-        if callable(fn) and not inspect.isclass(fn):
+        module = getattr(fn, "__module__", "") or ""
+        if callable(fn) and not inspect.isclass(fn) and module.startswith("networkx.generators."):
             return fn
     raise ConfigError(
         f"unknown graph generator {name!r} (field 'graph'); built in: {', '.join(GENERATORS)}, "
