@@ -179,3 +179,15 @@ def test_any_round_on_any_graph_is_stochastic(n, p, seed, r, schedule, rule, dat
     for i in set(range(n)) - (set(range(n)) if active is None else active):
         np.testing.assert_array_equal(w[i], np.eye(n)[i])
         assert not np.delete(w[:, i], i).any()
+
+
+def test_measured_contraction_against_the_spectral_bound():
+    for name in ("ring-16", "small-world-64", "star-8"):
+        topo = build_topology(name)
+        assert topo.measure_contraction(30) <= topo.analyze()["second_eigenvalue"] + 1e-9
+    exact = build_topology("one-peer-exp-16").analyze()
+    assert exact["measured_contraction"] < 1e-3 and exact["measured_rounds"] == 20
+    sparse = build_topology("sparse-then-merge-16")  # the sparse phase only: slower than static
+    static = build_topology("ring-16")
+    assert static.measure_contraction(60) < sparse.measure_contraction(60) < 1.0
+    assert "measured_contraction" not in static.analyze()

@@ -124,6 +124,13 @@ def _summary_table(report: dict[str, Any]) -> Table:
         ),
         ("schedule", report["schedule"]),
     ]
+    if "measured_contraction" in report:
+        rows.append(
+            (
+                f"measured shrink per round ({report['measured_rounds']} rounds)",
+                f"{report['measured_contraction']:.6f}",
+            )
+        )
     if "round" in report:
         rows.append(
             (
