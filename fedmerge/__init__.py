@@ -23,6 +23,7 @@ from fedmerge.statedict import (
     state_hash,
     task_vector,
 )
+from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 
 __version__ = "0.1.0"
 
@@ -32,14 +33,18 @@ __all__ = [
     "CheckpointWriter",
     "ConfigError",
     "FedmergeError",
+    "RoundPlan",
     "StateDict",
     "TensorSpec",
+    "Topology",
     "ValidationError",
     "add_task_vector",
+    "build_topology",
     "check_finite",
     "check_same_specs",
     "content_hash",
     "global_norm",
+    "list_presets",
     "load_state_dict",
     "open_checkpoint",
     "read_metadata",
