@@ -104,11 +104,12 @@ class Checkpoint:
         for file in dict.fromkeys(self._files.values()):
             handle = self._handle(file)
             meta.update(handle.metadata() or {})
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
                 if self._files.get(key) == file:
                     sl = handle.get_slice(key)
-                    self._specs[key] = TensorSpec(_parse_dtype(sl.get_dtype(), file, key),
-                                                  tuple(sl.get_shape()))
+                    self._specs[key] = TensorSpec(
+                        _parse_dtype(sl.get_dtype(), file, key), tuple(sl.get_shape())
+                    )
         missing = [k for k in self._files if k not in self._specs]
         if missing:
             raise CheckpointError(f"{self.path}: index lists {missing[0]!r} but its shard lacks it")
@@ -205,7 +206,7 @@ def resolve_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return {key: path for key in fh.keys()}
+            return dict.fromkeys(fh.keys(), path)  # noqa: SIM118
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
@@ -341,7 +342,7 @@ class CheckpointWriter:
         return self.path / INDEX_NAME
 
     def __enter__(self) -> CheckpointWriter:
-        for file, head in zip(self.files, self._headers):
+        for file, head in zip(self.files, self._headers, strict=True):
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
             self._tmp.append(tmp)
@@ -384,7 +385,7 @@ class CheckpointWriter:
                         tmp.unlink()
         if exc_type is not None:
             return
-        for tmp, file in zip(self._tmp, self.files):
+        for tmp, file in zip(self._tmp, self.files, strict=True):
             os.replace(tmp, file)
         if self.index_path is not None:
             total = sum(s.nbytes for s in self.specs.values())

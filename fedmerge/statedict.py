@@ -72,7 +72,9 @@ def check_same_specs(
                 f"{source}: {key!r} has shape {list(have.shape)}, expected {list(want.shape)}"
             )
         if check_dtype and want.dtype != have.dtype:
-            raise ValidationError(f"{source}: {key!r} has dtype {have.dtype}, expected {want.dtype}")
+            raise ValidationError(
+                f"{source}: {key!r} has dtype {have.dtype}, expected {want.dtype}"
+            )
 
 
 def check_finite(tensor: torch.Tensor, key: str, source: str) -> None:
