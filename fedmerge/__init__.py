@@ -23,6 +23,7 @@ from fedmerge.statedict import (
     state_hash,
     task_vector,
 )
+from fedmerge.models import MODELS, build_model
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,6 @@ __all__ = [
     "save_state_dict",
     "state_hash",
     "task_vector",
+    "MODELS",
+    "build_model",
 ]
