@@ -13,6 +13,7 @@ from fedmerge.checkpoint import (
     save_state_dict,
 )
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
+from fedmerge.models import MODELS, build_model
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,
@@ -23,7 +24,6 @@ from fedmerge.statedict import (
     state_hash,
     task_vector,
 )
-from fedmerge.models import MODELS, build_model
 
 __version__ = "0.1.0"
 
