@@ -77,6 +77,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
@@ -84,20 +85,23 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
             )
+        self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20: ``conv1``/``bn1``, ``layer1..3`` (3 blocks each), GAP, ``head``."""
+    """CIFAR ResNet-20: stem ``conv1``/``bn1``/``relu``, ``layer1..3`` (3 blocks each), GAP,
+    ``head``. Every ReLU is its own module so hooks can read post-activation features."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int, blocks: int = 3) -> None:
         super().__init__()
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
         c_in = widths[0]
         for s, c in enumerate(widths):
             stage = [
@@ -111,7 +115,7 @@ class ResNet20(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) → logits (B, num_classes)."""
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.head(out.mean(dim=(2, 3)))
 
