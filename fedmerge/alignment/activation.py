@@ -13,7 +13,9 @@ summed over the group's points (a residual stream has one point per block), and 
 Hungarian algorithm (``linear_sum_assignment(maximize=True)``) gives ``perm[i]`` = the
 other model's unit that plays our unit ``i``. This follows the correlation matching of
 Git Re-Basin / REPAIR / ZipIt!'s permute mode as used by DIMAT; models are read in eval mode,
-so reset BatchNorm statistics first (:func:`fedmerge.alignment.reset_bn_stats`).
+so reset BatchNorm statistics first (:func:`fedmerge.alignment.reset_bn_stats`). Units that
+are constant on the calibration data (dead ReLUs) correlate with nothing, so any assignment
+among them scores the same: calibrate on data that exercises the model.
 """
 
 from __future__ import annotations
