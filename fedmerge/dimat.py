@@ -186,10 +186,19 @@ def run_reference(
 
 
 def _merge_all(models, mixing, data, protocol, calib, seed) -> None:
-    """Synchronous merge: every agent merges the states all agents had before this merge."""
+    """Synchronous merge: every agent merges the states all agents had before this merge.
+
+    When every row of π is the same (a complete graph with uniform weights) all agents merge
+    the same models with the same weights; as in the DIMAT reference code, the merge is then
+    computed once, at agent 0, and every agent receives it.
+    """
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    shared = bool((mixing == mixing[0]).all())
     new = []
     for i, model in enumerate(models):
+        if shared and i:
+            new.append(new[0])
+            continue
         peers = [j for j in range(len(models)) if j != i and mixing[i, j] > 0]
         if PROTOCOLS[protocol] is None:
             w = mixing[i, [i, *peers]].tolist()

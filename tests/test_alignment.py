@@ -22,6 +22,15 @@ from fedmerge.alignment.activation import CrossStats, assign
 from fedmerge.alignment.spec import perm_sizes
 from fedmerge.models import build_model
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CASES = {
     "mlp": ((1, 8, 8), {"hidden": (24, 16, 12)}),
     "cnn": ((1, 8, 8), {"channels": (8, 12, 16)}),
