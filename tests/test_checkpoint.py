@@ -79,15 +79,13 @@ def test_writer_any_order_and_rejects_bad_writes(tmp_path):
     out = load_file(str(tmp_path / "o.safetensors"))
     assert out["a"].tolist() == [3, 4, 5] and out["b"].tolist() == [1, 2]
 
-    with (
-        pytest.raises(ValidationError, match="'a'"),
-        CheckpointWriter(tmp_path / "p.safetensors", specs) as w,
-    ):
+    with pytest.raises(ValidationError, match="'a'"), CheckpointWriter(
+        tmp_path / "p.safetensors", specs
+    ) as w:
         w.write("a", torch.zeros(4))
-    with (
-        pytest.raises(ValidationError, match="never written"),
-        CheckpointWriter(tmp_path / "q.safetensors", specs) as w,
-    ):
+    with pytest.raises(ValidationError, match="never written"), CheckpointWriter(
+        tmp_path / "q.safetensors", specs
+    ) as w:
         w.write("a", torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]  # nothing partial
 

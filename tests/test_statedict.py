@@ -48,10 +48,7 @@ def test_check_finite():
 
 
 def test_global_norm_hand_computed():
-    assert (
-        global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "n": torch.tensor(9)})
-        == 5.0
-    )
+    assert global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "n": torch.tensor(9)}) == 5.0
 
 
 @given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=8))
