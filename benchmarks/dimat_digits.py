@@ -8,6 +8,7 @@ and the share of a round's time spent aligning + merging.
 
     PYTHONPATH=. python benchmarks/dimat_digits.py                 # mlp & cnn, K = 4 and 8
     PYTHONPATH=. python benchmarks/dimat_digits.py --models mlp --agents 4 --seeds 1
+    PYTHONPATH=. python benchmarks/dimat_digits.py --one-shot --seeds 6  # two-model merges
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from rich.table import Table
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from fedmerge.dimat import PROTOCOLS, run_reference
+from fedmerge.dimat import (
+    PROTOCOLS,
+    accuracy,
+    dimat_merge,
+    run_reference,
+    train_epochs,
+    weighted_average,
+)
 from fedmerge.models import build_model
 
 
@@ -54,8 +62,37 @@ def run(model: str, agents: int, protocol: str, args, seed: int):
     ]
     return run_reference(
         models, ring_mixing(agents), shards, test, rounds=args.rounds, epochs=args.epochs,
-        lr=args.lr, protocol=protocol, seed=seed,
+        lr=args.lr, momentum=args.momentum, protocol=protocol, seed=seed,
     )  # fmt: skip
+
+
+def one_shot(seeds: int) -> None:
+    """Two MLPs (16-16) trained on all of digits from different inits, merged 50/50."""
+    table = Table(title="one-shot merge of two MLPs trained on all of digits")
+    for col in ("seed", "endpoints", "naive average", "activation matching", "weight matching"):
+        table.add_column(col, justify="right")
+    (x, y), test = (lambda s, t: (s[0], t))(*digits_shards(1, 0))
+    for seed in range(seeds):
+        models = [
+            build_model(
+                "mlp", in_shape=(1, 8, 8), num_classes=10, seed=10 * seed + i, hidden=(16, 16)
+            )
+            for i in range(2)
+        ]
+        for i, m in enumerate(models):
+            gen = torch.Generator().manual_seed(i)
+            train_epochs(m, x, y, epochs=10, lr=0.05, batch_size=32, generator=gen, momentum=0.9)
+        ends = " / ".join(f"{accuracy(m, *test):.3f}" for m in models)
+        a, b = ({k: v.clone() for k, v in m.state_dict().items()} for m in models)
+        merged = [weighted_average([a, b], [0.5, 0.5])] + [
+            dimat_merge(models[0], [(b, 0.5)], 0.5, [x], method=m) for m in ("activation", "weight")
+        ]
+        accs = []
+        for state in merged:
+            models[1].load_state_dict(state)
+            accs.append(f"{accuracy(models[1], *test):.3f}")
+        table.add_row(str(seed), ends, *accs)
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (fresh each round)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--one-shot", action="store_true", help="two-model merge table instead")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: one thread is fastest
+    if args.one_shot:
+        return one_shot(args.seeds)
     mid = (args.rounds + 1) // 2
     table = Table(title=f"DIMAT on non-IID digits, ring, {args.rounds}×{args.epochs} epochs")
     for col in ("model", "K", "protocol", "round 1", f"round {mid}", f"round {args.rounds}"):

@@ -150,6 +150,7 @@ def run_reference(
     epochs: int = 1,
     protocol: str = "dimat",
     lr: float = 0.1,
+    momentum: float = 0.0,
     batch_size: int = 32,
     calib: Sequence[Batch] | None = None,
     seed: int = 0,
@@ -173,7 +174,10 @@ def run_reference(
     for r in range(1, rounds + 1):
         start = time.perf_counter()
         for model, (x, y), gen in zip(models, data, generators, strict=True):
-            train_epochs(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, generator=gen)
+            train_epochs(
+                model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, generator=gen,
+                momentum=momentum,
+            )  # fmt: skip
         mid = time.perf_counter()
         if protocol != "local":
             _merge_all(models, mixing, data, protocol, calib, seed + r)
