@@ -60,9 +60,12 @@ def run(model: str, agents: int, protocol: str, args, seed: int):
         build_model(model, in_shape=(1, 8, 8), num_classes=10, seed=seed * 100 + i)
         for i in range(agents)
     ]
+    calib = None  # each agent calibrates on its own data
+    if args.calibration == "shared":  # one public set for everyone, as the DIMAT code does
+        calib = list(torch.cat([x for x, _ in shards]).split(256))
     return run_reference(
         models, ring_mixing(agents), shards, test, rounds=args.rounds, epochs=args.epochs,
-        lr=args.lr, momentum=args.momentum, protocol=protocol, seed=seed,
+        lr=args.lr, momentum=args.momentum, protocol=protocol, calib=calib, seed=seed,
     )  # fmt: skip
 
 
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (fresh each round)")
+    p.add_argument("--calibration", choices=["local", "shared"], default="local")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--one-shot", action="store_true", help="two-model merge table instead")
     args = p.parse_args(argv)
@@ -111,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.one_shot:
         return one_shot(args.seeds)
     mid = (args.rounds + 1) // 2
-    table = Table(title=f"DIMAT on non-IID digits, ring, {args.rounds}×{args.epochs} epochs")
+    table = Table(
+        title=f"DIMAT on non-IID digits, ring, {args.rounds}×{args.epochs} epochs, "
+        f"{args.calibration} calibration"
+    )
     for col in ("model", "K", "protocol", "round 1", f"round {mid}", f"round {args.rounds}"):
         table.add_column(col, justify="right")
     table.add_column("merge share", justify="right")

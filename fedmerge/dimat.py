@@ -51,8 +51,10 @@ def dimat_merge(
 
     ``neighbours`` are (state dict, π_ij) pairs, ``self_weight`` is π_ii; the weights are
     renormalized to sum to one (over the payloads actually received). ``calib`` is a
-    re-iterable of input batches (tensors or (x, y) tuples), read 2 + 2·(has BN) times.
-    Integer entries (``num_batches_tracked``) come from ``own``.
+    re-iterable of input batches (tensors or (x, y) tuples): read once for activation
+    matching, and once per model before and once after the merge where the model has BN.
+    Integer entries (``num_batches_tracked``) come from ``own``. Neighbours send full
+    weights θ_j (agents from different inits share no reference to take task vectors from).
     """
     if method not in METHODS:
         raise ConfigError(f"dimat: unknown method {method!r} (use one of {', '.join(METHODS)})")
