@@ -3,6 +3,14 @@
 The public Python API; each name lives in the module named after its idea.
 """
 
+from fedmerge.alignment import (
+    PermutationSpec,
+    activation_matching,
+    apply_permutation,
+    permutation_spec,
+    reset_bn_stats,
+    weight_matching,
+)
 from fedmerge.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -12,7 +20,9 @@ from fedmerge.checkpoint import (
     read_metadata,
     save_state_dict,
 )
+from fedmerge.dimat import dimat_merge
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
+from fedmerge.models import MODELS, build_model
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,
@@ -51,4 +61,13 @@ __all__ = [
     "save_state_dict",
     "state_hash",
     "task_vector",
+    "MODELS",
+    "build_model",
+    "PermutationSpec",
+    "activation_matching",
+    "apply_permutation",
+    "dimat_merge",
+    "permutation_spec",
+    "reset_bn_stats",
+    "weight_matching",
 ]
