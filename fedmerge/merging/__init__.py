@@ -3,7 +3,7 @@
 >>> import torch
 >>> from fedmerge.merging import merge
 >>> base = {"w": torch.zeros(4)}
->>> experts = [{"w": torch.tensor([1.0, -1.0, 0.2, 0.0])}, {"w": torch.tensor([1.0, 1.0, 0.0, 0.0])}]
+>>> experts = [{"w": torch.tensor([1.0, -1.0, 0.2, 0.0])}, {"w": torch.tensor([1.0, 1, 0, 0])}]
 >>> merge("ties", base, experts, density=0.5)["w"].tolist()
 [1.0, 1.0, 0.0, 0.0]
 """

@@ -112,10 +112,10 @@ def plan_merge(
     if dtype is not None and not dtype.is_floating_point:
         raise ConfigError(f"output dtype must be floating point, got {dtype}")
     specs = base.specs()
-    for name, src in zip(names[1:], experts):
+    for name, src in zip(names[1 : 1 + len(experts)], experts, strict=True):
         check_same_specs(specs, src.specs(), source=name)
     floats = {k: s for k, s in specs.items() if is_mergeable(s)}
-    for name, src in zip(names[1 + len(experts) :], fishers):
+    for name, src in zip(names[1 + len(experts) :], fishers, strict=True):
         got = src.specs()
         check_same_specs(floats, {k: got[k] for k in floats if k in got}, name, check_dtype=False)
         bad = [k for k in floats if not got[k].dtype.is_floating_point]
@@ -175,7 +175,7 @@ def _context(plan: MergePlan, key: str, thresholds: torch.Tensor | None) -> KeyC
     if plan.fishers:
         first = 1 + len(plan.experts)
         rows = []
-        for name, src in zip(plan.names[first:], plan.fishers):
+        for name, src in zip(plan.names[first:], plan.fishers, strict=True):
             f = src.get(key).reshape(-1).to(torch.float32)
             if not bool((torch.isfinite(f) & (f >= 0)).all()):
                 raise ValidationError(f"{name}: Fisher {key!r} has negative or non-finite values")
@@ -269,11 +269,11 @@ def merge(
     plan = plan_merge(
         method,
         StateSource(base, "base"),
-        [StateSource(e, n) for e, n in zip(experts, names[1:])],
+        [StateSource(e, n) for e, n in zip(experts, names[1 : 1 + len(experts)], strict=True)],
         names,
         weights,
         params,
-        [StateSource(f, n) for f, n in zip(fisher, names[1 + len(experts) :])],
+        [StateSource(f, n) for f, n in zip(fisher, names[1 + len(experts) :], strict=True)],
         dtype,
     )
     return dict(run_plan(plan))

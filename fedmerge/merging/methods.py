@@ -219,8 +219,13 @@ def magmax(base, tau, w, ctx, p: Params) -> torch.Tensor:
 
 @register(
     "fisher",
-    Param("epsilon", float, 1e-6, "added to every Fisher value (FusionBench's minimal weight)",
-          low=0.0),
+    Param(
+        "epsilon",
+        float,
+        1e-6,
+        "added to every Fisher value (FusionBench's minimal weight)",
+        low=0.0,
+    ),
     reference="https://arxiv.org/abs/2111.09832",
     needs_fisher=True,
     nonnegative_weights=True,

@@ -113,7 +113,7 @@ def drop_random(
     if density >= 1:
         return tau
     before = tau.abs().sum(dim=1) if rescale == "l1" else None
-    for row, gen in zip(tau, generators):
+    for row, gen in zip(tau, generators, strict=True):
         row.mul_(torch.rand(row.shape, generator=gen, dtype=torch.float32) < density)
     if rescale == "inverse":
         tau.div_(density)
