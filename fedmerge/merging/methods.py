@@ -85,8 +85,8 @@ def _mix(tau: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
     nonnegative_weights=True,
 )
 def average(base, tau, w, ctx, p: Params) -> torch.Tensor:
-    """Weighted average Σ w_k θ_k / Σ w_k (mergekit's ``linear``); without
-    ``normalize`` the plain weighted sum Σ w_k θ_k."""
+    """Weighted average Σ w_k θ_k / Σ w_k (mergekit's linear); without
+    normalize the plain weighted sum Σ w_k θ_k."""
     scale = 1.0 if p["normalize"] else float(w.sum())
     return base * scale + _mix(tau, w, p["normalize"])
 
@@ -165,7 +165,7 @@ def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
 )
 def dare_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE dropping followed by TIES sign election and disjoint sum (mean with
-    ``normalize``, mergekit's default is the sum)."""
+    normalize; mergekit's default is the sum)."""
     drop_random(tau, p["density"], ctx.generators, p["rescale"])
     merged = elect_and_combine(tau.mul_(w.to(tau.dtype)[:, None]), w, p["normalize"])
     return base + p["lambda"] * merged
