@@ -105,21 +105,32 @@ def drop_random(
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (= 1 − p), then rescale (in place).
 
-    Row k draws its mask from ``generators[k]``. ``rescale``: ``inverse``
-    multiplies the kept entries by 1/density (the DARE paper); ``l1`` rescales
-    each row to its original L1 norm (mergekit's ``rescale: true``); ``none``
-    does not rescale. density ≥ 1 returns ``tau`` unchanged.
+    Row k draws its mask from ``generators[k]``; see :func:`apply_drop` for
+    ``rescale``. density ≥ 1 returns ``tau`` unchanged (as mergekit does).
     """
     if density >= 1:
         return tau
+    keep = torch.stack(
+        [torch.rand(tau.shape[1], generator=g, dtype=torch.float32) < density for g in generators]
+    )
+    return apply_drop(tau, keep, density, rescale)
+
+
+def apply_drop(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str) -> torch.Tensor:
+    """Zero ``tau`` ``(K, n)`` where ``keep`` is False and rescale the rest (in place).
+
+    ``inverse`` multiplies by 1/density (the DARE paper: unbiased, E[τ'] = τ);
+    ``l1`` rescales each row to its original L1 norm (mergekit's ``rescale:
+    true``; rows whose norm before or after is < 1e-7 stay unscaled); ``none``
+    does not rescale.
+    """
     before = tau.abs().sum(dim=1) if rescale == "l1" else None
-    for row, gen in zip(tau, generators, strict=True):
-        row.mul_(torch.rand(row.shape, generator=gen, dtype=torch.float32) < density)
+    tau.mul_(keep)
     if rescale == "inverse":
         tau.div_(density)
     elif rescale == "l1":
         after = tau.abs().sum(dim=1)
-        ok = (before >= 1e-7) & (after >= 1e-7)  # mergekit's eps: tiny norms stay unscaled
+        ok = (before >= 1e-7) & (after >= 1e-7)
         tau.mul_(torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)[:, None])
     return tau
 
