@@ -13,6 +13,8 @@ from fedmerge.checkpoint import (
     save_state_dict,
 )
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
+from fedmerge.merging import METHODS as MERGE_METHODS
+from fedmerge.merging import MergeReport, merge, merge_checkpoints
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,
@@ -32,6 +34,8 @@ __all__ = [
     "CheckpointWriter",
     "ConfigError",
     "FedmergeError",
+    "MERGE_METHODS",
+    "MergeReport",
     "StateDict",
     "TensorSpec",
     "ValidationError",
@@ -41,6 +45,8 @@ __all__ = [
     "content_hash",
     "global_norm",
     "load_state_dict",
+    "merge",
+    "merge_checkpoints",
     "open_checkpoint",
     "read_metadata",
     "save_state_dict",
