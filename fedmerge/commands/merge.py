@@ -31,6 +31,7 @@ from rich.table import Table
 from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
 from fedmerge.merging import METHODS, merge_checkpoints
+from fedmerge.merging.engine import keep_freed_memory
 from fedmerge.merging.registry import parse_assignments
 
 NAME = "merge"
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
+    keep_freed_memory()
     report = merge_checkpoints(
         args.method,
         args.base,

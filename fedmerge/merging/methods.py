@@ -75,7 +75,17 @@ def _mix(tau: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Σ_k w_k τ_k, divided by Σ_k w_k when ``normalize`` (mergekit: unless |Σw| < 1e-8)."""
     merged = w.to(tau.dtype) @ tau
     total = float(w.sum())
-    return merged / total if normalize and abs(total) >= 1e-8 else merged
+    return merged.div_(total) if normalize and abs(total) >= 1e-8 else merged
+
+
+def _weigh(tau: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w_k·τ_k in place (skipped when every weight is 1)."""
+    return tau if bool((w == 1).all()) else tau.mul_(w.to(tau.dtype)[:, None])
+
+
+def _apply(base: torch.Tensor, lam: float, merged: torch.Tensor) -> torch.Tensor:
+    """θ_ref + λ·τ_merged, reusing ``merged``'s memory."""
+    return merged.mul_(lam).add_(base)
 
 
 @register(
@@ -88,7 +98,7 @@ def average(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Weighted average Σ w_k θ_k / Σ w_k (mergekit's linear); without
     normalize the plain weighted sum Σ w_k θ_k."""
     scale = 1.0 if p["normalize"] else float(w.sum())
-    return base * scale + _mix(tau, w, p["normalize"])
+    return _mix(tau, w, p["normalize"]).add_(base, alpha=scale)
 
 
 @register(
@@ -100,7 +110,7 @@ def average(base, tau, w, ctx, p: Params) -> torch.Tensor:
 def task_arithmetic(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Task arithmetic θ_ref + λ·Σ w_k τ_k (default λ = 0.3 as in FusionBench;
     mergekit's default is 1)."""
-    return base + p["lambda"] * _mix(tau, w, p["normalize"])
+    return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
 def _ties_prepass(p: Params, n_experts: int) -> GlobalThreshold | None:
@@ -132,8 +142,8 @@ def ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
         keep_by_threshold(tau, ctx.thresholds.to(tau.dtype))
     else:
         trim_magnitude(tau, p["density"])
-    merged = elect_and_combine(tau.mul_(w.to(tau.dtype)[:, None]), w, p["normalize"])
-    return base + p["lambda"] * merged
+    merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
+    return _apply(base, p["lambda"], merged)
 
 
 _DARE_PARAMS = (
@@ -154,7 +164,7 @@ def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 − density (seeded),
     rescale the survivors, then task arithmetic θ_ref + λ·Σ w_k τ'_k."""
     drop_random(tau, p["density"], ctx.generators, p["rescale"])
-    return base + p["lambda"] * _mix(tau, w, p["normalize"])
+    return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
 @register(
@@ -167,8 +177,8 @@ def dare_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE dropping followed by TIES sign election and disjoint sum (mean with
     normalize; mergekit's default is the sum)."""
     drop_random(tau, p["density"], ctx.generators, p["rescale"])
-    merged = elect_and_combine(tau.mul_(w.to(tau.dtype)[:, None]), w, p["normalize"])
-    return base + p["lambda"] * merged
+    merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
+    return _apply(base, p["lambda"], merged)
 
 
 _BREADCRUMBS_PARAMS = (
@@ -188,7 +198,7 @@ def breadcrumbs(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Model Breadcrumbs: drop the top gamma fraction and the smallest entries
     of each τ_k so that density remains, then θ_ref + λ·Σ w_k τ'_k."""
     trim_outliers(tau, p["density"], p["gamma"])
-    return base + p["lambda"] * _mix(tau, w, p["normalize"])
+    return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
 @register(
@@ -200,8 +210,8 @@ def breadcrumbs(base, tau, w, ctx, p: Params) -> torch.Tensor:
 def breadcrumbs_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Breadcrumbs trimming followed by TIES sign election and disjoint sum."""
     trim_outliers(tau, p["density"], p["gamma"])
-    merged = elect_and_combine(tau.mul_(w.to(tau.dtype)[:, None]), w, p["normalize"])
-    return base + p["lambda"] * merged
+    merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
+    return _apply(base, p["lambda"], merged)
 
 
 @register(
@@ -212,9 +222,9 @@ def breadcrumbs_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
 def magmax(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """MagMax: per entry, the weighted task vector w_k τ_k of largest magnitude
     (first expert on ties), θ_ref + λ·τ_max (λ = 0.5 as in FusionBench)."""
-    weighted = tau.mul_(w.to(tau.dtype)[:, None])
+    weighted = _weigh(tau, w)
     pick = weighted.abs().argmax(dim=0, keepdim=True)
-    return base + p["lambda"] * weighted.gather(0, pick).squeeze(0)
+    return _apply(base, p["lambda"], weighted.gather(0, pick).squeeze(0))
 
 
 @register(
@@ -235,4 +245,4 @@ def fisher(base, tau, w, ctx, p: Params) -> torch.Tensor:
     diagonal Fisher of expert k (given as safetensors with the model's keys)."""
     coef = ctx.fisher.to(tau.dtype).add_(p["epsilon"]).mul_(w.to(tau.dtype)[:, None])
     total = coef.sum(dim=0)
-    return base + (coef.mul_(tau).sum(dim=0) / torch.where(total > 0, total, 1.0))
+    return coef.mul_(tau).sum(dim=0).div_(total.masked_fill_(total == 0, 1.0)).add_(base)

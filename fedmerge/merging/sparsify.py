@@ -44,16 +44,22 @@ def kth_smallest(a: torch.Tensor, k: int) -> torch.Tensor:
     for i, row in enumerate(a):
         lo = sample[i, lo_i] if lo_i >= 0 else -inf
         hi = sample[i, hi_i] if hi_i < _SAMPLE else inf
-        below = int((row < lo).sum())
-        band = row[(row >= lo) & (row <= hi)]
-        r = k - below
+        above_lo = row >= lo
+        band = row[above_lo & (row <= hi)]
+        r = k - (n - int(above_lo.sum()))  # rank inside the band
         out[i] = band.kthvalue(r).values if 1 <= r <= band.numel() else row.kthvalue(k).values
     return out
 
 
-def keep_by_threshold(tau: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Zero the entries of ``tau`` ``(K, n)`` with ``|tau| < threshold[k]`` (in place)."""
-    return tau.mul_(tau.abs() >= threshold[:, None])
+def keep_by_threshold(
+    tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Zero the entries of ``tau`` ``(K, n)`` with ``|tau| < threshold[k]`` (in place).
+
+    ``magnitude`` is ``tau.abs()`` when the caller already has it.
+    """
+    a = tau.abs() if magnitude is None else magnitude
+    return tau.mul_(a >= threshold[:, None])
 
 
 def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -70,7 +76,8 @@ def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     if k == 0:
         return tau.zero_()
-    return keep_by_threshold(tau, kth_smallest(tau.abs(), n - k + 1))
+    a = tau.abs()
+    return keep_by_threshold(tau, kth_smallest(a, n - k + 1), a)
 
 
 def trim_outliers(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -142,11 +149,14 @@ def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) 
     Only entries whose sign equals it contribute (zeros never do). With
     ``normalize`` the sum is divided by the total weight of the contributing
     experts (the disjoint mean; 1 where none contributes), as mergekit does.
+    Modifies ``weighted`` in place.
     """
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = (weighted * elected) > 0
-    merged = torch.where(agree, weighted, 0.0).sum(dim=0)
+    positive = weighted.sum(dim=0) >= 0
+    agree = torch.where(positive, weighted > 0, weighted < 0)
+    merged = weighted.mul_(agree).sum(dim=0)
     if normalize:
-        divisor = w.to(weighted.dtype) @ agree.to(weighted.dtype)
-        merged /= torch.where(divisor == 0, 1.0, divisor)
+        divisor = torch.zeros_like(merged)
+        for wk, row in zip(w.tolist(), agree, strict=True):
+            divisor.add_(row, alpha=wk)
+        merged /= divisor.masked_fill_(divisor == 0, 1.0)
     return merged
