@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--quick", action="store_true", help="4 × 5M parameters")
     parser.add_argument("--methods", default="task_arithmetic,ties")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (all processes)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default 1: on 2 busy shared cores "
+                        "one thread beats two, whose OpenMP barriers stall)")  # fmt: skip
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-pytorch"),
                         help="mergekit-pytorch executable (default: from PATH)")  # fmt: skip
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     table = Table(title=f"merge speed: {args.experts} experts × {args.params / 1e6:g}M params, "
                   f"{args.threads} threads")  # fmt: skip
@@ -233,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
                     shutil.rmtree(f, ignore_errors=True) if f.is_dir() else None
             shutil.rmtree(folder)
     console.print(table)
-    in_bytes = sum(s.nbytes for s in model_specs(args.params, __import__("torch").float32).values())
-    console.print(f"fp32 model size {in_bytes / 2**20:.0f} MiB per checkpoint; "
-                  f"command: python benchmarks/merge_speed.py {' '.join(argv or sys.argv[1:])}")  # fmt: skip
+    import torch
+
+    size = sum(s.nbytes for s in model_specs(args.params, torch.float32).values()) / 2**20
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    console.print(f"{size:.0f} MiB per fp32 checkpoint; python benchmarks/merge_speed.py {command}")
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ def keep_freed_memory() -> bool:
     return bool(
         libc.mallopt(m_mmap_max, 0)
         & libc.mallopt(m_mmap_threshold, 1 << 30)
-        & libc.mallopt(m_trim_threshold, 1 << 62)
+        & libc.mallopt(m_trim_threshold, 2**31 - 1)  # C int: the largest value
     )
 
 

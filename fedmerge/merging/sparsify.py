@@ -46,7 +46,7 @@ def kth_smallest(a: torch.Tensor, k: int) -> torch.Tensor:
         hi = sample[i, hi_i] if hi_i < _SAMPLE else inf
         above_lo = row >= lo
         band = row[above_lo & (row <= hi)]
-        r = k - (n - int(above_lo.sum()))  # rank inside the band
+        r = k - (n - int(torch.count_nonzero(above_lo)))  # rank inside the band
         out[i] = band.kthvalue(r).values if 1 <= r <= band.numel() else row.kthvalue(k).values
     return out
 
@@ -151,12 +151,10 @@ def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) 
     experts (the disjoint mean; 1 where none contributes), as mergekit does.
     Modifies ``weighted`` in place.
     """
-    positive = weighted.sum(dim=0) >= 0
-    agree = torch.where(positive, weighted > 0, weighted < 0)
-    merged = weighted.mul_(agree).sum(dim=0)
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    agreeing = weighted.mul_(elected).clamp_(min=0)  # |w_k τ_k| where the sign agrees, else 0
+    merged = agreeing.sum(dim=0)
     if normalize:
-        divisor = torch.zeros_like(merged)
-        for wk, row in zip(w.tolist(), agree, strict=True):
-            divisor.add_(row, alpha=wk)
-        merged /= divisor.masked_fill_(divisor == 0, 1.0)
-    return merged
+        divisor = w.to(weighted.dtype) @ agreeing.sign_()
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return merged.mul_(elected)
