@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,7 +200,7 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     """The merged tensor of one key, in the output dtype and shape."""
     spec = plan.out_specs[key]
     if not is_mergeable(spec):
-        return plan.base.get(key)
+        return plan.base.get(key).clone()  # never alias a caller's tensor
     base, tau = _load(plan, key)
     ctx = _context(plan, key, thresholds)
     out = plan.method.kernel(base, tau, plan.weights, ctx, plan.params).to(spec.dtype)
@@ -217,7 +217,7 @@ def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, tor
     keys = sorted(plan.out_specs)
     prepass = plan.method.prepass(plan.params, len(plan.experts)) if plan.method.prepass else None
     n_passes = prepass.passes if prepass else 0
-    with _progress_bar(plan, progress, n_passes + 1) as bar:
+    with _progress_bar(plan, progress, n_passes) as bar:
         for p in range(n_passes):
             for key in plan.mergeable:
                 prepass.observe(p, _load(plan, key)[1])
@@ -229,32 +229,25 @@ def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, tor
             bar(key)
 
 
-def _progress_bar(plan: MergePlan, enabled: bool, passes: int):
-    """Context manager giving ``advance(key)``; a rich bar only for big merges on a terminal."""
+@contextmanager
+def _progress_bar(
+    plan: MergePlan, enabled: bool, prepasses: int
+) -> Iterator[Callable[[str], None]]:
+    """Yield ``advance(key)``; a rich bar on stderr only for big merges on a terminal."""
     numel = {k: max(1, math.prod(s.shape)) for k, s in plan.out_specs.items()}
-    total = sum(numel.values()) * passes
-    if not (enabled and total >= PROGRESS_MIN_ELEMENTS * passes and sys.stderr.isatty()):
-        return nullcontext(lambda key: None)
+    size = sum(numel.values())
+    total = size + prepasses * sum(numel[k] for k in plan.mergeable)
+    if not (enabled and size >= PROGRESS_MIN_ELEMENTS and sys.stderr.isatty()):
+        yield lambda key: None
+        return
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(
-        TextColumn(f"merge {plan.method.name}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeRemainingColumn(),
-        transient=True,
-    )
-
-    class _Bar:
-        def __enter__(self) -> Callable[[str], None]:
-            bar.start()
-            task = bar.add_task("merge", total=total)
-            return lambda key: bar.advance(task, numel[key])
-
-        def __exit__(self, *exc: object) -> None:
-            bar.stop()
-
-    return _Bar()
+    columns = (TextColumn(f"merge {plan.method.name}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("merge", total=total)
+        yield lambda key: bar.advance(task, numel[key])
 
 
 # ----------------------------------------------------------------------------- public API

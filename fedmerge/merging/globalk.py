@@ -14,7 +14,7 @@ Memory is two small histograms per expert; each pass reads every input once
 (a pass is as costly as the floor, so ``scope: global`` costs ~2 extra reads).
 We chose this over sorting (needs all of |τ|) and over a one-pass histogram
 (exact only to ~1%). For float64 checkpoints the selection runs on |τ| rounded
-to float32, and entries are compared the same way.
+to float32 and the threshold is that float32 value.
 
 >>> import torch
 >>> g = GlobalThreshold(density=0.5, n_experts=1)
