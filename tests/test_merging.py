@@ -160,3 +160,14 @@ def test_bad_weights_and_fisher_usage():
 def test_string_parameters_parse_like_the_cli():
     p = get_method("ties").resolve({"density": "0.3", "normalize": "false", "scope": "global"})
     assert p == {"density": 0.3, "lambda": 1.0, "normalize": False, "scope": "global"}
+
+
+def test_bad_fisher_values_and_output_overflow_are_named():
+    from fedmerge import ValidationError
+
+    with pytest.raises(ValidationError, match="fisher 1: Fisher 'w' has negative"):
+        merge("fisher", sd(0.0), [sd(1.0), sd(2.0)], fisher=[sd(1.0), sd(-1.0)])
+    with pytest.raises(ValidationError, match=r"merged output \(torch.float16\): 'w'"):
+        merge("task_arithmetic", sd(0.0), [sd(1e5)], dtype=torch.float16, **{"lambda": 1.0})
+    with pytest.raises(ValidationError, match="expert 1: 'w' has non-finite"):
+        merge("average", sd(0.0), [sd(1.0), sd(float("nan"))])
