@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--quick", action="store_true", help="4 × 5M parameters")
     parser.add_argument("--methods", default="task_arithmetic,ties")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (default 1: on 2 busy shared cores "
-                        "one thread beats two, whose OpenMP barriers stall)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads per process (default 2; on busy shared cores 1 can "
+                        "be faster: OpenMP barriers stall when a core is taken)")  # fmt: skip
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-pytorch"),
                         help="mergekit-pytorch executable (default: from PATH)")  # fmt: skip
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
