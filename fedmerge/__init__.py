@@ -22,6 +22,8 @@ from fedmerge.checkpoint import (
 )
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
+from fedmerge.merging import METHODS as MERGE_METHODS
+from fedmerge.merging import MergeReport, merge, merge_checkpoints
 from fedmerge.models import MODELS, build_model
 from fedmerge.statedict import (
     StateDict,
@@ -44,6 +46,8 @@ __all__ = [
     "ConfigError",
     "FedmergeError",
     "RoundPlan",
+    "MERGE_METHODS",
+    "MergeReport",
     "StateDict",
     "TensorSpec",
     "Topology",
@@ -56,6 +60,8 @@ __all__ = [
     "global_norm",
     "list_presets",
     "load_state_dict",
+    "merge",
+    "merge_checkpoints",
     "open_checkpoint",
     "read_metadata",
     "save_state_dict",

@@ -32,12 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _extra=getattr(module, "EXTRA_POSITIONALS", None))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a list positional at the first option; a command that sets
+    # EXTRA_POSITIONALS = "dest" gets later positionals appended (``merge M A --base R B``).
+    if extra and (not args._extra or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, args._extra).extend(extra)
     try:
         return int(args._run(args) or 0)
     except FedmergeError as exc:

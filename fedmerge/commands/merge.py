@@ -1,0 +1,135 @@
+"""Merge fine-tuned checkpoints into one, in one shot, streaming key by key.
+
+Every expert is read as a task vector τ_k = θ_k − θ_ref against the reference
+given with --base; the method combines the τ_k per tensor and the result
+θ_ref + τ_merged is written as safetensors (sharded with an index when larger
+than --max-shard-size). Inputs are .safetensors files or Hugging Face sharded
+directories. Integer and bool tensors are copied from the reference.
+Everything is validated (method, parameters, keys, shapes, dtypes, NaN/Inf);
+on an error nothing is written.
+
+examples:
+  fedmerge merge --list
+  fedmerge merge ties --base ref.safetensors a.safetensors b.safetensors -o out.safetensors
+  fedmerge merge ties --base ref/ a/ b/ c/ -o merged/ --param density=0.2 --param scope=global
+  fedmerge merge task_arithmetic --base ref.safetensors a.safetensors b.safetensors \\
+      -o out.safetensors --param lambda=0.4 --weights 1,0.5 --dtype bfloat16
+  fedmerge merge dare_ties --base ref.safetensors a.safetensors b.safetensors -o out.safetensors \\
+      --param density=0.3 --param seed=7
+  fedmerge merge fisher --base ref.safetensors a.safetensors b.safetensors \\
+      --fisher fa.safetensors fb.safetensors -o out.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from rich.console import Console
+from rich.table import Table
+
+from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
+from fedmerge.errors import ConfigError
+from fedmerge.merging import METHODS, merge_checkpoints
+from fedmerge.merging.engine import keep_freed_memory
+from fedmerge.merging.registry import parse_assignments
+
+NAME = "merge"
+EXTRA_POSITIONALS = "experts"  # experts may also follow the options
+HELP = "one-shot merge of checkpoints (average, task_arithmetic, ties, dare, ...)"
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``2GB`` -> 2·10⁹ bytes (decimal like Hugging Face; ``GiB`` is binary)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max-shard-size: expected a size like 2GB or 500MiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--weights: expected numbers separated by commas, got {text!r}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", nargs="?", help="merge method (see --list)")
+    parser.add_argument("experts", nargs="*", metavar="EXPERT", help="fine-tuned checkpoints")
+    parser.add_argument("--list", action="store_true", help="list methods and parameters, exit")
+    parser.add_argument("--base", metavar="REF", help="reference checkpoint θ_ref")
+    parser.add_argument("-o", "--out", metavar="OUT", help="output .safetensors file or directory")
+    parser.add_argument(
+        "-p", "--param", action="append", metavar="K=V", help="method parameter (repeatable)"
+    )
+    parser.add_argument("--weights", metavar="W1,W2,...", help="one weight per expert (default 1)")
+    parser.add_argument("--fisher", nargs="+", metavar="FISHER", default=[],
+                        help="diagonal Fisher per expert (method fisher)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="output dtype of merged tensors (default: the reference's)",
+    )
+    parser.add_argument("--max-shard-size", default=f"{DEFAULT_SHARD_BYTES}B", metavar="SIZE",
+                        help="shard the output above this size (default 4GiB)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+
+
+def method_table() -> Table:
+    """One section per method: its definition, then one row per parameter."""
+    table = Table(title="fedmerge merge methods")
+    for col in ("method", "parameter", "default", "range", "meaning"):
+        table.add_column(col, overflow="fold")
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        table.add_row(f"[bold]{name}[/]", "", "", "", f"{m.doc} [dim]{m.reference}[/]")
+        for p in m.params:
+            table.add_row("", p.name, repr(p.default), p.range_text(), p.doc)
+        table.add_section()
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.list:
+        console.print(method_table())
+        return 0
+    if not args.method:
+        raise ConfigError("give a METHOD (see 'fedmerge merge --list')")
+    missing = [flag for flag, value in (("--base", args.base), ("-o/--out", args.out)) if not value]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} required")
+    if not args.experts:
+        raise ConfigError("give at least one EXPERT checkpoint")
+    keep_freed_memory()
+    report = merge_checkpoints(
+        args.method,
+        args.base,
+        args.experts,
+        args.out,
+        weights=parse_weights(args.weights),
+        params=parse_assignments(args.param),
+        fisher_paths=args.fisher,
+        dtype=dtype_from_name(args.dtype) if args.dtype else None,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        progress=not args.no_progress,
+    )
+    table = Table(title=f"merged with {report.method}", show_header=False)
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-")
+    table.add_row("weights", ", ".join(f"{w:g}" for w in report.weights))
+    table.add_row("tensors", f"{report.merged_keys} merged, {report.keys - report.merged_keys} "
+                  "copied from the reference")  # fmt: skip
+    table.add_row("elements", f"{report.elements:,}")
+    table.add_row("output", "\n".join(str(f) for f in report.files))
+    table.add_row("time", f"{report.seconds:.2f} s")
+    console.print(table)
+    return 0

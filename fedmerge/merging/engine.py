@@ -1,0 +1,381 @@
+"""Run a merge method key by key, over in-memory state dicts or lazily opened checkpoints.
+
+For each floating-point key the engine loads the reference and every expert's
+tensor (one key at a time), forms τ_k = θ_k − θ_ref in float32 (float64 stays
+float64), calls the method's kernel and casts the result to the output dtype.
+Integer and bool tensors (counters, masks) are copied from the reference: they
+are not parameters one can interpolate. Everything that can be checked without
+reading tensor data (method, parameters, weights, keys, shapes, dtypes) is
+checked before the output is opened; non-finite values are found while
+streaming, and the atomic writer then leaves no output behind.
+
+>>> import torch
+>>> base = {"w": torch.zeros(3), "steps": torch.tensor(5)}
+>>> experts = [{"w": torch.tensor([1.0, -2.0, 3.0]), "steps": torch.tensor(9)}]
+>>> out = merge("task_arithmetic", base, experts, **{"lambda": 0.5})
+>>> out["w"].tolist(), int(out["steps"])
+([0.5, -1.0, 1.5], 5)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
+from fedmerge.merging.methods import KeyContext
+from fedmerge.merging.registry import Method, get_method
+from fedmerge.statedict import StateDict, check_same_specs, is_mergeable
+
+PROGRESS_MIN_ELEMENTS = 10_000_000  # smaller merges finish before a bar is worth drawing
+
+
+class Source(Protocol):
+    """Anything with named tensors: a :class:`~fedmerge.checkpoint.Checkpoint` or a state dict."""
+
+    def specs(self) -> dict[str, TensorSpec]: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class StateSource:
+    """A :class:`Source` over an in-memory state dict."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], name: str):
+        self.state, self.name = state, name
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return {k: TensorSpec.of(v) for k, v in self.state.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+
+@dataclass
+class MergePlan:
+    """A validated merge: method, parameters, weights and inputs; nothing read yet."""
+
+    method: Method
+    params: dict[str, Any]
+    weights: torch.Tensor  # (K,) float64
+    base: Source
+    experts: list[Source]
+    fishers: list[Source]
+    names: list[str]  # base, experts..., fishers... (for messages and metadata)
+    out_specs: dict[str, TensorSpec]
+
+    @property
+    def mergeable(self) -> list[str]:
+        specs = self.base.specs()
+        return [k for k in sorted(specs) if is_mergeable(specs[k])]
+
+
+def plan_merge(
+    method: str,
+    base: Source,
+    experts: Sequence[Source],
+    names: Sequence[str],
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    fishers: Sequence[Source] = (),
+    dtype: torch.dtype | None = None,
+) -> MergePlan:
+    """Check method, parameters, weights and every input's keys/shapes/dtypes against the base.
+
+    ``names`` labels base, experts and Fisher inputs in that order (file paths
+    for checkpoints) and appears in every error message.
+    """
+    m = get_method(method)
+    resolved = m.resolve(params)
+    if not experts:
+        raise ConfigError(f"method {method!r}: give at least one expert")
+    w = _check_weights(m, weights, len(experts))
+    if m.needs_fisher and len(fishers) != len(experts):
+        raise ConfigError(
+            f"method {method!r} needs one Fisher file per expert: "
+            f"{len(experts)} expert(s), {len(fishers)} Fisher file(s)"
+        )
+    if fishers and not m.needs_fisher:
+        raise ConfigError(f"method {method!r} takes no Fisher files")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(f"output dtype must be floating point, got {dtype}")
+    specs = base.specs()
+    for name, src in zip(names[1 : 1 + len(experts)], experts, strict=True):
+        check_same_specs(specs, src.specs(), source=name)
+    floats = {k: s for k, s in specs.items() if is_mergeable(s)}
+    for name, src in zip(names[1 + len(experts) :], fishers, strict=True):
+        got = src.specs()
+        check_same_specs(floats, {k: got[k] for k in floats if k in got}, name, check_dtype=False)
+        bad = [k for k in floats if not got[k].dtype.is_floating_point]
+        if bad:
+            raise ValidationError(f"{name}: Fisher entry {bad[0]!r} is not floating point")
+    out_specs = {
+        k: TensorSpec(dtype, s.shape) if dtype is not None and is_mergeable(s) else s
+        for k, s in specs.items()
+    }
+    return MergePlan(m, resolved, w, base, list(experts), list(fishers), list(names), out_specs)
+
+
+def _check_weights(m: Method, weights: Sequence[float] | None, k: int) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(k, dtype=torch.float64)
+    w = [float(x) for x in weights]
+    if len(w) != k:
+        raise ConfigError(f"got {len(w)} weight(s) for {k} expert(s)")
+    if not all(math.isfinite(x) for x in w):
+        raise ConfigError(f"weights must be finite, got {w}")
+    if m.nonnegative_weights and (min(w) < 0 or sum(w) <= 0):
+        raise ConfigError(f"method {m.name!r} needs weights >= 0 with a positive sum, got {w}")
+    return torch.tensor(w, dtype=torch.float64)
+
+
+def key_seed(seed: int, expert: int, key: str) -> int:
+    """A 63-bit seed for (seed, expert index, key): independent of the order keys are visited."""
+    digest = hashlib.sha256(f"{seed}\0{expert}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _load(plan: MergePlan, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened reference ``(n,)`` and stacked task vectors ``(K, n)`` of ``key``."""
+    raw = plan.base.get(key)
+    work = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    _finite(raw, key, plan.names[0])
+    base = raw.reshape(-1).to(work)
+    tau = torch.empty(len(plan.experts), base.numel(), dtype=work)
+    for i, src in enumerate(plan.experts):
+        torch.sub(src.get(key).reshape(-1), base, out=tau[i])
+    if not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
+        for i, src in enumerate(plan.experts):
+            _finite(src.get(key), key, plan.names[1 + i])
+        raise ValidationError(f"{key!r}: task vector overflows {work} (θ − θ_ref is too large)")
+    return base, tau
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True if ``t`` has no NaN/Inf; min/max propagate NaN and are ~10× cheaper than isfinite."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo) and math.isfinite(hi)
+
+
+def _finite(t: torch.Tensor, key: str, name: str) -> None:
+    if not _all_finite(t):
+        raise ValidationError(f"{name}: {key!r} has non-finite values (NaN or Inf)")
+
+
+def _context(plan: MergePlan, key: str, thresholds: torch.Tensor | None) -> KeyContext:
+    ctx = KeyContext(key, thresholds=thresholds)
+    if "seed" in plan.params:
+        ctx.generators = [
+            torch.Generator().manual_seed(key_seed(plan.params["seed"], i, key))
+            for i in range(len(plan.experts))
+        ]
+    if plan.fishers:
+        first = 1 + len(plan.experts)
+        rows = []
+        for name, src in zip(plan.names[first:], plan.fishers, strict=True):
+            f = src.get(key).reshape(-1).to(torch.float32)
+            if not _all_finite(f) or f.numel() and float(f.min()) < 0:
+                raise ValidationError(f"{name}: Fisher {key!r} has negative or non-finite values")
+            rows.append(f)
+        ctx.fisher = torch.stack(rows)
+    return ctx
+
+
+def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged tensor of one key, in the output dtype and shape."""
+    spec = plan.out_specs[key]
+    if not is_mergeable(spec):
+        return plan.base.get(key).clone()  # never alias a caller's tensor
+    base, tau = _load(plan, key)
+    ctx = _context(plan, key, thresholds)
+    out = plan.method.kernel(base, tau, plan.weights, ctx, plan.params).to(spec.dtype)
+    _finite(out, key, f"merged output ({spec.dtype})")
+    return out.reshape(spec.shape)
+
+
+def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, merged tensor)`` in sorted key order, one key in memory at a time.
+
+    A method with a pre-pass (``ties`` with ``scope: global``) first streams
+    its passes over the task vectors.
+    """
+    keys = sorted(plan.out_specs)
+    prepass = plan.method.prepass(plan.params, len(plan.experts)) if plan.method.prepass else None
+    n_passes = prepass.passes if prepass else 0
+    with _progress_bar(plan, progress, n_passes) as bar:
+        for p in range(n_passes):
+            for key in plan.mergeable:
+                prepass.observe(p, _load(plan, key)[1])
+                bar(key)
+            prepass.end_pass(p)
+        thresholds = prepass.thresholds if prepass else None
+        for key in keys:
+            yield key, merge_key(plan, key, thresholds)
+            bar(key)
+
+
+@contextmanager
+def _progress_bar(
+    plan: MergePlan, enabled: bool, prepasses: int
+) -> Iterator[Callable[[str], None]]:
+    """Yield ``advance(key)``; a rich bar on stderr only for big merges on a terminal."""
+    numel = {k: max(1, math.prod(s.shape)) for k, s in plan.out_specs.items()}
+    size = sum(numel.values())
+    total = size + prepasses * sum(numel[k] for k in plan.mergeable)
+    if not (enabled and size >= PROGRESS_MIN_ELEMENTS and sys.stderr.isatty()):
+        yield lambda key: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"merge {plan.method.name}"), BarColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("merge", total=total)
+        yield lambda key: bar.advance(task, numel[key])
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def merge(
+    method: str,
+    base: Mapping[str, torch.Tensor],
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    fisher: Sequence[Mapping[str, torch.Tensor]] = (),
+    dtype: torch.dtype | None = None,
+    **params: Any,
+) -> StateDict:
+    """Merge in-memory state dicts with a registered method (see ``fedmerge merge --list``).
+
+    ``base`` is the reference θ_ref, ``experts`` the fine-tuned θ_k (same keys,
+    shapes, dtypes), ``weights`` one per expert (default 1), ``fisher`` one
+    diagonal-Fisher state dict per expert (method ``fisher`` only). Keyword
+    arguments are the method's parameters (``**{"lambda": 0.5}`` for λ).
+    """
+    names = ["base", *(f"expert {i}" for i in range(len(experts)))]
+    names += [f"fisher {i}" for i in range(len(fisher))]
+    plan = plan_merge(
+        method,
+        StateSource(base, "base"),
+        [StateSource(e, n) for e, n in zip(experts, names[1 : 1 + len(experts)], strict=True)],
+        names,
+        weights,
+        params,
+        [StateSource(f, n) for f, n in zip(fisher, names[1 + len(experts) :], strict=True)],
+        dtype,
+    )
+    return dict(run_plan(plan))
+
+
+@dataclass
+class MergeReport:
+    """What :func:`merge_checkpoints` did."""
+
+    method: str
+    params: dict[str, Any]
+    weights: list[float]
+    keys: int
+    merged_keys: int
+    elements: int
+    files: list[Path]
+    seconds: float
+
+
+def merge_checkpoints(
+    method: str,
+    base_path: str | os.PathLike,
+    expert_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    fisher_paths: Sequence[str | os.PathLike] = (),
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> MergeReport:
+    """Merge safetensors checkpoints (files or HF sharded dirs) into ``out_path``, streaming.
+
+    Memory holds one key of every input at a time (plus the stacked task
+    vectors of that key); the output is written key by key and appears
+    atomically, sharded with an index when larger than ``max_shard_bytes``.
+    ``progress`` draws a bar when the merge is large and stderr is a terminal.
+    """
+    start = time.perf_counter()
+    inputs = [Path(base_path), *map(Path, expert_paths), *map(Path, fisher_paths)]
+    out = Path(out_path)
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ConfigError(f"{out}: output would overwrite an input")
+    with ExitStack() as stack:
+        cks = [stack.enter_context(open_checkpoint(p)) for p in inputs]
+        k = len(expert_paths)
+        plan = plan_merge(
+            method, cks[0], cks[1 : 1 + k], [str(p) for p in inputs], weights, params,
+            cks[1 + k :], dtype,
+        )  # fmt: skip
+        metadata = {
+            "fedmerge.method": method,
+            "fedmerge.params": json.dumps(plan.params, sort_keys=True),
+            "fedmerge.weights": json.dumps(plan.weights.tolist()),
+            "fedmerge.base": _describe(inputs[0]),
+            "fedmerge.experts": json.dumps([_describe(p) for p in inputs[1 : 1 + k]]),
+        }
+        if fisher_paths:
+            metadata["fedmerge.fisher"] = json.dumps([_describe(p) for p in inputs[1 + k :]])
+        writer = CheckpointWriter(out, plan.out_specs, metadata, max_shard_bytes)
+        with writer:
+            for key, tensor in run_plan(plan, progress):
+                writer.write(key, tensor)
+    return MergeReport(
+        method,
+        plan.params,
+        plan.weights.tolist(),
+        len(plan.out_specs),
+        len(plan.mergeable),
+        sum(math.prod(s.shape) for s in plan.out_specs.values()),
+        [*writer.files, *([writer.index_path] if writer.index_path else [])],
+        time.perf_counter() - start,
+    )
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (process-wide).
+
+    Every key allocates tensors of up to K × (largest tensor) bytes; by default
+    glibc serves such blocks with fresh ``mmap`` s whose first touch costs a
+    page fault per 4 KiB, which made a merge 2-5× slower than its arithmetic.
+    The CLI calls this once; the cost is that freed memory stays with the
+    process (bounded by the per-key peak). Returns False where not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    return bool(
+        libc.mallopt(m_mmap_max, 0)
+        & libc.mallopt(m_mmap_threshold, 1 << 30)
+        & libc.mallopt(m_trim_threshold, 2**31 - 1)  # C int: the largest value
+    )
+
+
+def _describe(path: Path) -> str:
+    """``name (bytes)`` of an input: enough to tell inputs apart without re-reading them."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return f"{path.name} ({sum(f.stat().st_size for f in files)} bytes)"

@@ -1,0 +1,163 @@
+"""Building blocks shared by the merge kernels: exact selection, trimming,
+random dropping and sign election, all on stacked task vectors ``tau`` of
+shape ``(K, n)`` (K experts, n elements of one flattened tensor).
+
+Definitions follow mergekit (``mergekit/sparsify.py``,
+``generalized_task_arithmetic.py``); the differences are noted where they occur.
+
+>>> import torch
+>>> tau = torch.tensor([[0.1, -3.0, 2.0, 0.5]])
+>>> trim_magnitude(tau, density=0.5).tolist()
+[[0.0, -3.0, 2.0, 0.0]]
+>>> elect_and_combine(torch.tensor([[1.0, -2.0], [-3.0, -1.0]]), torch.ones(2), True).tolist()
+[-3.0, -1.5]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EXACT_BELOW = 1 << 16  # rows this short go straight to torch.kthvalue
+_SAMPLE = 1 << 14  # sample size used to bracket the k-th value of long rows
+
+
+def kth_smallest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th smallest value (1-based) of every row of ``a`` ``(K, n)`` -> ``(K,)``.
+
+    ``torch.kthvalue`` on a whole row costs a full selection (~25 ns/element
+    on CPU). For long rows we sort a fixed-seed sample, take sample quantiles
+    ±5σ around rank k as a bracket, count what lies below it and select inside
+    the bracket (~4% of the row), which is several times faster and still exact;
+    when the bracket misses (probability < 1e-6) we fall back to ``kthvalue``.
+    """
+    n = a.shape[1]
+    if n <= _EXACT_BELOW:
+        return a.kthvalue(k, dim=1).values
+    gen = torch.Generator().manual_seed(n)
+    sample = a[:, torch.randint(n, (_SAMPLE,), generator=gen)].sort(dim=1).values
+    pos, slack = k / n * _SAMPLE, 5 * math.sqrt(_SAMPLE) / 2 + 2
+    lo_i, hi_i = int(pos - slack), int(pos + slack)
+    inf = torch.tensor(math.inf, dtype=a.dtype)
+    out = torch.empty(a.shape[0], dtype=a.dtype)
+    for i, row in enumerate(a):
+        lo = sample[i, lo_i] if lo_i >= 0 else -inf
+        hi = sample[i, hi_i] if hi_i < _SAMPLE else inf
+        above_lo = row >= lo
+        band = row[above_lo & (row <= hi)]
+        r = k - (n - int(torch.count_nonzero(above_lo)))  # rank inside the band
+        out[i] = band.kthvalue(r).values if 1 <= r <= band.numel() else row.kthvalue(k).values
+    return out
+
+
+def keep_by_threshold(
+    tau: torch.Tensor, threshold: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Zero the entries of ``tau`` ``(K, n)`` with ``|tau| < threshold[k]`` (in place).
+
+    ``magnitude`` is ``tau.abs()`` when the caller already has it.
+    """
+    a = tau.abs() if magnitude is None else magnitude
+    return tau.mul_(a >= threshold[:, None])
+
+
+def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``int(density·n)`` largest-magnitude entries of each row (in place).
+
+    mergekit's ``magnitude``: density ≥ 1 keeps everything. Entries tied with
+    the k-th magnitude are all kept (mergekit breaks such ties arbitrarily;
+    with continuous values they do not occur). k = 0 keeps nothing (mergekit
+    refuses to).
+    """
+    n = tau.shape[1]
+    k = int(density * n)
+    if density >= 1:
+        return tau
+    if k == 0:
+        return tau.zero_()
+    a = tau.abs()
+    return keep_by_threshold(tau, kth_smallest(a, n - k + 1), a)
+
+
+def trim_outliers(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top ``gamma`` fraction and the small tail (in place).
+
+    mergekit's ``magnitude_outliers``: with n_top = int(γ·n) and
+    n_keep = int(density·n), drop the n − n_keep − n_top smallest and the n_top
+    largest magnitudes; if that is negative, fewer large ones are dropped.
+    (mergekit keeps nothing when n_top = 0 because of a ``[:-0]`` slice; here
+    nothing large is dropped then.)
+    """
+    n = tau.shape[1]
+    if density >= 1:
+        return tau
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = n - n_keep - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    if n_keep == 0:
+        return tau.zero_()
+    a = tau.abs()
+    keep = torch.ones_like(tau, dtype=torch.bool)
+    if n_bot > 0:
+        keep &= a >= kth_smallest(a, n_bot + 1)[:, None]
+    if n_top > 0:
+        keep &= a <= kth_smallest(a, n - n_top)[:, None]
+    return tau.mul_(keep)
+
+
+def drop_random(
+    tau: torch.Tensor, density: float, generators: list[torch.Generator], rescale: str
+) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (= 1 − p), then rescale (in place).
+
+    Row k draws its mask from ``generators[k]``; see :func:`apply_drop` for
+    ``rescale``. density ≥ 1 returns ``tau`` unchanged (as mergekit does).
+    """
+    if density >= 1:
+        return tau
+    keep = torch.stack(
+        [torch.rand(tau.shape[1], generator=g, dtype=torch.float32) < density for g in generators]
+    )
+    return apply_drop(tau, keep, density, rescale)
+
+
+def apply_drop(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str) -> torch.Tensor:
+    """Zero ``tau`` ``(K, n)`` where ``keep`` is False and rescale the rest (in place).
+
+    ``inverse`` multiplies by 1/density (the DARE paper: unbiased, E[τ'] = τ);
+    ``l1`` rescales each row to its original L1 norm (mergekit's ``rescale:
+    true``; rows whose norm before or after is < 1e-7 stay unscaled); ``none``
+    does not rescale.
+    """
+    before = tau.abs().sum(dim=1) if rescale == "l1" else None
+    tau.mul_(keep)
+    if rescale == "inverse":
+        tau.div_(density)
+    elif rescale == "l1":
+        after = tau.abs().sum(dim=1)
+        ok = (before >= 1e-7) & (after >= 1e-7)
+        tau.mul_(torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)[:, None])
+    return tau
+
+
+def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES sign election and disjoint merge of ``weighted`` = w_k·τ_k ``(K, n)`` -> ``(n,)``.
+
+    The elected sign is the sign of Σ_k w_k τ_k (mass, not count; ties go to +).
+    Only entries whose sign equals it contribute (zeros never do). With
+    ``normalize`` the sum is divided by the total weight of the contributing
+    experts (the disjoint mean; 1 where none contributes), as mergekit does.
+    Modifies ``weighted`` in place.
+    """
+    total = weighted.sum(dim=0)
+    # ±1 with the sign of the total (2× cheaper than a scalar where); total = −0.0 only when
+    # every entry is ±0, and then the entry merges to 0 whichever sign is elected
+    elected = torch.ones_like(total).copysign_(total)
+    agreeing = weighted.mul_(elected).clamp_(min=0)  # |w_k τ_k| where the sign agrees, else 0
+    merged = agreeing.sum(dim=0)
+    if normalize:
+        divisor = w.to(weighted.dtype) @ agreeing.sign_()
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return merged.mul_(elected)
