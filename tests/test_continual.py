@@ -119,6 +119,32 @@ def test_projection_by_hand():
     assert torch.allclose(orthogonal_projection(prev, tau, 0.9, zero_diagonal=False), want)
 
 
+def full_svd_projection(prev, tau, alpha, zero_diagonal):
+    """The rule as written (FusionBench): full SVD, zero entries of P = Uᵀ τ V, U P Vᵀ."""
+    u, s, vh = torch.linalg.svd(prev, full_matrices=True)
+    p = u.T @ tau @ vh.T
+    if zero_diagonal:
+        p.diagonal().zero_()
+    r = split_rank(s, alpha)
+    p[:r, :r] = 0
+    return u @ p @ vh
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5)])
+@pytest.mark.parametrize("kind", ["random", "rank1", "zero"])
+def test_thin_svd_projection_equals_full_svd_rule(shape, kind):
+    g = torch.Generator().manual_seed(sum(shape))
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    prev = {"random": rand(*shape), "rank1": rand(shape[0], 1) @ rand(1, shape[1]),
+            "zero": torch.zeros(shape, dtype=torch.float64)}[kind]  # fmt: skip
+    tau = rand(*shape)
+    for alpha in (0.0, 0.3, 0.5, 0.99):
+        for zero_diagonal in (True, False):
+            got = orthogonal_projection(prev, tau, alpha, zero_diagonal)
+            want = full_svd_projection(prev, tau, alpha, zero_diagonal)
+            assert (got - want).abs().max() < 1e-12
+
+
 def numpy_opcm(base, experts, projectable, alpha, zero_diagonal):
     """Independent float64 closed form: S_t = S_{t−1} + Π_{S_{t−1}}(τ_t), θ = θ0 + S·a/‖S‖."""
     keys = [k for k in base if base[k].is_floating_point()]
