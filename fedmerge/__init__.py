@@ -15,6 +15,7 @@ from fedmerge.checkpoint import (
 from fedmerge.continual import (
     CONTINUAL_METHODS,
     ContinualMerger,
+    ContinualStore,
     default_projectable,
     linear_keys_from_module,
     make_merger,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CONTINUAL_METHODS",
     "ContinualMerger",
+    "ContinualStore",
     "default_projectable",
     "linear_keys_from_module",
     "make_merger",
