@@ -20,6 +20,14 @@ from fedmerge.checkpoint import (
     read_metadata,
     save_state_dict,
 )
+from fedmerge.continual import (
+    CONTINUAL_METHODS,
+    ContinualMerger,
+    ContinualStore,
+    default_projectable,
+    linear_keys_from_module,
+    make_merger,
+)
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.merging import METHODS as MERGE_METHODS
@@ -40,6 +48,12 @@ from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONTINUAL_METHODS",
+    "ContinualMerger",
+    "ContinualStore",
+    "default_projectable",
+    "linear_keys_from_module",
+    "make_merger",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",
