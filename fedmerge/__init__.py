@@ -12,6 +12,13 @@ from fedmerge.checkpoint import (
     read_metadata,
     save_state_dict,
 )
+from fedmerge.continual import (
+    CONTINUAL_METHODS,
+    ContinualMerger,
+    default_projectable,
+    linear_keys_from_module,
+    make_merger,
+)
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.statedict import (
     StateDict,
@@ -27,6 +34,11 @@ from fedmerge.statedict import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONTINUAL_METHODS",
+    "ContinualMerger",
+    "default_projectable",
+    "linear_keys_from_module",
+    "make_merger",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",
