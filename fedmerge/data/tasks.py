@@ -125,8 +125,9 @@ def _make_task(
         index, test_size=test_fraction, stratify=y.numpy(), random_state=_task_seed(seed, name)
     )
     train_index, test_index = np.sort(train_index), np.sort(test_index)
-    return Task(name, X[train_index], y[train_index], X[test_index], y[test_index],
-                train_index, test_index)  # fmt: skip
+    return Task(
+        name, X[train_index], y[train_index], X[test_index], y[test_index], train_index, test_index
+    )
 
 
 def make_task_family(
@@ -141,16 +142,21 @@ def make_task_family(
         raise ConfigError(f"tasks: unknown task(s) {unknown}; choose from {list(TASK_NAMES)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"tasks: duplicate task names in {list(names)}")
-    for field, value in (("test_fraction", test_fraction), ("pretrain_fraction", pretrain_fraction)):
+    for field, value in (
+        ("test_fraction", test_fraction),
+        ("pretrain_fraction", pretrain_fraction),
+    ):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"data.{field}: must be in (0, 1), got {value}")
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     pre_idx, pool_idx = train_test_split(
-        np.arange(len(labels)), train_size=pretrain_fraction, stratify=labels.numpy(),
+        np.arange(len(labels)),
+        train_size=pretrain_fraction,
+        stratify=labels.numpy(),
         random_state=seed,
-    )  # fmt: skip
+    )
     pool_idx = np.sort(pool_idx)
     pool_images, pool_labels = images[pool_idx], labels[pool_idx]
     tasks = [_make_task(n, pool_images, pool_labels, seed, test_fraction) for n in names]

@@ -21,16 +21,17 @@ from typing import Any
 
 import yaml
 
+from fedmerge.continual import CONTINUAL_METHODS
 from fedmerge.data.tasks import DEFAULT_TASKS
 from fedmerge.errors import ConfigError
 from fedmerge.experiments.multihead import TrainSpec
 
 DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "opcm": {"alpha": 0.5},
-    "continual_task_arithmetic": {"s": 0.3},
+    "continual_task_arithmetic": {"scaling_factor": 0.3},
     "running_average": {},
-    "continual_ties": {},
-    "magmax": {},
+    "continual_ties": {"scaling_factor": 0.5, "threshold": 20.0, "merge_func": "sum"},
+    "magmax": {"scaling_factor": 0.5},
 }
 
 
@@ -49,6 +50,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainSpec):
+    lr: float = 3e-4
     train_head: bool = False  # False: the task's probe head stays frozen (the paper's setting)
 
 
@@ -75,6 +77,9 @@ def config_from_mapping(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"tasks: need at least 2 tasks, got {list(cfg.tasks)}")
     if not cfg.methods:
         raise ConfigError("methods: name at least one continual merge method")
+    unknown = sorted(set(cfg.methods) - set(CONTINUAL_METHODS))
+    if unknown:
+        raise ConfigError(f"methods.{unknown[0]}: unknown method; known: {list(CONTINUAL_METHODS)}")
     return cfg
 
 
@@ -119,7 +124,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, value in raw.items():
         nested = _NESTED.get(hints[name])
         values[name] = (
-            _build(nested, value, f"{prefix}{name}.") if nested else _coerce(hints[name], value, f"{prefix}{name}")
+            _build(nested, value, f"{prefix}{name}.")
+            if nested
+            else _coerce(hints[name], value, f"{prefix}{name}")
         )
     return cls(**values)
 
@@ -140,13 +147,20 @@ def _coerce(hint: str, value: Any, name: str) -> Any:
         except (TypeError, ValueError):
             pass
     simple = {"int": int, "bool": bool, "str": str}
-    if hint in simple and isinstance(value, simple[hint]) and (hint == "bool") == isinstance(value, bool):
+    if (
+        hint in simple
+        and isinstance(value, simple[hint])
+        and (hint == "bool") == isinstance(value, bool)
+    ):
         return value
     if hint.startswith("tuple[") and isinstance(value, list):
         item = {"tuple[int, ...]": int, "tuple[str, ...]": str}[hint]
         if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return tuple(value)
-    if hint.startswith("dict[") and isinstance(value, Mapping):
-        if all(isinstance(v, Mapping) or v is None for v in value.values()):
-            return {str(k): dict(v or {}) for k, v in value.items()}
+    if (
+        hint.startswith("dict[")
+        and isinstance(value, Mapping)
+        and all(isinstance(v, Mapping) or v is None for v in value.values())
+    ):
+        return {str(k): dict(v or {}) for k, v in value.items()}
     raise ConfigError(f"{name}: expected {hint}, got {value!r}")

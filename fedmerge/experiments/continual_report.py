@@ -71,7 +71,10 @@ def step_rows(result: ExperimentResult) -> list[dict[str, Any]]:
                 "avg_acc_all": round(float(run.acc[t].mean()), 6),
             }
             row.update(
-                {f"acc_{n}": round(float(a), 6) for n, a in zip(result.task_names, run.acc[t])}
+                {
+                    f"acc_{n}": round(float(a), 6)
+                    for n, a in zip(result.task_names, run.acc[t], strict=True)
+                }
             )
             rows.append(row)
     return rows
@@ -83,8 +86,8 @@ def summary_json(result: ExperimentResult) -> dict[str, Any]:
         "config": dataclasses.asdict(result.config),
         "tasks": result.task_names,
         "orders": [[result.task_names[k] for k in order] for order in result.orders],
-        "pretrained_acc": dict(zip(result.task_names, result.base_acc.tolist())),
-        "expert_acc": dict(zip(result.task_names, result.expert_acc.tolist())),
+        "pretrained_acc": dict(zip(result.task_names, result.base_acc.tolist(), strict=True)),
+        "expert_acc": dict(zip(result.task_names, result.expert_acc.tolist(), strict=True)),
         "methods": summarize(result),
         "seconds": result.seconds,
     }
@@ -116,8 +119,12 @@ def _pct(mean: float, std: float) -> str:
     return "–" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+REFERENCE_NOTE = "individual = each expert on its own task (upper); pretrained = base body (lower)"
+SUMMARY_HEADERS = ["method", "final avg acc %", "min–max over orders", "BWT %", "mean over steps %"]
+
+
 def table_rows(result: ExperimentResult) -> list[list[str]]:
-    """Method | final avg acc | min–max over orders | BWT | avg acc per step (means), in %."""
+    """Per method: final avg accuracy, its range over orders, BWT, mean of the curve (in %)."""
     rows = []
     for method, s in summarize(result).items():
         bwt = "–" if method in ("individual", "pretrained") else _pct(s["bwt_mean"], s["bwt_std"])
@@ -127,32 +134,64 @@ def table_rows(result: ExperimentResult) -> list[list[str]]:
                 _pct(s["final_avg_acc_mean"], s["final_avg_acc_std"]),
                 f"{100 * s['final_avg_acc_min']:.1f}–{100 * s['final_avg_acc_max']:.1f}",
                 bwt,
-                " ".join(f"{100 * v:.1f}" for v in s["avg_acc_seen_mean"]),
+                f"{100 * np.mean(s['avg_acc_seen_mean']):.1f}",
             ]
         )
     return rows
 
 
-HEADERS = ["method", "final avg acc %", "min–max over orders", "BWT %", "avg acc % after step 1..T"]
+def step_table_rows(result: ExperimentResult) -> list[list[str]]:
+    """Per method: the average accuracy on the seen tasks after each step (mean ± std, %)."""
+    return [
+        [method]
+        + [
+            f"{100 * m:.1f}±{100 * d:.1f}"
+            for m, d in zip(s["avg_acc_seen_mean"], s["avg_acc_seen_std"], strict=True)
+        ]
+        for method, s in summarize(result).items()
+    ]
+
+
+def _steps_headers(result: ExperimentResult) -> list[str]:
+    return ["method"] + [f"t={t}" for t in range(1, len(result.task_names) + 1)]
+
+
+def _markdown(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def markdown_table(result: ExperimentResult) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
+    """Both tables as Markdown (what the README shows)."""
+    lines = _markdown(SUMMARY_HEADERS, table_rows(result))
+    lines += [
+        "",
+        "Average accuracy (%) on the tasks seen so far after step t, mean ± std over orders:",
+        "",
+    ]
+    lines += _markdown(_steps_headers(result), step_table_rows(result))
     return "\n".join(lines) + "\n"
 
 
 def print_table(result: ExperimentResult, console: Console | None = None) -> None:
-    cfg = result.config
-    table = Table(
-        title=f"Continual merging of {len(result.task_names)} digits tasks, "
-        f"{cfg.orders} task orders (mean ± std over orders)"
+    """The summary table and the per-step table, as rich tables."""
+    console = console or Console()
+    title = (
+        f"Continual merging of {len(result.task_names)} digits tasks, {result.config.orders} "
+        "task orders (mean ± std over orders)"
     )
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i in (0, 4) else "right")
+    summary = Table(title=title, caption=REFERENCE_NOTE)
+    for i, header in enumerate(SUMMARY_HEADERS):
+        summary.add_column(header, justify="left" if i == 0 else "right")
     for row in table_rows(result):
-        table.add_row(*row)
-    (console or Console()).print(table)
+        summary.add_row(*row)
+    steps = Table(title="Average accuracy (%) on the tasks seen so far, after step t")
+    for i, header in enumerate(_steps_headers(result)):
+        steps.add_column(header, justify="left" if i == 0 else "right")
+    for row in step_table_rows(result):
+        steps.add_row(*row)
+    console.print(summary)
+    console.print(steps)
 
 
 def plot_png(result: ExperimentResult) -> bytes:
@@ -168,8 +207,9 @@ def plot_png(result: ExperimentResult) -> bytes:
         mean, std = np.array(s["avg_acc_seen_mean"]), np.array(s["avg_acc_seen_std"])
         ref = method in ("individual", "pretrained")
         (line,) = ax.plot(steps, 100 * mean, "--" if ref else "-o", ms=3, label=method)
-        ax.fill_between(steps, 100 * (mean - std), 100 * (mean + std), alpha=0.15,
-                        color=line.get_color())  # fmt: skip
+        ax.fill_between(
+            steps, 100 * (mean - std), 100 * (mean + std), alpha=0.15, color=line.get_color()
+        )
     ax.set_xlabel("step (experts merged)")
     ax.set_ylabel("avg accuracy on tasks seen so far (%)")
     ax.set_title(f"Continual merging, digits tasks ({result.config.orders} orders, mean ± std)")
@@ -186,8 +226,12 @@ def plot_png(result: ExperimentResult) -> bytes:
 @contextlib.contextmanager
 def progress_bar(total: int) -> Iterator[Tick]:
     """A rich progress bar; yields ``tick(label)`` that advances it by one."""
-    columns = [TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn()]  # fmt: skip
+    columns = [
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task("continual merging", total=total)
         yield lambda label: progress.update(bar, advance=1, description=label)

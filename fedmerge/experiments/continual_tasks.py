@@ -13,7 +13,7 @@ experts (upper reference) and the pretrained body (lower reference).
 Run it (about a minute on 2 CPU cores)::
 
     python -m fedmerge.experiments.continual_tasks --config simulations/continual_digits.yaml
-    python -m fedmerge.experiments.continual_tasks --set orders=2 --set tasks=[rot90,invert,permute_a]
+    python -m fedmerge.experiments.continual_tasks --set orders=2 --set tasks=[rot90,invert]
 
 Outputs in ``--out`` (default ``runs/continual_digits``): ``steps.csv`` (one row
 per method × order × step, with the accuracy on every task), ``summary.json``,
@@ -59,7 +59,7 @@ class Setup:
     base: StateDict
     experts: list[StateDict]
     heads: list[nn.Module]
-    projectable: list[str]  # the body's nn.Linear weights (OPCM projects these)
+    projectable: set[str]  # the body's nn.Linear weights (OPCM projects these)
 
 
 @dataclass
@@ -175,10 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config (default: the built-in defaults)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set orders=3 --set finetune.lr=0.01")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set orders=3",
+    )
     parser.add_argument("--out", help="output directory (overrides the config's 'out')")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the models are tiny: extra threads only contend for the cores
     try:
         cfg = load_config(args.config, args.set)
         with progress_bar(work_units(cfg)) as tick:

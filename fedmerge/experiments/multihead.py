@@ -143,7 +143,5 @@ def clone_state(module: nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-
-
 def _out_features(body: nn.Module) -> int:
     return [m for m in body.modules() if isinstance(m, nn.Linear)][-1].out_features
