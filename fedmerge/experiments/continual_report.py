@@ -174,24 +174,31 @@ def markdown_table(result: ExperimentResult) -> str:
 
 
 def print_table(result: ExperimentResult, console: Console | None = None) -> None:
-    """The summary table and the per-step table, as rich tables."""
+    """The summary table, then the curve (steps as rows, methods as columns), as rich tables."""
     console = console or Console()
     title = (
         f"Continual merging of {len(result.task_names)} digits tasks, {result.config.orders} "
         "task orders (mean ± std over orders)"
     )
     summary = Table(title=title, caption=REFERENCE_NOTE)
-    for i, header in enumerate(SUMMARY_HEADERS):
-        summary.add_column(header, justify="left" if i == 0 else "right")
+    summary.add_column(SUMMARY_HEADERS[0], no_wrap=True)
+    for header in SUMMARY_HEADERS[1:]:
+        summary.add_column(header, justify="right")
     for row in table_rows(result):
         summary.add_row(*row)
-    steps = Table(title="Average accuracy (%) on the tasks seen so far, after step t")
-    for i, header in enumerate(_steps_headers(result)):
-        steps.add_column(header, justify="left" if i == 0 else "right")
-    for row in step_table_rows(result):
-        steps.add_row(*row)
+    stats = summarize(result)
+    curve = Table(title="Average accuracy (%) on the tasks seen so far, after step t")
+    curve.add_column("t", justify="right")
+    for method in stats:
+        curve.add_column(method, justify="right")
+    for t in range(len(result.task_names)):
+        cells = [
+            f"{100 * s['avg_acc_seen_mean'][t]:.1f} ±{100 * s['avg_acc_seen_std'][t]:.1f}"
+            for s in stats.values()
+        ]
+        curve.add_row(str(t + 1), *cells)
     console.print(summary)
-    console.print(steps)
+    console.print(curve)
 
 
 def plot_png(result: ExperimentResult) -> bytes:
