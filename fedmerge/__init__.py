@@ -19,6 +19,7 @@ from fedmerge.continual import (
     linear_keys_from_module,
     make_merger,
 )
+from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.statedict import (
     StateDict,
@@ -34,6 +35,10 @@ from fedmerge.statedict import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "TASK_NAMES",
+    "Task",
+    "TaskFamily",
+    "make_task_family",
     "CONTINUAL_METHODS",
     "ContinualMerger",
     "default_projectable",

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedmerge.errors import ConfigError
 
@@ -112,6 +110,15 @@ def _task_seed(seed: int, name: str) -> int:
     return seed * 1_000_003 + TASK_NAMES.index(name) * 7919 + 1
 
 
+def _split(index: np.ndarray, labels: np.ndarray, seed: int, **size: float) -> list[np.ndarray]:
+    """Stratified, seeded, sorted ``(train, test)`` split of ``index`` (``train_size=`` or
+    ``test_size=`` as in scikit-learn's ``train_test_split``)."""
+    from sklearn.model_selection import train_test_split  # lazy: keeps `import fedmerge` fast
+
+    parts = train_test_split(index, stratify=labels, random_state=seed, **size)
+    return [np.sort(part) for part in parts]
+
+
 def _make_task(
     name: str, images: torch.Tensor, labels: torch.Tensor, seed: int, test_fraction: float
 ) -> Task:
@@ -120,11 +127,9 @@ def _make_task(
     y = labels.clone()
     if name == "label_permute":
         y = torch.randperm(10, generator=gen)[y]
-    index = np.arange(len(y))
-    train_index, test_index = train_test_split(
-        index, test_size=test_fraction, stratify=y.numpy(), random_state=_task_seed(seed, name)
+    train_index, test_index = _split(
+        np.arange(len(y)), y.numpy(), _task_seed(seed, name), test_size=test_fraction
     )
-    train_index, test_index = np.sort(train_index), np.sort(test_index)
     return Task(
         name, X[train_index], y[train_index], X[test_index], y[test_index], train_index, test_index
     )
@@ -148,19 +153,16 @@ def make_task_family(
     ):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"data.{field}: must be in (0, 1), got {value}")
+    from sklearn.datasets import load_digits  # lazy: keeps `import fedmerge` fast
+
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8)
     labels = torch.tensor(digits.target, dtype=torch.int64)
-    pre_idx, pool_idx = train_test_split(
-        np.arange(len(labels)),
-        train_size=pretrain_fraction,
-        stratify=labels.numpy(),
-        random_state=seed,
+    pre_idx, pool_idx = _split(
+        np.arange(len(labels)), labels.numpy(), seed, train_size=pretrain_fraction
     )
-    pool_idx = np.sort(pool_idx)
     pool_images, pool_labels = images[pool_idx], labels[pool_idx]
     tasks = [_make_task(n, pool_images, pool_labels, seed, test_fraction) for n in names]
-    pre_idx = np.sort(pre_idx)
     return TaskFamily(
         X_pretrain=images[pre_idx].reshape(-1, 64).contiguous(),
         y_pretrain=labels[pre_idx],

@@ -10,7 +10,7 @@ the tasks seen so far, the final average and the backward transfer are
 reported per method as mean ± std over the orders, next to the individual
 experts (upper reference) and the pretrained body (lower reference).
 
-Run it (about a minute on 2 CPU cores)::
+Run it (about 30 s on 2 CPU cores)::
 
     python -m fedmerge.experiments.continual_tasks --config simulations/continual_digits.yaml
     python -m fedmerge.experiments.continual_tasks --set orders=2 --set tasks=[rot90,invert]
