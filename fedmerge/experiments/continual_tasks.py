@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedmerge.continual import linear_keys_from_module, make_merger
-from fedmerge.data.tasks import TaskFamily, make_task_family
+from fedmerge.data.tasks import TASK_NAMES, TaskFamily, make_task_family
 from fedmerge.errors import FedmergeError
 from fedmerge.experiments.continual_config import ExperimentConfig, load_config
 from fedmerge.experiments.multihead import (
@@ -99,8 +99,8 @@ def prepare(cfg: ExperimentConfig, tick: Tick = lambda _: None) -> Setup:
     pretrain_body(body, family.X_pretrain, family.y_pretrain, cfg.pretrain, cfg.seed)
     tick("pretrained body")
     experts, heads = [], []
-    for k, task in enumerate(family.tasks):
-        seed = cfg.seed * 1000 + k + 1
+    for task in family.tasks:
+        seed = cfg.seed * 1000 + TASK_NAMES.index(task.name) + 1  # same expert in any task list
         head = fit_probe(body, task.X_train, task.y_train, cfg.probe, seed)
         expert, head = finetune_expert(
             body, head, task.X_train, task.y_train, cfg.finetune, seed, cfg.finetune.train_head

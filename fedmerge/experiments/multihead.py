@@ -127,7 +127,6 @@ def finetune_expert(
     params = [*expert.parameters(), *(expert_head.parameters() if train_head else [])]
     expert_head.requires_grad_(train_head)
     train_classifier(expert, expert_head, X, y, spec, params, seed)
-    expert_head.requires_grad_(True)
     return clone_state(expert), expert_head.eval()
 
 
