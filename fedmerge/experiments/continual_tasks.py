@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="output directory (overrides the config's 'out')")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the models are tiny: extra threads only contend for the cores
     try:
         cfg = load_config(args.config, args.set)
@@ -193,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedmergeError as exc:
         print(f"continual_tasks: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     print_table(result)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
