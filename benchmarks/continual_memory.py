@@ -1,8 +1,10 @@
 """Continual store: is adding the 20th expert as cheap as adding the 2nd?
 
-Builds a GPT-2-shaped model (random weights; ~110M parameters by default:
-vocab 50257 × 768 embedding, 10 blocks of qkv/proj/fc/proj Linear layers with
-biases and LayerNorms), a store over it, and folds experts in one by one
+Builds a small-LM-shaped model (random weights; 102.5M parameters by default:
+a 150000 × 512 token embedding, as large vocabularies make it in today's small
+LMs, and 8 GPT-2-style blocks of qkv/proj/fc/proj Linear layers with biases
+and LayerNorms: 32 projected 2-D weights, 25M parameters), a store over it,
+and folds experts in one by one
 (expert i = base + seeded noise, written to disk, added, deleted). The 2nd and
 the 20th add each run in a fresh subprocess that reports its own peak RSS
 (``getrusage``) and wall time; the fill-up adds in between run in this process.
@@ -39,7 +41,7 @@ from fedmerge.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  #
 from fedmerge.continual.store import ContinualStore  # noqa: E402
 
 
-def gpt2_like_specs(vocab: int, d: int, layers: int, ctx: int) -> dict[str, TensorSpec]:
+def small_lm_specs(vocab: int, d: int, layers: int, ctx: int) -> dict[str, TensorSpec]:
     """Key -> spec of a GPT-2-shaped model with nn.Linear (out, in) weight layout."""
     f32 = torch.float32
     specs = {"wte.weight": TensorSpec(f32, (vocab, d)), "wpe.weight": TensorSpec(f32, (ctx, d)),
@@ -156,9 +158,9 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny model and 5 experts (seconds)")
     p.add_argument("--experts", type=int, default=20, help="the last add measured (default 20)")
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=150000)
     p.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
     p.add_argument("--workdir", help="where to put the store and experts (default: a temp dir)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -173,7 +175,7 @@ def main() -> None:
     console = Console()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fedmerge-continual-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    specs = gpt2_like_specs(args.vocab, args.d_model, args.layers, 1024)
+    specs = small_lm_specs(args.vocab, args.d_model, args.layers, 1024)
     n_params = sum(s.nbytes for s in specs.values()) // 4
     base = work / "base.safetensors"
     write_model(base, specs, 0, None)

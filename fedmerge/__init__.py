@@ -15,6 +15,7 @@ from fedmerge.checkpoint import (
 from fedmerge.continual import (
     CONTINUAL_METHODS,
     ContinualMerger,
+    ContinualStore,
     default_projectable,
     linear_keys_from_module,
     make_merger,
@@ -41,6 +42,7 @@ __all__ = [
     "make_task_family",
     "CONTINUAL_METHODS",
     "ContinualMerger",
+    "ContinualStore",
     "default_projectable",
     "linear_keys_from_module",
     "make_merger",

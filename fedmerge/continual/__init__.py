@@ -17,12 +17,14 @@ from fedmerge.continual.methods import (
     orthogonal_projection,
     split_rank,
 )
+from fedmerge.continual.store import ContinualStore
 
 __all__ = [
     "CONTINUAL_METHODS",
     "EMBEDDING_PATTERN",
     "ContinualMerger",
     "ContinualMethod",
+    "ContinualStore",
     "default_projectable",
     "fold_step",
     "linear_keys_from_module",

@@ -120,8 +120,10 @@ class ContinualMerger:
         return self.method.scale(self.tau_norms, self.acc_norm)
 
     @property
-    def lambda_t(self) -> float:
-        """OPCM's λ_t = ‖S_t‖ / mean‖τ_i‖ (1 before any expert); 1/scale in general."""
+    def lambda_t(self) -> float | None:
+        """OPCM's λ_t = ‖S_t‖ / mean‖τ_i‖ = 1/scale (1 before any expert); None for others."""
+        if self.method.name != "opcm":
+            return None
         return 1.0 / self.scale if self.scale else math.inf
 
     def add(self, expert: Tensors, name: str = "expert") -> None:

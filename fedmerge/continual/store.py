@@ -266,8 +266,8 @@ class ContinualStore:
     # ------------------------------------------------------------------ reading the merge
 
     @contextlib.contextmanager
-    def _merged_items(self) -> Iterator[tuple[dict[str, TensorSpec], Iterator]]:
-        """(specs, iterator of (key, θ^(t)[key])) under a shared lock, one key at a time."""
+    def _merged_items(self) -> Iterator[tuple[dict, dict[str, TensorSpec], Iterator]]:
+        """(manifest, specs, iterator of (key, θ^(t)[key])) under a shared lock, key by key."""
         with self._lock(exclusive=False):
             manifest = self._read_manifest()
             with contextlib.ExitStack() as stack:
@@ -283,11 +283,11 @@ class ContinualStore:
                         has_acc = acc is not None and key in acc
                         yield key, theta0 + scale * acc.get(key) if has_acc else theta0
 
-                yield base.specs(), items()
+                yield manifest, base.specs(), items()
 
     def merged(self) -> StateDict:
         """θ^(t) in memory, in the base's dtypes."""
-        with self._merged_items() as (_, items):
+        with self._merged_items() as (_, _, items):
             return dict(items)
 
     def export(
@@ -295,12 +295,11 @@ class ContinualStore:
         max_shard_bytes: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Write θ^(t) to ``out`` (streaming, atomic); floating keys cast to ``dtype`` if given."""
-        manifest = self.manifest()
-        meta = {"format": "fedmerge-continual-merge", "method": manifest["method"],
-                "step": str(manifest["step"]),
-                "experts": ",".join(r["id"] for r in manifest["experts"])}  # fmt: skip
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        with self._merged_items() as (specs, items):
+        with self._merged_items() as (manifest, specs, items):
+            meta = {"format": "fedmerge-continual-merge", "method": manifest["method"],
+                    "step": str(manifest["step"]),
+                    "experts": ",".join(r["id"] for r in manifest["experts"])}  # fmt: skip
             if dtype is not None:
                 specs = {k: TensorSpec(dtype, s.shape) if s.dtype.is_floating_point else s
                          for k, s in specs.items()}  # fmt: skip
