@@ -28,6 +28,7 @@ from fedmerge.continual import (
     linear_keys_from_module,
     make_merger,
 )
+from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.merging import METHODS as MERGE_METHODS
@@ -48,6 +49,10 @@ from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 __version__ = "0.1.0"
 
 __all__ = [
+    "TASK_NAMES",
+    "Task",
+    "TaskFamily",
+    "make_task_family",
     "CONTINUAL_METHODS",
     "ContinualMerger",
     "ContinualStore",

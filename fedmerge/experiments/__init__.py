@@ -1,0 +1,1 @@
+"""Offline experiments that reproduce the papers' claims (each runnable with ``python -m``)."""
