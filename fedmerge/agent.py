@@ -1,0 +1,146 @@
+"""The agent: a model, its reference point, its data, a local trainer; it publishes
+payloads, validates what it receives, takes merged weights, and evaluates itself.
+
+Nothing here knows about runtimes: the simulator, Flower and torch.distributed call the
+same methods. Batch orders come from a per-agent generator (:func:`agent_generator`), so
+any runtime, and the simulator's vectorized path, sees the same batches for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedmerge.config import TrainConfig, ValidationConfig
+from fedmerge.data.datasets import import_factory
+from fedmerge.data.partition import AgentData
+from fedmerge.errors import ValidationError
+from fedmerge.payload import Payload, validate_payload
+from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
+
+log = logging.getLogger("fedmerge.agent")
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def agent_generator(seed: int, agent: int) -> torch.Generator:
+    """The generator behind agent ``agent``'s batch order (independent of everything else)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + agent * 7_919 + 17)
+
+
+def batch_plan(n: int, train: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index batches of one round: ``epochs`` shuffled passes, or ``steps`` batches drawn
+    from consecutive shuffled passes. Empty when n == 0."""
+    if n == 0:
+        return []
+    batches: list[torch.Tensor] = []
+    passes = train.epochs if not train.steps else None
+    while (passes is None and len(batches) < train.steps) or (passes is not None and passes > 0):
+        batches += list(torch.randperm(n, generator=generator).split(train.batch_size))
+        passes = None if passes is None else passes - 1
+    return batches[: train.steps] if train.steps else batches
+
+
+def make_loss(name: str) -> Loss:
+    """``cross_entropy`` or ``pkg.mod:fn`` (a loss function, or a loss class built with no args)."""
+    if name == "cross_entropy":
+        return nn.functional.cross_entropy
+    obj = import_factory(name, "train.loss", ["cross_entropy"])
+    return obj() if isinstance(obj, type) else obj
+
+
+def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(
+        params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+    )
+
+
+class Agent:
+    """Agent ``id``: ``model`` trained on ``data``; ``reference`` is the shared base its
+    payloads are task vectors against, or None (payloads carry full weights)."""
+
+    def __init__(
+        self, id: int, model: nn.Module, data: AgentData, *, train: TrainConfig,
+        validation: ValidationConfig, seed: int, reference: StateDict | None = None,
+        loss: Loss = nn.functional.cross_entropy,
+    ) -> None:  # fmt: skip
+        self.id, self.model, self.data = id, model, data
+        self.train_cfg, self.validation, self.loss = train, validation, loss
+        self.reference = reference
+        self.generator = agent_generator(seed, id)
+        self.rejected: list[str] = []  # reasons, "agent j: why", in arrival order
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.reference is None else "delta"
+
+    def state(self) -> StateDict:
+        return self.model.state_dict()
+
+    def train(self) -> int:
+        """One round of local training with a fresh optimizer; returns the number of steps."""
+        batches = batch_plan(self.data.samples, self.train_cfg, self.generator)
+        if not batches:
+            return 0
+        opt = make_optimizer(self.model.parameters(), self.train_cfg)
+        self.model.train()
+        for idx in batches:
+            opt.zero_grad()
+            out = self.model(self.data.train_x[idx])
+            self.loss(out, self.data.train_y[idx]).backward()
+            opt.step()
+        return len(batches)
+
+    def tensors(self) -> StateDict:
+        """What this agent shares: τ = θ − θ_ref, or θ, over the floating entries."""
+        state = self.state()
+        ref = self.reference
+        return {
+            k: v - ref[k] if ref is not None else v for k, v in state.items() if is_mergeable(v)
+        }
+
+    def publish(self, round: int) -> Payload:
+        return Payload.make(
+            self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
+        )
+
+    def receive(self, inbox: Sequence[tuple[Payload, float]]) -> list[tuple[Payload, float]]:
+        """The (payload, weight) pairs that pass validation; the others are dropped, counted
+        in :attr:`rejected` and logged with the sender and the reason. State is untouched."""
+        own = self.tensors()
+        specs, own_norm = specs_of(own), global_norm(self.state())
+        limit = self.validation.max_bytes or 2 * sum(
+            t.numel() * t.element_size() for t in own.values()
+        )
+        accepted = []
+        for payload, weight in inbox:
+            try:
+                validate_payload(
+                    payload, kind=self.kind, specs=specs, own_norm=own_norm,
+                    max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
+                )  # fmt: skip
+            except ValidationError as exc:
+                self.rejected.append(str(exc))
+                log.warning("agent %d dropped a payload: %s", self.id, exc)
+                continue
+            accepted.append((payload, weight))
+        return accepted
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Set the model from shared-form tensors (τ or θ); other entries stay as they are."""
+        ref = self.reference
+        state = self.state()
+        for k, v in tensors.items():
+            state[k].copy_(v + ref[k] if ref is not None else v)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """Accuracy on (x, y); None when there is nothing to evaluate on."""
+        if not len(y):
+            return None
+        self.model.eval()
+        return float((self.model(x).argmax(1) == y).double().mean())

@@ -1,0 +1,255 @@
+"""Simulation config: YAML → validated dataclasses; every field has a default.
+
+An unknown key or a bad value raises :class:`ConfigError` naming the dotted field
+(``train.lr: must be > 0, got -1``). ``overrides`` are ``"a.b=c"`` strings whose values
+are parsed as YAML (``train.lr=0.05``, ``topology=torus-4x4``, ``model.options.hidden=[32]``).
+
+>>> cfg = load_config(None, ["rounds=3", "train.lr=0.05"])
+>>> cfg.rounds, cfg.train.lr, cfg.protocol.name
+(3, 0.05, 'gossip')
+>>> load_config(None, ["train.lr=-1"])
+Traceback (most recent call last):
+...
+fedmerge.errors.ConfigError: train.lr: must be > 0, got -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from fedmerge.errors import ConfigError
+
+Check = tuple[Callable[[Any], bool], str]
+POSITIVE: Check = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
+PROBABILITY: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, check=None):
+    """A config field with its default, one-line meaning, allowed values and range check."""
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn")
+    options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
+    partition: str = option(
+        "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
+    )
+    alpha: float = option(0.5, "Dirichlet concentration (partition: dirichlet)", check=POSITIVE)
+    test_fraction: float = option(0.2, "share held out as the global test set", check=PROBABILITY)
+    local_test_fraction: float = option(
+        0.2, "share of each agent's data kept as its local test split", check=PROBABILITY
+    )
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
+    options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
+    init: str = option(
+        "same",
+        "same: one shared init (payloads carry task vectors); different: a seed per agent "
+        "(payloads carry full weights)",
+        choices=("same", "different"),
+    )
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
+    lr: float = option(0.1, "learning rate", check=POSITIVE)
+    momentum: float = option(0.0, "SGD momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    weight_decay: float = option(0.0, "L2 weight decay", check=NON_NEGATIVE)
+    epochs: int = option(1, "local epochs per round (0: no training)", check=NON_NEGATIVE)
+    steps: int = option(0, "if > 0: this many minibatch steps per round instead of epochs",
+                        check=NON_NEGATIVE)  # fmt: skip
+    batch_size: int = option(32, "minibatch size", check=POSITIVE)
+    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
+
+
+@dataclass
+class ProtocolConfig:
+    name: str = option(
+        "gossip", "gossip, local, centralized, single_global_merge, dimat or dimat_wm"
+    )
+    calibration: str = option(
+        "local",
+        "DIMAT calibration data: the agent's own training data, or shared (the union of all "
+        "training data, as the DIMAT reference code)",
+        choices=("local", "shared"),
+    )
+    calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
+
+
+@dataclass
+class FaultsConfig:
+    dropout: float = option(0.0, "per round, probability a node sits the round out",
+                            check=PROBABILITY)  # fmt: skip
+    message_loss: float = option(0.0, "probability a payload is lost in transit", check=PROBABILITY)
+    straggler: float = option(0.0, "per round, probability a node skips training",
+                              check=PROBABILITY)  # fmt: skip
+    crash: float = option(0.0, "per round, probability a live node crashes", check=PROBABILITY)
+    crash_rounds: int = option(2, "rounds a crashed node stays down before rejoining",
+                               check=POSITIVE)  # fmt: skip
+
+
+@dataclass
+class ValidationConfig:
+    max_norm_ratio: float = option(
+        10.0, "reject a payload whose norm exceeds this × the receiver's model norm",
+        check=POSITIVE,
+    )  # fmt: skip
+    max_bytes: int = option(0, "reject payloads larger than this (0: 2 × the receiver's own)",
+                            check=NON_NEGATIVE)  # fmt: skip
+
+
+@dataclass
+class SimConfig:
+    name: str = option("default", "run name (shown in tables and plots)")
+    seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
+    rounds: int = option(10, "communication rounds", check=POSITIVE)
+    agents: int = option(0, "number of agents (0: the topology's node count)", check=NON_NEGATIVE)
+    topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
+        "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
+    )
+    runtime: str = option("local", "where agents run", choices=("local",))
+    vectorize: str = option(
+        "auto", "stacked-parameter path for same-architecture gossip/local",
+        choices=("auto", "always", "never"),
+    )  # fmt: skip
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] | None = None,
+) -> SimConfig:
+    """Read a YAML file or mapping (None: all defaults), apply ``a.b=c`` overrides, validate."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of fields")
+    for item in overrides or ():
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: use key=value, e.g. train.lr=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
+        _set_dotted(data, key.strip().split("."), value, key.strip())
+    return _build(SimConfig, data, "")
+
+
+def dump_config(cfg: SimConfig) -> str:
+    """The resolved config as YAML (every field, loadable by :func:`load_config`)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _set_dotted(data: dict, parts: list[str], value: Any, full: str) -> None:
+    head, *rest = parts
+    if not rest:
+        data[head] = value
+        return
+    node = data.setdefault(head, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {full}: {head!r} is not a mapping")
+    _set_dotted(node, rest, value, full)
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown field (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        kind, dotted = hints[name], prefix + name
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, data[name], dotted + ".")
+        else:
+            values[name] = _check_value(dotted, data[name], kind, f.metadata)
+    return cls(**values)
+
+
+def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) -> Any:
+    allowed = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or (typing.get_origin(kind) is Union)
+        else (kind,)
+    )
+    raw, value = value, _coerce(dotted, value, allowed)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+    check = meta.get("check")
+    if check and not check[0](value):
+        raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")
+    return value
+
+
+def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
+    is_bool = isinstance(value, bool)
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not is_bool:
+            return float(value)
+        if t is int and isinstance(value, int) and not is_bool:
+            return value
+        if t in (str, dict, bool) and isinstance(value, t):
+            return value
+    names = " or ".join(
+        {"str": "a string", "dict": "a mapping", "int": "an integer", "float": "a number",
+         "bool": "true/false"}[t.__name__] for t in allowed
+    )  # fmt: skip
+    raise ConfigError(f"{dotted}: must be {names}, got {value!r}")
+
+
+def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted field, default, meaning) for every leaf field: the README's config reference."""
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += field_docs(kind, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata["doc"]
+            if f.metadata.get("choices"):
+                doc += f" ({' | '.join(f.metadata['choices'])})"
+            out.append((prefix + f.name, default, doc))
+    return out

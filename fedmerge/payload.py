@@ -1,0 +1,116 @@
+"""What an agent sends its neighbours: tensors plus who, when, how much and a content hash.
+
+``kind`` says what the tensors are: ``"delta"`` (task vector τ = θ − θ_ref against a shared
+reference) or ``"full"`` (the weights θ themselves, when agents share no reference, as in
+DIMAT). Only floating entries travel; integer buffers stay with each agent.
+
+On the wire (Flower, torch.distributed) a payload is one safetensors blob with the metadata
+in its header, so nothing is ever unpickled:
+
+>>> import torch
+>>> p = Payload.make({"w": torch.ones(2, 3)}, sender=4, round=1, samples=10, kind="delta")
+>>> q = Payload.from_bytes(p.to_bytes())
+>>> (q.sender, q.round, q.samples, q.kind, q.hash == p.hash, p.nbytes)
+(4, 1, 10, 'delta', True, 24)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedmerge.checkpoint import TensorSpec
+from fedmerge.errors import ValidationError
+from fedmerge.statedict import check_finite, check_same_specs, global_norm, specs_of, state_hash
+
+KINDS = ("delta", "full")
+META_KEYS = ("sender", "round", "samples", "kind", "hash")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """``tensors``: name → tensor (τ or θ); ``hash``: :func:`state_hash` of the tensors."""
+
+    tensors: dict[str, torch.Tensor]
+    sender: int
+    round: int
+    samples: int
+    kind: str
+    hash: str
+
+    @classmethod
+    def make(
+        cls, tensors: Mapping[str, torch.Tensor], *, sender: int, round: int, samples: int,
+        kind: str,
+    ) -> Payload:  # fmt: skip
+        """Snapshot ``tensors`` (detached copies) and hash them."""
+        if kind not in KINDS:
+            raise ValidationError(f"payload kind must be one of {KINDS}, got {kind!r}")
+        owned = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+        return cls(owned, int(sender), int(round), int(samples), kind, state_hash(owned))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what the traffic counters report)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to_bytes(self) -> bytes:
+        """One safetensors blob; the metadata travels as strings in its header."""
+        meta = {k: str(getattr(self, k)) for k in META_KEYS}
+        return st_save(self.tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_bytes: int | None = None) -> Payload:
+        """Parse a blob from :meth:`to_bytes`; the hash must match the tensors."""
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ValidationError(f"payload of {len(data)} bytes exceeds the {max_bytes} limit")
+        try:
+            tensors = st_load(bytes(data))
+            meta = _header_metadata(data)
+            p = cls(
+                tensors, int(meta["sender"]), int(meta["round"]), int(meta["samples"]),
+                meta["kind"], meta["hash"],
+            )  # fmt: skip
+        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+            raise ValidationError(f"unreadable payload: {exc}") from exc
+        if state_hash(p.tensors) != p.hash:
+            raise ValidationError(f"payload from agent {p.sender}: content hash mismatch")
+        return p
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
+
+
+def validate_payload(
+    p: Payload, *, kind: str, specs: Mapping[str, TensorSpec], own_norm: float,
+    max_norm_ratio: float, max_bytes: int,
+) -> None:  # fmt: skip
+    """Raise :class:`ValidationError` naming the sender and the reason if ``p`` is unusable.
+
+    Checks, in order: kind, size, keys/shapes/dtypes against ``specs``, content hash,
+    finiteness, and ‖tensors‖ ≤ ``max_norm_ratio`` · ``own_norm`` (the receiver's ‖θ‖).
+    """
+    who = f"payload from agent {p.sender} (round {p.round})"
+    if p.kind != kind:
+        raise ValidationError(f"{who}: kind {p.kind!r}, expected {kind!r}")
+    if p.nbytes > max_bytes:
+        raise ValidationError(f"{who}: {p.nbytes} bytes exceeds the {max_bytes} limit")
+    check_same_specs(specs, specs_of(p.tensors), source=who)
+    if state_hash(p.tensors) != p.hash:
+        raise ValidationError(f"{who}: content hash mismatch")
+    for key, t in p.tensors.items():
+        check_finite(t, key, who)
+    norm = global_norm(p.tensors)
+    if not math.isfinite(norm) or norm > max_norm_ratio * own_norm:
+        raise ValidationError(
+            f"{who}: norm {norm:.3g} exceeds {max_norm_ratio:g} × own norm {own_norm:.3g}"
+        )

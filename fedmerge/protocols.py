@@ -1,0 +1,106 @@
+"""Round protocols: what an agent does with the payloads it accepted this round.
+
+Each protocol is one short merge function ``merge(agent, received, self_weight, ctx)``
+(``received``: validated (payload, π_ij) pairs; weights are renormalized over what actually
+arrived) plus a few declared facts the simulator reads:
+
+- ``gossip``: θ_i ← Σ_j π_ij θ_j / Σ_j π_ij over the closed neighbourhood (D-PSGD / "WA");
+- ``local``: no communication;
+- ``centralized``: one agent trains on the union of all data for the same epochs (upper line);
+- ``single_global_merge``: gossip on the ``sparse_then_complete`` schedule (sparse random
+  gossip, then one complete merge in the last round);
+- ``dimat`` / ``dimat_wm``: :func:`fedmerge.dimat.dimat_merge` with activation / weight
+  matching; payloads carry full weights θ_j (agents may start from different inits);
+  calibration on the agent's own data, or a shared set (``protocol.calibration: shared``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedmerge.agent import Agent
+from fedmerge.config import SimConfig
+from fedmerge.dimat import dimat_merge
+from fedmerge.errors import ConfigError
+from fedmerge.payload import Payload
+
+
+@dataclass
+class MergeContext:
+    """What a merge may need besides the agent: the round, the config, shared calibration."""
+
+    round: int
+    config: SimConfig
+    shared_calibration: list[torch.Tensor] | None = None
+
+    def calibration(self, agent: Agent) -> list[torch.Tensor]:
+        """DIMAT's calibration batches: shared when configured, else the agent's own inputs."""
+        if self.shared_calibration is not None:
+            return self.shared_calibration
+        return list(agent.data.train_x.split(self.config.protocol.calibration_batch))
+
+
+Received = Sequence[tuple[Payload, float]]
+MergeFn = Callable[[Agent, Received, float, MergeContext], None]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """``merge`` None: agents never communicate. ``full_weights``: payloads carry θ even with a
+    shared init. ``vectorizable``: the stacked path computes the same merge as a W product.
+    ``schedule``: the topology schedule the protocol imposes; ``pool_data``: one agent on
+    the union of all data."""
+
+    name: str
+    merge: MergeFn | None
+    full_weights: bool = False
+    vectorizable: bool = False
+    schedule: str | None = None
+    pool_data: bool = False
+    options: dict = field(default_factory=dict)
+
+
+def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
+    """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike."""
+    total = self_weight + sum(w for _, w in received)
+    merged = {k: self_weight * v for k, v in agent.tensors().items()}
+    for payload, w in received:
+        for k, v in payload.tensors.items():
+            merged[k] += w * v
+    agent.load_tensors({k: v / total for k, v in merged.items()})
+
+
+def dimat(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
+    """θ_i ← Σ_j π_ij P_j(θ_j) with BN resets, by :func:`fedmerge.dimat.dimat_merge`."""
+    if not received:  # nobody to align with: DIMAT's merge is then the identity
+        return
+    own = agent.state()
+    neighbours = [({**own, **p.tensors}, w) for p, w in received]
+    method = PROTOCOLS[ctx.config.protocol.name].options["method"]
+    merged = dimat_merge(
+        agent.model, neighbours, self_weight, ctx.calibration(agent), method,
+        seed=ctx.config.seed + ctx.round,
+    )  # fmt: skip
+    agent.model.load_state_dict(merged)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("gossip", gossip, vectorizable=True),
+        Protocol("local", None, vectorizable=True),
+        Protocol("centralized", None, vectorizable=True, pool_data=True),
+        Protocol("single_global_merge", gossip, vectorizable=True, schedule="sparse_then_complete"),
+        Protocol("dimat", dimat, full_weights=True, options={"method": "activation"}),
+        Protocol("dimat_wm", dimat, full_weights=True, options={"method": "weight"}),
+    )
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ConfigError(f"protocol.name: unknown {name!r}; use one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
