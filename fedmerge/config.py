@@ -126,7 +126,11 @@ class SimConfig:
     topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
-    runtime: str = option("local", "where agents run", choices=("local",))
+    runtime: str = option(
+        "local",
+        "where agents run (fedmerge simulate --runtime)",
+        choices=("local", "flower", "torchdist"),
+    )
     vectorize: str = option(
         "auto", "stacked-parameter path for same-architecture gossip/local",
         choices=("auto", "always", "never"),
