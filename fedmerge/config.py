@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ import yaml
 
 from fedmerge.errors import ConfigError
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
 POSITIVE: Check = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
@@ -232,6 +234,8 @@ def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not is_bool:
             return float(value)
+        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is int and isinstance(value, int) and not is_bool:
             return value
         if t in (str, dict, bool) and isinstance(value, t):
