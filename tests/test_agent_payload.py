@@ -130,5 +130,6 @@ def test_batch_plan_epochs_and_steps():
     plan = batch_plan(10, TrainConfig(epochs=2, batch_size=4), gen)
     assert [len(b) for b in plan] == [4, 4, 2, 4, 4, 2]
     assert sorted(torch.cat(plan[:3]).tolist()) == list(range(10))
-    assert [len(b) for b in batch_plan(10, TrainConfig(steps=5, batch_size=4), gen)] == [4, 4, 2, 4, 4]
+    steps = batch_plan(10, TrainConfig(steps=5, batch_size=4), gen)
+    assert [len(b) for b in steps] == [4, 4, 2, 4, 4]
     assert batch_plan(0, TrainConfig(), gen) == []

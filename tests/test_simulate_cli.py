@@ -17,9 +17,10 @@ def test_default_simulation_learns_and_writes_its_report(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rounds"] == 50 and summary["agents"] == 8
     assert summary["final_global_acc"] > 0.3  # chance is 0.1; measured 0.39
-    assert summary["final_global_acc"] > json.loads(
-        (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
-    )["global_acc"]
+    assert (
+        summary["final_global_acc"]
+        > json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["global_acc"]
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 50 and {r["agent"] for r in rows} == set(range(8))
     assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rows) > 0

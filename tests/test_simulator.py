@@ -83,9 +83,7 @@ def test_single_global_merge_ends_in_consensus():
 def test_centralized_is_one_agent_on_all_data():
     s = sim("protocol.name=centralized", "rounds=2")
     assert s.setup.n == 1
-    assert s.setup.data.agents[0].samples == sum(
-        a.samples for a in sim().setup.data.agents
-    )
+    assert s.setup.data.agents[0].samples == sum(a.samples for a in sim().setup.data.agents)
 
 
 @pytest.mark.parametrize("vectorize", ["always", "never"])

@@ -11,8 +11,10 @@ class TinyTransformerClassifier(nn.Module):
     def __init__(self, num_classes: int) -> None:
         from transformers import BertConfig, BertModel
 
-        cfg = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=16, vocab_size=4)  # fmt: skip
+        cfg = BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, vocab_size=4,
+        )  # fmt: skip
         super().__init__()
         self.proj, self.encoder = nn.Linear(8, 16), BertModel(cfg, add_pooling_layer=False)
         self.head = nn.Linear(16, num_classes)
