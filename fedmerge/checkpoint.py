@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from fedmerge.atomic import atomic_write_text, fsync_dir
 from fedmerge.errors import CheckpointError, ValidationError
+from fedmerge.stheader import MAX_HEADER_BYTES, read_file_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -117,6 +118,7 @@ class Checkpoint:
 
     def _handle(self, file: Path):
         if file not in self._handles:
+            read_file_header(file)  # bounded, strict checks before safetensors maps the file
             try:
                 self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except FileNotFoundError:
@@ -204,19 +206,17 @@ def resolve_files(path: Path) -> dict[str, Path]:
         return _read_index(Path(f"{path}.index.json"))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return dict.fromkeys(fh.keys(), path)  # noqa: SIM118
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return dict.fromkeys(read_file_header(path).tensors, path)
 
 
 def _read_index(index: Path) -> dict[str, Path]:
     try:
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{index}: larger than {MAX_HEADER_BYTES} bytes")
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except FileNotFoundError:
         raise CheckpointError(f"{index}: no such file") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object")

@@ -16,7 +16,6 @@ in its header, so nothing is ever unpickled:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from safetensors.torch import save as st_save
 from fedmerge.checkpoint import TensorSpec
 from fedmerge.errors import ValidationError
 from fedmerge.statedict import check_finite, check_same_specs, global_norm, specs_of, state_hash
+from fedmerge.stheader import parse_header
 
 KINDS = ("delta", "full")
 META_KEYS = ("sender", "round", "samples", "kind", "hash")
@@ -68,26 +68,27 @@ class Payload:
 
     @classmethod
     def from_bytes(cls, data: bytes, max_bytes: int | None = None) -> Payload:
-        """Parse a blob from :meth:`to_bytes`; the hash must match the tensors."""
+        """Parse a blob from :meth:`to_bytes`; the hash must match the tensors.
+
+        The header is checked first (:func:`~fedmerge.stheader.parse_header`: bounded
+        length, offsets inside the blob, known dtypes, no duplicate keys), so a forged
+        blob costs at most its own size; every failure is a :class:`ValidationError`."""
         if max_bytes is not None and len(data) > max_bytes:
             raise ValidationError(f"payload of {len(data)} bytes exceeds the {max_bytes} limit")
+        header = parse_header(data, source="unreadable payload")
+        meta = header.metadata
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise ValidationError(f"unreadable payload: header metadata lacks {missing[0]!r}")
         try:
+            sender, round, samples = (int(meta[k]) for k in ("sender", "round", "samples"))
             tensors = st_load(bytes(data))
-            meta = _header_metadata(data)
-            p = cls(
-                tensors, int(meta["sender"]), int(meta["round"]), int(meta["samples"]),
-                meta["kind"], meta["hash"],
-            )  # fmt: skip
-        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
-            raise ValidationError(f"unreadable payload: {exc}") from exc
+        except (SafetensorError, ValueError) as exc:
+            raise ValidationError(f"unreadable payload: {str(exc)[:200]}") from None
+        p = cls(tensors, sender, round, samples, meta["kind"], meta["hash"])
         if state_hash(p.tensors) != p.hash:
             raise ValidationError(f"payload from agent {p.sender}: content hash mismatch")
         return p
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
 
 
 def validate_payload(
