@@ -160,8 +160,13 @@ def load_config(
     else:
         path = Path(source)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (
+            OSError,
+            ValueError,
+            RecursionError,
+            yaml.YAMLError,
+        ) as exc:  # ValueError: bad UTF-8
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of fields")
@@ -171,7 +176,7 @@ def load_config(
             raise ConfigError(f"--set {item!r}: use key=value, e.g. train.lr=0.05")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # too deep, too many digits
             raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
         _set_dotted(data, key.strip().split("."), value, key.strip())
     return _build(SimConfig, data, "")
