@@ -161,12 +161,7 @@ def load_config(
         path = Path(source)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (
-            OSError,
-            ValueError,
-            RecursionError,
-            yaml.YAMLError,
-        ) as exc:  # ValueError: bad UTF-8
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # bad UTF-8, depth
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of fields")
