@@ -95,6 +95,19 @@ class ProtocolConfig:
         choices=("local", "shared"),
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
+    aggregation: str = option(
+        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
+        choices=("mean", "clip", "median", "trimmed_mean", "krum"),
+    )  # fmt: skip
+    clip_tau: float = option(
+        1.0, "clip: radius = clip_tau × lower median of neighbour distances", check=POSITIVE
+    )
+    clip_bound: float = option(0.0, "clip: a fixed radius instead (0: use clip_tau)",
+                               check=NON_NEGATIVE)  # fmt: skip
+    trim_beta: float = option(0.2, "trimmed_mean: share trimmed from each end",
+                              check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
+    krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
+                         check=NON_NEGATIVE)  # fmt: skip
 
 
 @dataclass

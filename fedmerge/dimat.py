@@ -46,6 +46,7 @@ def dimat_merge(
     calib: Iterable[Batch],
     method: str = "activation",
     seed: int = 0,
+    aggregate: Callable[[Sequence[StateDict], Sequence[float]], StateDict] | None = None,
 ) -> StateDict:
     """The merged state θ_i = Σ_j π_ij P_j(θ_j) of node ``own`` (which is left unchanged).
 
@@ -55,6 +56,8 @@ def dimat_merge(
     matching, and once per model before and once after the merge where the model has BN.
     Integer entries (``num_batches_tracked``) come from ``own``. Neighbours send full
     weights θ_j (agents from different inits share no reference to take task vectors from).
+    ``aggregate(aligned states, weights)`` replaces the weighted average (own state first),
+    e.g. a robust rule from :mod:`fedmerge.robust`.
     """
     if method not in METHODS:
         raise ConfigError(f"dimat: unknown method {method!r} (use one of {', '.join(METHODS)})")
@@ -82,7 +85,7 @@ def dimat_merge(
     aligned = [states[0]] + [
         apply_permutation(spec, p, s) for p, s in zip(perms, states[1:], strict=True)
     ]
-    merged = weighted_average(aligned, (weights / weights.sum()).tolist())
+    merged = (aggregate or weighted_average)(aligned, (weights / weights.sum()).tolist())
     models[0].load_state_dict(merged)
     if bn:
         reset_bn_stats(models[0], calib)

@@ -26,6 +26,7 @@ from fedmerge.config import SimConfig
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import ConfigError
 from fedmerge.payload import Payload
+from fedmerge.robust import as_state_merge, make_rule
 
 
 @dataclass
@@ -64,7 +65,13 @@ class Protocol:
 
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
-    """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike."""
+    """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.robust`)."""
+    if ctx.config.protocol.aggregation != "mean":
+        rule = make_rule(ctx.config.protocol)
+        others = [(p.tensors, w) for p, w in received]
+        agent.load_tensors(rule((agent.tensors(), self_weight), others))
+        return
     total = self_weight + sum(w for _, w in received)
     merged = {k: self_weight * v for k, v in agent.tensors().items()}
     for payload, w in received:
@@ -82,7 +89,7 @@ def dimat(agent: Agent, received: Received, self_weight: float, ctx: MergeContex
     method = PROTOCOLS[ctx.config.protocol.name].options["method"]
     merged = dimat_merge(
         agent.model, neighbours, self_weight, ctx.calibration(agent), method,
-        seed=ctx.config.seed + ctx.round,
+        seed=ctx.config.seed + ctx.round, aggregate=as_state_merge(make_rule(ctx.config.protocol)),
     )  # fmt: skip
     agent.model.load_state_dict(merged)
 

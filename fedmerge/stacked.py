@@ -31,6 +31,8 @@ def why_not_stacked(setup) -> str | None:
     cfg = setup.config
     if not setup.protocol.vectorizable:
         return f"protocol {setup.protocol.name!r} merges per agent"
+    if cfg.protocol.aggregation != "mean":
+        return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
     if cfg.train.loss != "cross_entropy":
         return "a custom train.loss"
     model = setup.model(0)
