@@ -67,7 +67,7 @@ class Protocol:
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
     rule ``protocol.aggregation`` names (:mod:`fedmerge.robust`)."""
-    if ctx.config.protocol.aggregation != "mean":
+    if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]
         agent.load_tensors(rule((agent.tensors(), self_weight), others))
