@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedmerge.adversary import freshest
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.errors import ValidationError
@@ -73,6 +74,7 @@ class Agent:
         self.reference = reference
         self.generator = agent_generator(seed, id)
         self.rejected: list[str] = []  # reasons, "agent j: why", in arrival order
+        self.last_round: dict[int, int] = {}  # sender → round of its last accepted payload
 
     @property
     def kind(self) -> str:
@@ -110,7 +112,9 @@ class Agent:
 
     def receive(self, inbox: Sequence[tuple[Payload, float]]) -> list[tuple[Payload, float]]:
         """The (payload, weight) pairs that pass validation; the others are dropped, counted
-        in :attr:`rejected` and logged with the sender and the reason. State is untouched."""
+        in :attr:`rejected` and logged with the sender and the reason. State is untouched.
+        Of valid payloads, one per sender is kept, the newest, and only if newer than the
+        last accepted from it (duplicates, stale and replayed ones are rejected)."""
         own = self.tensors()
         specs, own_norm = specs_of(own), global_norm(self.state())
         limit = self.validation.max_bytes or 2 * sum(
@@ -128,6 +132,11 @@ class Agent:
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
                 continue
             accepted.append((payload, weight))
+        accepted, stale = freshest(accepted, self.last_round)
+        for reason in stale:
+            self.rejected.append(reason)
+            log.info("agent %d dropped a payload: %s", self.id, reason)
+        self.last_round.update((p.sender, p.round) for p, _ in accepted)
         return accepted
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -111,6 +111,22 @@ class ProtocolConfig:
 
 
 @dataclass
+class ByzantineConfig:
+    count: int = option(0, "number of Byzantine nodes (they send corrupted payloads)",
+                        check=NON_NEGATIVE)  # fmt: skip
+    placement: str = option(
+        "random", "which nodes: random (seeded), hubs (highest degree first) or list (nodes)",
+        choices=("random", "hubs", "list"),
+    )  # fmt: skip
+    nodes: list = option([], "the Byzantine node ids for placement: list")
+    attack: str = option(
+        "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
+        "entries = scale", choices=("sign_flip", "noise", "constant"),
+    )  # fmt: skip
+    scale: float = option(1.0, "strength of the attack (see attack)")
+
+
+@dataclass
 class FaultsConfig:
     dropout: float = option(0.0, "per round, probability a node sits the round out",
                             check=PROBABILITY)  # fmt: skip
@@ -120,6 +136,17 @@ class FaultsConfig:
     crash: float = option(0.0, "per round, probability a live node crashes", check=PROBABILITY)
     crash_rounds: int = option(2, "rounds a crashed node stays down before rejoining",
                                check=POSITIVE)  # fmt: skip
+    rejoin: str = option(
+        "memory", "state a crashed node rejoins with: memory (kept), persisted (its last file "
+        "in state_dir) or initial (its initial model)", choices=("memory", "persisted", "initial"),
+    )  # fmt: skip
+    state_dir: str = option("", "if set, every active node saves its state here each round "
+                                "(atomic safetensors, agent-NNNN.safetensors)")  # fmt: skip
+    duplicate: float = option(0.0, "probability a delivered payload arrives twice",
+                              check=PROBABILITY)  # fmt: skip
+    reorder: float = option(0.0, "probability a payload is delayed one round (arrives after "
+                                 "the next round's payloads)", check=PROBABILITY)  # fmt: skip
+    byzantine: ByzantineConfig = field(default_factory=ByzantineConfig)
 
 
 @dataclass
@@ -251,11 +278,11 @@ def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is int and isinstance(value, int) and not is_bool:
             return value
-        if t in (str, dict, bool) and isinstance(value, t):
+        if t in (str, dict, bool, list) and isinstance(value, t):
             return value
     names = " or ".join(
         {"str": "a string", "dict": "a mapping", "int": "an integer", "float": "a number",
-         "bool": "true/false"}[t.__name__] for t in allowed
+         "bool": "true/false", "list": "a list"}[t.__name__] for t in allowed
     )  # fmt: skip
     raise ConfigError(f"{dotted}: must be {names}, got {value!r}")
 

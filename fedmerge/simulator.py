@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmerge.adversary import Adversary, byzantine_nodes
 from fedmerge.agent import Agent, make_loss
 from fedmerge.config import FaultsConfig, SimConfig
 from fedmerge.data.datasets import load_dataset
@@ -39,6 +40,7 @@ from fedmerge.data.partition import FederatedData, federate
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
 from fedmerge.payload import Payload
+from fedmerge.persist import Recovery
 from fedmerge.protocols import MergeContext, Protocol, get_protocol
 from fedmerge.statedict import StateDict, is_mergeable
 from fedmerge.topology import RoundPlan, Topology, build_topology
@@ -174,6 +176,7 @@ class AgentEngine:
             for i, data in enumerate(setup.data.agents)
         ]
         self.shared_calibration = setup.calibration()
+        self.adversary = Adversary(cfg, setup.topology.graph)
 
     def train(self, trains: np.ndarray) -> None:
         for i in np.flatnonzero(trains):
@@ -183,7 +186,8 @@ class AgentEngine:
         n = len(self.agents)
         senders = {s for s, _ in plan.messages}
         payloads = {s: self.agents[s].publish(r) for s in sorted(senders)}
-        inbox = deliver_local(plan, payloads, lost)
+        payloads = self.adversary.corrupt(payloads, r)
+        inbox = self.adversary.disturb(deliver_local(plan, payloads, lost), r)
         t = Traffic(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
         for s, _ in plan.messages:
             t.sent[s] += payloads[s].nbytes
@@ -226,6 +230,8 @@ class Simulator:
         use_stacked = cfg.vectorize != "never" and reason is None
         self.engine = StackedEngine(self.setup) if use_stacked else AgentEngine(self.setup)
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
+        self.recovery = Recovery(cfg.faults, self.setup)
+        self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
 
     @property
@@ -239,12 +245,14 @@ class Simulator:
         active, trains = self.faults.nodes(r)
         present = None if active.all() else np.flatnonzero(active).tolist()
         plan = self.setup.topology.round(r, active=present, total_rounds=cfg.rounds)
+        self.recovery.before_round(r, self.faults.down_until, self.engine)
         self.engine.train(trains)
         zeros = np.zeros(n, np.int64)
         traffic = Traffic(zeros, zeros, zeros)
         if self.setup.protocol.merge is not None:
             lost = self.faults.lost(r, len(plan.messages))
             traffic = self.engine.communicate(r, plan, active, lost)
+        self.recovery.after_round(r, active, self.engine)
         local, glob = self.engine.evaluate()
         flat = self.engine.flat()
         dist = (flat - flat.mean(0)).norm(dim=1).tolist()
@@ -261,6 +269,7 @@ class Simulator:
                 "bytes_sent": int(traffic.sent[i]),
                 "bytes_received": int(traffic.received[i]),
                 "rejected": int(traffic.rejected[i]),
+                "byzantine": i in self.byzantine,
                 "wall_s": wall,
             }  # fmt: skip
             for i in range(n)

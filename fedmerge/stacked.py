@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedmerge.adversary import why_per_agent
 from fedmerge.agent import agent_generator, batch_plan
 from fedmerge.topology import RoundPlan
 
@@ -31,6 +32,8 @@ def why_not_stacked(setup) -> str | None:
     cfg = setup.config
     if not setup.protocol.vectorizable:
         return f"protocol {setup.protocol.name!r} merges per agent"
+    if why_per_agent(cfg):
+        return why_per_agent(cfg)
     if cfg.protocol.aggregation != "mean":
         return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
     if cfg.train.loss != "cross_entropy":
