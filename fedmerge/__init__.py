@@ -57,6 +57,15 @@ from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 
 __version__ = "0.1.0"
 
+from fedmerge.adversary import Adversary, byzantine_nodes, freshest
+from fedmerge.persist import restore_agent, save_agent
+from fedmerge.robust import RULES as AGGREGATION_RULES
+from fedmerge.robust import clip as clip_aggregate
+from fedmerge.robust import krum as krum_aggregate
+from fedmerge.robust import median as median_aggregate
+from fedmerge.robust import trimmed_mean as trimmed_mean_aggregate
+from fedmerge.stheader import parse_header, read_file_header
+
 __all__ = [
     "Agent",
     "Dataset",
@@ -120,4 +129,16 @@ __all__ = [
     "permutation_spec",
     "reset_bn_stats",
     "weight_matching",
+    "AGGREGATION_RULES",
+    "Adversary",
+    "byzantine_nodes",
+    "clip_aggregate",
+    "freshest",
+    "krum_aggregate",
+    "median_aggregate",
+    "parse_header",
+    "read_file_header",
+    "restore_agent",
+    "save_agent",
+    "trimmed_mean_aggregate",
 ]
