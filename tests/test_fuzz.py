@@ -252,13 +252,8 @@ SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**20), 10**20),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
 )  # fmt: skip
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
+NESTED = st.one_of(SCALARS, st.lists(SCALARS, max_size=3))
+VALUES = st.one_of(NESTED, st.dictionaries(st.text(max_size=6), NESTED, max_size=3))
 KEYS = st.one_of(
     st.sampled_from(FIELDS), st.sampled_from([f.split(".")[0] for f in FIELDS]),
     st.text(max_size=12),
