@@ -8,6 +8,8 @@ norm check). The score is the final global test accuracy averaged over the hones
 
     python -m fedmerge.experiments.byzantine                     # the README table (~4 min)
     python -m fedmerge.experiments.byzantine --rounds 10 --byzantine 0,1 --rules mean,median
+    python -m fedmerge.experiments.byzantine --topologies ring-16 --byzantine 0,1 \
+        --set faults.message_loss=0.2 --out simulations/results/byzantine_loss
 
 Writes ``table.md``, ``table.csv`` and ``accuracy.png`` to ``--out``
 (default ``simulations/results/byzantine``) and prints the table.
@@ -34,13 +36,15 @@ BASE = ["data.partition=iid", "vectorize=never", "faults.byzantine.attack=sign_f
 
 
 def honest_accuracy(
-    topology: str, byzantine: int, rule: str, *, rounds: int, scale: float, seed: int
-) -> tuple[float, float]:
-    """(mean, min) final global accuracy over the honest nodes of one run."""
+    topology: str, byzantine: int, rule: str, *, rounds: int, scale: float, seed: int,
+    extra: Sequence[str] = (),
+) -> tuple[float, float]:  # fmt: skip
+    """(mean, min) final global accuracy over the honest nodes of one run; ``extra``: more
+    ``a.b=c`` overrides (e.g. faults.message_loss=0.2)."""
     cfg = default_config(
         [*BASE, f"topology={topology}", f"rounds={rounds}", f"seed={seed}",
          f"faults.byzantine.count={byzantine}", f"faults.byzantine.scale={scale}",
-         f"protocol.aggregation={rule}"]
+         f"protocol.aggregation={rule}", *extra]
     )  # fmt: skip
     rows = Simulator(cfg).run()
     last = [r["global_acc"] for r in rows if r["round"] == rounds and not r["byzantine"]]
@@ -49,7 +53,7 @@ def honest_accuracy(
 
 def run_grid(
     topologies: Sequence[str], counts: Sequence[int], rules: Sequence[str], *, rounds: int,
-    scale: float, seed: int,
+    scale: float, seed: int, extra: Sequence[str] = (),
 ) -> list[dict]:  # fmt: skip
     """One row per (topology, k, rule), with a rich progress bar."""
     cells = [(t, k, r) for t in topologies for k in counts for r in rules]
@@ -57,7 +61,9 @@ def run_grid(
     with Progress(transient=True) as bar:
         task = bar.add_task("byzantine grid", total=len(cells))
         for topology, k, rule in cells:
-            acc, worst = honest_accuracy(topology, k, rule, rounds=rounds, scale=scale, seed=seed)
+            acc, worst = honest_accuracy(
+                topology, k, rule, rounds=rounds, scale=scale, seed=seed, extra=extra
+            )
             out.append({"topology": topology, "byzantine": k, "rule": rule,
                         "accuracy": acc, "worst": worst})  # fmt: skip
             bar.advance(task)
@@ -139,12 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--scale", type=float, default=4.0, help="sign flip: send −scale·τ")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="K=V",
+                        help="extra config override for every run (repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("simulations/results/byzantine"))
     args = parser.parse_args(argv)
     rules = args.rules.split(",")
     rows = run_grid(
         args.topologies.split(","), [int(k) for k in args.byzantine.split(",")], rules,
-        rounds=args.rounds, scale=args.scale, seed=args.seed,
+        rounds=args.rounds, scale=args.scale, seed=args.seed, extra=args.set,
     )  # fmt: skip
     write(rows, rules, args.out)
     show(rows, rules)
