@@ -103,6 +103,7 @@ def plot(rows: list[dict], rules: Sequence[str], path: Path) -> None:
             ax.plot([k for k, _ in pts], [100 * a for _, a in pts], marker="o", label=rule)
         ax.set(title=f"gossip on {topology}", xlabel="Byzantine nodes (sign flip ×4)",
                ylabel="honest global accuracy (%)", ylim=(0, 100))  # fmt: skip
+        ax.set_xticks(sorted({r["byzantine"] for r in rows}))
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower left")
     fig.tight_layout()
