@@ -70,7 +70,11 @@ class Recovery:
         self.cfg, self.setup = cfg, setup
 
     def before_round(self, r: int, down_until: np.ndarray, engine) -> None:
-        """Nodes coming back from a crash this round take their rejoin state."""
+        """Nodes coming back from a crash this round take their rejoin state. Before round
+        0 every node saves its initial state, so no file of an earlier run is ever read."""
+        if r == 0 and self.cfg.state_dir:
+            for agent in engine.agents:
+                save_agent(agent, self.cfg.state_dir, 0)
         if self.cfg.rejoin == "memory" or r == 0:
             return
         for i in np.flatnonzero(down_until == r):

@@ -122,6 +122,7 @@ def test_byzantine_rows_and_robust_rule_beats_mean():
 def test_persistence_and_rejoin(tmp_path):
     crash = [*BASE, "faults.crash=0.3", "rounds=6"]
     memory = Simulator(default_config(crash)).run()
+    (tmp_path / "agent-0000.safetensors").write_bytes(b"from an earlier run: never read")
     persisted = Simulator(
         default_config([*crash, "faults.rejoin=persisted", f"faults.state_dir={tmp_path}"])
     ).run()
