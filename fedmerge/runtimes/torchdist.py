@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -177,7 +178,7 @@ class RankRunner:
         own = next(iter(self.agents.values())).tensors()
         own_bytes = sum(t.numel() * t.element_size() for t in own.values())
         self.max_data = cfg.validation.max_bytes or 2 * own_bytes
-        self.max_table = 4096 + 1024 * len(own)
+        self.max_table = 4096 + 1024 * len(own)  # JSON table + 8-byte padding per tensor
         self.calibration = self.setup.calibration()
 
     @property
@@ -281,22 +282,24 @@ class RankRunner:
                 try:
                     received[s] = wire.unpack(heads[s], bodies[s])
                 except ValidationError as exc:
-                    refused[s] = (wire.data_bytes(heads[s]), str(exc))
+                    refused[s] = (wire.tensor_bytes(heads[s]), str(exc))
         return received, refused, failed
 
     def admit(self, r: int, s: int, header: torch.Tensor, refused: dict) -> int | None:
-        """Body size to receive from sender s, or None (refused, with the reason)."""
+        """Body size to receive from sender s, or None: refused before any transfer, with the
+        reason :func:`~fedmerge.payload.validate_payload` would give."""
         try:
             size = wire.body_size(header, s)
         except ValidationError as exc:
             refused[s] = (0, str(exc))
             return None
-        data = wire.data_bytes(header)
-        if data > self.max_data or size - data > self.max_table:
-            why = f"payload from agent {s} (round {r}): {data} bytes exceeds the {self.max_data}"
-            refused[s] = (data, why + " limit (refused before transfer)")
-            return None
-        return size
+        nbytes = wire.tensor_bytes(header)
+        who = f"payload from agent {s} (round {int(header[3])})"
+        if nbytes > self.max_data:
+            refused[s] = (nbytes, f"{who}: {nbytes} bytes exceeds the {self.max_data} limit")
+        elif size - nbytes > self.max_table:
+            refused[s] = (nbytes, f"{who}: a {size - nbytes}-byte tensor table is too large")
+        return None if s in refused else size
 
     def p2p(self, ops: list[tuple[torch.Tensor, int, int, bool]], failed: dict[int, str]) -> None:
         """Run (tensor, peer rank, tag, is_send) ops as one ``batch_isend_irecv``, waiting until
@@ -311,7 +314,7 @@ class RankRunner:
         try:
             works = dist.batch_isend_irecv(p2p)
         except RuntimeError as exc:
-            failed.update({k: str(exc) for k in peers if k not in failed})
+            failed.update({k: _short(exc) for k in peers if k not in failed})
             return
         if len(works) != len(ops):  # a coalesced backend answers for the whole batch
             works, peers = works[:1] * len(ops), peers
@@ -322,7 +325,7 @@ class RankRunner:
                 if not send and d is not t:
                     t.copy_(d)
             except RuntimeError as exc:
-                failed.setdefault(k, str(exc).splitlines()[0])
+                failed.setdefault(k, _short(exc))
 
     def consensus(self, r: int) -> list[float]:
         """‖θ_i − θ̄‖ for the hosted nodes (θ̄ over every live node; float64 all_reduce)."""
@@ -335,7 +338,7 @@ class RankRunner:
                 mean = total.cpu() / int(self.alive.sum())
                 return [float((flats[i] - mean).norm()) for i in self.agents]
             except RuntimeError as exc:
-                self.settle(r, f"reduce{attempt}", {-1: str(exc).splitlines()[0]})
+                self.settle(r, f"reduce{attempt}", {-1: _short(exc)})
         raise PeerFailure(f"round {r + 1}: the consensus all_reduce kept failing")
 
     # -- failures ------------------------------------------------------------------------
@@ -364,6 +367,12 @@ class RankRunner:
             self.alive[self.layout.nodes_of(k)] = False
         self.group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
         return ranks, values
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a backend error: no source location, no boilerplate advice."""
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).splitlines()[0])
+    return text.split(". This is typically")[0].strip()
 
 
 def dead_row(r: int, i: int, wall: float) -> dict[str, Any]:

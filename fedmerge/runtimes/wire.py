@@ -11,8 +11,8 @@ of the buffer instead of copies. Nothing is ever unpickled.
 >>> p = Payload.make({"w": torch.ones(2, 3), "b": torch.zeros(3)}, sender=4, round=1,
 ...                  samples=10, kind="delta")
 >>> header, body = pack(p)
->>> header.tolist()[2:6], body.numel() % 8
-([4, 1, 10, 0], 0)
+>>> header.tolist()[2:6], header.tolist()[8], body.numel() % 8
+([4, 1, 10, 0], 36, 0)
 >>> q = unpack(header, body)
 >>> (q.sender, q.kind, q.hash == p.hash, q.tensors["w"].shape)
 (4, 'delta', True, torch.Size([2, 3]))
@@ -30,7 +30,7 @@ from fedmerge.errors import ValidationError
 from fedmerge.payload import KINDS, Payload
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
-HEADER_LEN = 8  # [magic, version, sender, round, samples, kind, table bytes, data bytes]
+HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]
 ALIGN = 8
 
 
@@ -57,26 +57,27 @@ def pack(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
         body[start + off : start + off + raw.numel()] = raw
     kind = KINDS.index(p.kind)
-    header = [MAGIC, VERSION, p.sender, p.round, p.samples, kind, start, offset]
+    header = [MAGIC, VERSION, p.sender, p.round, p.samples, kind, start, offset, p.nbytes]
     return torch.tensor(header, dtype=torch.int64), body
 
 
 def body_size(header: torch.Tensor, sender: int) -> int:
     """Bytes of the body that ``header`` announces (checked: magic, version, sender, sizes)."""
-    magic, version, who, _, _, kind, table, data = header.tolist()
+    magic, version, who, _, _, kind, table, data, nbytes = header.tolist()
     where = f"payload from agent {sender}"
     if magic != MAGIC or version != VERSION:
         raise ValidationError(f"{where}: not a fedmerge wire header (magic/version mismatch)")
     if who != sender:
         raise ValidationError(f"{where}: header names sender {who}")
-    if not 0 <= kind < len(KINDS) or table <= 0 or data < 0 or table % ALIGN or data % ALIGN:
+    bad_sizes = table <= 0 or not 0 <= nbytes <= data or table % ALIGN or data % ALIGN
+    if not 0 <= kind < len(KINDS) or bad_sizes:
         raise ValidationError(f"{where}: malformed header {header.tolist()}")
     return table + data
 
 
-def data_bytes(header: torch.Tensor) -> int:
-    """Tensor bytes the header announces (what the size limit applies to)."""
-    return int(header[7])
+def tensor_bytes(header: torch.Tensor) -> int:
+    """Bytes of tensor data the header announces (:attr:`Payload.nbytes`, unpadded)."""
+    return int(header[8])
 
 
 def unpack(header: torch.Tensor, body: torch.Tensor) -> Payload:
@@ -86,7 +87,7 @@ def unpack(header: torch.Tensor, body: torch.Tensor) -> Payload:
     content hash, finiteness and norm are the receiving agent's checks
     (:func:`fedmerge.payload.validate_payload`), as in the simulator.
     """
-    _, _, sender, round_, samples, kind, table_len, data_len = header.tolist()
+    _, _, sender, round_, samples, kind, table_len, data_len, _ = header.tolist()
     where = f"payload from agent {sender} (round {round_})"
     if body.dtype != torch.uint8 or body.numel() != body_size(header, sender):
         raise ValidationError(f"{where}: body of {body.numel()} bytes, header says otherwise")
