@@ -130,9 +130,9 @@ def test_dimat_two_agents_per_rank_matches_simulator():
     assert_same_rows(rows, simulate_one_thread(cfg))
 
 
-def test_cli_time_varying_schedule_with_faults_and_refusals(tmp_path):
-    """Random matchings, dropout, message loss and a byte limit that refuses some payloads:
-    through ``fedmerge simulate --runtime torchdist``; same rows as the simulator."""
+def test_cli_time_varying_schedule_with_faults(tmp_path):
+    """Random matchings, dropout and message loss, through ``fedmerge simulate --runtime
+    torchdist --procs 2``: the same rows as the simulator."""
     sets = [
         "topology={graph: ring, n: 4, schedule: {kind: random_matching}}", "rounds=4",
         "vectorize=never", "distributed.timeout_s=30", "faults.dropout=0.2",
@@ -148,12 +148,14 @@ def test_cli_time_varying_schedule_with_faults_and_refusals(tmp_path):
     one = max(r["bytes_sent"] for r in rows)  # a matching: one payload per agent at most
     assert {r["bytes_received"] for r in rows} <= {0, one}
 
-    refused = load_config(None, [*sets[:4], "validation.max_bytes=50000"])
-    rows = torchdist.run(refused, procs=2, threads=1)
-    assert_same_rows(rows, simulate_one_thread(refused))
-    assert sum(r["rejected"] for r in rows) > 0 and all(
-        r["consensus"] > 0 for r in rows if r["round"] > 1
-    )
+
+def test_oversized_payloads_refused_before_transfer_like_the_simulator():
+    """validation.max_bytes below the payload size: each receiver refuses at the header (no
+    body moves) and counts the rejection exactly as the simulator's validation does."""
+    cfg = load_config(None, [*RING4, "rounds=2", "validation.max_bytes=50000"])
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert all(r["rejected"] == 2 for r in rows) and rows[-1]["consensus"] > 0
 
 
 def kill_run(monkeypatch, mode: str, rounds: int = 4):

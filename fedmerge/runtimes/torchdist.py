@@ -180,6 +180,7 @@ class RankRunner:
         self.max_data = cfg.validation.max_bytes or 2 * own_bytes
         self.max_table = 4096 + 1024 * len(own)  # JSON table + 8-byte padding per tensor
         self.calibration = self.setup.calibration()
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}  # warm wire buffers, per sender
 
     @property
     def leader(self) -> bool:
@@ -258,7 +259,9 @@ class RankRunner:
         live = [(s, d) for (s, d), gone in zip(plan.messages, lost, strict=True) if not gone]
         out = sorted({(s, rank_of(d)) for s, d in live if s in payloads and rank_of(d) != me})
         inc = sorted({(s, rank_of(s)) for s, d in live if d in self.agents and rank_of(s) != me})
-        packed = {s: wire.pack(payloads[s]) for s in {s for s, _ in out}}
+        senders = sorted({s for s, _ in out})
+        packed = {s: wire.pack(payloads[s], self.buffers.get(("out", s))) for s in senders}
+        self.buffers.update({("out", s): body for s, (_, body) in packed.items()})
         heads = {s: wire.empty_header() for s, _ in inc}
         failed: dict[int, str] = {}
         sends = [(packed[s][0], k, s, True) for s, k in out]
@@ -272,7 +275,7 @@ class RankRunner:
         sends = [(acks[s], k, s, True) for s, k in inc if k not in failed]
         recvs = [(acked[s, k], k, s, False) for s, k in out if k not in failed]
         self.p2p(sends + recvs, failed)
-        bodies = {s: torch.empty(n, dtype=torch.uint8) for s, n in sizes.items() if n is not None}
+        bodies = {s: self.buffer(("in", s), n) for s, n in sizes.items() if n is not None}
         sends = [(packed[s][1], k, s, True) for s, k in out if k not in failed and acked[s, k]]
         recvs = [(bodies[s], k, s, False) for s, k in inc if s in bodies and k not in failed]
         self.p2p(sends + recvs, failed)
@@ -284,6 +287,14 @@ class RankRunner:
                 except ValidationError as exc:
                     refused[s] = (wire.tensor_bytes(heads[s]), str(exc))
         return received, refused, failed
+
+    def buffer(self, key: tuple[str, int], size: int) -> torch.Tensor:
+        """A (size,) uint8 receive buffer, reused round after round. Payload tensors are views
+        of it: valid until the same sender's next exchange (merges use them within the round)."""
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() != size:
+            buf = self.buffers[key] = torch.empty(size, dtype=torch.uint8)
+        return buf
 
     def admit(self, r: int, s: int, header: torch.Tensor, refused: dict) -> int | None:
         """Body size to receive from sender s, or None: refused before any transfer, with the
