@@ -354,16 +354,30 @@ class RankRunner:
 
     # -- failures ------------------------------------------------------------------------
     def settle(self, r: int, step: str, suspects: dict[int, str], rows: Rows | None = None):
-        """Agree on the live ranks after ``step``; abort or shrink the group on a loss.
-        ``suspects``: {peer rank (−1: unknown): error} seen by this rank."""
+        """Agree on the live ranks after ``step``; abort, or shrink the group, on a loss.
+        ``suspects``: {peer rank (−1: unknown): error} seen by this rank. Returns (live
+        ranks, their reports). A rank lost while regrouping means one more agreement."""
         report = {"suspects": {str(k): v for k, v in suspects.items()}, "rows": rows or []}
-        before = list(self.control.live)
-        ranks, values = self.control.agree(f"{r}/{step}", report)
-        gone = [k for k in before if k not in ranks]
-        blamed = {int(k): f"rank {q}: {why}" for q, v in values.items()
-                  for k, why in v["suspects"].items()}  # fmt: skip
-        if not gone and not blamed:
-            return ranks, values
+        for attempt in range(len(self.control.live) + 1):
+            before = list(self.control.live)
+            ranks, values = self.control.agree(f"{r}/{step}/{attempt}", report)
+            gone = [k for k in before if k not in ranks]
+            blamed = {int(k): f"rank {q}: {why}" for q, v in values.items()
+                      for k, why in v["suspects"].items()}  # fmt: skip
+            if not gone and not blamed:
+                return ranks, values
+            self.on_failure(r, gone, blamed, ranks)
+            try:
+                self.group = dist.new_group(
+                    ranks, timeout=self.timeout, use_local_synchronization=True
+                )
+                return ranks, values
+            except RuntimeError as exc:
+                report["suspects"] = {"-1": f"regrouping failed: {_short(exc)}"}
+        raise PeerFailure(f"round {r + 1}: could not regroup the surviving ranks")
+
+    def on_failure(self, r: int, gone: list[int], blamed: dict[int, str], ranks: list[int]):
+        """Raise PeerFailure (``abort``), or log and drop the gone ranks' nodes (``continue``)."""
         named = gone or sorted(k for k in blamed if k >= 0)
         details = "; ".join(sorted(set(blamed.values()))) or (
             f"no check-in within {self.control.timeout:g} s"
@@ -376,8 +390,6 @@ class RankRunner:
         self.control.live = ranks
         for k in gone:
             self.alive[self.layout.nodes_of(k)] = False
-        self.group = dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
-        return ranks, values
 
 
 def _short(exc: BaseException) -> str:
