@@ -25,7 +25,7 @@ from pathlib import Path
 from fedmerge.config import load_config
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.report import per_round, write_run
-from fedmerge.runtimes.torchdist import run_rank
+from fedmerge.runtimes.torchdist import exit_now, run_rank
 
 
 def _print_round(rows: list[dict]) -> None:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_rank(cfg, on_round=_print_round)
     except FedmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        exit_now(2 if isinstance(exc, ConfigError) else 1)
     if rows is not None:  # the leader
         out = Path(args.out or Path("runs") / cfg.name)
         extra = {"runtime": "torchdist", "elapsed_s": round(time.perf_counter() - start, 3)}

@@ -432,7 +432,8 @@ def connect(timeout: float) -> tuple[dist.Store, int, int]:
 def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
     """This process's rank of a run launched by torchrun (or ``run``). The leader returns
     all rows (and calls ``on_round`` after each round); other ranks return None.
-    Any failure is also written to the store as ``error/<rank>`` for the launcher."""
+    A failure is also written to the store as ``error/<rank>`` for the launcher; the process
+    group is then left to process exit (tearing it down can wait on a dead peer)."""
     store, rank, world = connect(cfg.distributed.timeout_s)
     try:
         runner = RankRunner(cfg, store, rank, world)
@@ -444,14 +445,12 @@ def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
                 store.set(f"result/{r}", json.dumps(got))
                 if on_round:
                     on_round(got)
-        return rows if runner.leader else None
     except FedmergeError as exc:
         kind = {ConfigError: "config", Excluded: "excluded"}.get(type(exc), "peer")
         store.set(f"error/{rank}", json.dumps({"kind": kind, "message": str(exc)}))
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    dist.destroy_process_group()
+    return rows if runner.leader else None
 
 
 # -- local launcher --------------------------------------------------------------------------
@@ -494,7 +493,8 @@ def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: 
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
         "PYTHONPATH": os.pathsep.join(path),
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "fedmerge.runtimes.torchdist", config]
+    main = "import sys; from fedmerge.runtimes.torchdist import worker_main as m; m(sys.argv[1])"
+    cmd = [sys.executable, "-c", main, config]
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
 
@@ -531,17 +531,19 @@ def _raise(store: dist.Store, workers) -> None:
     raise PeerFailure(f"torchdist workers exited before the run finished (exit codes {codes})")
 
 
-def _worker_main(argv: list[str]) -> int:
-    """``python -m fedmerge.runtimes.torchdist CONFIG.yaml``: one worker spawned by ``run``."""
+def worker_main(config: str) -> None:
+    """One worker spawned by ``run``: exit status 0, 1 (peer failure) or 2 (config error)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    cfg = load_config(argv[0])
     try:
-        run_rank(cfg)
+        run_rank(load_config(config))
     except FedmergeError as exc:
         print(f"fedmerge torchdist rank {os.environ.get('RANK')}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    return 0
+        exit_now(2 if isinstance(exc, ConfigError) else 1)
 
 
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+def exit_now(code: int) -> None:
+    """Leave at once after a failure: a process group with a dead peer can block the normal
+    interpreter shutdown (its destructor waits on the failed operations)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
