@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
@@ -66,6 +68,30 @@ def test_wire_round_trip_mixed_dtypes_is_aligned_views():
     for k, t in tensors.items():
         assert torch.equal(q.tensors[k], t) and q.tensors[k].dtype == t.dtype
         assert q.tensors[k].untyped_storage().data_ptr() == body.untyped_storage().data_ptr()
+
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3)),
+                min_size=1, max_size=5), st.integers(0, 2**31))  # fmt: skip
+def test_wire_round_trip_property(specs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {f"k{i}": torch.randn(shape, generator=gen).to(dt) for i, (dt, shape) in
+               enumerate(specs)}  # fmt: skip
+    p = Payload.make(tensors, sender=3, round=1, samples=2, kind="delta")
+    header, body = wire.pack(p, reuse=torch.full((body_len(p),), 255, dtype=torch.uint8))
+    assert body.numel() % wire.ALIGN == 0 and wire.tensor_bytes(header) == p.nbytes
+    q = wire.unpack(header, body.clone())
+    assert q.hash == p.hash and list(q.tensors) == list(tensors)
+    assert all(torch.equal(q.tensors[k], v) and q.tensors[k].dtype == v.dtype
+               for k, v in tensors.items())  # fmt: skip
+    assert torch.equal(wire.pack(p)[1], body)  # a reused buffer's old bytes never leak
+
+
+def body_len(p: Payload) -> int:
+    return wire.body_size(wire.pack(p)[0], p.sender)
 
 
 def test_wire_rejects_bad_headers_and_tables():
