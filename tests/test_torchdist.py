@@ -184,9 +184,9 @@ def test_oversized_payloads_refused_before_transfer_like_the_simulator():
     assert all(r["rejected"] == 2 for r in rows) and rows[-1]["consensus"] > 0
 
 
-def kill_run(monkeypatch, mode: str, rounds: int = 4):
-    """ring-4 on 4 ranks; rank 2 dies in its 3rd training step (round 2 of 2 steps/round)."""
-    monkeypatch.setenv("FEDMERGE_TEST_KILL_RANK", "2")
+def kill_run(monkeypatch, mode: str, rounds: int = 4, rank: int = 2):
+    """ring-4 on 4 ranks; ``rank`` dies in its 3rd training step (round 2 of 2 steps/round)."""
+    monkeypatch.setenv("FEDMERGE_TEST_KILL_RANK", str(rank))
     monkeypatch.setenv("FEDMERGE_TEST_KILL_STEP", "3")
     cfg = load_config(None, [
         "topology=ring-4", f"rounds={rounds}", "train.steps=2", "distributed.timeout_s=5",
@@ -195,6 +195,16 @@ def kill_run(monkeypatch, mode: str, rounds: int = 4):
     ])  # fmt: skip
     seen: list[list[dict]] = []
     return cfg, seen, lambda: torchdist.run(cfg, procs=4, threads=1, on_round=seen.append)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_killed_leader_hands_over_to_the_next_rank(monkeypatch):
+    cfg, seen, go = kill_run(monkeypatch, "continue", rounds=3, rank=0)
+    rows = go()
+    assert [r[0]["round"] for r in seen] == [1, 2, 3] and len(rows) == 12
+    assert [r["active"] for r in rows if r["agent"] == 0] == [True, False, False]
+    assert all(r["global_acc"] is not None for r in rows if r["agent"] != 0)
 
 
 @pytest.mark.slow

@@ -437,11 +437,9 @@ def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
     store, rank, world = connect(cfg.distributed.timeout_s)
     try:
         runner = RankRunner(cfg, store, rank, world)
-        rows: Rows = []
         for r in range(cfg.rounds):
             got = runner.round(r)
             if got is not None:
-                rows += got
                 store.set(f"result/{r}", json.dumps(got))
                 if on_round:
                     on_round(got)
@@ -450,7 +448,9 @@ def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
         store.set(f"error/{rank}", json.dumps({"kind": kind, "message": str(exc)}))
         raise
     dist.destroy_process_group()
-    return rows if runner.leader else None
+    if not runner.leader:
+        return None  # the rounds led by an earlier leader are on the store too:
+    return [row for r in range(cfg.rounds) for row in json.loads(store.get(f"result/{r}"))]
 
 
 # -- local launcher --------------------------------------------------------------------------
