@@ -199,6 +199,18 @@ def kill_run(monkeypatch, mode: str, rounds: int = 4, rank: int = 2):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_hung_rank_is_dropped_at_the_timeout(monkeypatch):
+    """Rank 2 freezes (alive, silent): its neighbours' waits hit the deadline, the others
+    agree it is gone and finish without it; ``run`` then ends the frozen process."""
+    monkeypatch.setenv("FEDMERGE_TEST_HANG", "1")
+    cfg, seen, go = kill_run(monkeypatch, "continue", rounds=3)
+    rows = go()
+    assert [r["active"] for r in rows if r["agent"] == 2] == [True, False, False]
+    assert all(r["global_acc"] is not None for r in rows if r["agent"] != 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_killed_leader_hands_over_to_the_next_rank(monkeypatch):
     cfg, seen, go = kill_run(monkeypatch, "continue", rounds=3, rank=0)
     rows = go()

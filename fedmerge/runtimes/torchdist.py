@@ -124,20 +124,25 @@ class Control:
         self.store, self.rank, self.timeout = store, rank, timeout
         self.live = list(range(world))
 
-    def agree(self, tag: str, value: dict) -> tuple[list[int], dict[int, dict]]:
-        """Check in under ``tag`` with ``value``; wait for the live ranks (until the timeout);
-        return (the agreed live ranks, their values). Raises PeerFailure if this rank was
-        declared gone by a faster peer."""
+    def agree(
+        self, tag: str, value: dict, suspects: Iterable[int] = ()
+    ) -> tuple[list[int], dict[int, dict]]:
+        """Check in under ``tag`` with ``value``; wait for the live ranks until the timeout,
+        or only until every missing rank is one of ``suspects`` (peers this rank saw fail),
+        or until another rank's verdict is out; return (the agreed live ranks, their
+        values). Raises :class:`Excluded` if this rank was declared gone by faster peers."""
+        suspected = set(suspects)
 
         def key(name: object) -> str:
             return f"{tag}/{name}"
 
         try:
             self.store.set(key(self.rank), json.dumps(value))
-            deadline = time.monotonic() + self.timeout
-            while True:
+            deadline, here = time.monotonic() + self.timeout, [self.rank]
+            while not self.store.check([key("verdict")]):
                 here = [k for k in self.live if self.store.check([key(k)])]
-                if len(here) == len(self.live) or time.monotonic() > deadline:
+                missing = set(self.live) - set(here)
+                if missing <= suspected or time.monotonic() > deadline:
                     break
                 time.sleep(0.002)
             ranks = json.loads(self.store.compare_set(key("verdict"), "", json.dumps(here)))
@@ -264,8 +269,9 @@ class RankRunner:
         self.buffers.update({("out", s): body for s, (_, body) in packed.items()})
         heads = {s: wire.empty_header() for s, _ in inc}
         failed: dict[int, str] = {}
+        deadline = time.monotonic() + self.timeout.total_seconds()  # for all three steps
         sends = [(packed[s][0], k, s, True) for s, k in out]
-        self.p2p(sends + [(heads[s], k, s, False) for s, k in inc], failed)
+        self.p2p(sends + [(heads[s], k, s, False) for s, k in inc], failed, deadline)
         refused, sizes = {}, {}
         for s, k in inc:
             if k not in failed:
@@ -274,11 +280,11 @@ class RankRunner:
         acked = {(s, k): torch.zeros(1, dtype=torch.int64) for s, k in out}
         sends = [(acks[s], k, s, True) for s, k in inc if k not in failed]
         recvs = [(acked[s, k], k, s, False) for s, k in out if k not in failed]
-        self.p2p(sends + recvs, failed)
+        self.p2p(sends + recvs, failed, deadline)
         bodies = {s: self.buffer(("in", s), n) for s, n in sizes.items() if n is not None}
         sends = [(packed[s][1], k, s, True) for s, k in out if k not in failed and acked[s, k]]
         recvs = [(bodies[s], k, s, False) for s, k in inc if s in bodies and k not in failed]
-        self.p2p(sends + recvs, failed)
+        self.p2p(sends + recvs, failed, deadline)
         received = {}
         for s, k in inc:
             if s in bodies and k not in failed:
@@ -312,16 +318,16 @@ class RankRunner:
             refused[s] = (nbytes, f"{who}: a {size - nbytes}-byte tensor table is too large")
         return None if s in refused else size
 
-    def p2p(self, ops: list[tuple[torch.Tensor, int, int, bool]], failed: dict[int, str]) -> None:
+    def p2p(self, ops: list[tuple[torch.Tensor, int, int, bool]], failed: dict[int, str],
+            deadline: float) -> None:  # fmt: skip
         """Run (tensor, peer rank, tag, is_send) ops as one ``batch_isend_irecv``, waiting until
-        the timeout; peers whose operations fail or time out are added to ``failed``."""
+        ``deadline`` (monotonic); peers whose operations fail or time out go to ``failed``."""
         if not ops:
             return
         dev = [(t.to(self.device), k, tag, send) for t, k, tag, send in ops]
         p2p = [dist.P2POp(dist.isend if send else dist.irecv, t, k, self.group, tag)
                for t, k, tag, send in dev]  # fmt: skip
         peers = [k for _, k, _, _ in ops]
-        deadline = time.monotonic() + self.timeout.total_seconds()
         try:
             works = dist.batch_isend_irecv(p2p)
         except RuntimeError as exc:
@@ -360,7 +366,8 @@ class RankRunner:
         report = {"suspects": {str(k): v for k, v in suspects.items()}, "rows": rows or []}
         for attempt in range(len(self.control.live) + 1):
             before = list(self.control.live)
-            ranks, values = self.control.agree(f"{r}/{step}/{attempt}", report)
+            tag, seen = f"{r}/{step}/{attempt}", [k for k in suspects if k >= 0]
+            ranks, values = self.control.agree(tag, report, seen)
             gone = [k for k in before if k not in ranks]
             blamed = {int(k): f"rank {q}: {why}" for q, v in values.items()
                       for k, why in v["suspects"].items()}  # fmt: skip
@@ -379,9 +386,8 @@ class RankRunner:
     def on_failure(self, r: int, gone: list[int], blamed: dict[int, str], ranks: list[int]):
         """Raise PeerFailure (``abort``), or log and drop the gone ranks' nodes (``continue``)."""
         named = gone or sorted(k for k in blamed if k >= 0)
-        details = "; ".join(sorted(set(blamed.values()))) or (
-            f"no check-in within {self.control.timeout:g} s"
-        )
+        about = [blamed[k] for k in named if k in blamed] or list(blamed.values())
+        details = "; ".join(sorted(set(about))) or f"no check-in within {self.control.timeout:g} s"
         who = f"{self.layout.describe(named)} stopped answering" if named else "a collective failed"
         msg = f"round {r + 1}: {who} ({details})"
         if self.cfg.distributed.on_peer_failure == "abort":
@@ -499,12 +505,16 @@ def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: 
 
 
 def _collect(cfg: SimConfig, store: dist.Store, workers, on_round: OnRound | None) -> Rows:
-    """Rows as the leader publishes them; the first rank's error if the run stops."""
+    """Rows as the leader publishes them; the first error a rank wrote if the run stops
+    (every rank that aborts writes the same verdict, so the first one is enough)."""
     rows: Rows = []
     for r in range(cfg.rounds):
         while not store.check([f"result/{r}"]):
-            if _errors(store, len(workers)) or all(w.poll() is not None for w in workers):
-                _raise(store, workers)
+            for err in _errors(store, len(workers)):
+                raise (ConfigError if err["kind"] == "config" else PeerFailure)(err["message"])
+            if all(w.poll() is not None for w in workers):
+                codes = [w.poll() for w in workers]
+                raise PeerFailure(f"torchdist workers exited before round {r + 1} (codes {codes})")
             time.sleep(0.01)
         got = json.loads(store.get(f"result/{r}"))
         rows += got
@@ -519,16 +529,6 @@ def _errors(store: dist.Store, world: int) -> list[dict]:
     keys = [f"error/{k}" for k in range(world)]
     found = [json.loads(store.get(k)) for k in keys if store.check([k])]
     return [e for e in found if e["kind"] != "excluded"]
-
-
-def _raise(store: dist.Store, workers) -> None:
-    deadline = time.monotonic() + 5
-    while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.02)  # let the other ranks write their errors and exit
-    for err in _errors(store, len(workers)):
-        raise (ConfigError if err["kind"] == "config" else PeerFailure)(err["message"])
-    codes = [w.poll() for w in workers]
-    raise PeerFailure(f"torchdist workers exited before the run finished (exit codes {codes})")
 
 
 def worker_main(config: str) -> None:
