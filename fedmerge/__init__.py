@@ -41,6 +41,7 @@ from fedmerge.models import MODELS, build_model
 from fedmerge.payload import Payload, validate_payload
 from fedmerge.protocols import PROTOCOLS
 from fedmerge.report import summarize, write_run
+from fedmerge.runtimes.torchdist import PeerFailure
 from fedmerge.simulator import Simulator, build_setup
 from fedmerge.statedict import (
     StateDict,
@@ -141,4 +142,5 @@ __all__ = [
     "restore_agent",
     "save_agent",
     "trimmed_mean_aggregate",
+    "PeerFailure",
 ]

@@ -132,3 +132,16 @@ def why_per_agent(cfg: SimConfig) -> str | None:
     if f.state_dir or f.rejoin != "memory":
         return "per-node persistence / rejoin (faults.state_dir, faults.rejoin)"
     return None
+
+
+def require_no_simulated_attacks(cfg: SimConfig, runtime: str) -> None:
+    """Byzantine nodes, duplication, reordering and persisted rejoins are injected by the
+    in-process simulator only; a runtime that moves real messages refuses them by name."""
+    f = cfg.faults
+    used = [name for name, on in (
+        ("faults.byzantine.count", f.byzantine.count > 0), ("faults.duplicate", f.duplicate > 0),
+        ("faults.reorder", f.reorder > 0), ("faults.state_dir", bool(f.state_dir)),
+        ("faults.rejoin", f.rejoin != "memory"),
+    ) if on]  # fmt: skip
+    if used:
+        raise ConfigError(f"{', '.join(used)}: simulated by runtime local only, not {runtime}")

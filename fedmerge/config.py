@@ -160,6 +160,22 @@ class ValidationConfig:
 
 
 @dataclass
+class DistributedConfig:
+    backend: str = option(
+        "auto", "torchdist backend (auto: nccl with CUDA and LOCAL_RANK, else gloo)",
+        choices=("auto", "gloo", "nccl"),
+    )  # fmt: skip
+    timeout_s: float = option(120.0, "torchdist: seconds to wait for a peer at any step",
+                              check=POSITIVE)  # fmt: skip
+    on_peer_failure: str = option(
+        "abort", "torchdist: when a rank stops answering, stop every rank, or go on merging "
+        "with the neighbours that answer", choices=("abort", "continue"),
+    )  # fmt: skip
+    agents_per_rank: int = option(0, "torchdist: agents hosted per rank (0: ceil(agents/ranks))",
+                                  check=NON_NEGATIVE)  # fmt: skip
+
+
+@dataclass
 class SimConfig:
     name: str = option("default", "run name (shown in tables and plots)")
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
@@ -183,6 +199,7 @@ class SimConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

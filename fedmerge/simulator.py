@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedmerge.adversary import Adversary, byzantine_nodes
-from fedmerge.agent import Agent, make_loss
+from fedmerge.agent import Agent, Loss, make_loss
 from fedmerge.config import FaultsConfig, SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
@@ -69,6 +69,14 @@ class Setup:
         return build_model(
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
             seed=cfg.seed * 10_007 + offset, **cfg.model.options,
+        )  # fmt: skip
+
+    def agent(self, i: int, loss: Loss | None = None) -> Agent:
+        """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
+        cfg = self.config
+        return Agent(
+            i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
+            seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:
@@ -159,24 +167,11 @@ class AgentEngine:
     name = "per-agent"
 
     def __init__(self, setup: Setup) -> None:
-        cfg = setup.config
-        loss = make_loss(cfg.train.loss)
+        loss = make_loss(setup.config.train.loss)
         self.setup = setup
-        self.agents = [
-            Agent(
-                i,
-                setup.model(i),
-                data,
-                train=cfg.train,
-                validation=cfg.validation,
-                seed=cfg.seed,
-                reference=setup.reference,
-                loss=loss,
-            )  # fmt: skip
-            for i, data in enumerate(setup.data.agents)
-        ]
+        self.agents = [setup.agent(i, loss) for i in range(setup.n)]
         self.shared_calibration = setup.calibration()
-        self.adversary = Adversary(cfg, setup.topology.graph)
+        self.adversary = Adversary(setup.config, setup.topology.graph)
 
     def train(self, trains: np.ndarray) -> None:
         for i in np.flatnonzero(trains):
@@ -210,10 +205,13 @@ class AgentEngine:
 
     def flat(self) -> torch.Tensor:
         """(n, P) float64: every agent's floating state entries, flattened."""
-        rows = []
-        for a in self.agents:
-            rows.append(torch.cat([v.reshape(-1) for v in a.state().values() if is_mergeable(v)]))
-        return torch.stack(rows).double()
+        return torch.stack([flat_state(a) for a in self.agents])
+
+
+def flat_state(agent: Agent) -> torch.Tensor:
+    """(P,) float64: the agent's floating state entries, flattened (for consensus distance)."""
+    state = agent.state().values()
+    return torch.cat([v.reshape(-1) for v in state if is_mergeable(v)]).double()
 
 
 class Simulator:
