@@ -71,14 +71,14 @@ def loopback(tmp_path):
         procs.append((subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out,
                                        stderr=subprocess.STDOUT, cwd=tmp_path), out))  # fmt: skip
 
-    start("superlink", "flower-superlink", "--insecure", "--port", str(link),
-          "--database", str(tmp_path / "link.db"))  # fmt: skip
-    wait_for_port(link, procs[0][0], logs / "superlink.log")
-    for i, port in enumerate(node_ports):
-        config = f'partition-id={i} num-partitions=3 state-dir="{tmp_path / "state"}"'
-        start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink",
-              f"127.0.0.1:{link}", "--port", str(port), "--node-config", config)  # fmt: skip
     try:
+        start("superlink", "flower-superlink", "--insecure", "--port", str(link),
+              "--database", str(tmp_path / "link.db"))  # fmt: skip
+        wait_for_port(link, procs[0][0], logs / "superlink.log")
+        for i, port in enumerate(node_ports):
+            config = f'partition-id={i} num-partitions=3 state-dir="{tmp_path / "state"}"'
+            start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink",
+                  f"127.0.0.1:{link}", "--port", str(port), "--node-config", config)  # fmt: skip
         yield env, logs
     finally:
         for proc, out in reversed(procs):
