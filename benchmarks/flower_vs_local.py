@@ -2,6 +2,7 @@
 
     python benchmarks/flower_vs_local.py                               # 4 agents, 5 rounds
     python benchmarks/flower_vs_local.py --agents 4 10 100 --rounds 20 # the README numbers
+    python benchmarks/flower_vs_local.py --agents 2 --rounds 2 --hidden 7000 7000  # 198 MB payloads
 
 Same workload on every engine: gossip on a ring of N agents, digits (IID split), an MLP
 64-128-10 (~9.6k parameters), 2 SGD steps per round. Each engine runs in a fresh child
@@ -32,19 +33,21 @@ from rich.table import Table
 ENGINES = ("per-agent", "stacked", "flower")
 
 
-def workload(n: int, rounds: int, engine: str):
+def workload(n: int, rounds: int, engine: str, hidden: list[int]):
     from fedmerge.config import default_config
 
     vectorize = {"per-agent": "never", "stacked": "always"}.get(engine, "never")
     return default_config([
         f"agents={n}", "topology=ring", f"rounds={rounds}", "data.partition=iid",
-        "model.options.hidden=[128]", "train.steps=2", f"vectorize={vectorize}",
+        f"model.options.hidden={hidden}", "train.steps=2", f"vectorize={vectorize}",
     ])  # fmt: skip
 
 
-def child(engine: str, n: int, rounds: int) -> None:
-    """Run one engine and print {"per_round", "startup", "acc"} as JSON."""
-    cfg = workload(n, rounds, engine)
+def child(engine: str, n: int, rounds: int, hidden: list[int]) -> None:
+    """Run one engine and print {"per_round", "startup", "acc", "payload_mb"} as JSON."""
+    from fedmerge.simulator import build_setup
+
+    cfg = workload(n, rounds, engine, hidden)
     start = time.perf_counter()
     if engine == "flower":
         from fedmerge.runtimes import flower
@@ -57,8 +60,10 @@ def child(engine: str, n: int, rounds: int) -> None:
     total = time.perf_counter() - start
     walls = [r["wall_s"] for r in rows if r["agent"] == 0]
     last = [r["global_acc"] for r in rows if r["round"] == rounds]
+    model = build_setup(cfg).model(0)
+    payload = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     print(json.dumps({"per_round": statistics.median(walls), "startup": total - sum(walls),
-                      "acc": sum(last) / len(last)}))  # fmt: skip
+                      "acc": sum(last) / len(last), "payload_mb": payload}))  # fmt: skip
 
 
 def tree_rss(root: int) -> int:
@@ -83,9 +88,10 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def measure(engine: str, n: int, rounds: int) -> dict:
+def measure(engine: str, n: int, rounds: int, hidden: list[int]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    cmd = [sys.executable, __file__, "--child", engine, "--agents", str(n), "--rounds", str(rounds)]
+    cmd = [sys.executable, __file__, "--child", engine, "--agents", str(n), "--rounds",
+           str(rounds), "--hidden", *map(str, hidden)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
@@ -101,26 +107,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[4])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128], help="MLP hidden sizes")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.agents[0], args.rounds)
+        child(args.child, args.agents[0], args.rounds, args.hidden)
         return
-    title = f"gossip on a ring, {args.rounds} rounds, MLP 64-128-10: seconds per round"
+    engines = args.engines
+    title = (f"gossip on a ring, {args.rounds} rounds, MLP hidden {args.hidden}: "
+             "seconds per round")  # fmt: skip
     table = Table(title=title)
-    cols = ("agents", *ENGINES, "flower / per-agent", "flower / stacked", "Ray start-up s",
-            "peak MB (p/s/f)", "final acc (p/s/f)")  # fmt: skip
-    for col in cols:
+    ratios = [f"flower / {e}" for e in engines if e != "flower" and "flower" in engines]
+    tag = "/".join(e[0] for e in engines)
+    for col in ("agents", "payload MB", *engines, *ratios, "Ray start-up s",
+                f"peak MB ({tag})", f"final acc ({tag})"):  # fmt: skip
         table.add_column(col, justify="right")
     for n in args.agents:
-        res = {e: measure(e, n, args.rounds) for e in ENGINES}
-        sec = {e: res[e]["per_round"] for e in ENGINES}
+        res = {e: measure(e, n, args.rounds, args.hidden) for e in engines}
+        sec = {e: res[e]["per_round"] for e in engines}
         table.add_row(
-            str(n), *(f"{sec[e]:.4f}" for e in ENGINES),
-            f"{sec['flower'] / sec['per-agent']:.1f}×", f"{sec['flower'] / sec['stacked']:.1f}×",
-            f"{res['flower']['startup']:.1f}",
-            "/".join(f"{res[e]['peak_mb']:.0f}" for e in ENGINES),
-            "/".join(f"{res[e]['acc']:.3f}" for e in ENGINES),
+            str(n), f"{res[engines[0]]['payload_mb']:.2f}", *(f"{sec[e]:.4f}" for e in engines),
+            *(f"{sec['flower'] / sec[r.split(' / ')[1]]:.1f}×" for r in ratios),
+            f"{res['flower']['startup']:.1f}" if "flower" in res else "-",
+            "/".join(f"{res[e]['peak_mb']:.0f}" for e in engines),
+            "/".join(f"{res[e]['acc']:.3f}" for e in engines),
         )  # fmt: skip
     Console(width=160).print(table)
 
