@@ -89,8 +89,8 @@ class LoopbackGrid(Grid):
 
 def run_both(sets: list[str], tmp_path, hook: Hook | None = None):
     cfg = load_config(None, RING4 + sets)
-    ref = Simulator(cfg).run()
-    grid = LoopbackGrid(4, hook)
+    sim = Simulator(cfg)
+    ref, grid = sim.run(), LoopbackGrid(sim.setup.n, hook)
     return ref, relay(grid, cfg, RelayOptions(timeout=1.0, state_dir=str(tmp_path)), None)
 
 
@@ -116,6 +116,14 @@ def test_gossip_matches_the_simulator(tmp_path):
 def test_dimat_matches_the_simulator(tmp_path):
     ref, rows = run_both(["protocol.name=dimat", "model.init=different"], tmp_path)
     assert_same_rows(ref, rows)
+
+
+def test_time_varying_schedules_are_followed(tmp_path):
+    ref, rows = run_both(["protocol.name=single_global_merge", "topology=ring-8"], tmp_path)
+    assert_same_rows(ref, rows)
+    last = [r["bytes_received"] for r in rows if r["round"] == 3]  # the complete final merge
+    assert len(set(last)) == 1 and last[0] == rows[-1]["bytes_sent"] > 0
+    assert max(r["bytes_received"] for r in rows if r["round"] == 1) < last[0]
 
 
 def test_faults_follow_the_simulators_fault_model(tmp_path):
