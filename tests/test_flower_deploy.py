@@ -48,18 +48,64 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, limit: float = 9
     pytest.fail(f"the SuperLink did not open port {port} in {limit} s")
 
 
-@pytest.fixture
-def loopback(tmp_path):
-    """SuperLink + 3 SuperNodes on 127.0.0.1; yields (env, connection name); stops them."""
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(subject: str, key, issuer: str, signer, ca: bool) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        )
+        b = b.public_key(key.public_key()).serial_number(x509.random_serial_number())
+        b = b.not_valid_before(now - datetime.timedelta(minutes=5))
+        b = b.not_valid_after(now + datetime.timedelta(days=1))
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        if not ca:
+            import ipaddress
+
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_cert = cert("fedmerge-test-ca", ca_key, "fedmerge-test-ca", ca_key, True)
+    server = cert("127.0.0.1", key, "fedmerge-test-ca", ca_key, False)
+    pem = serialization.Encoding.PEM
+    files = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    files["ca"].write_bytes(ca_cert.public_bytes(pem))
+    files["cert"].write_bytes(server.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))  # fmt: skip
+    return files
+
+
+@pytest.fixture(params=["insecure", "tls"])
+def loopback(request, tmp_path):
+    """SuperLink + 3 SuperNodes on 127.0.0.1 (insecure, or TLS with a CA made here); yields
+    (env, logs folder, rounds); stops them."""
     if not (BIN / "flower-superlink").exists():
         pytest.skip("flower-superlink is not installed next to this Python")
     home = tmp_path / "flwr-home"
     home.mkdir()
     link, *node_ports = free_ports(4)  # Flower 1.41: one HTTP port for all SuperLink APIs
+    tls = request.param == "tls"
+    certs = make_certificates(tmp_path) if tls else {}
+    security = f'root-certificates = "{certs["ca"]}"' if tls else "insecure = true"
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+        f'address = "127.0.0.1:{link}"\n{security}\n'
     )
+    link_security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+                      "--ssl-keyfile", str(certs["key"])] if tls else ["--insecure"])  # fmt: skip
+    node_security = ["--root-certificates", str(certs["ca"])] if tls else ["--insecure"]
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
     logs = tmp_path / "logs"
@@ -72,14 +118,14 @@ def loopback(tmp_path):
                                        stderr=subprocess.STDOUT, cwd=tmp_path), out))  # fmt: skip
 
     try:
-        start("superlink", "flower-superlink", "--insecure", "--port", str(link),
+        start("superlink", "flower-superlink", *link_security, "--port", str(link),
               "--database", str(tmp_path / "link.db"))  # fmt: skip
         wait_for_port(link, procs[0][0], logs / "superlink.log")
         for i, port in enumerate(node_ports):
             config = f'partition-id={i} num-partitions=3 state-dir="{tmp_path / "state"}"'
-            start(f"supernode-{i}", "flower-supernode", "--insecure", "--superlink",
+            start(f"supernode-{i}", "flower-supernode", *node_security, "--superlink",
                   f"127.0.0.1:{link}", "--port", str(port), "--node-config", config)  # fmt: skip
-        yield env, logs
+        yield env, logs, 1 if tls else 2  # rounds: TLS adds a run, keep it short
     finally:
         for proc, out in reversed(procs):
             proc.terminate()
@@ -91,9 +137,9 @@ def loopback(tmp_path):
 
 
 def test_flwr_run_on_a_loopback_deployment(loopback, tmp_path):
-    env, logs = loopback
+    env, logs, rounds = loopback
     out = tmp_path / "out"
-    sets = "topology=ring agents=3 rounds=2 vectorize=never"
+    sets = f"topology=ring agents=3 rounds={rounds} vectorize=never"
     run_config = f"overrides='{sets}' out-dir='{out}' timeout=120"
     start = time.perf_counter()
     cmd = [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", run_config, "--stream"]
@@ -103,11 +149,13 @@ def test_flwr_run_on_a_loopback_deployment(loopback, tmp_path):
         tails = {p.name: p.read_text()[-2000:] for p in logs.iterdir()}
         pytest.fail(f"no metrics: {done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{tails}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["round"], r["agent"]) for r in rows] == [(r, a) for r in (1, 2) for a in range(3)]
+    assert [(r["round"], r["agent"]) for r in rows] == [
+        (r, a) for r in range(1, rounds + 1) for a in range(3)
+    ]
     ref = Simulator(default_config(sets.split())).run()
     for a, b in zip(ref, rows, strict=True):
         assert b["global_acc"] == a["global_acc"] and b["local_acc"] == a["local_acc"]
         assert b["consensus"] == pytest.approx(a["consensus"], abs=1e-6)
-    print(f"\nloopback deployment: 3 SuperNodes, 2 rounds, {elapsed:.1f} s from `flwr run` to "
-          f"report; {sum(r['wall_s'] for r in rows[::3]) / 2:.1f} s per round")  # fmt: skip
+    print(f"\nloopback deployment: 3 SuperNodes, {rounds} rounds, {elapsed:.1f} s from `flwr run` "
+          f"to report; {sum(r['wall_s'] for r in rows[::3]) / rounds:.1f} s per round")  # fmt: skip
     shutil.rmtree(out)
