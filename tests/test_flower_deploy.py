@@ -87,16 +87,32 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture(params=["insecure", "tls"])
+def node_key(folder: Path, i: int) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair (NIST P-384, OpenSSH format, as Flower wants)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"node-{i}.key", folder / f"node-{i}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))  # fmt: skip
+    ssh = serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    public.write_bytes(key.public_key().public_bytes(*ssh))
+    return private, public
+
+
+@pytest.fixture(params=["insecure", "tls+auth"])
 def loopback(request, tmp_path):
-    """SuperLink + 3 SuperNodes on 127.0.0.1 (insecure, or TLS with a CA made here); yields
+    """SuperLink + 3 SuperNodes on 127.0.0.1: insecure, or TLS (a CA made here) with SuperNode
+    authentication (keys made here, registered with ``flwr supernode register``); yields
     (env, logs folder, rounds); stops them."""
     if not (BIN / "flower-superlink").exists():
         pytest.skip("flower-superlink is not installed next to this Python")
     home = tmp_path / "flwr-home"
     home.mkdir()
     link, *node_ports = free_ports(4)  # Flower 1.41: one HTTP port for all SuperLink APIs
-    tls = request.param == "tls"
+    tls = request.param == "tls+auth"
     certs = make_certificates(tmp_path) if tls else {}
     security = f'root-certificates = "{certs["ca"]}"' if tls else "insecure = true"
     (home / "config.toml").write_text(
@@ -104,7 +120,8 @@ def loopback(request, tmp_path):
         f'address = "127.0.0.1:{link}"\n{security}\n'
     )
     link_security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-                      "--ssl-keyfile", str(certs["key"])] if tls else ["--insecure"])  # fmt: skip
+                      "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]
+                     if tls else ["--insecure"])  # fmt: skip
     node_security = ["--root-certificates", str(certs["ca"])] if tls else ["--insecure"]
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
@@ -122,9 +139,18 @@ def loopback(request, tmp_path):
               "--database", str(tmp_path / "link.db"))  # fmt: skip
         wait_for_port(link, procs[0][0], logs / "superlink.log")
         for i, port in enumerate(node_ports):
+            auth = []
+            if tls:
+                private, public = node_key(tmp_path, i)
+                register = [str(BIN / "flwr"), "supernode", "register", str(public), "loopback"]
+                done = subprocess.run(register, env=env, cwd=tmp_path, capture_output=True,
+                                      text=True, timeout=120)  # fmt: skip
+                assert done.returncode == 0, done.stdout + done.stderr
+                auth = ["--auth-supernode-private-key", str(private)]
             config = f'partition-id={i} num-partitions=3 state-dir="{tmp_path / "state"}"'
             start(f"supernode-{i}", "flower-supernode", *node_security, "--superlink",
-                  f"127.0.0.1:{link}", "--port", str(port), "--node-config", config)  # fmt: skip
+                  f"127.0.0.1:{link}", "--port", str(port), "--node-config", config,
+                  *auth)  # fmt: skip
         yield env, logs, 1 if tls else 2  # rounds: TLS adds a run, keep it short
     finally:
         for proc, out in reversed(procs):
