@@ -203,7 +203,10 @@ def map_nodes(grid: Grid, n: int, opts: RelayOptions) -> dict[int, int]:
     deadline = time.monotonic() + opts.connect_timeout
     while len(ids := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
-            raise ConfigError(f"only {len(ids)} Flower nodes connected, the topology needs {n}")
+            raise ConfigError(
+                f"only {len(ids)} Flower nodes connected, the topology needs {n} (start more "
+                f"SuperNodes; a local simulation: --federation-config 'num-supernodes={n}')"
+            )
         time.sleep(0.5)
     queries = [Message(RecordDict(), node_id, PARTITION_QUERY) for node_id in ids]
     mapping: dict[int, int] = {}
