@@ -76,10 +76,9 @@ def array_blob(array: Array) -> bytes:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_setup(config_json: str) -> tuple[SimConfig, Setup]:
+def cached_setup(config_json: str) -> Setup:
     """The run's (immutable) setup, built once per process: data, topology, reference."""
-    cfg = load_config(json.loads(config_json))
-    return cfg, build_setup(cfg)
+    return build_setup(load_config(json.loads(config_json)))
 
 
 # --------------------------------------------------------------------------- the node
@@ -114,7 +113,7 @@ def make_agent(setup: Setup, i: int) -> Agent:
 def node_step(msg: Message, partition: int, run_id: int, state_root: str | None) -> RecordDict:
     """One step on node ``partition``: merge + evaluate round k−1, train + publish round k."""
     instr = msg.content.config_records["step"]
-    cfg, setup = cached_setup(str(instr["config"]))
+    setup = cached_setup(str(instr["config"]))
     k, root = int(instr["step"]), state_root or str(instr["state-dir"])
     path = state_path(root, run_id, partition)
     agent = make_agent(setup, partition)
