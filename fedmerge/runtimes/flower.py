@@ -7,6 +7,7 @@ config and seed the numbers are the in-process per-agent engine's.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -40,11 +41,24 @@ def run(
         "init_args": {"num_cpus": num_cpus, "num_gpus": 0},
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
     }
-    with tempfile.TemporaryDirectory(prefix="fedmerge-flower-") as tmp:
-        opts = RelayOptions(timeout=timeout, state_dir=state_dir or tmp)
-        app = make_server_app(cfg, opts, on_round, rows)
-        run_simulation(app, client_app, num_supernodes=n, backend_config=backend,
-                       verbose_logging=verbose)  # fmt: skip
+    flwr_log, quiet = logging.getLogger("flwr"), _DeprecationFilter()
+    flwr_log.addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedmerge-flower-") as tmp:
+            opts = RelayOptions(timeout=timeout, state_dir=state_dir or tmp)
+            app = make_server_app(cfg, opts, on_round, rows)
+            run_simulation(app, client_app, num_supernodes=n, backend_config=backend,
+                           verbose_logging=verbose)  # fmt: skip
+    finally:
+        flwr_log.removeFilter(quiet)
     if len(rows) != n * cfg.rounds:
         raise RuntimeError(f"the Flower run ended early: {len(rows)} of {n * cfg.rounds} rows")
     return rows
+
+
+class _DeprecationFilter(logging.Filter):
+    """Hides Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``:
+    we call it on purpose, to get the rows back in this process (``flwr run .`` works too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
