@@ -1,0 +1,223 @@
+"""The Flower runtime: the relay + ClientApp give the in-process simulator's numbers.
+
+Fast tests drive the real ServerApp logic (:func:`relay`) and the real ClientApp over a
+loopback ``Grid`` that hands each message straight to the ClientApp (no Ray), so faults,
+silent nodes and corrupted payloads are cheap to test. The slow tests go through Flower's
+simulation engine (Ray) and ``flwr run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmerge.config import default_config, load_config
+from fedmerge.errors import ConfigError
+from fedmerge.runtimes.flower_app import (
+    RelayOptions,
+    client_app,
+    config_from_run,
+    relay,
+    run_options,
+)
+from fedmerge.simulator import Simulator
+
+RING4 = ["topology=ring-4", "rounds=3", "model.options.hidden=[16]", "train.steps=2",
+         "vectorize=never"]  # fmt: skip
+Hook = Callable[[int, int, Message], Message | None]
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Messages are stamped with the sending task's identity, which Flower sets per process."""
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class LoopbackGrid(Grid):
+    """A Grid whose n nodes run :data:`client_app` in this process, one Context each.
+
+    ``hook(step, partition, message)`` may return a changed message, or None: the node
+    stays silent (as if it timed out).
+    """
+
+    def __init__(self, n: int, hook: Hook | None = None, configs: list[dict] | None = None):
+        self.hook = hook or (lambda step, pid, msg: msg)
+        self.contexts = {
+            1000 + i: Context(7, 1000 + i, cfg, RecordDict(), {})
+            for i, cfg in enumerate(configs or [{"partition-id": i} for i in range(n)])
+        }
+
+    def set_run(self, run):  # pragma: no cover - the relay never calls these
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            ctx = self.contexts[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == "train.step":
+                step = int(msg.content.config_records["step"]["step"])
+                msg = self.hook(step, int(ctx.node_config["partition-id"]), msg)
+                if msg is None:
+                    continue
+            try:
+                replies.append(client_app(msg, ctx))
+            except Exception as exc:  # Flower turns a ClientApp exception into an error reply
+                replies.append(Message(Error(1, repr(exc)), reply_to=msg))
+        return replies
+
+
+def run_both(sets: list[str], tmp_path, hook: Hook | None = None):
+    cfg = load_config(None, RING4 + sets)
+    sim = Simulator(cfg)
+    ref, grid = sim.run(), LoopbackGrid(sim.setup.n, hook)
+    return ref, relay(grid, cfg, RelayOptions(timeout=1.0, state_dir=str(tmp_path)), None)
+
+
+def assert_same_rows(ref: list[dict], rows: list[dict], tol: float = 1e-6) -> None:
+    assert len(rows) == len(ref)
+    for a, b in zip(ref, rows, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "wall_s":
+                continue
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], abs=tol), (a["round"], a["agent"], key)
+            else:
+                assert b[key] == a[key], (a["round"], a["agent"], key)
+
+
+def test_gossip_matches_the_simulator(tmp_path):
+    ref, rows = run_both([], tmp_path)
+    assert_same_rows(ref, rows)
+    assert all(r["bytes_received"] > 0 for r in rows)  # payloads did travel
+
+
+def test_dimat_matches_the_simulator(tmp_path):
+    ref, rows = run_both(["protocol.name=dimat", "model.init=different"], tmp_path)
+    assert_same_rows(ref, rows)
+
+
+def test_time_varying_schedules_are_followed(tmp_path):
+    ref, rows = run_both(["protocol.name=single_global_merge", "topology=ring-8"], tmp_path)
+    assert_same_rows(ref, rows)
+    last = [r["bytes_received"] for r in rows if r["round"] == 3]  # the complete final merge
+    assert len(set(last)) == 1 and last[0] == rows[-1]["bytes_sent"] > 0
+    assert max(r["bytes_received"] for r in rows if r["round"] == 1) < last[0]
+
+
+def test_faults_follow_the_simulators_fault_model(tmp_path):
+    faults = ["faults.dropout=0.3", "faults.message_loss=0.3", "faults.straggler=0.3",
+              "rounds=4"]  # fmt: skip
+    ref, rows = run_both(faults, tmp_path)
+    assert_same_rows(ref, rows)
+    assert not all(r["active"] for r in rows) and not all(r["trained"] for r in rows)
+
+
+def test_local_protocol_sends_nothing(tmp_path):
+    ref, rows = run_both(["protocol.name=local"], tmp_path)
+    assert_same_rows(ref, rows)
+    assert sum(r["bytes_sent"] for r in rows) == 0
+
+
+def test_a_silent_node_is_skipped_and_its_neighbours_go_on(tmp_path):
+    def silence_2(step, pid, msg):
+        return None if pid == 2 and step >= 1 else msg
+
+    _, rows = run_both([], tmp_path, silence_2)
+    by = {(r["round"], r["agent"]): r for r in rows}
+    assert by[1, 2]["active"] and by[1, 2]["global_acc"] is None  # sent, never evaluated
+    for r in (2, 3):
+        assert not by[r, 2]["active"] and by[r, 2]["consensus"] is None
+        assert by[r, 2]["bytes_sent"] == by[r, 2]["bytes_received"] == 0
+        for j in (1, 3):  # node 2's neighbours merge with their other neighbour only
+            assert by[r, j]["global_acc"] is not None
+            assert by[r, j]["bytes_received"] == by[r, 0]["bytes_sent"] // 2
+    assert by[3, 0]["bytes_received"] == 2 * by[3, 1]["bytes_received"]
+
+
+def test_a_corrupted_payload_is_rejected_and_counted(tmp_path):
+    def corrupt(step, pid, msg):
+        inbox = msg.content.array_records["inbox"]
+        if pid == 0 and step == 2 and "1" in inbox:
+            blob = bytearray(inbox["1"].data)
+            blob[-1] ^= 0xFF  # flip bits of the last tensor byte: the content hash breaks
+            inbox["1"] = Array(dtype="uint8", shape=(len(blob),), stype="safetensors",
+                               data=bytes(blob))  # fmt: skip
+        return msg
+
+    ref, rows = run_both([], tmp_path, corrupt)
+    by = {(r["round"], r["agent"]): r for r in rows}
+    assert by[2, 0]["rejected"] == 1 and sum(r["rejected"] for r in rows) == 1
+    assert by[1, 0]["global_acc"] == ref[0]["global_acc"]  # round 1 untouched
+    assert by[3, 0]["global_acc"] is not None  # the run went on
+
+
+def test_every_topology_node_needs_a_partition_id(tmp_path):
+    grid = LoopbackGrid(4, configs=[{"partition-id": 0}, {}, {"partition-id": 2},
+                                    {"partition-id": 3}])  # fmt: skip
+    cfg = load_config(None, RING4)
+    with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
+        relay(grid, cfg, RelayOptions(state_dir=str(tmp_path), connect_timeout=1), None)
+
+
+def test_run_config_names_config_overrides_and_output(tmp_path):
+    (tmp_path / "sim.yaml").write_text("rounds: 7\ntopology: ring-4\n")
+    run_config = {"config": "sim.yaml", "overrides": "seed=3 'model.options.hidden=[8, 8]'",
+                  "out-dir": str(tmp_path / "out"), "timeout": 2.5}  # fmt: skip
+    cfg, out = config_from_run(run_config, tmp_path)
+    assert (cfg.rounds, cfg.seed, cfg.model.options["hidden"]) == (7, 3, [8, 8])
+    assert out == tmp_path / "out"
+    assert run_options(run_config).timeout == 2.5 and run_options({}).timeout is None
+    default, out = config_from_run({"overrides": "rounds=2"}, tmp_path)
+    assert default.rounds == 2 and out.name == "default-flower"
+    with pytest.raises(ConfigError, match="seed"):
+        config_from_run({"overrides": "seed=x"}, tmp_path)
+
+
+@pytest.mark.slow
+def test_flower_simulation_engine_matches_the_simulator():
+    """Gossip through Ray: accuracies equal; consensus to 1e-6 (Ray's workers run torch on
+    one thread, which moves float32 sums by a few ulps: ~1e-10 here)."""
+    from fedmerge.runtimes import flower
+
+    cfg = load_config(None, RING4)
+    ref = Simulator(cfg).run()
+    seen: list[list[dict]] = []
+    rows = flower.run(cfg, on_round=seen.append, timeout=300)
+    assert_same_rows(ref, rows)
+    assert [len(r) for r in seen] == [4, 4, 4] and seen[-1][0]["round"] == 3
+
+
+@pytest.mark.slow
+def test_simulate_cli_runs_dimat_on_flower(tmp_path, capsys):
+    import json
+
+    from fedmerge.cli import main
+
+    sets = RING4 + ["protocol.name=dimat", "model.init=different"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["simulate", *args, "--runtime", "flower", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(Simulator(default_config(sets)).run(), rows)  # simulate's base config
+    assert json.loads((tmp_path / "summary.json").read_text())["runtime"] == "flower"
