@@ -3,6 +3,7 @@
 The public Python API; each name lives in the module named after its idea.
 """
 
+from fedmerge.agent import Agent
 from fedmerge.alignment import (
     PermutationSpec,
     activation_matching,
@@ -20,6 +21,7 @@ from fedmerge.checkpoint import (
     read_metadata,
     save_state_dict,
 )
+from fedmerge.config import SimConfig, default_config, load_config
 from fedmerge.continual import (
     CONTINUAL_METHODS,
     ContinualMerger,
@@ -28,12 +30,18 @@ from fedmerge.continual import (
     linear_keys_from_module,
     make_merger,
 )
+from fedmerge.data.datasets import Dataset, load_dataset
+from fedmerge.data.partition import FederatedData, federate
 from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.merging import METHODS as MERGE_METHODS
 from fedmerge.merging import MergeReport, merge, merge_checkpoints
 from fedmerge.models import MODELS, build_model
+from fedmerge.payload import Payload, validate_payload
+from fedmerge.protocols import PROTOCOLS
+from fedmerge.report import summarize, write_run
+from fedmerge.simulator import Simulator, build_setup
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,
@@ -44,11 +52,28 @@ from fedmerge.statedict import (
     state_hash,
     task_vector,
 )
+from fedmerge.sweep import run_sweep
 from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agent",
+    "Dataset",
+    "FederatedData",
+    "PROTOCOLS",
+    "Payload",
+    "SimConfig",
+    "Simulator",
+    "build_setup",
+    "default_config",
+    "federate",
+    "load_config",
+    "load_dataset",
+    "run_sweep",
+    "summarize",
+    "validate_payload",
+    "write_run",
     "TASK_NAMES",
     "Task",
     "TaskFamily",

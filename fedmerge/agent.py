@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fedmerge.config import TrainConfig, ValidationConfig
-from fedmerge.data.datasets import import_factory
 from fedmerge.data.partition import AgentData
 from fedmerge.errors import ValidationError
+from fedmerge.factory import import_factory
 from fedmerge.payload import Payload, validate_payload
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
 

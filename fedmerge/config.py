@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ import yaml
 
 from fedmerge.errors import ConfigError
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
 POSITIVE: Check = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
@@ -234,6 +236,8 @@ def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not is_bool:
             return float(value)
+        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is int and isinstance(value, int) and not is_bool:
             return value
         if t in (str, dict, bool) and isinstance(value, t):
@@ -259,3 +263,24 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
                 doc += f" ({' | '.join(f.metadata['choices'])})"
             out.append((prefix + f.name, default, doc))
     return out
+
+
+DEFAULT_RUN = """\
+# fedmerge simulate's embedded default: 8 agents on a ring, non-IID digits (class c on
+# agent c mod 8), one shared init, 50 rounds of D-PSGD-style gossip (2 SGD steps, then
+# Metropolis-Hastings averaging with the two ring neighbours).
+name: default
+seed: 0
+rounds: 50
+topology: ring-8
+data: {name: digits, partition: shards}
+model: {name: mlp, options: {hidden: [64]}, init: same}
+train: {optimizer: sgd, lr: 0.5, steps: 2, batch_size: 32}
+protocol: {name: gossip}
+"""
+"""The config ``fedmerge simulate`` runs when given none (about a second on 2 cores)."""
+
+
+def default_config(overrides: Iterable[str] | None = None) -> SimConfig:
+    """:data:`DEFAULT_RUN` with ``a.b=c`` overrides applied."""
+    return load_config(yaml.safe_load(DEFAULT_RUN), overrides)

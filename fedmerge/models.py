@@ -23,7 +23,6 @@ torch.Size([5, 10])
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections import OrderedDict
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from fedmerge.errors import ConfigError
+from fedmerge.factory import import_factory
 
 
 class MLP(nn.Sequential):
@@ -156,7 +156,7 @@ def build_model(
     in_shape = tuple(int(d) for d in in_shape)
     if not in_shape or min(in_shape) < 1 or int(num_classes) < 1:
         raise ConfigError(f"model {name!r}: bad in_shape {in_shape} or num_classes {num_classes}")
-    builder = MODELS.get(name) or _import_factory(name)
+    builder = MODELS.get(name) or import_factory(name, "model.name", sorted(MODELS))
     if name in MODELS:
         _check_kwargs(name, builder, kwargs)
     with torch.random.fork_rng(devices=[]):
@@ -166,23 +166,6 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not nn.Module")
     return model
-
-
-def _import_factory(name: str) -> Callable[..., nn.Module]:
-    module_name, sep, attr = name.partition(":")
-    if not sep or not module_name or not attr:
-        known = ", ".join(sorted(MODELS))
-        raise ConfigError(
-            f"unknown model {name!r}: use one of {known} or 'package.module:function'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"model factory {name!r}: cannot import {module_name!r} ({exc})") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model factory {name!r}: {module_name!r} has no callable {attr!r}")
-    return factory
 
 
 def _check_kwargs(name: str, builder: Callable[..., nn.Module], kwargs: dict) -> None:

@@ -75,7 +75,7 @@ def test_factory_gets_kwargs_and_is_seeded(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
-        ("transformer", {}, "unknown model 'transformer'.*mlp"),
+        ("transformer", {}, "model.name: unknown 'transformer'.*mlp"),
         ("no_such_pkg_xyz:f", {}, "cannot import 'no_such_pkg_xyz'"),
         ("fm_user_models:missing", {}, "no callable 'missing'"),
         ("fm_user_models:value", {}, "no callable 'value'"),

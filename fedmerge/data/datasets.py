@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fedmerge.errors import ConfigError
+from fedmerge.factory import import_factory
 
 
 @dataclass(frozen=True)
@@ -148,20 +149,3 @@ def load_dataset(name: str, **options: Any) -> Dataset:
         x, y = (torch.as_tensor(np.asarray(v)) for v in out)
         return Dataset(name, x.float(), y.long())
     raise ConfigError(f"data.name: factory {name!r} returned {type(out).__name__}, not (x, y)")
-
-
-def import_factory(name: str, field: str, known: list[str]) -> Callable[..., Any]:
-    """Import ``"package.module:function"``; a :class:`ConfigError` naming ``field`` otherwise."""
-    module_name, sep, attr = name.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(
-            f"{field}: unknown {name!r}; use one of {', '.join(known)} or 'package.module:function'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{field}: cannot import {module_name!r} ({exc})") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{field}: {module_name!r} has no callable {attr!r}")
-    return factory

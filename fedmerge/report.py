@@ -1,0 +1,174 @@
+"""What every run leaves behind, whatever the runtime: the resolved config, one metrics row
+per agent per round, a summary and plots.
+
+``DIR/config.yaml``   the resolved config (loadable by ``fedmerge simulate``)
+``DIR/metrics.jsonl`` one JSON object per agent per round (the runtimes' rows)
+``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
+``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
+``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale)
+
+>>> rows = [{"round": r, "agent": a, "active": True, "global_acc": 0.1 * r + a / 100,
+...          "local_acc": None, "consensus": 1.0 / r, "bytes_sent": 10, "bytes_received": 10,
+...          "rejected": 0, "wall_s": 0.5} for r in (1, 2) for a in (0, 1)]
+>>> s = summarize(rows)
+>>> round(s["final_global_acc"], 3), round(s["best_global_acc"], 3), s["best_round"]
+(0.205, 0.205, 2)
+>>> s["bytes_sent"], s["consensus"], s["wall_s"]
+(40, 0.5, 1.0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmerge.atomic import atomic_write_text
+from fedmerge.config import SimConfig, dump_config
+
+Row = Mapping[str, Any]
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """One dict per round: mean accuracies and consensus over agents, summed traffic, wall."""
+    by_round: dict[int, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_round[int(row["round"])].append(row)
+    out = []
+    for r in sorted(by_round):
+        group = by_round[r]
+        out.append(
+            {
+                "round": r,
+                "global_acc": _mean(g["global_acc"] for g in group),
+                "local_acc": _mean(g["local_acc"] for g in group),
+                "consensus": _mean(g["consensus"] for g in group),
+                "active": sum(bool(g.get("active", True)) for g in group),
+                "bytes_sent": sum(int(g["bytes_sent"]) for g in group),
+                "rejected": sum(int(g.get("rejected", 0)) for g in group),
+                "wall_s": max(float(g["wall_s"]) for g in group),
+            }
+        )
+    return out
+
+
+def summarize(rows: Sequence[Row], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Final and best mean global accuracy (and the round of the best), final local accuracy
+    and consensus distance, total bytes sent/received, rejected payloads, summed wall time."""
+    rounds = per_round(rows)
+    if not rounds:
+        raise ValueError("no metrics rows to summarize")
+    scored = [r for r in rounds if r["global_acc"] is not None]
+    best = max(scored, key=lambda r: r["global_acc"]) if scored else rounds[-1]
+    last = rounds[-1]
+    return {
+        "rounds": last["round"],
+        "agents": len({row["agent"] for row in rows}),
+        "final_global_acc": last["global_acc"],
+        "final_local_acc": last["local_acc"],
+        "best_global_acc": best["global_acc"],
+        "best_round": best["round"],
+        "consensus": last["consensus"],
+        "bytes_sent": sum(int(row["bytes_sent"]) for row in rows),
+        "bytes_received": sum(int(row["bytes_received"]) for row in rows),
+        "rejected": sum(int(row.get("rejected", 0)) for row in rows),
+        "wall_s": sum(r["wall_s"] for r in rounds),
+        **(extra or {}),
+    }
+
+
+def write_run(
+    out: str | Path, cfg: SimConfig, rows: Sequence[Row], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write config.yaml, metrics.jsonl, summary.json and the PNG plots; return the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows, {"name": cfg.name, **(extra or {})})
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plot_run(out, cfg.name, rows)
+    return summary
+
+
+def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
+    """accuracy.png (global and local, mean bold, agents faint) and consensus.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = per_round(rows)
+    xs = [r["round"] for r in rounds]
+    agents: dict[int, list[Row]] = defaultdict(list)
+    for row in rows:
+        agents[int(row["agent"])].append(row)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    panels = ((axes[0], "global_acc", "global test"), (axes[1], "local_acc", "local test"))
+    for ax, key, label in panels:
+        if len(agents) <= 64:
+            for series in agents.values():
+                pts = [(s["round"], s[key]) for s in series if s[key] is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), color="tab:blue", alpha=0.15, lw=0.8)
+        pts = [(r["round"], r[key]) for r in rounds if r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=2.2, label="mean over agents")
+        ax.set(title=f"{title}: {label} accuracy", xlabel="round", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    cons = [max(r["consensus"] or 0.0, 1e-12) for r in rounds]
+    ax.semilogy(xs, cons, marker="o", ms=3)
+    ax.set(title=f"{title}: consensus distance", xlabel="round", ylabel="mean ‖θ_i − θ̄‖")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out / "consensus.png", dpi=110)
+    plt.close(fig)
+
+
+def round_table(rows: Sequence[Row], every: int = 1):
+    """A rich Table of per-round means (every ``every``-th round, and the last)."""
+    from rich.table import Table
+
+    rounds = per_round(rows)
+    table = Table(title="per-round means over agents")
+    for col in ("round", "global acc", "local acc", "consensus", "MB sent", "rejected", "s"):
+        table.add_column(col, justify="right")
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for i, r in enumerate(rounds):
+        if i % max(every, 1) and i != len(rounds) - 1:
+            continue
+        table.add_row(
+            str(r["round"]), fmt(r["global_acc"], ".3f"), fmt(r["local_acc"], ".3f"),
+            fmt(r["consensus"], ".3g"), f"{r['bytes_sent'] / 1e6:.2f}", str(r["rejected"]),
+            f"{r['wall_s']:.2f}",
+        )  # fmt: skip
+    return table
+
+
+def summary_table(summary: Mapping[str, Any]):
+    """A two-column rich Table of the summary."""
+    from rich.table import Table
+
+    table = Table(title=f"summary: {summary.get('name', 'run')}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key == "name":
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key.replace("_", " "), text)
+    return table

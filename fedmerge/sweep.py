@@ -1,0 +1,196 @@
+"""Sweeps: one base config, a grid of overrides, several seeds; one table and one plot.
+
+A sweep file is YAML::
+
+    name: gossip-vs-local
+    base: default          # fedmerge simulate's embedded default, a config file, or a mapping
+    set: [train.steps=2]   # optional overrides on the base
+    grid:                  # every combination of these ...
+      protocol.name: [gossip, local, centralized]
+      topology: [ring-8, complete-8]
+    cells:                 # ... and explicit cells
+      - {label: lossy, set: [faults.message_loss=0.3]}
+    seeds: [0, 1, 2]
+
+Each cell runs once per seed with :class:`~fedmerge.simulator.Simulator`; the table holds
+the mean ± std over seeds of the final and best mean global accuracy, the final consensus
+distance, MB sent per agent and wall time.
+
+>>> spec = {"grid": {"protocol.name": ["gossip", "local"], "rounds": [2]}}
+>>> [c.label for c in expand(spec)]
+['gossip · 2', 'local · 2']
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedmerge.atomic import atomic_write_text
+from fedmerge.config import DEFAULT_RUN, load_config
+from fedmerge.errors import ConfigError
+from fedmerge.report import per_round, summarize
+
+SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the sweep: a label and its ``a.b=c`` overrides."""
+
+    label: str
+    sets: tuple[str, ...]
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read sweep {path}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep {path}: must be a mapping")
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
+        )
+    if isinstance(spec.get("base"), str) and spec["base"] != "default":
+        spec["base"] = str(Path(path).parent / spec["base"])
+    return spec
+
+
+def _as_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def expand(spec: Mapping[str, Any]) -> list[Cell]:
+    """The cells: the grid's cartesian product (in file order), then the explicit cells."""
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, Mapping) or any(not isinstance(v, list) for v in grid.values()):
+        raise ConfigError("sweep grid: must map dotted fields to lists of values")
+    cells = []
+    for combo in itertools.product(*grid.values()) if grid else ():
+        sets = tuple(f"{k}={_as_value(v)}" for k, v in zip(grid, combo, strict=True))
+        cells.append(Cell(" · ".join(map(_as_value, combo)), sets))
+    for i, c in enumerate(spec.get("cells") or []):
+        if not isinstance(c, Mapping) or not isinstance(c.get("set", []), list):
+            raise ConfigError(f"sweep cells[{i}]: need {{label: ..., set: [k=v, ...]}}")
+        cells.append(Cell(str(c.get("label", f"cell {i}")), tuple(map(str, c.get("set", [])))))
+    if not cells:
+        raise ConfigError("sweep: needs a grid or cells")
+    return cells
+
+
+def run_sweep(
+    spec: Mapping[str, Any], on_run: Callable[[str, int], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run every cell × seed; one result per cell with per-seed summaries and mean curves."""
+    base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
+    base = yaml.safe_load(DEFAULT_RUN) if base in (None, "default") else base
+    seeds = spec.get("seeds") or [0]
+    results = []
+    for cell in expand(spec):
+        runs = []
+        for seed in seeds:
+            from fedmerge.simulator import Simulator
+
+            cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
+            rows = Simulator(cfg).run()
+            runs.append({"seed": seed, "summary": summarize(rows), "curve": per_round(rows)})
+            if on_run:
+                on_run(cell.label, seed)
+        results.append({"label": cell.label, "sets": list(cell.sets), "runs": runs})
+    return results
+
+
+def _stat(results: Mapping[str, Any], key: str) -> tuple[float, float]:
+    vals = [r["summary"][key] for r in results["runs"] if r["summary"][key] is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per cell: mean and std over seeds of the headline figures."""
+    rows = []
+    for res in results:
+        s0 = res["runs"][0]["summary"]
+        row = {"cell": res["label"], "seeds": len(res["runs"])}
+        for key in ("final_global_acc", "best_global_acc", "consensus", "wall_s"):
+            row[key], row[key + "_std"] = _stat(res, key)
+        row["mb_sent_per_agent"] = s0["bytes_sent"] / 1e6 / max(s0["agents"], 1)
+        rows.append(row)
+    return rows
+
+
+def sweep_table(name: str, rows: list[dict[str, Any]]):
+    """A rich Table of :func:`sweep_rows`."""
+    from rich.table import Table
+
+    table = Table(title=f"sweep {name}: mean ± std over seeds")
+    for col in ("cell", "final global acc", "best global acc", "consensus", "MB/agent", "s"):
+        table.add_column(col, justify="left" if col == "cell" else "right")
+    for r in rows:
+        table.add_row(
+            r["cell"], f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
+            f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f}",
+            f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}", f"{r['wall_s']:.1f}",
+        )  # fmt: skip
+    return table
+
+
+def write_sweep(out: str | Path, name: str, results: list[dict[str, Any]]) -> list[dict]:
+    """results.json (everything), table.csv, table.md and accuracy.png; returns the rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sweep_rows(results)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    cols = list(rows[0])
+    csv = [",".join(cols)] + [",".join(_csv(r[c]) for c in cols) for r in rows]
+    atomic_write_text(out / "table.csv", "\n".join(csv) + "\n")
+    md = [
+        "| cell | final global acc | best global acc | consensus | MB/agent |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['cell']} | {r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f} | "
+        f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f} | {r['consensus']:.3g} | "
+        f"{r['mb_sent_per_agent']:.2f} |"
+        for r in rows
+    ]
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    _plot(out / "accuracy.png", name, results)
+    return rows
+
+
+def _csv(v: Any) -> str:
+    text = f"{v:.6g}" if isinstance(v, float) else str(v)
+    return f'"{text}"' if "," in text else text
+
+
+def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for res in results:
+        curves = [[p["global_acc"] for p in run["curve"]] for run in res["runs"]]
+        mean = [statistics.fmean(v) for v in zip(*curves, strict=False)]
+        ax.plot(range(1, len(mean) + 1), mean, label=res["label"], lw=1.6)
+    ax.set(title=f"{name}: mean global test accuracy (mean over seeds)", xlabel="round",
+           ylabel="accuracy", ylim=(0, 1))  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
