@@ -3,7 +3,9 @@
 Runs :class:`fedmerge.simulator.Simulator` with the ``dimat`` protocol (per-agent engine) and
 times, inside every round, ``Agent.train`` (local epochs) and ``dimat_merge`` (BN resets,
 activation collection, Hungarian assignment, permuted weighted average, BN reset) for every
-agent; the rest of the round (publish, deliver, validate, evaluate) is "other".
+agent; the rest of the round (publish, deliver, validate, evaluate) is "other". Times are
+process CPU time (one torch thread), so other work on a shared machine does not skew the
+shares.
 
     PYTHONPATH=. python benchmarks/dimat_round_cost.py                       # mlp, K = 6 ring
     PYTHONPATH=. python benchmarks/dimat_round_cost.py --models mlp,cnn --protocols dimat,dimat_wm
@@ -26,14 +28,14 @@ from fedmerge.simulator import Simulator
 
 
 def timed(fn, bucket: dict[str, float], key: str):
-    """``fn`` wrapped to add its wall time to ``bucket[key]``."""
+    """``fn`` wrapped to add its CPU time to ``bucket[key]``."""
 
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
-            bucket[key] += time.perf_counter() - start
+            bucket[key] += time.process_time() - start
 
     return wrapper
 
@@ -54,9 +56,9 @@ def measure(model: str, protocol: str, args) -> dict[str, float]:
             ])  # fmt: skip
             sim = Simulator(cfg)
             for r in range(cfg.rounds):
-                start = time.perf_counter()
+                start = time.process_time()
                 sim.round(r)
-                total["round"] += time.perf_counter() - start
+                total["round"] += time.process_time() - start
     finally:
         Agent.train, protocols.dimat_merge = original_train, original_merge
     runs = args.seeds * args.rounds
@@ -76,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the cores are shared
     table = Table(
         title=f"DIMAT round cost in the simulator ({args.topology}, {args.partition}, "
-        f"E = {args.epochs}, {args.rounds} rounds × {args.seeds} seeds; ms per round, all agents)"
+        f"E = {args.epochs}, {args.rounds} rounds × {args.seeds} seeds; "
+        "CPU ms per round, all agents)"
     )
     for col in ("model", "protocol", "round", "train", "align + merge", "other",
                 "train share", "merge share"):  # fmt: skip
         table.add_column(col, justify="right")
     for model in args.models.split(","):
         for protocol in args.protocols.split(","):
+            measure(model, protocol, argparse.Namespace(**{**vars(args), "seeds": 1}))  # warm-up
             t = measure(model, protocol, args)
             other = t["round"] - t["train"] - t["merge"]
             table.add_row(
