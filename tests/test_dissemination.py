@@ -217,5 +217,7 @@ def test_runner_config_errors(capsys):
     assert "arrivals.rot90: expected {node: N, round: R}" in capsys.readouterr().err
     assert main(["--set", "method=nope"]) == 2
     assert "method: must be one of" in capsys.readouterr().err
+    assert main(["--set", "method=running_average", "--set", "params={alpha: 0.5}"]) == 2
+    assert "params: running_average: unknown parameter 'alpha'" in capsys.readouterr().err
     assert main(["--set", "experts.model.hidden=oops"]) == 2
     assert "experts.model.hidden" in capsys.readouterr().err

@@ -79,8 +79,17 @@ class DisseminationConfig:
 def load(path: str | None, overrides: Sequence[str] = ()) -> DisseminationConfig:
     """Read and validate a dissemination config (None: the defaults)."""
     cfg = load_config(path, overrides, schema=DisseminationConfig)
-    expert_config(cfg)  # validate the experts section now, not after training
+    expert_config(cfg)  # validate the experts section and the merger now, not after training
+    try:
+        CONTINUAL_METHODS[cfg.method](set(), **merger_params(cfg))
+    except ConfigError as exc:
+        raise ConfigError(f"params: {exc} (method {cfg.method})") from exc
     return cfg
+
+
+def merger_params(cfg: DisseminationConfig) -> dict[str, Any]:
+    """The merger's parameters: ``params``, or the continual experiment's defaults."""
+    return cfg.params or dict(DEFAULT_METHODS.get(cfg.method, {}))
 
 
 def expert_config(cfg: DisseminationConfig) -> ExperimentConfig:
@@ -142,7 +151,7 @@ def run(cfg: DisseminationConfig, tick: Tick = lambda _: None) -> Outcome:
         return dict(zip(names, evaluate(setup, state).tolist(), strict=True))
 
     experts = dict(zip(names, setup.experts, strict=True))
-    params = cfg.params or DEFAULT_METHODS.get(cfg.method, {})
+    params = merger_params(cfg)
     result = disseminate(
         topo, setup.base, experts, arrivals, rounds=cfg.rounds, method=cfg.method,
         params=params, projectable=setup.projectable, message_loss=cfg.message_loss,
