@@ -3,6 +3,7 @@ per agent per round, a summary and plots.
 
 ``DIR/config.yaml``   the resolved config (loadable by ``fedmerge simulate``)
 ``DIR/metrics.jsonl`` one JSON object per agent per round (the runtimes' rows)
+``DIR/metrics.csv``   the same rows as CSV (columns: the union of the rows' keys)
 ``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
 ``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
 ``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale)
@@ -19,6 +20,8 @@ per agent per round, a summary and plots.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections import defaultdict
@@ -88,15 +91,25 @@ def summarize(rows: Sequence[Row], extra: Mapping[str, Any] | None = None) -> di
 def write_run(
     out: str | Path, cfg: SimConfig, rows: Sequence[Row], extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write config.yaml, metrics.jsonl, summary.json and the PNG plots; return the summary."""
+    """Write config.yaml, metrics.jsonl/.csv, summary.json and the PNG plots; return the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, {"name": cfg.name, **(extra or {})})
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    atomic_write_text(out / "metrics.csv", _csv(rows))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_run(out, cfg.name, rows)
     return summary
+
+
+def _csv(rows: Sequence[Row]) -> str:
+    buf = io.StringIO()
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:

@@ -25,6 +25,8 @@ def test_default_simulation_learns_and_writes_its_report(tmp_path, capsys):
     assert len(rows) == 8 * 50 and {r["agent"] for r in rows} == set(range(8))
     assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rows) > 0
     assert load_config(tmp_path / "config.yaml") == default_config()
+    csv = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("round,agent,active") and len(csv) == 1 + 8 * 50
     for png in ("accuracy.png", "consensus.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 

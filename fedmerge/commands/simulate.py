@@ -16,7 +16,7 @@ examples:
   fedmerge simulate CONFIG.yaml --runtime torchdist --procs 4
 
 Every run writes to --out (default runs/<name>): config.yaml (resolved), metrics.jsonl
-(one row per agent per round: local_acc, global_acc, consensus, bytes_sent,
+and .csv (one row per agent per round: local_acc, global_acc, consensus, bytes_sent,
 bytes_received, rejected, wall_s, ...), summary.json, accuracy.png and consensus.png.
 
 Protocols: gossip (mixing-weighted averaging, D-PSGD), local (no communication),
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(round_table(rows, every=max(1, cfg.rounds // 10)))
         console.print(summary_table(summary))
-    console.print(f"wrote {out}/ (config.yaml, metrics.jsonl, summary.json, accuracy.png, "
+    console.print(f"wrote {out}/ (config.yaml, metrics.jsonl/.csv, summary.json, accuracy.png, "
                   "consensus.png)", highlight=False)  # fmt: skip
     return 0
 
