@@ -34,6 +34,7 @@ from fedmerge.data.datasets import Dataset, load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
 from fedmerge.dimat import dimat_merge
+from fedmerge.dissemination import Arrival, DisseminationResult, disseminate, fold_directly
 from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
 from fedmerge.merging import METHODS as MERGE_METHODS
 from fedmerge.merging import MergeReport, merge, merge_checkpoints
@@ -127,6 +128,10 @@ __all__ = [
     "activation_matching",
     "apply_permutation",
     "dimat_merge",
+    "Arrival",
+    "DisseminationResult",
+    "disseminate",
+    "fold_directly",
     "permutation_spec",
     "reset_bn_stats",
     "weight_matching",

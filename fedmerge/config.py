@@ -208,8 +208,10 @@ class SimConfig:
 def load_config(
     source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     overrides: Iterable[str] | None = None,
-) -> SimConfig:
-    """Read a YAML file or mapping (None: all defaults), apply ``a.b=c`` overrides, validate."""
+    schema: type = SimConfig,
+) -> Any:
+    """Read a YAML file or mapping (None: all defaults), apply ``a.b=c`` overrides, validate
+    into ``schema`` (a dataclass whose fields are made with :func:`option`; default SimConfig)."""
     if source is None:
         data: dict[str, Any] = {}
     elif isinstance(source, Mapping):
@@ -231,7 +233,7 @@ def load_config(
         except (yaml.YAMLError, ValueError, RecursionError) as exc:  # too deep, too many digits
             raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
         _set_dotted(data, key.strip().split("."), value, key.strip())
-    return _build(SimConfig, data, "")
+    return _build(schema, data, "")
 
 
 def dump_config(cfg: SimConfig) -> str:

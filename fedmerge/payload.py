@@ -2,7 +2,8 @@
 
 ``kind`` says what the tensors are: ``"delta"`` (task vector τ = θ − θ_ref against a shared
 reference) or ``"full"`` (the weights θ themselves, when agents share no reference, as in
-DIMAT). Only floating entries travel; integer buffers stay with each agent.
+DIMAT). Only floating entries travel; integer buffers stay with each agent. ``expert`` names
+the expert a payload carries when it is one (continual dissemination); None otherwise.
 
 On the wire (Flower, torch.distributed) a payload is one safetensors blob with the metadata
 in its header, so nothing is ever unpickled:
@@ -44,17 +45,19 @@ class Payload:
     samples: int
     kind: str
     hash: str
+    expert: str | None = None
 
     @classmethod
     def make(
         cls, tensors: Mapping[str, torch.Tensor], *, sender: int, round: int, samples: int,
-        kind: str,
+        kind: str, expert: str | None = None,
     ) -> Payload:  # fmt: skip
         """Snapshot ``tensors`` (detached copies) and hash them."""
         if kind not in KINDS:
             raise ValidationError(f"payload kind must be one of {KINDS}, got {kind!r}")
         owned = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-        return cls(owned, int(sender), int(round), int(samples), kind, state_hash(owned))
+        hash_ = state_hash(owned)
+        return cls(owned, int(sender), int(round), int(samples), kind, hash_, expert)
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +67,8 @@ class Payload:
     def to_bytes(self) -> bytes:
         """One safetensors blob; the metadata travels as strings in its header."""
         meta = {k: str(getattr(self, k)) for k in META_KEYS}
+        if self.expert is not None:
+            meta["expert"] = self.expert
         return st_save(self.tensors, metadata=meta)
 
     @classmethod
@@ -85,7 +90,7 @@ class Payload:
             tensors = st_load(bytes(data))
         except (SafetensorError, ValueError) as exc:
             raise ValidationError(f"unreadable payload: {str(exc)[:200]}") from None
-        p = cls(tensors, sender, round, samples, meta["kind"], meta["hash"])
+        p = cls(tensors, sender, round, samples, meta["kind"], meta["hash"], meta.get("expert"))
         if state_hash(p.tensors) != p.hash:
             raise ValidationError(f"payload from agent {p.sender}: content hash mismatch")
         return p
