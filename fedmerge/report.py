@@ -16,6 +16,9 @@ per agent per round, a summary and plots.
 (0.205, 0.205, 2)
 >>> s["bytes_sent"], s["consensus"], s["wall_s"]
 (40, 0.5, 1.0)
+>>> attacker = {**rows[-1], "agent": 9, "global_acc": 0.0, "byzantine": True}
+>>> summarize([*rows, attacker]) == s          # simulated attackers are not averaged in
+True
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """One dict per round: mean accuracies and consensus over agents, summed traffic, wall."""
+    """One dict per round: mean accuracies and consensus over the honest agents (rows with
+    ``byzantine`` set are left out), summed traffic, wall."""
     by_round: dict[int, list[Row]] = defaultdict(list)
-    for row in rows:
+    for row in honest(rows):
         by_round[int(row["round"])].append(row)
     out = []
     for r in sorted(by_round):
@@ -63,9 +67,16 @@ def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return out
 
 
+def honest(rows: Sequence[Row]) -> list[Row]:
+    """The rows of agents that are not simulated Byzantine attackers."""
+    return [r for r in rows if not r.get("byzantine")]
+
+
 def summarize(rows: Sequence[Row], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Final and best mean global accuracy (and the round of the best), final local accuracy
-    and consensus distance, total bytes sent/received, rejected payloads, summed wall time."""
+    and consensus distance, total bytes sent/received, rejected payloads, summed wall time,
+    all over the honest agents."""
+    rows = honest(rows)
     rounds = per_round(rows)
     if not rounds:
         raise ValueError("no metrics rows to summarize")
