@@ -1,8 +1,8 @@
 """Seconds per round and peak memory: Flower's simulation engine (Ray) vs the in-process simulator.
 
-    python benchmarks/flower_vs_local.py                               # 4 agents, 5 rounds
-    python benchmarks/flower_vs_local.py --agents 4 10 100 --rounds 20 # the README numbers
-    python benchmarks/flower_vs_local.py --agents 2 --rounds 2 --hidden 7000 7000  # 198 MB payloads
+    python benchmarks/flower_overhead.py                               # 4 agents, 5 rounds
+    python benchmarks/flower_overhead.py --agents 4 10 100 --rounds 20 # the README numbers
+    python benchmarks/flower_overhead.py --agents 2 --rounds 2 --hidden 7000 7000  # 198 MB payloads
 
 Same workload on every engine: gossip on a ring of N agents, digits (IID split), an MLP
 64-128-10 (~9.6k parameters), 2 SGD steps per round. Each engine runs in a fresh child
