@@ -38,6 +38,24 @@ from fedmerge.config import SimConfig, dump_config
 Row = Mapping[str, Any]
 
 
+ROW_DEFAULTS: dict[str, Any] = {
+    "active": False, "trained": False, "local_acc": None, "global_acc": None,
+    "consensus": None, "bytes_sent": 0, "bytes_received": 0, "rejected": 0,
+    "byzantine": False, "wall_s": 0.0,
+}  # fmt: skip
+"""The fields of a metrics row after ``round`` and ``agent``, with the values of an agent
+that took no part in the round."""
+
+
+def metrics_row(round: int, agent: int, **fields: Any) -> dict[str, Any]:
+    """One metrics row (the schema every runtime writes); unnamed fields take
+    :data:`ROW_DEFAULTS`, unknown ones are an error."""
+    unknown = set(fields) - set(ROW_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown metrics fields {sorted(unknown)}")
+    return {"round": round, "agent": agent, **ROW_DEFAULTS, **fields}
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
@@ -108,13 +126,14 @@ def write_run(
     summary = summarize(rows, {"name": cfg.name, **(extra or {})})
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in rows))
-    atomic_write_text(out / "metrics.csv", _csv(rows))
+    atomic_write_text(out / "metrics.csv", csv_text(rows))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_run(out, cfg.name, rows)
     return summary
 
 
-def _csv(rows: Sequence[Row]) -> str:
+def csv_text(rows: Sequence[Row]) -> str:
+    """The rows as CSV text; the columns are the union of their keys, in first-seen order."""
     buf = io.StringIO()
     columns = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, columns, lineterminator="\n")

@@ -42,6 +42,7 @@ from fedmerge.models import build_model
 from fedmerge.payload import Payload
 from fedmerge.persist import Recovery
 from fedmerge.protocols import MergeContext, Protocol, get_protocol
+from fedmerge.report import metrics_row
 from fedmerge.statedict import StateDict, is_mergeable
 from fedmerge.topology import RoundPlan, Topology, build_topology
 
@@ -256,20 +257,20 @@ class Simulator:
         dist = (flat - flat.mean(0)).norm(dim=1).tolist()
         wall = time.perf_counter() - start
         rows = [
-            {
-                "round": r + 1,
-                "agent": i,
-                "active": bool(active[i]),
-                "trained": bool(trains[i]),
-                "local_acc": local[i],
-                "global_acc": glob[i],
-                "consensus": dist[i],
-                "bytes_sent": int(traffic.sent[i]),
-                "bytes_received": int(traffic.received[i]),
-                "rejected": int(traffic.rejected[i]),
-                "byzantine": i in self.byzantine,
-                "wall_s": wall,
-            }  # fmt: skip
+            metrics_row(
+                r + 1,
+                i,
+                active=bool(active[i]),
+                trained=bool(trains[i]),
+                local_acc=local[i],
+                global_acc=glob[i],
+                consensus=dist[i],
+                bytes_sent=int(traffic.sent[i]),
+                bytes_received=int(traffic.received[i]),
+                rejected=int(traffic.rejected[i]),
+                byzantine=i in self.byzantine,
+                wall_s=wall,
+            )  # fmt: skip
             for i in range(n)
         ]
         self.rows += rows

@@ -36,7 +36,7 @@ import yaml
 from fedmerge.atomic import atomic_write_text
 from fedmerge.config import DEFAULT_RUN, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import per_round, summarize
+from fedmerge.report import csv_text, per_round, summarize
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
 
@@ -153,9 +153,7 @@ def write_sweep(out: str | Path, name: str, results: list[dict[str, Any]]) -> li
     out.mkdir(parents=True, exist_ok=True)
     rows = sweep_rows(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    cols = list(rows[0])
-    csv = [",".join(cols)] + [",".join(_csv(r[c]) for c in cols) for r in rows]
-    atomic_write_text(out / "table.csv", "\n".join(csv) + "\n")
+    atomic_write_text(out / "table.csv", csv_text(rows))
     md = [
         "| cell | final global acc | best global acc | consensus | MB/agent |",
         "|---|---|---|---|---|",
@@ -169,11 +167,6 @@ def write_sweep(out: str | Path, name: str, results: list[dict[str, Any]]) -> li
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     _plot(out / "accuracy.png", name, results)
     return rows
-
-
-def _csv(v: Any) -> str:
-    text = f"{v:.6g}" if isinstance(v, float) else str(v)
-    return f'"{text}"' if "," in text else text
 
 
 def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:

@@ -22,13 +22,7 @@ from fedmerge.alignment.activation import CrossStats, assign
 from fedmerge.alignment.spec import perm_sizes
 from fedmerge.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = {

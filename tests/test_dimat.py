@@ -9,14 +9,7 @@ from fedmerge.alignment import apply_permutation, permutation_spec, random_perms
 from fedmerge.dimat import accuracy, dimat_merge, run_reference, train_epochs, weighted_average
 from fedmerge.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train ~10× faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

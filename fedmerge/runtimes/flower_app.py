@@ -53,7 +53,7 @@ from fedmerge.config import SimConfig, default_config, load_config
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.payload import Payload
 from fedmerge.protocols import MergeContext
-from fedmerge.report import write_run
+from fedmerge.report import metrics_row, write_run
 from fedmerge.simulator import FaultModel, Setup, build_setup
 from fedmerge.statedict import is_mergeable
 from fedmerge.topology import RoundPlan
@@ -363,13 +363,12 @@ def round_rows(r: int, rnd: Round, replies: Mapping[int, RecordDict], n: int) ->
     rows = []
     for i in range(n):
         m = replies[i].metric_records["metrics"] if i in replies else {}
-        rows.append({
-            "round": r + 1, "agent": i, "active": bool(rnd.active[i]),
-            "trained": bool(rnd.trains[i]), "local_acc": m.get("local_acc"),
-            "global_acc": m.get("global_acc"), "consensus": dist.get(i),
-            "bytes_sent": int(sent[i]), "bytes_received": int(received[i]),
-            "rejected": int(m.get("rejected", 0)), "byzantine": False, "wall_s": 0.0,
-        })  # fmt: skip
+        rows.append(metrics_row(
+            r + 1, i, active=bool(rnd.active[i]), trained=bool(rnd.trains[i]),
+            local_acc=m.get("local_acc"), global_acc=m.get("global_acc"),
+            consensus=dist.get(i), bytes_sent=int(sent[i]), bytes_received=int(received[i]),
+            rejected=int(m.get("rejected", 0)),
+        ))  # fmt: skip
     return rows
 
 

@@ -50,6 +50,7 @@ from fedmerge.config import SimConfig, dump_config, load_config
 from fedmerge.errors import ConfigError, FedmergeError, ValidationError
 from fedmerge.payload import Payload
 from fedmerge.protocols import MergeContext
+from fedmerge.report import metrics_row
 from fedmerge.runtimes import wire
 from fedmerge.simulator import FaultModel, build_setup, deliver_local, flat_state
 
@@ -213,13 +214,12 @@ class RankRunner:
         fed = self.setup.data
         rows = []
         for i, a in self.agents.items():
-            rows.append({
-                "round": r + 1, "agent": i, "active": bool(active[i]), "trained": bool(trains[i]),
-                "local_acc": a.evaluate(a.data.test_x, a.data.test_y),
-                "global_acc": a.evaluate(fed.test_x, fed.test_y), "consensus": None,
-                "bytes_sent": traffic[i][0], "bytes_received": traffic[i][1],
-                "rejected": traffic[i][2], "byzantine": False, "wall_s": 0.0,
-            })  # fmt: skip
+            rows.append(metrics_row(
+                r + 1, i, active=bool(active[i]), trained=bool(trains[i]),
+                local_acc=a.evaluate(a.data.test_x, a.data.test_y),
+                global_acc=a.evaluate(fed.test_x, fed.test_y), bytes_sent=traffic[i][0],
+                bytes_received=traffic[i][1], rejected=traffic[i][2],
+            ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
         ranks, values = self.settle(r, "rows", {}, rows)
@@ -227,7 +227,7 @@ class RankRunner:
             return None
         got = {row["agent"]: row for k in ranks for row in values[k]["rows"]}
         wall = time.perf_counter() - start
-        return [got.get(i) or dead_row(r, i, wall) for i in range(n)]
+        return [got.get(i) or metrics_row(r + 1, i, wall_s=wall) for i in range(n)]
 
     def communicate(self, r: int, plan, active, lost, traffic) -> dict[int, str]:
         """Publish, exchange, receive, merge; fills ``traffic``; returns {rank: error} for
@@ -404,15 +404,6 @@ def _short(exc: BaseException) -> str:
     """The gist of a backend error: no source location, no boilerplate advice."""
     text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(exc).splitlines()[0])
     return text.split(". This is typically")[0].strip()
-
-
-def dead_row(r: int, i: int, wall: float) -> dict[str, Any]:
-    """The row of a node whose rank is gone: inactive, no metrics, no traffic."""
-    return {
-        "round": r + 1, "agent": i, "active": False, "trained": False, "local_acc": None,
-        "global_acc": None, "consensus": None, "bytes_sent": 0, "bytes_received": 0,
-        "rejected": 0, "byzantine": False, "wall_s": wall,
-    }  # fmt: skip
 
 
 def connect(timeout: float) -> tuple[dist.Store, int, int]:
