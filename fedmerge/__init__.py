@@ -3,7 +3,7 @@
 The public Python API; each name lives in the module named after its idea.
 """
 
-from fedmerge.agent import Agent
+from fedmerge.decentralized.agent import Agent
 from fedmerge.alignment import (
     PermutationSpec,
     activation_matching,
@@ -39,11 +39,11 @@ from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, Validat
 from fedmerge.merging import METHODS as MERGE_METHODS
 from fedmerge.merging import MergeReport, merge, merge_checkpoints
 from fedmerge.models import MODELS, build_model
-from fedmerge.payload import Payload, validate_payload
-from fedmerge.protocols import PROTOCOLS
+from fedmerge.decentralized.payload import Payload, validate_payload
+from fedmerge.decentralized.protocols import PROTOCOLS
 from fedmerge.report import summarize, write_run
 from fedmerge.runtimes.torchdist import PeerFailure
-from fedmerge.simulator import Simulator, build_setup
+from fedmerge.runtimes.local.simulator import Simulator, build_setup
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,
@@ -59,13 +59,13 @@ from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
 
 __version__ = "0.1.0"
 
-from fedmerge.adversary import Adversary, byzantine_nodes, freshest
-from fedmerge.persist import restore_agent, save_agent
-from fedmerge.robust import RULES as AGGREGATION_RULES
-from fedmerge.robust import clip as clip_aggregate
-from fedmerge.robust import krum as krum_aggregate
-from fedmerge.robust import median as median_aggregate
-from fedmerge.robust import trimmed_mean as trimmed_mean_aggregate
+from fedmerge.decentralized.adversary import Adversary, byzantine_nodes, freshest
+from fedmerge.decentralized.persist import restore_agent, save_agent
+from fedmerge.decentralized.robust import RULES as AGGREGATION_RULES
+from fedmerge.decentralized.robust import clip as clip_aggregate
+from fedmerge.decentralized.robust import krum as krum_aggregate
+from fedmerge.decentralized.robust import median as median_aggregate
+from fedmerge.decentralized.robust import trimmed_mean as trimmed_mean_aggregate
 from fedmerge.stheader import parse_header, read_file_header
 
 __all__ = [

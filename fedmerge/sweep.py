@@ -12,7 +12,7 @@ A sweep file is YAML::
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
 
-Each cell runs once per seed with :class:`~fedmerge.simulator.Simulator`; the table holds
+Each cell runs once per seed with :class:`~fedmerge.runtimes.local.simulator.Simulator`; the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
 distance, MB sent per agent and wall time.
 
@@ -100,7 +100,7 @@ def run_sweep(
     for cell in expand(spec):
         runs = []
         for seed in seeds:
-            from fedmerge.simulator import Simulator
+            from fedmerge.runtimes.local.simulator import Simulator
 
             cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
             rows = Simulator(cfg).run()

@@ -12,13 +12,13 @@ import networkx as nx
 import pytest
 import torch
 
-from fedmerge.adversary import Adversary, attack, byzantine_nodes, freshest
+from fedmerge.decentralized.adversary import Adversary, attack, byzantine_nodes, freshest
 from fedmerge.checkpoint import open_checkpoint
 from fedmerge.config import ByzantineConfig, default_config, load_config
 from fedmerge.errors import CheckpointError, ConfigError
-from fedmerge.payload import Payload
-from fedmerge.persist import restore_agent, save_agent, state_file
-from fedmerge.simulator import Simulator
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.persist import restore_agent, save_agent, state_file
+from fedmerge.runtimes.local.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -4,13 +4,13 @@ the agent's state is untouched."""
 import pytest
 import torch
 
-from fedmerge.agent import Agent, batch_plan
+from fedmerge.decentralized.agent import Agent, batch_plan
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.errors import ValidationError
 from fedmerge.models import build_model
-from fedmerge.payload import Payload
-from fedmerge.protocols import MergeContext, gossip
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.protocols import MergeContext, gossip
 
 
 def make_agent(i=0, reference=None):

@@ -24,7 +24,7 @@ from fedmerge.runtimes.flower_app import (
     relay,
     run_options,
 )
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 RING4 = ["topology=ring-4", "rounds=3", "model.options.hidden=[16]", "train.steps=2",
          "vectorize=never"]  # fmt: skip

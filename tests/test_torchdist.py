@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
 from fedmerge.errors import ConfigError, ValidationError
-from fedmerge.payload import Payload
+from fedmerge.decentralized.payload import Payload
 from fedmerge.runtimes import torchdist, wire
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 RING4 = ["topology=ring-4", "rounds=3", "vectorize=never", "distributed.timeout_s=30"]

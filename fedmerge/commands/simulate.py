@@ -88,7 +88,7 @@ def simulate(
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
     with _progress(cfg, progress) as on_round:
         if cfg.runtime == "local":
-            from fedmerge.simulator import Simulator
+            from fedmerge.runtimes.local.simulator import Simulator
 
             sim = Simulator(cfg)
             return sim.run(on_round), {"runtime": "local", "path": sim.path}

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedmerge.config import SimConfig
 from fedmerge.runtimes.flower_app import RelayOptions, client_app, make_server_app
-from fedmerge.simulator import build_setup
+from fedmerge.runtimes.local.simulator import build_setup
 
 
 def run(

@@ -2,7 +2,7 @@
 
 Flower is hub-and-spoke; fedmerge is not. The ServerApp never merges: it maps Flower node
 ids to topology nodes, runs the fault model and the topology schedule, and relays each
-payload to the payload's receivers. The ClientApp is an :class:`~fedmerge.agent.Agent`
+payload to the payload's receivers. The ClientApp is an :class:`~fedmerge.decentralized.agent.Agent`
 that trains, validates and merges with the protocol's merge function, and evaluates.
 
 One message per node per step, pipelined so the order of operations is the simulator's
@@ -46,15 +46,15 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedmerge.adversary import require_no_simulated_attacks
-from fedmerge.agent import Agent, make_loss
+from fedmerge.decentralized.adversary import require_no_simulated_attacks
+from fedmerge.decentralized.agent import Agent, make_loss
 from fedmerge.atomic import atomic_write_bytes
 from fedmerge.config import SimConfig, default_config, load_config
 from fedmerge.errors import ConfigError, ValidationError
-from fedmerge.payload import Payload
-from fedmerge.protocols import MergeContext
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.report import metrics_row, write_run
-from fedmerge.simulator import FaultModel, Setup, build_setup
+from fedmerge.runtimes.local.simulator import FaultModel, Setup, build_setup
 from fedmerge.statedict import is_mergeable
 from fedmerge.topology import RoundPlan
 

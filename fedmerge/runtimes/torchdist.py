@@ -1,6 +1,6 @@
 """The torch.distributed runtime: agents on ranks, payloads peer to peer along the topology.
 
-Every rank builds the same :class:`~fedmerge.simulator.Setup` from the config and hosts a
+Every rank builds the same :class:`~fedmerge.runtimes.local.simulator.Setup` from the config and hosts a
 block of nodes (node i on rank i by default; ``distributed.agents_per_rank: k`` puts nodes
 k·r … k·r+k−1 on rank r). Round r on every rank, exactly as :meth:`Simulator.round`:
 
@@ -44,15 +44,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fedmerge.adversary import require_no_simulated_attacks
-from fedmerge.agent import make_loss
+from fedmerge.decentralized.adversary import require_no_simulated_attacks
+from fedmerge.decentralized.agent import make_loss
 from fedmerge.config import SimConfig, dump_config, load_config
 from fedmerge.errors import ConfigError, FedmergeError, ValidationError
-from fedmerge.payload import Payload
-from fedmerge.protocols import MergeContext
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.report import metrics_row
 from fedmerge.runtimes import wire
-from fedmerge.simulator import FaultModel, build_setup, deliver_local, flat_state
+from fedmerge.runtimes.local.simulator import FaultModel, build_setup, deliver_local, flat_state
 
 log = logging.getLogger("fedmerge.torchdist")
 Rows = list[dict[str, Any]]
@@ -306,7 +306,7 @@ class RankRunner:
 
     def admit(self, r: int, s: int, header: torch.Tensor, refused: dict) -> int | None:
         """Body size to receive from sender s, or None: refused before any transfer, with the
-        reason :func:`~fedmerge.payload.validate_payload` would give."""
+        reason :func:`~fedmerge.decentralized.payload.validate_payload` would give."""
         try:
             size = wire.body_size(header, s)
         except ValidationError as exc:

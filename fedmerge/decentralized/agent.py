@@ -14,15 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedmerge.adversary import freshest
+from fedmerge.decentralized.adversary import freshest
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.errors import ValidationError
 from fedmerge.factory import import_factory
-from fedmerge.payload import Payload, validate_payload
+from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
 
-log = logging.getLogger("fedmerge.agent")
+log = logging.getLogger("fedmerge.decentralized.agent")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

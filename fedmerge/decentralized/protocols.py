@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmerge.agent import Agent
+from fedmerge.decentralized.agent import Agent
 from fedmerge.config import SimConfig
 from fedmerge.dimat import dimat_merge
 from fedmerge.errors import ConfigError
-from fedmerge.payload import Payload
-from fedmerge.robust import as_state_merge, make_rule
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.robust import as_state_merge, make_rule
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Protocol:
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]

@@ -5,7 +5,7 @@ each agent's minibatch gathered from its padded data (a mask marks real samples,
 loss is each agent's own batch mean) and SGD/Adam written out with a per-agent step mask
 (an agent without a batch at a step does not move). Mixing is one sparse product
 Θ ← W Θ over the (agents, parameters) matrix. Batch orders come from the same per-agent
-generators as :class:`~fedmerge.agent.Agent`, so both paths see identical batches.
+generators as :class:`~fedmerge.decentralized.agent.Agent`, so both paths see identical batches.
 
 Used for buffer-free models (no BatchNorm statistics) with cross-entropy and a protocol
 that is a W product (gossip, local, centralized, single global merge).
@@ -20,8 +20,8 @@ import scipy.sparse as sp
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedmerge.adversary import why_per_agent
-from fedmerge.agent import agent_generator, batch_plan
+from fedmerge.decentralized.adversary import why_per_agent
+from fedmerge.decentralized.agent import agent_generator, batch_plan
 from fedmerge.topology import RoundPlan
 
 EVAL_CHUNK = 256  # agents evaluated per vmap call: bounds activation memory
@@ -54,7 +54,7 @@ def _pad(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StackedEngine:
-    """Every agent at once; same interface as :class:`~fedmerge.simulator.AgentEngine`."""
+    """Every agent at once; same interface as :class:`~fedmerge.runtimes.local.simulator.AgentEngine`."""
 
     name = "vectorized"
 
@@ -110,7 +110,7 @@ class StackedEngine:
     # --- communication ---------------------------------------------------------------
 
     def communicate(self, r: int, plan: RoundPlan, active: np.ndarray, lost: np.ndarray):
-        from fedmerge.simulator import Traffic
+        from fedmerge.runtimes.local.simulator import Traffic
 
         n = self.setup.n
         theta = self._matrix()

@@ -14,7 +14,7 @@ torch.distributed runtimes reuse :func:`build_setup`, :class:`FaultModel`, the a
 the protocols, and move payloads themselves.
 
 Where every agent has the same buffer-free model and the protocol is a W product (gossip,
-local, centralized, single global merge), :class:`~fedmerge.stacked.StackedEngine` trains
+local, centralized, single global merge), :class:`~fedmerge.runtimes.local.stacked.StackedEngine` trains
 all agents at once with stacked parameters; :class:`AgentEngine` is the per-agent
 reference. Both give the same numbers for the same seed.
 """
@@ -32,16 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.adversary import Adversary, byzantine_nodes
-from fedmerge.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.adversary import Adversary, byzantine_nodes
+from fedmerge.decentralized.agent import Agent, Loss, make_loss
 from fedmerge.config import FaultsConfig, SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
-from fedmerge.payload import Payload
-from fedmerge.persist import Recovery
-from fedmerge.protocols import MergeContext, Protocol, get_protocol
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.persist import Recovery
+from fedmerge.decentralized.protocols import MergeContext, Protocol, get_protocol
 from fedmerge.report import metrics_row
 from fedmerge.statedict import StateDict, is_mergeable
 from fedmerge.topology import RoundPlan, Topology, build_topology
@@ -219,7 +219,7 @@ class Simulator:
     """Runs a config round by round; ``rows`` collects one metrics row per agent per round."""
 
     def __init__(self, cfg: SimConfig, setup: Setup | None = None) -> None:
-        from fedmerge.stacked import StackedEngine, why_not_stacked
+        from fedmerge.runtimes.local.stacked import StackedEngine, why_not_stacked
 
         self.config = cfg
         self.setup = setup or build_setup(cfg)

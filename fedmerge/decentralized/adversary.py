@@ -12,7 +12,7 @@ against duplicated and replayed payloads.
 - **Reordering** (``faults.reorder``): a payload is held back one round and arrives after
   that round's fresh payloads.
 
-:func:`freshest` is what :meth:`fedmerge.agent.Agent.receive` applies first: at most one
+:func:`freshest` is what :meth:`fedmerge.decentralized.agent.Agent.receive` applies first: at most one
 payload per sender per round (the newest), and none older than what was already accepted
 from that sender; the rest are rejected as duplicates or stale, and counted.
 """
@@ -28,7 +28,7 @@ import torch
 
 from fedmerge.config import ByzantineConfig, SimConfig
 from fedmerge.errors import ConfigError
-from fedmerge.payload import Payload
+from fedmerge.decentralized.payload import Payload
 
 Inbox = dict[int, list[tuple[Payload, float]]]
 
