@@ -1,6 +1,7 @@
 """Where a DIMAT round's time goes in the simulator: local training vs alignment + merge.
 
-Runs :class:`fedmerge.runtimes.local.simulator.Simulator` with the ``dimat`` protocol (per-agent engine) and
+Runs :class:`~fedmerge.runtimes.local.simulator.Simulator` with the ``dimat`` protocol
+(per-agent engine) and
 times, inside every round, ``Agent.train`` (local epochs) and ``dimat_merge`` (BN resets,
 activation collection, Hungarian assignment, permuted weighted average, BN reset) for every
 agent; the rest of the round (publish, deliver, validate, evaluate) is "other". Times are
@@ -22,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 import fedmerge.decentralized.protocols as protocols
-from fedmerge.decentralized.agent import Agent
 from fedmerge.config import load_config
+from fedmerge.decentralized.agent import Agent
 from fedmerge.runtimes.local.simulator import Simulator
 
 

@@ -45,7 +45,7 @@ def workload(n: int, rounds: int, engine: str, hidden: list[int]):
 
 def child(engine: str, n: int, rounds: int, hidden: list[int]) -> None:
     """Run one engine and print {"per_round", "startup", "acc", "payload_mb"} as JSON."""
-    from fedmerge.runtimes.local.simulator import build_setup
+    from fedmerge.decentralized.setup import build_setup
 
     cfg = workload(n, rounds, engine, hidden)
     start = time.perf_counter()

@@ -96,7 +96,8 @@ class ProtocolConfig:
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
     aggregation: str = option(
-        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.decentralized.robust",
+        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
+        "fedmerge.decentralized.robust",
         choices=("mean", "clip", "median", "trimmed_mean", "krum"),
     )  # fmt: skip
     clip_tau: float = option(

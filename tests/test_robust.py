@@ -7,9 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.config import load_config
-from fedmerge.dimat import dimat_merge
-from fedmerge.errors import ConfigError
-from fedmerge.models import build_model
 from fedmerge.decentralized.robust import (
     as_state_merge,
     clip,
@@ -20,6 +17,9 @@ from fedmerge.decentralized.robust import (
     median,
     trimmed_mean,
 )
+from fedmerge.dimat import dimat_merge
+from fedmerge.errors import ConfigError
+from fedmerge.models import build_model
 from fedmerge.runtimes.local.simulator import Simulator
 from fedmerge.runtimes.local.stacked import why_not_stacked
 

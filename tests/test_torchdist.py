@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
-from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.decentralized.payload import Payload
+from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.runtimes import torchdist, wire
 from fedmerge.runtimes.local.simulator import Simulator
 

@@ -27,7 +27,6 @@ complete merge at the end), dimat / dimat_wm (align neighbours, then average).
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,6 @@ from typing import Any
 from rich.console import Console
 
 from fedmerge.config import SimConfig, default_config, dump_config, field_docs, load_config
-from fedmerge.errors import ConfigError
 from fedmerge.report import per_round, round_table, summary_table, write_run
 
 NAME = "simulate"
@@ -86,18 +84,11 @@ def simulate(
     cfg: SimConfig, *, progress: bool = True, procs: int = 0
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
-    with _progress(cfg, progress) as on_round:
-        if cfg.runtime == "local":
-            from fedmerge.runtimes.local.simulator import Simulator
+    from fedmerge.runtimes import run
 
-            sim = Simulator(cfg)
-            return sim.run(on_round), {"runtime": "local", "path": sim.path}
-        try:
-            module = importlib.import_module(f"fedmerge.runtimes.{cfg.runtime}")
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"runtime: {cfg.runtime!r} is not available ({exc})") from exc
-        options = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
-        return module.run(cfg, on_round=on_round, **options), {"runtime": cfg.runtime}
+    options = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
+    with _progress(cfg, progress) as on_round:
+        return run(cfg, on_round=on_round, **options)
 
 
 class _progress:

@@ -1,27 +1,25 @@
-"""Per-node persistence: an agent's state on disk, so that a crashed node resumes.
+"""The agent-state file: one format for every runtime, so that a node resumes exactly.
 
 A node's file ``agent-NNNN.safetensors`` holds its model state dict plus its batch-order
-generator state (key ``__rng__``, uint8) and, in the header, the round it completed; it is
-written atomically (temp + fsync + rename), so a kill at any moment leaves the previous
-round's file intact. Restoring sets the model and the generator, so a resumed node goes on
-exactly as if it had never stopped.
-
-:class:`Recovery` is the simulator's use of it (``faults.state_dir``, ``faults.rejoin``):
-every active node saves after each round; a node rejoining after a crash gets its last
-saved state (``persisted``), its initial model (``initial``), or keeps what it had
-(``memory``, the old behaviour: a crash that loses nothing).
+generator state (key ``__rng__``, uint8); its header names the agent, the round it
+completed and its per-sender freshness state (:attr:`Agent.last_round`, JSON), so a resumed
+node still refuses replays of what it accepted before. It is written atomically (temp +
+fsync + rename): a kill at any moment leaves the previous file intact. Restoring sets the
+model, the generator and the freshness state, so a resumed node goes on exactly as if it
+had never stopped. The in-process crash/rejoin policy
+(:class:`~fedmerge.decentralized.faults.Recovery`) and every Flower node keep their agents
+in these files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from fedmerge.checkpoint import open_checkpoint, save_state_dict
-from fedmerge.config import FaultsConfig
-from fedmerge.errors import CheckpointError, ConfigError
+from fedmerge.decentralized.agent import Agent
+from fedmerge.errors import CheckpointError
 
 RNG_KEY = "__rng__"
 
@@ -30,15 +28,17 @@ def state_file(state_dir: str | os.PathLike, agent_id: int) -> Path:
     return Path(state_dir) / f"agent-{agent_id:04d}.safetensors"
 
 
-def save_agent(agent, state_dir: str | os.PathLike, round: int) -> Path:
-    """Atomically write ``agent``'s model state and generator state after ``round``."""
+def save_agent(agent: Agent, state_dir: str | os.PathLike, round: int) -> Path:
+    """Atomically write ``agent``'s model, generator and freshness state after ``round``."""
     path = state_file(state_dir, agent.id)
     state = {**agent.state(), RNG_KEY: agent.generator.get_state()}
-    save_state_dict(state, path, {"round": str(round), "agent": str(agent.id)})
+    meta = {"round": str(round), "agent": str(agent.id),
+            "last_round": json.dumps(sorted(agent.last_round.items()))}  # fmt: skip
+    save_state_dict(state, path, meta)
     return path
 
 
-def restore_agent(agent, state_dir: str | os.PathLike) -> int | None:
+def restore_agent(agent: Agent, state_dir: str | os.PathLike) -> int | None:
     """Load ``agent``'s last saved state; return its round, or None if it never saved.
     A file for another agent or another model is a :class:`CheckpointError`."""
     path = state_file(state_dir, agent.id)
@@ -56,33 +56,11 @@ def restore_agent(agent, state_dir: str | os.PathLike) -> int | None:
         raise CheckpointError(
             f"{path}: keys, shapes or dtypes differ from agent {agent.id}'s model"
         )
+    try:
+        last = {int(s): int(r) for s, r in json.loads(meta.get("last_round", "[]"))}
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable last_round metadata: {exc}") from None
     agent.model.load_state_dict(state)
     agent.generator.set_state(rng)
+    agent.last_round = last
     return int(meta["round"])
-
-
-class Recovery:
-    """The simulator's persistence and rejoin policy over an engine's ``agents``."""
-
-    def __init__(self, cfg: FaultsConfig, setup) -> None:
-        if cfg.rejoin == "persisted" and not cfg.state_dir:
-            raise ConfigError("faults.rejoin: 'persisted' needs faults.state_dir")
-        self.cfg, self.setup = cfg, setup
-
-    def before_round(self, r: int, down_until: np.ndarray, engine) -> None:
-        """Nodes coming back from a crash this round take their rejoin state. Before round
-        0 every node saves its initial state, so no file of an earlier run is ever read."""
-        if r == 0 and self.cfg.state_dir:
-            for agent in engine.agents:
-                save_agent(agent, self.cfg.state_dir, 0)
-        if self.cfg.rejoin == "memory" or r == 0:
-            return
-        for i in np.flatnonzero(down_until == r):
-            agent = engine.agents[i]
-            if self.cfg.rejoin == "initial" or restore_agent(agent, self.cfg.state_dir) is None:
-                agent.model.load_state_dict(self.setup.model(i).state_dict())
-
-    def after_round(self, r: int, active: np.ndarray, engine) -> None:
-        if self.cfg.state_dir:
-            for i in np.flatnonzero(active):
-                save_agent(engine.agents[i], self.cfg.state_dir, r + 1)

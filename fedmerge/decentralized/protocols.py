@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmerge.decentralized.agent import Agent
 from fedmerge.config import SimConfig
-from fedmerge.dimat import dimat_merge
-from fedmerge.errors import ConfigError
+from fedmerge.decentralized.agent import Agent
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
+from fedmerge.dimat import dimat_merge
+from fedmerge.errors import ConfigError
 
 
 @dataclass

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fedmerge.config import SimConfig
+from fedmerge.decentralized.setup import build_setup
 from fedmerge.runtimes.flower_app import RelayOptions, client_app, make_server_app
-from fedmerge.runtimes.local.simulator import build_setup
 
 
 def run(
@@ -26,6 +26,7 @@ def run(
     client_cpus: float = 1,
     state_dir: str | None = None,
     verbose: bool = False,
+    details: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg`` with one Flower SuperNode per agent; one metrics row per agent per round.
 

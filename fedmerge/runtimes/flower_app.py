@@ -46,16 +46,20 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedmerge.decentralized.adversary import require_no_simulated_attacks
-from fedmerge.decentralized.agent import Agent, make_loss
-from fedmerge.atomic import atomic_write_bytes
 from fedmerge.config import SimConfig, default_config, load_config
-from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.decentralized.agent import Agent
+from fedmerge.decentralized.consensus import distances, flat_state
+from fedmerge.decentralized.delivery import Delivery, Refused
+from fedmerge.decentralized.faults import FaultModel, check_faults
+from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.persist import restore_agent, save_agent
 from fedmerge.decentralized.protocols import MergeContext
-from fedmerge.report import metrics_row, write_run
-from fedmerge.runtimes.local.simulator import FaultModel, Setup, build_setup
-from fedmerge.statedict import is_mergeable
+from fedmerge.decentralized.receive import receive_and_merge
+from fedmerge.decentralized.setup import Setup, build_setup
+from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.report import write_run
+from fedmerge.runtimes import get_runtime
 from fedmerge.topology import RoundPlan
 
 PARTITION_QUERY = "query.partition"
@@ -83,43 +87,20 @@ def cached_setup(config_json: str) -> Setup:
 
 
 # --------------------------------------------------------------------------- the node
-def state_path(root: str | Path, run_id: int, partition: int) -> Path:
-    return Path(root) / f"run-{run_id}" / f"agent-{partition}.safetensors"
-
-
-def save_agent(path: Path, agent: Agent, step: int) -> None:
-    """Model state + batch-order generator state, atomically (one safetensors file)."""
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in agent.state().items()}
-    tensors["generator"] = agent.generator.get_state()
-    atomic_write_bytes(path, st_save(tensors, metadata={"step": str(step)}))
-
-
-def load_agent(path: Path, agent: Agent) -> None:
-    if not path.exists():
-        raise ValidationError(f"agent {agent.id}: no saved state at {path} (lost or wrong run)")
-    tensors = st_load(path.read_bytes())
-    agent.generator.set_state(tensors.pop("generator"))
-    agent.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
-
-
-def make_agent(setup: Setup, i: int) -> Agent:
-    """Agent ``i`` exactly as the simulator's per-agent engine builds it."""
-    cfg = setup.config
-    return Agent(
-        i, setup.model(i), setup.data.agents[i], train=cfg.train, validation=cfg.validation,
-        seed=cfg.seed, reference=setup.reference, loss=make_loss(cfg.train.loss),
-    )  # fmt: skip
+def node_state_dir(root: str | Path, run_id: int) -> Path:
+    """Where a node keeps its agent's state file (:mod:`fedmerge.decentralized.persist`)."""
+    return Path(root) / f"run-{run_id}"
 
 
 def node_step(msg: Message, partition: int, run_id: int, state_root: str | None) -> RecordDict:
     """One step on node ``partition``: merge + evaluate round k−1, train + publish round k."""
     instr = msg.content.config_records["step"]
     setup = cached_setup(str(instr["config"]))
-    k, root = int(instr["step"]), state_root or str(instr["state-dir"])
-    path = state_path(root, run_id, partition)
-    agent = make_agent(setup, partition)
-    if k > 0:
-        load_agent(path, agent)
+    k = int(instr["step"])
+    state_dir = node_state_dir(state_root or str(instr["state-dir"]), run_id)
+    agent = setup.agent(partition)
+    if k > 0 and restore_agent(agent, state_dir) is None:
+        raise ValidationError(f"agent {partition}: no saved state in {state_dir} (lost run?)")
     metrics: dict[str, Any] = {}
     arrays: dict[str, Array] = {}
     if instr["evaluate"]:
@@ -129,35 +110,33 @@ def node_step(msg: Message, partition: int, run_id: int, state_root: str | None)
                           ("global_acc", agent.evaluate(fed.test_x, fed.test_y))):  # fmt: skip
             if acc is not None:
                 metrics[name] = acc
-        flat = torch.cat([v.reshape(-1) for v in agent.state().values() if is_mergeable(v)])
-        arrays["flat"] = blob_array(st_save({"flat": flat.contiguous()}))
+        arrays["flat"] = blob_array(st_save({"flat": flat_state(agent.state())}))
     if instr["train"]:
         agent.train()
     if instr["publish"]:
         payload = agent.publish(k)
         arrays["payload"] = blob_array(payload.to_bytes())
         metrics["nbytes"] = payload.nbytes
-    save_agent(path, agent, k)
+    save_agent(agent, state_dir, k)
     return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
 
 
 def merge_inbox(agent: Agent, msg: Message, setup: Setup, r: int) -> int:
-    """Validate the relayed payloads and merge them as the simulator does; the rejected count."""
+    """Decode the relayed payloads (the relay names each one's sender) and receive and merge
+    them as every runtime does; the rejected count."""
     instr = msg.content.config_records["step"]
     blobs = msg.content.array_records.get("inbox", ArrayRecord())
-    weights = [float(w) for w in instr["weights"]]
     limit = agent.validation.max_bytes or None
-    before, got = len(agent.rejected), []
-    for key, w in zip(instr["senders"], weights, strict=True):
+    deliveries = []
+    for key, w in zip(instr["senders"], instr["weights"], strict=True):
         try:
-            got.append((Payload.from_bytes(array_blob(blobs[str(key)]), limit), w))
+            item: Payload | Refused = Payload.from_bytes(array_blob(blobs[str(key)]), limit)
         except ValidationError as exc:  # unreadable on the wire: same fate as an invalid one
-            agent.rejected.append(f"payload from agent {key}: {exc}")
-    accepted = agent.receive(got)
-    if accepted:
-        ctx = MergeContext(r, setup.config, setup.calibration())
-        setup.protocol.merge(agent, accepted, float(instr["self-weight"]), ctx)
-    return len(agent.rejected) - before
+            item = Refused(0, f"payload from agent {key}: {exc}")
+        deliveries.append(Delivery(int(key), float(w), item))
+    ctx = MergeContext(r, setup.config, setup.calibration())
+    got = receive_and_merge(agent, deliveries, float(instr["self-weight"]), setup.protocol, ctx)
+    return got.rejected
 
 
 client_app = ClientApp()
@@ -273,7 +252,7 @@ def step_messages(
 
 def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | None) -> list[Row]:
     """Run ``cfg`` on the connected nodes: R + 1 pipelined steps; the metrics rows."""
-    require_no_simulated_attacks(cfg, "flower")
+    check_faults(cfg.faults, "flower", get_runtime("flower").faults)
     setup = build_setup(cfg)
     n, merges = setup.n, setup.protocol.merge is not None
     mapping = map_nodes(grid, n, opts)
@@ -359,7 +338,7 @@ def round_rows(r: int, rnd: Round, replies: Mapping[int, RecordDict], n: int) ->
     dist: dict[int, float] = {}
     if flats:
         stack = torch.stack([flats[i] for i in sorted(flats)])
-        dist = dict(zip(sorted(flats), (stack - stack.mean(0)).norm(dim=1).tolist(), strict=True))
+        dist = dict(zip(sorted(flats), distances(stack), strict=True))
     rows = []
     for i in range(n):
         m = replies[i].metric_records["metrics"] if i in replies else {}

@@ -1,6 +1,6 @@
 """The torch.distributed runtime: agents on ranks, payloads peer to peer along the topology.
 
-Every rank builds the same :class:`~fedmerge.runtimes.local.simulator.Setup` from the config and hosts a
+Every rank builds the same :class:`~fedmerge.decentralized.setup.Setup` from the config and hosts a
 block of nodes (node i on rank i by default; ``distributed.agents_per_rank: k`` puts nodes
 k·r … k·r+k−1 on rank r). Round r on every rank, exactly as :meth:`Simulator.round`:
 
@@ -44,15 +44,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fedmerge.decentralized.adversary import require_no_simulated_attacks
-from fedmerge.decentralized.agent import make_loss
 from fedmerge.config import SimConfig, dump_config, load_config
-from fedmerge.errors import ConfigError, FedmergeError, ValidationError
+from fedmerge.decentralized.agent import make_loss
+from fedmerge.decentralized.consensus import distances, flat_state
+from fedmerge.decentralized.delivery import Refused, deliver
+from fedmerge.decentralized.faults import FaultModel, check_faults
+from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.protocols import MergeContext
-from fedmerge.report import metrics_row
-from fedmerge.runtimes import wire
-from fedmerge.runtimes.local.simulator import FaultModel, build_setup, deliver_local, flat_state
+from fedmerge.decentralized.receive import receive_and_merge
+from fedmerge.decentralized.setup import build_setup
+from fedmerge.errors import ConfigError, FedmergeError, ValidationError
+from fedmerge.runtimes import get_runtime, wire
 
 log = logging.getLogger("fedmerge.torchdist")
 Rows = list[dict[str, Any]]
@@ -162,7 +165,7 @@ class RankRunner:
     """One rank of a run: its agents, its process group, its share of every round."""
 
     def __init__(self, cfg: SimConfig, store: dist.Store, rank: int, world: int) -> None:
-        require_no_simulated_attacks(cfg, "torchdist")
+        check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
         d = cfg.distributed
         self.cfg, self.rank = cfg, rank
         self.setup = build_setup(cfg)
@@ -230,38 +233,29 @@ class RankRunner:
         return [got.get(i) or metrics_row(r + 1, i, wall_s=wall) for i in range(n)]
 
     def communicate(self, r: int, plan, active, lost, traffic) -> dict[int, str]:
-        """Publish, exchange, receive, merge; fills ``traffic``; returns {rank: error} for
-        peers whose operations failed."""
+        """Publish, exchange, receive and merge; fills ``traffic``; returns {rank: error}
+        for peers whose operations failed."""
         senders = {s for s, _ in plan.messages if s in self.agents}
         payloads = {s: self.agents[s].publish(r) for s in sorted(senders)}
         for s, _ in plan.messages:
             if s in self.agents:
                 traffic[s][0] += payloads[s].nbytes
-        remote, refused, suspects = self.exchange(r, plan, lost, payloads)
-        inbox = deliver_local(plan, {**payloads, **remote}, lost)
+        remote, suspects = self.exchange(r, plan, lost, payloads)
+        inbox = deliver(plan, {**payloads, **remote}, lost)
         ctx = MergeContext(r, self.cfg, self.calibration)
         for i, agent in self.agents.items():
-            if not active[i]:
-                continue
-            got = inbox.get(i, [])
-            before = len(agent.rejected)
-            for (s, d), gone in zip(plan.messages, lost, strict=True):
-                if d == i and not gone and s in refused:
-                    agent.rejected.append(refused[s][1])
-                    log.warning("agent %d dropped a payload: %s", i, refused[s][1])
-                    traffic[i][1] += refused[s][0]
-            traffic[i][1] += sum(p.nbytes for p, _ in got)
-            accepted = agent.receive(got)
-            traffic[i][2] = len(agent.rejected) - before
-            if accepted:
-                self.setup.protocol.merge(agent, accepted, dict(plan.neighbors[i])[i], ctx)
+            if active[i]:
+                self_weight = dict(plan.neighbors[i])[i]
+                got = receive_and_merge(agent, inbox.get(i, []), self_weight,
+                                        self.setup.protocol, ctx)  # fmt: skip
+                traffic[i][1:] = [got.received, got.rejected]
         return suspects
 
     # -- the data plane ------------------------------------------------------------------
     def exchange(self, r: int, plan, lost, payloads: dict[int, Payload]):
         """Move payloads to other ranks: header, ack (the receiver refuses what is too big or
-        malformed), body. Returns (received {sender: Payload}, refused {sender: (bytes,
-        reason)}, failed {peer rank: error})."""
+        malformed), body. Returns (received {sender: Payload or Refused}, failed {peer rank:
+        error})."""
         rank_of, me = self.layout.rank_of, self.rank
         live = [(s, d) for (s, d), gone in zip(plan.messages, lost, strict=True) if not gone]
         out = sorted({(s, rank_of(d)) for s, d in live if s in payloads and rank_of(d) != me})
@@ -293,8 +287,8 @@ class RankRunner:
                 try:
                     received[s] = wire.unpack(heads[s], bodies[s])
                 except ValidationError as exc:
-                    refused[s] = (wire.tensor_bytes(heads[s]), str(exc))
-        return received, refused, failed
+                    refused[s] = Refused(wire.tensor_bytes(heads[s]), str(exc))
+        return {**received, **refused}, failed
 
     def buffer(self, key: tuple[str, int], size: int) -> torch.Tensor:
         """A (size,) uint8 receive buffer, reused round after round. Payload tensors are views
@@ -310,14 +304,14 @@ class RankRunner:
         try:
             size = wire.body_size(header, s)
         except ValidationError as exc:
-            refused[s] = (0, str(exc))
+            refused[s] = Refused(0, str(exc))
             return None
         nbytes = wire.tensor_bytes(header)
         who = f"payload from agent {s} (round {int(header[3])})"
         if nbytes > self.max_data:
-            refused[s] = (nbytes, f"{who}: {nbytes} bytes exceeds the {self.max_data} limit")
+            refused[s] = Refused(nbytes, f"{who}: {nbytes} bytes exceeds the {self.max_data} limit")
         elif size - nbytes > self.max_table:
-            refused[s] = (nbytes, f"{who}: a {size - nbytes}-byte tensor table is too large")
+            refused[s] = Refused(nbytes, f"{who}: a {size - nbytes}-byte tensor table is too large")
         return None if s in refused else size
 
     def p2p(self, ops: list[tuple[torch.Tensor, int, int, bool]], failed: dict[int, str],
@@ -349,13 +343,13 @@ class RankRunner:
     def consensus(self, r: int) -> list[float]:
         """‖θ_i − θ̄‖ for the hosted nodes (θ̄ over every live node; float64 all_reduce)."""
         for attempt in range(len(self.control.live) + 1):
-            flats = {i: flat_state(a) for i, a in self.agents.items()}
+            flats = {i: flat_state(a.state()) for i, a in self.agents.items()}
             total = torch.stack(list(flats.values())).sum(0).to(self.device)
             try:
                 work = dist.all_reduce(total, group=self.group, async_op=True)
                 work.wait(timeout=self.timeout)
                 mean = total.cpu() / int(self.alive.sum())
-                return [float((flats[i] - mean).norm()) for i in self.agents]
+                return distances(torch.stack(list(flats.values())), mean)
             except RuntimeError as exc:
                 self.settle(r, f"reduce{attempt}", {-1: _short(exc)})
         raise PeerFailure(f"round {r + 1}: the consensus all_reduce kept failing")
@@ -453,18 +447,21 @@ def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
 
 
 # -- local launcher --------------------------------------------------------------------------
-def run(cfg: SimConfig, *, on_round: OnRound | None = None, procs: int = 0, **options) -> Rows:
+def run(
+    cfg: SimConfig, *, on_round: OnRound | None = None, procs: int = 0, threads: int = 0,
+    details: dict[str, Any] | None = None,
+) -> Rows:  # fmt: skip
     """Run ``cfg`` on ``procs`` local worker processes (0: one per agent) over loopback and
     return the simulator's rows (one per agent per round). The parent hosts the rendezvous
     store, so it hears about every rank even when some die.
 
-    ``options``: ``threads`` per worker (default: CPU cores / procs, at least 1).
+    ``threads``: per worker (0: CPU cores / procs, at least 1).
     """
-    require_no_simulated_attacks(cfg, "torchdist")
+    check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
     procs = procs or (cfg.agents or build_setup(cfg).n)
-    threads = options.pop("threads", max(1, (os.cpu_count() or 1) // procs))
-    if options:
-        raise ConfigError(f"torchdist.run: unknown options {sorted(options)}")
+    if details is not None:
+        details["procs"] = procs
+    threads = threads or max(1, (os.cpu_count() or 1) // procs)
     timeout = cfg.distributed.timeout_s
     server = dist.TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False,
                            timeout=timedelta(seconds=timeout))  # fmt: skip

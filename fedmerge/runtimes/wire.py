@@ -26,8 +26,8 @@ import math
 import torch
 
 from fedmerge.checkpoint import dtype_from_name
-from fedmerge.errors import ValidationError
 from fedmerge.decentralized.payload import KINDS, Payload
+from fedmerge.errors import ValidationError
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
 HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]

@@ -9,227 +9,48 @@ One round (``Simulator.round``) is DESIGN.md's round as data:
     receive → validate (bad payloads dropped and counted);  merge → the protocol
     evaluate→ local-test and global-test accuracy, ‖θ_i − θ̄‖, bytes, wall time
 
-Only :func:`deliver_local` is specific to running in one process: the Flower and
-torch.distributed runtimes reuse :func:`build_setup`, :class:`FaultModel`, the agents and
-the protocols, and move payloads themselves.
-
-Where every agent has the same buffer-free model and the protocol is a W product (gossip,
-local, centralized, single global merge), :class:`~fedmerge.runtimes.local.stacked.StackedEngine` trains
-all agents at once with stacked parameters; :class:`AgentEngine` is the per-agent
-reference. Both give the same numbers for the same seed.
+Everything but the loop comes from the round kit (:mod:`fedmerge.decentralized`). Where
+every agent has the same buffer-free model and the protocol is a W product (gossip, local,
+centralized, single global merge), :class:`~fedmerge.runtimes.local.stacked.StackedEngine`
+trains all agents at once with stacked parameters; :class:`~fedmerge.runtimes.local.
+per_agent.AgentEngine` is the per-agent reference. Both give the same numbers for a seed.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import numpy as np
-import torch
-from torch import nn
 
-from fedmerge.decentralized.adversary import Adversary, byzantine_nodes
-from fedmerge.decentralized.agent import Agent, Loss, make_loss
-from fedmerge.config import FaultsConfig, SimConfig
-from fedmerge.data.datasets import load_dataset
-from fedmerge.data.partition import FederatedData, federate
+from fedmerge.config import SimConfig
+from fedmerge.decentralized.adversary import byzantine_nodes
+from fedmerge.decentralized.consensus import distances
+from fedmerge.decentralized.engine import Engine, OnRound, Row
+from fedmerge.decentralized.faults import FaultModel, Recovery
+from fedmerge.decentralized.metrics import metrics_row
+from fedmerge.decentralized.setup import Setup, build_setup
+from fedmerge.decentralized.traffic import Traffic
 from fedmerge.errors import ConfigError
-from fedmerge.models import build_model
-from fedmerge.decentralized.payload import Payload
-from fedmerge.decentralized.persist import Recovery
-from fedmerge.decentralized.protocols import MergeContext, Protocol, get_protocol
-from fedmerge.report import metrics_row
-from fedmerge.statedict import StateDict, is_mergeable
-from fedmerge.topology import RoundPlan, Topology, build_topology
-
-Inbox = dict[int, list[tuple[Payload, float]]]
-
-
-@dataclass
-class Setup:
-    """Everything a runtime builds from a config before round 1."""
-
-    config: SimConfig
-    protocol: Protocol
-    data: FederatedData
-    topology: Topology
-    reference: StateDict | None  # the shared base payloads are τ against; None: full θ
-
-    @property
-    def n(self) -> int:
-        return self.topology.n
-
-    def model(self, agent: int) -> nn.Module:
-        """Agent ``agent``'s initial model (one shared seed with ``model.init: same``)."""
-        cfg = self.config
-        offset = agent if cfg.model.init == "different" else 0
-        return build_model(
-            cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
-            seed=cfg.seed * 10_007 + offset, **cfg.model.options,
-        )  # fmt: skip
-
-    def agent(self, i: int, loss: Loss | None = None) -> Agent:
-        """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
-        cfg = self.config
-        return Agent(
-            i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
-            seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
-        )  # fmt: skip
-
-    def calibration(self) -> list[torch.Tensor] | None:
-        """Shared DIMAT calibration batches (the union of training inputs), if configured."""
-        if self.config.protocol.calibration != "shared":
-            return None
-        x = torch.cat([a.train_x for a in self.data.agents])
-        return list(x.split(self.config.protocol.calibration_batch))
-
-
-def build_setup(cfg: SimConfig) -> Setup:
-    """Dataset, partition, topology (with the protocol's schedule) and reference weights."""
-    protocol = get_protocol(cfg.protocol.name)
-    ds = load_dataset(cfg.data.name, **cfg.data.options)
-    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
-    try:
-        topo = build_topology(
-            cfg.topology, n=cfg.agents or None, seed=cfg.seed, overrides=overrides
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"topology: {exc}") from exc
-    d = cfg.data
-    fed = federate(
-        ds, topo.n, d.partition, alpha=d.alpha, test_fraction=d.test_fraction,
-        local_test_fraction=d.local_test_fraction, seed=cfg.seed,
-    )  # fmt: skip
-    if protocol.pool_data:
-        fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
-        topo = build_topology(nx.empty_graph(1))
-    setup = Setup(cfg, protocol, fed, topo, None)
-    if cfg.model.init == "same" and not protocol.full_weights:
-        base = setup.model(0).state_dict()
-        setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
-    return setup
-
-
-class FaultModel:
-    """Seeded per-round faults: dropout, stragglers, crash + rejoin, message loss.
-
-    Each kind draws from its own generator keyed by (seed, round, kind), so adding
-    message loss does not change who drops out.
-    """
-
-    def __init__(self, cfg: FaultsConfig, n: int, seed: int) -> None:
-        self.cfg, self.n, self.seed = cfg, n, seed
-        self.down_until = np.zeros(n, dtype=np.int64)  # crashed nodes rejoin at this round
-
-    def _rng(self, r: int, kind: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, r, kind])
-
-    def nodes(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """(active (n,) bool, trains (n,) bool) for round r (call once per round, in order)."""
-        c = self.cfg
-        alive = self.down_until <= r
-        crash = alive & (self._rng(r, 1).random(self.n) < c.crash)
-        self.down_until[crash] = r + c.crash_rounds
-        active = alive & ~crash & (self._rng(r, 2).random(self.n) >= c.dropout)
-        trains = active & (self._rng(r, 3).random(self.n) >= c.straggler)
-        return active, trains
-
-    def lost(self, r: int, messages: int) -> np.ndarray:
-        """(messages,) bool: which of the round's messages (in plan order) are lost."""
-        return self._rng(r, 4).random(messages) < self.cfg.message_loss
-
-
-def deliver_local(plan: RoundPlan, payloads: dict[int, Payload], lost: np.ndarray) -> Inbox:
-    """The in-process runtime's delivery: each receiver gets (payload, π_ij) per message."""
-    weight = [dict(row) for row in plan.neighbors]
-    inbox: Inbox = defaultdict(list)
-    for (s, d), gone in zip(plan.messages, lost, strict=True):
-        if not gone and s in payloads:
-            inbox[d].append((payloads[s], weight[d][s]))
-    return inbox
-
-
-@dataclass
-class Traffic:
-    """Per-agent counts of one round's communication: (n,) int arrays."""
-
-    sent: np.ndarray
-    received: np.ndarray
-    rejected: np.ndarray
-
-
-class AgentEngine:
-    """The per-agent reference path: one :class:`Agent` (and nn.Module) per node."""
-
-    name = "per-agent"
-
-    def __init__(self, setup: Setup) -> None:
-        loss = make_loss(setup.config.train.loss)
-        self.setup = setup
-        self.agents = [setup.agent(i, loss) for i in range(setup.n)]
-        self.shared_calibration = setup.calibration()
-        self.adversary = Adversary(setup.config, setup.topology.graph)
-
-    def train(self, trains: np.ndarray) -> None:
-        for i in np.flatnonzero(trains):
-            self.agents[i].train()
-
-    def communicate(self, r: int, plan: RoundPlan, active: np.ndarray, lost: np.ndarray) -> Traffic:
-        n = len(self.agents)
-        senders = {s for s, _ in plan.messages}
-        payloads = {s: self.agents[s].publish(r) for s in sorted(senders)}
-        payloads = self.adversary.corrupt(payloads, r)
-        inbox = self.adversary.disturb(deliver_local(plan, payloads, lost), r)
-        t = Traffic(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
-        for s, _ in plan.messages:
-            t.sent[s] += payloads[s].nbytes
-        ctx = MergeContext(r, self.setup.config, self.shared_calibration)
-        merge = self.setup.protocol.merge
-        for i in np.flatnonzero(active):
-            agent, got = self.agents[i], inbox.get(i, [])
-            t.received[i] = sum(p.nbytes for p, _ in got)
-            before = len(agent.rejected)
-            accepted = agent.receive(got)
-            t.rejected[i] = len(agent.rejected) - before
-            if accepted:
-                merge(agent, accepted, dict(plan.neighbors[i])[i], ctx)
-        return t
-
-    def evaluate(self) -> tuple[list[float | None], list[float | None]]:
-        fed = self.setup.data
-        local = [a.evaluate(a.data.test_x, a.data.test_y) for a in self.agents]
-        return local, [a.evaluate(fed.test_x, fed.test_y) for a in self.agents]
-
-    def flat(self) -> torch.Tensor:
-        """(n, P) float64: every agent's floating state entries, flattened."""
-        return torch.stack([flat_state(a) for a in self.agents])
-
-
-def flat_state(agent: Agent) -> torch.Tensor:
-    """(P,) float64: the agent's floating state entries, flattened (for consensus distance)."""
-    state = agent.state().values()
-    return torch.cat([v.reshape(-1) for v in state if is_mergeable(v)]).double()
+from fedmerge.runtimes.local.per_agent import AgentEngine
+from fedmerge.runtimes.local.stacked import StackedEngine, why_not_stacked
 
 
 class Simulator:
     """Runs a config round by round; ``rows`` collects one metrics row per agent per round."""
 
     def __init__(self, cfg: SimConfig, setup: Setup | None = None) -> None:
-        from fedmerge.runtimes.local.stacked import StackedEngine, why_not_stacked
-
         self.config = cfg
         self.setup = setup or build_setup(cfg)
         reason = why_not_stacked(self.setup)
         if cfg.vectorize == "always" and reason:
             raise ConfigError(f"vectorize: 'always' is impossible here: {reason}")
         use_stacked = cfg.vectorize != "never" and reason is None
-        self.engine = StackedEngine(self.setup) if use_stacked else AgentEngine(self.setup)
+        self.engine: Engine = StackedEngine(self.setup) if use_stacked else AgentEngine(self.setup)
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
-        self.recovery = Recovery(cfg.faults, self.setup)
+        self.recovery = Recovery(cfg.faults, lambda i: self.setup.model(i).state_dict())
+        # persistence and rejoin need agents, so they imply the per-agent engine
+        self.agents = self.engine.agents if isinstance(self.engine, AgentEngine) else []
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
 
@@ -244,17 +65,15 @@ class Simulator:
         active, trains = self.faults.nodes(r)
         present = None if active.all() else np.flatnonzero(active).tolist()
         plan = self.setup.topology.round(r, active=present, total_rounds=cfg.rounds)
-        self.recovery.before_round(r, self.faults.down_until, self.engine)
+        self.recovery.before_round(r, self.faults.down_until, self.agents)
         self.engine.train(trains)
-        zeros = np.zeros(n, np.int64)
-        traffic = Traffic(zeros, zeros, zeros)
+        traffic = Traffic.zeros(n)
         if self.setup.protocol.merge is not None:
             lost = self.faults.lost(r, len(plan.messages))
             traffic = self.engine.communicate(r, plan, active, lost)
-        self.recovery.after_round(r, active, self.engine)
+        self.recovery.after_round(r, active, self.agents)
         local, glob = self.engine.evaluate()
-        flat = self.engine.flat()
-        dist = (flat - flat.mean(0)).norm(dim=1).tolist()
+        dist = distances(self.engine.flat())
         wall = time.perf_counter() - start
         rows = [
             metrics_row(
@@ -276,7 +95,7 @@ class Simulator:
         self.rows += rows
         return rows
 
-    def run(self, on_round: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict]:
+    def run(self, on_round: OnRound | None = None) -> list[Row]:
         for r in range(self.config.rounds):
             rows = self.round(r)
             if on_round:
