@@ -22,6 +22,7 @@ SMALL = ["topology=ring-4", "rounds=2", "model.options.hidden=[16]", "train.step
 def test_every_runtime_is_registered_with_the_faults_it_runs():
     assert list(RUNTIMES) == ["local", "flower", "torchdist"]
     assert get_runtime("local").faults == FAULTS
+    assert all(set(rt.faults) <= set(FAULTS) and rt.doc for rt in RUNTIMES.values())
     for name in ("flower", "torchdist"):
         assert set(get_runtime(name).faults) == {"dropout", "straggler", "crash", "message_loss"}
 

@@ -12,7 +12,7 @@ are imported only when run, so listing runtimes needs neither Flower nor torch.d
 >>> get_runtime("ray")
 Traceback (most recent call last):
 ...
-fedmerge.errors.ConfigError: runtime: unknown 'ray'; use one of local, flower, torchdist
+fedmerge.errors.ConfigError: runtime: unknown runtime 'ray'; known: flower, local, torchdist
 """
 
 from __future__ import annotations
@@ -25,53 +25,40 @@ from fedmerge.config import SimConfig
 from fedmerge.decentralized.engine import OnRound, Row
 from fedmerge.decentralized.faults import FAULTS, check_faults
 from fedmerge.errors import ConfigError
+from fedmerge.registry import Entry, Registry
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """A registered runtime: ``module`` has ``run``; ``faults``: the fault kinds it runs
-    (:data:`~fedmerge.decentralized.faults.FAULTS`); ``options``: extra ``run`` keywords."""
+class Runtime(Entry):
+    """A registered runtime; its ``target`` is the module that has ``run``. ``faults``: the
+    fault kinds it runs (:data:`~fedmerge.decentralized.faults.FAULTS`); ``options``: the
+    extra keywords its ``run`` takes."""
 
-    name: str
-    module: str
-    faults: tuple[str, ...]
-    doc: str
+    faults: tuple[str, ...] = ()
     options: tuple[str, ...] = ()
 
 
-RUNTIMES: dict[str, Runtime] = {}
-
-
-def register_runtime(runtime: Runtime) -> Runtime:
-    if runtime.name in RUNTIMES:
-        raise ValueError(f"runtime {runtime.name!r} registered twice")
-    unknown = set(runtime.faults) - set(FAULTS)
-    if unknown:
-        raise ValueError(f"runtime {runtime.name!r} declares unknown faults {sorted(unknown)}")
-    RUNTIMES[runtime.name] = runtime
-    return runtime
-
+RUNTIMES: Registry[Runtime] = Registry("runtime", field="runtime", entry=Runtime)
 
 NETWORK_FAULTS = ("dropout", "straggler", "crash", "message_loss")
 """What a runtime moving real messages runs: the seeded fault model. Byzantine senders,
 duplication, reordering and persisted rejoins are injected by the in-process runtime."""
 
 # fmt: off
-register_runtime(Runtime("local", "fedmerge.runtimes.local", FAULTS,
-                         "every agent in this process (per-agent or stacked engine)"))
-register_runtime(Runtime("flower", "fedmerge.runtimes.flower", NETWORK_FAULTS,
-                         "one Flower SuperNode per agent on Flower's simulation engine (Ray)",
-                         ("timeout", "num_cpus", "client_cpus", "state_dir", "verbose")))
-register_runtime(Runtime("torchdist", "fedmerge.runtimes.torchdist", NETWORK_FAULTS,
-                         "agents on torch.distributed ranks (local worker processes)",
-                         ("procs", "threads")))
+RUNTIMES.add("local", "fedmerge.runtimes.local", faults=FAULTS,
+             doc="every agent in this process (per-agent or stacked engine)")
+RUNTIMES.add("flower", "fedmerge.runtimes.flower", faults=NETWORK_FAULTS,
+             doc="one Flower SuperNode per agent on Flower's simulation engine (Ray)",
+             options=("timeout", "num_cpus", "client_cpus", "state_dir", "verbose"))
+RUNTIMES.add("torchdist", "fedmerge.runtimes.torchdist", faults=NETWORK_FAULTS,
+             doc="agents on torch.distributed ranks (local worker processes)",
+             options=("procs", "threads"))
 # fmt: on
 
 
 def get_runtime(name: str) -> Runtime:
-    if name not in RUNTIMES:
-        raise ConfigError(f"runtime: unknown {name!r}; use one of {', '.join(RUNTIMES)}")
-    return RUNTIMES[name]
+    """The registered runtime ``name`` (a ConfigError naming ``runtime`` otherwise)."""
+    return RUNTIMES.lookup(name)
 
 
 def run(
@@ -87,6 +74,6 @@ def run(
                           f"(options: {', '.join(rt.options) or 'none'})")  # fmt: skip
     check_faults(cfg.faults, rt.name, rt.faults)
     details: dict[str, Any] = {"runtime": rt.name}
-    rows = importlib.import_module(rt.module).run(cfg, on_round=on_round, details=details,
+    rows = importlib.import_module(rt.target).run(cfg, on_round=on_round, details=details,
                                                   **options)  # fmt: skip
     return rows, details
