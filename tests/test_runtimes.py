@@ -4,7 +4,10 @@ sweep cells that run on the runtime they name."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -80,3 +83,22 @@ def test_sweep_cells_run_on_torchdist(tmp_path, one_thread):
 @pytest.mark.slow
 def test_sweep_cells_run_on_flower_and_torchdist(tmp_path, one_thread):
     check_sweep(tmp_path, ["local", "torchdist", "flower"])
+
+
+def test_import_fedmerge_is_lazy_and_imports_no_runtime():
+    code = ("import sys, fedmerge; fedmerge.Simulator; fedmerge.Payload; "
+            "print([m for m in sys.modules if m.startswith(('flwr', 'ray', "
+            "'fedmerge.runtimes.torchdist', 'fedmerge.runtimes.flower'))])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_layering_contract_holds():
+    """lint-imports: layers import only downward; no runtime imports another (so none
+    imports the in-process simulator)."""
+    root = Path(__file__).resolve().parent.parent
+    exe = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout, not an installed copy
+    out = subprocess.run([str(exe)], cwd=root, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "2 kept, 0 broken" in out.stdout

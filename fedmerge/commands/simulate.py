@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")  # fmt: skip
     parser.add_argument("--fields", action="store_true", help="list every config field and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    parser.add_argument("--verbose", action="store_true",
+                        help="flower: let Flower's and Ray's own logs through")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or Path("runs") / cfg.name)
     start = time.perf_counter()
-    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs)
+    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs, verbose=args.verbose)
     extra["elapsed_s"] = round(time.perf_counter() - start, 3)
     summary = write_run(out, cfg, rows, extra)
     if not args.quiet:
@@ -81,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate(
-    cfg: SimConfig, *, progress: bool = True, procs: int = 0
+    cfg: SimConfig, *, progress: bool = True, procs: int = 0, verbose: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
     from fedmerge.runtimes import run
 
-    options = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
+    options: dict[str, Any] = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
+    if cfg.runtime == "flower" and verbose:
+        options["verbose"] = True
     with _progress(cfg, progress) as on_round:
         return run(cfg, on_round=on_round, **options)
 
