@@ -1,151 +1,102 @@
 """fedmerge: decentralized and continual model merging.
 
-The public Python API; each name lives in the module named after its idea.
+The public Python API; each name lives in the module named after its idea and is imported on
+first use (``import fedmerge`` alone loads neither torch nor scipy, so the CLI starts at once).
+
+>>> import fedmerge
+>>> fedmerge.load_config(None, ["rounds=2"]).rounds
+2
 """
 
-from fedmerge.agent import Agent
-from fedmerge.alignment import (
-    PermutationSpec,
-    activation_matching,
-    apply_permutation,
-    permutation_spec,
-    reset_bn_stats,
-    weight_matching,
-)
-from fedmerge.checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    TensorSpec,
-    load_state_dict,
-    open_checkpoint,
-    read_metadata,
-    save_state_dict,
-)
-from fedmerge.config import SimConfig, default_config, load_config
-from fedmerge.continual import (
-    CONTINUAL_METHODS,
-    ContinualMerger,
-    ContinualStore,
-    default_projectable,
-    linear_keys_from_module,
-    make_merger,
-)
-from fedmerge.data.datasets import Dataset, load_dataset
-from fedmerge.data.partition import FederatedData, federate
-from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
-from fedmerge.dimat import dimat_merge
-from fedmerge.dissemination import Arrival, DisseminationResult, disseminate, fold_directly
-from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
-from fedmerge.merging import METHODS as MERGE_METHODS
-from fedmerge.merging import MergeReport, merge, merge_checkpoints
-from fedmerge.models import MODELS, build_model
-from fedmerge.payload import Payload, validate_payload
-from fedmerge.protocols import PROTOCOLS
-from fedmerge.report import summarize, write_run
-from fedmerge.runtimes.torchdist import PeerFailure
-from fedmerge.simulator import Simulator, build_setup
-from fedmerge.statedict import (
-    StateDict,
-    add_task_vector,
-    check_finite,
-    check_same_specs,
-    content_hash,
-    global_norm,
-    state_hash,
-    task_vector,
-)
-from fedmerge.sweep import run_sweep
-from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
+from __future__ import annotations
+
+from fedmerge.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from fedmerge.adversary import Adversary, byzantine_nodes, freshest
-from fedmerge.persist import restore_agent, save_agent
-from fedmerge.robust import RULES as AGGREGATION_RULES
-from fedmerge.robust import clip as clip_aggregate
-from fedmerge.robust import krum as krum_aggregate
-from fedmerge.robust import median as median_aggregate
-from fedmerge.robust import trimmed_mean as trimmed_mean_aggregate
-from fedmerge.stheader import parse_header, read_file_header
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "Agent": ("fedmerge.agent",),
+    "Dataset": ("fedmerge.data.datasets",),
+    "FederatedData": ("fedmerge.data.partition",),
+    "PROTOCOLS": ("fedmerge.protocols",),
+    "Payload": ("fedmerge.payload",),
+    "SimConfig": ("fedmerge.config",),
+    "Simulator": ("fedmerge.simulator",),
+    "build_setup": ("fedmerge.simulator",),
+    "default_config": ("fedmerge.config",),
+    "federate": ("fedmerge.data.partition",),
+    "load_config": ("fedmerge.config",),
+    "load_dataset": ("fedmerge.data.datasets",),
+    "run_sweep": ("fedmerge.sweep",),
+    "summarize": ("fedmerge.report",),
+    "validate_payload": ("fedmerge.payload",),
+    "write_run": ("fedmerge.report",),
+    "TASK_NAMES": ("fedmerge.data.tasks",),
+    "Task": ("fedmerge.data.tasks",),
+    "TaskFamily": ("fedmerge.data.tasks",),
+    "make_task_family": ("fedmerge.data.tasks",),
+    "CONTINUAL_METHODS": ("fedmerge.continual",),
+    "ContinualMerger": ("fedmerge.continual",),
+    "ContinualStore": ("fedmerge.continual",),
+    "default_projectable": ("fedmerge.continual",),
+    "linear_keys_from_module": ("fedmerge.continual",),
+    "make_merger": ("fedmerge.continual",),
+    "Checkpoint": ("fedmerge.checkpoint",),
+    "CheckpointError": ("fedmerge.errors",),
+    "CheckpointWriter": ("fedmerge.checkpoint",),
+    "ConfigError": ("fedmerge.errors",),
+    "FedmergeError": ("fedmerge.errors",),
+    "RoundPlan": ("fedmerge.topology",),
+    "MERGE_METHODS": ("fedmerge.merging", "METHODS"),
+    "MergeReport": ("fedmerge.merging",),
+    "StateDict": ("fedmerge.statedict",),
+    "TensorSpec": ("fedmerge.checkpoint",),
+    "Topology": ("fedmerge.topology",),
+    "ValidationError": ("fedmerge.errors",),
+    "add_task_vector": ("fedmerge.statedict",),
+    "build_topology": ("fedmerge.topology",),
+    "check_finite": ("fedmerge.statedict",),
+    "check_same_specs": ("fedmerge.statedict",),
+    "content_hash": ("fedmerge.statedict",),
+    "global_norm": ("fedmerge.statedict",),
+    "list_presets": ("fedmerge.topology",),
+    "load_state_dict": ("fedmerge.checkpoint",),
+    "merge": ("fedmerge.merging",),
+    "merge_checkpoints": ("fedmerge.merging",),
+    "open_checkpoint": ("fedmerge.checkpoint",),
+    "read_metadata": ("fedmerge.checkpoint",),
+    "save_state_dict": ("fedmerge.checkpoint",),
+    "state_hash": ("fedmerge.statedict",),
+    "task_vector": ("fedmerge.statedict",),
+    "MODELS": ("fedmerge.models",),
+    "build_model": ("fedmerge.models",),
+    "PermutationSpec": ("fedmerge.alignment",),
+    "activation_matching": ("fedmerge.alignment",),
+    "apply_permutation": ("fedmerge.alignment",),
+    "dimat_merge": ("fedmerge.dimat",),
+    "Arrival": ("fedmerge.dissemination",),
+    "DisseminationResult": ("fedmerge.dissemination",),
+    "disseminate": ("fedmerge.dissemination",),
+    "fold_directly": ("fedmerge.dissemination",),
+    "permutation_spec": ("fedmerge.alignment",),
+    "reset_bn_stats": ("fedmerge.alignment",),
+    "weight_matching": ("fedmerge.alignment",),
+    "AGGREGATION_RULES": ("fedmerge.robust", "RULES"),
+    "Adversary": ("fedmerge.adversary",),
+    "byzantine_nodes": ("fedmerge.adversary",),
+    "clip_aggregate": ("fedmerge.robust", "clip"),
+    "freshest": ("fedmerge.adversary",),
+    "krum_aggregate": ("fedmerge.robust", "krum"),
+    "median_aggregate": ("fedmerge.robust", "median"),
+    "parse_header": ("fedmerge.stheader",),
+    "read_file_header": ("fedmerge.stheader",),
+    "restore_agent": ("fedmerge.persist",),
+    "save_agent": ("fedmerge.persist",),
+    "trimmed_mean_aggregate": ("fedmerge.robust", "trimmed_mean"),
+    "PeerFailure": ("fedmerge.runtimes.torchdist",),
+}
+"""public name -> (module, attribute in it when it differs from the name)"""
 
-__all__ = [
-    "Agent",
-    "Dataset",
-    "FederatedData",
-    "PROTOCOLS",
-    "Payload",
-    "SimConfig",
-    "Simulator",
-    "build_setup",
-    "default_config",
-    "federate",
-    "load_config",
-    "load_dataset",
-    "run_sweep",
-    "summarize",
-    "validate_payload",
-    "write_run",
-    "TASK_NAMES",
-    "Task",
-    "TaskFamily",
-    "make_task_family",
-    "CONTINUAL_METHODS",
-    "ContinualMerger",
-    "ContinualStore",
-    "default_projectable",
-    "linear_keys_from_module",
-    "make_merger",
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointWriter",
-    "ConfigError",
-    "FedmergeError",
-    "RoundPlan",
-    "MERGE_METHODS",
-    "MergeReport",
-    "StateDict",
-    "TensorSpec",
-    "Topology",
-    "ValidationError",
-    "add_task_vector",
-    "build_topology",
-    "check_finite",
-    "check_same_specs",
-    "content_hash",
-    "global_norm",
-    "list_presets",
-    "load_state_dict",
-    "merge",
-    "merge_checkpoints",
-    "open_checkpoint",
-    "read_metadata",
-    "save_state_dict",
-    "state_hash",
-    "task_vector",
-    "MODELS",
-    "build_model",
-    "PermutationSpec",
-    "activation_matching",
-    "apply_permutation",
-    "dimat_merge",
-    "Arrival",
-    "DisseminationResult",
-    "disseminate",
-    "fold_directly",
-    "permutation_spec",
-    "reset_bn_stats",
-    "weight_matching",
-    "AGGREGATION_RULES",
-    "Adversary",
-    "byzantine_nodes",
-    "clip_aggregate",
-    "freshest",
-    "krum_aggregate",
-    "median_aggregate",
-    "parse_header",
-    "read_file_header",
-    "restore_agent",
-    "save_agent",
-    "trimmed_mean_aggregate",
-    "PeerFailure",
-]
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

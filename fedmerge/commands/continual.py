@@ -30,9 +30,6 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.checkpoint import dtype_from_name
-from fedmerge.continual.methods import CONTINUAL_METHODS
-from fedmerge.continual.store import ContinualStore
 from fedmerge.errors import ConfigError
 
 NAME = "continual"
@@ -44,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create a store over a base checkpoint")
     init.add_argument("store", help="store directory (created)")
     init.add_argument("--base", required=True, help="base checkpoint (file or sharded dir)")
-    init.add_argument("--method", default="opcm", choices=sorted(CONTINUAL_METHODS))
+    init.add_argument("--method", default="opcm", help="continual method (default opcm; above)")
     init.add_argument("--param", action="append", default=[], metavar="K=V",
                       help="method parameter, repeatable (e.g. alpha=0.5)")  # fmt: skip
     init.add_argument("--project", metavar="REGEX",
@@ -75,6 +72,9 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmerge.checkpoint import dtype_from_name
+    from fedmerge.continual.store import ContinualStore
+
     console = Console()
     if args.action == "init":
         store = ContinualStore.init(args.store, args.base, args.method, parse_params(args.param),

@@ -28,11 +28,7 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
-from fedmerge.merging import METHODS, merge_checkpoints
-from fedmerge.merging.engine import keep_freed_memory
-from fedmerge.merging.registry import parse_assignments
 
 NAME = "merge"
 EXTRA_POSITIONALS = "experts"  # experts may also follow the options
@@ -79,13 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16", "float64"],
         help="output dtype of merged tensors (default: the reference's)",
     )
-    parser.add_argument("--max-shard-size", default=f"{DEFAULT_SHARD_BYTES}B", metavar="SIZE",
+    parser.add_argument("--max-shard-size", metavar="SIZE",
                         help="shard the output above this size (default 4GiB)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
 
 def method_table() -> Table:
     """One section per method: its definition, then one row per parameter."""
+    from fedmerge.merging import METHODS
+
     table = Table(title="fedmerge merge methods")
     for col in ("method", "parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
@@ -110,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
+    from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
+    from fedmerge.merging import merge_checkpoints
+    from fedmerge.merging.engine import keep_freed_memory
+    from fedmerge.merging.registry import parse_assignments
+
     keep_freed_memory()
+    shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
     report = merge_checkpoints(
         args.method,
         args.base,
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         params=parse_assignments(args.param),
         fisher_paths=args.fisher,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=shard,
         progress=not args.no_progress,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets, resolve_spec
+if TYPE_CHECKING:
+    from fedmerge.topology import RoundPlan, Topology
 
 NAME = "topology"
 HELP = "show, list and draw communication topologies (graphs + mixing weights)"
@@ -66,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return _list()
+    from fedmerge.topology import RoundPlan, build_topology
+
     topo = build_topology(args.spec, n=args.n, seed=args.seed, overrides=args.overrides)
     report = topo.analyze()
     plan = None
@@ -160,6 +163,8 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
 
 
 def _list() -> int:
+    from fedmerge.topology.specs import list_presets, resolve_spec
+
     table = Table(title="topology presets (topologies/*.yaml)")
     for col in ("name", "graph", "n", "mixing", "schedule"):
         table.add_column(col, no_wrap=True)
