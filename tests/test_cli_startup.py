@@ -47,3 +47,13 @@ def test_every_public_name_resolves_lazily():
     assert fedmerge.MERGE_METHODS is fedmerge.merging.METHODS  # renamed on export
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fedmerge.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("flag", ["-o", "--out", "--output"])
+def test_output_flags_agree_across_commands(flag):
+    from fedmerge.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["continual", "export", "store", flag, "x"]).out == "x"
+    if flag != "--output":
+        assert parser.parse_args(["merge", "ties", flag, "x"]).out == "x"

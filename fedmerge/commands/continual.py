@@ -14,7 +14,7 @@ examples:
   fedmerge continual add runs/store experts/task_a.safetensors
   fedmerge continual add runs/store experts/task_b/ --id task-b      # HF sharded directory
   fedmerge continual status runs/store
-  fedmerge continual export runs/store -o merged.safetensors --dtype bfloat16
+  fedmerge continual export runs/store --out merged.safetensors --dtype bfloat16
 
 OPCM projects the weights of Linear layers only. In a bare checkpoint these
 are the 2-D floating tensors whose name does not match
@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--id", help="name recorded in the manifest (default: file name)")
     export = sub.add_parser("export", help="write the current merge as safetensors")
     export.add_argument("store")
-    export.add_argument("-o", "--output", required=True, help="OUT.safetensors or a directory")
+    export.add_argument("-o", "--out", "--output", dest="out", required=True,
+                        help="OUT.safetensors or a directory (as merge -o/--out)")  # fmt: skip
     export.add_argument("--dtype", help="cast floating tensors (float32, bfloat16, ...)")
     status = sub.add_parser("status", help="show steps, experts, norms and λ")
     status.add_argument("store")
@@ -90,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
                       f"‖θ−θ0‖={rec['merged_norm']:.4g}{lam})")  # fmt: skip
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
-        m = ContinualStore(args.store).export(args.output, dtype)
-        console.print(f"wrote {args.output}: {m['method']} merge of {m['step']} expert(s)")
+        m = ContinualStore(args.store).export(args.out, dtype)
+        console.print(f"wrote {args.out}: {m['method']} merge of {m['step']} expert(s)")
     else:
         m = ContinualStore(args.store).manifest()
         if args.json:

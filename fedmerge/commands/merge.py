@@ -9,7 +9,8 @@ Everything is validated (method, parameters, keys, shapes, dtypes, NaN/Inf);
 on an error nothing is written.
 
 examples:
-  fedmerge merge --list
+  fedmerge merge --list                  # every method, what it does, its parameters
+  fedmerge merge --list ties             # one method's parameters: default, range, meaning
   fedmerge merge ties --base ref.safetensors a.safetensors b.safetensors -o out.safetensors
   fedmerge merge ties --base ref/ a/ b/ c/ -o merged/ --param density=0.2 --param scope=global
   fedmerge merge task_arithmetic --base ref.safetensors a.safetensors b.safetensors \\
@@ -61,7 +62,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", nargs="?", help="merge method (see --list)")
     parser.add_argument("experts", nargs="*", metavar="EXPERT", help="fine-tuned checkpoints")
-    parser.add_argument("--list", action="store_true", help="list methods and parameters, exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the methods (with METHOD: its parameters) and exit")  # fmt: skip
     parser.add_argument("--base", metavar="REF", help="reference checkpoint θ_ref")
     parser.add_argument("-o", "--out", metavar="OUT", help="output .safetensors file or directory")
     parser.add_argument(
@@ -80,26 +82,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
 
-def method_table() -> Table:
-    """One section per method: its definition, then one row per parameter."""
-    from fedmerge.merging import METHODS
+def method_table(method: str | None = None) -> Table:
+    """Without ``method``: one row per method, what it does and its parameters' defaults.
+    With it: that method's parameters, one row each (default, range, meaning)."""
+    from fedmerge.merging import METHODS, get_method
 
-    table = Table(title="fedmerge merge methods")
-    for col in ("method", "parameter", "default", "range", "meaning"):
+    if method is None:
+        table = Table(title="fedmerge merge methods",
+                      caption="fedmerge merge --list METHOD: its parameters in full")  # fmt: skip
+        table.add_column("method", style="bold", no_wrap=True)
+        table.add_column("what it does · parameters (defaults)")
+        for name in sorted(METHODS):
+            m = METHODS[name]
+            params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "none"
+            table.add_row(name, f"{m.doc}\n[dim]{params}[/]")
+        return table
+    m = get_method(method)
+    table = Table(title=f"{method}: {m.doc}", caption=m.reference)
+    for col in ("parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
-    for name in sorted(METHODS):
-        m = METHODS[name]
-        table.add_row(f"[bold]{name}[/]", "", "", "", f"{m.doc} [dim]{m.reference}[/]")
-        for p in m.params:
-            table.add_row("", p.name, repr(p.default), p.range_text(), p.doc)
-        table.add_section()
+    for p in m.params:
+        table.add_row(p.name, repr(p.default), p.range_text(), p.doc)
     return table
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.list:
-        console.print(method_table())
+        console.print(method_table(args.method))
         return 0
     if not args.method:
         raise ConfigError("give a METHOD (see 'fedmerge merge --list')")

@@ -165,16 +165,20 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
 def _list() -> int:
     from fedmerge.topology.specs import list_presets, resolve_spec
 
-    table = Table(title="topology presets (topologies/*.yaml)")
-    for col in ("name", "graph", "n", "mixing", "schedule"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("description", min_width=20)
+    table = Table(title="topology presets (topologies/*.yaml)",
+                  caption="use one as SPEC, or in a config: topology: NAME")  # fmt: skip
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("graph · mixing · schedule, and what it is")
     for name in list_presets():
         spec = resolve_spec(name)
         schedule = spec["schedule"]
         kind = schedule if isinstance(schedule, str) else schedule.get("kind", "static")
         n = spec["n"] if spec["n"] is not None else _count(spec)
-        table.add_row(name, spec["graph"], str(n), spec["mixing"], kind, spec["description"] or "")
+        what = f"{spec['graph']} · {spec['mixing']} · {kind}"
+        if spec["description"]:
+            what += f"\n[dim]{spec['description']}[/]"
+        table.add_row(name, str(n), what)
     Console().print(table)
     return 0
 
