@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
     from fedmerge.merging import merge_checkpoints
     from fedmerge.merging.engine import keep_freed_memory
-    from fedmerge.merging.registry import parse_assignments
+    from fedmerge.registry import parse_assignments
 
     keep_freed_memory()
     shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
