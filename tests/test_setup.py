@@ -47,8 +47,10 @@ def test_run_installs_runtime_only_and_test_installs_dev(tmp_path):
 
 
 def test_cuda_wheels_are_recognized():
-    names = ["torch==2.13.0", "nvidia-cublas-cu12==12.8", "triton==3.5", "sympy==1.14"]
-    assert install_torch.cuda_wheels(names) == ["nvidia-cublas-cu12==12.8", "triton==3.5"]
+    names = ["torch==2.13.0", "nvidia-cublas-cu12==12.8", "triton==3.5", "sympy==1.14",
+             "NVIDIA_cudnn_cu12==9.1"]  # fmt: skip
+    assert install_torch.cuda_wheels(names) == ["nvidia-cublas-cu12==12.8", "triton==3.5",
+                                                "NVIDIA_cudnn_cu12==9.1"]  # fmt: skip
     cmd = install_torch.pip_command("torch==2.13.0", install_torch.CPU_INDEX)
     assert cmd[-3:] == ["--index-url", install_torch.CPU_INDEX, "torch==2.13.0"]
 
@@ -87,3 +89,41 @@ def test_unreachable_cpu_index_falls_back_but_never_to_cuda(tmp_path):
         assert install_torch.cuda_wheels(names) == []
     else:  # it offers only CUDA: refused, with what to do
         assert "offers a CUDA build" in result.stderr and "GPU=1" in result.stderr
+
+
+def fake_wheel(folder: Path, name: str, requires: tuple[str, ...] = ()) -> None:
+    """A minimal wheel ``name-1.0`` whose metadata requires ``requires`` (enough for pip to
+    resolve it in a dry run)."""
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    wheel = "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{info}/METADATA", meta)
+        z.writestr(f"{info}/WHEEL", wheel)
+        z.writestr(f"{info}/RECORD", "")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_package_index_fallback_refuses_a_cuda_build(tmp_path, cuda):
+    """The CPU index unreachable, an index whose torch pulls nvidia-* wheels is refused (exit 3,
+    saying what to do); one without them is used."""
+    fake_wheel(tmp_path, "nvidia_cublas_fake")
+    fake_wheel(tmp_path, "faketorch", ("nvidia-cublas-fake",) if cuda else ())
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path),
+           "PIP_CONSTRAINT": ""}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "install_torch.py"), "--spec", "faketorch==1.0",
+         "--index", "http://127.0.0.1:9/whl/cpu", "--dry-run"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert "is not reachable; trying the package index" in result.stderr
+    if cuda:
+        assert result.returncode == 3
+        assert "offers a CUDA build of faketorch==1.0 (nvidia_cublas_fake==1.0" in result.stderr
+        assert "make install GPU=1" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert selected(result) == ["faketorch==1.0"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -51,8 +52,9 @@ def selection(cmd: list[str]) -> list[str]:
 
 
 def cuda_wheels(names: list[str]) -> list[str]:
-    """The entries of ``names`` that belong to a CUDA build (nvidia-* libraries, triton)."""
-    return [n for n in names if n.lower().startswith(CUDA_PREFIXES)]
+    """The entries of ``names`` that belong to a CUDA build (nvidia-* libraries, triton),
+    compared by normalized name (``nvidia_cublas`` is ``nvidia-cublas``)."""
+    return [n for n in names if re.sub(r"[-_.]+", "-", n.lower()).startswith(CUDA_PREFIXES)]
 
 
 def main(argv: list[str] | None = None) -> int:
