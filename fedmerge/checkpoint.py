@@ -310,12 +310,14 @@ def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]
     for what, path in inputs.items():
         source = Path(path).resolve()
         if target == source or source in target.parents:
-            raise ConfigError(f"{out}: the output is or lies inside the {what} {path}")
+            raise ConfigError(
+                f"{out}: output would overwrite an input (it is or lies inside the {what} {path})"
+            )
         files = sorted(source.iterdir()) if source.is_dir() else [source]
         hit = [f for f in files if f.parent == folder and owned.fullmatch(f.name)]
         if hit:
             raise ConfigError(
-                f"{out}: writing it would replace {hit[0]}, part of the {what} {path}"
+                f"{out}: output would overwrite an input ({hit[0]}, part of the {what} {path})"
             )
 
 
