@@ -135,7 +135,9 @@ def test_outputs_that_would_replace_an_input_are_refused(tmp_path):
     save_state_dict(state(2), tmp_path / "o" / "model.safetensors")
     shard = tmp_path / "x-00001-of-00002.safetensors"
     save_state_dict(state(2), shard)
-    with pytest.raises(ConfigError, match=r"overwrite an input \(.*model.safetensors, part of the expert"):
+    with pytest.raises(
+        ConfigError, match=r"overwrite an input \(.*model.safetensors, part of the expert"
+    ):
         check_output(tmp_path / "o", {"expert": tmp_path / "o" / "model.safetensors"})
     with pytest.raises(ConfigError, match="part of the base"):
         check_output(tmp_path / "x.safetensors", {"base": shard})
