@@ -203,15 +203,16 @@ def round_table(rows: Sequence[Row], every: int = 1):
 
 
 def summary_table(summary: Mapping[str, Any]):
-    """A two-column rich Table of the summary."""
+    """A two-column rich Table of the summary (the run name is text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"summary: {summary.get('name', 'run')}", show_header=False)
+    table = Table(title=f"summary: {escape(str(summary.get('name', 'run')))}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     for key, value in summary.items():
         if key == "name":
             continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(key.replace("_", " "), text)
+        table.add_row(key.replace("_", " "), escape(text))
     return table

@@ -132,15 +132,16 @@ def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_table(name: str, rows: list[dict[str, Any]]):
-    """A rich Table of :func:`sweep_rows`."""
+    """A rich Table of :func:`sweep_rows` (names and labels are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"sweep {name}: mean ± std over seeds")
+    table = Table(title=f"sweep {escape(name)}: mean ± std over seeds")
     for col in ("cell", "final global acc", "best global acc", "consensus", "MB/agent", "s"):
         table.add_column(col, justify="left" if col == "cell" else "right")
     for r in rows:
         table.add_row(
-            r["cell"], f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
+            escape(r["cell"]), f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
             f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f}",
             f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}", f"{r['wall_s']:.1f}",
         )  # fmt: skip

@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedmerge.sweep import expand, load_sweep, run_sweep, sweep_table, write_sweep
 
@@ -47,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
                TimeElapsedColumn())  # fmt: skip
     progress = Progress(*columns, console=Console(stderr=True), transient=True)
     with progress:
-        task = progress.add_task(name, total=total)
+        task = progress.add_task(escape(name), total=total)
         results = run_sweep(spec, lambda label, seed: progress.update(
-            task, advance=1, description=f"{name}: {label} seed {seed}"))  # fmt: skip
+            task, advance=1, description=escape(f"{name}: {label} seed {seed}")))  # fmt: skip
     out = Path(args.out or Path("runs") / name)
     rows = write_sweep(out, name, results)
     Console(width=140).print(sweep_table(name, rows))

@@ -26,6 +26,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets, resolve_spec
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         static = RoundPlan(round=0, mixing=topo.mixing, kind="static W")
         console.print(_neighbour_table(topo, plan or static))
     if args.plot:
-        console.print(f"wrote {report['plot']}")
+        console.print(f"wrote {escape(report['plot'])}")
     return 0
 
 
@@ -92,7 +93,7 @@ def _plan_summary(plan: RoundPlan) -> dict[str, Any]:
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"topology {report['name']}", show_header=False)
+    table = Table(title=f"topology {escape(str(report['name']))}", show_header=False)
     table.add_column("property", style="bold")
     table.add_column("value")
     diameter = report["diameter"]
@@ -139,7 +140,7 @@ def _summary_table(report: dict[str, Any]) -> Table:
             )
         )
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     return table
 
 
@@ -154,7 +155,7 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
     for i, row in enumerate(plan.neighbors):
         own = next((w for j, w in row if j == i), 0.0)
         others = ", ".join(f"{j}: {w:.3f}" for j, w in row if j != i)
-        label = str(i) if topo.labels is None else f"{i} ({topo.labels[i]})"
+        label = str(i) if topo.labels is None else escape(f"{i} ({topo.labels[i]})")
         table.add_row(label, f"{own:.3f}", others or "-")
     return table
 
@@ -169,7 +170,8 @@ def _list() -> int:
         schedule = spec["schedule"]
         kind = schedule if isinstance(schedule, str) else schedule.get("kind", "static")
         n = spec["n"] if spec["n"] is not None else _count(spec)
-        table.add_row(name, spec["graph"], str(n), spec["mixing"], kind, spec["description"] or "")
+        cells = (name, spec["graph"], str(n), spec["mixing"], kind, spec["description"] or "")
+        table.add_row(*map(escape, cells))
     Console().print(table)
     return 0
 
