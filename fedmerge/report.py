@@ -212,10 +212,12 @@ direction); other keys follow under their own names."""
 
 
 def summary_table(summary: Mapping[str, Any]):
-    """A two-column rich Table of the summary: what ran first, then the results (bytes in MB)."""
+    """A two-column rich Table of the summary: what ran first, then the results (bytes in MB;
+    the run name and values are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"summary: {summary.get('name', 'run')}", show_header=False)
+    table = Table(title=f"summary: {escape(str(summary.get('name', 'run')))}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     keys = [k for k in SUMMARY_LABELS if k in summary]
@@ -225,5 +227,5 @@ def summary_table(summary: Mapping[str, Any]):
         if key.startswith("bytes_"):
             value = value / 1e6
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(SUMMARY_LABELS.get(key, key.replace("_", " ")), text)
+        table.add_row(SUMMARY_LABELS.get(key, key.replace("_", " ")), escape(text))
     return table

@@ -177,14 +177,16 @@ def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_table(name: str, rows: list[dict[str, Any]]):
-    """A rich Table of :func:`sweep_rows` (± std only with more than one seed)."""
+    """A rich Table of :func:`sweep_rows` (± std only with more than one seed; names and
+    labels are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     seeds = max((r["seeds"] for r in rows), default=1)
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     caption = ("final, best: mean global test accuracy (↑ higher is better); disagree: mean "
                "‖θ_i − θ̄‖ (↓ lower is better); MB sent per agent; seconds per run")  # fmt: skip
-    table = Table(title=f"sweep {name}: {over}", caption=caption)
+    table = Table(title=f"sweep {escape(name)}: {over}", caption=caption)
     table.add_column("cell")
     for col in ("final ↑", "best ↑", "disagree ↓", "MB/agent", "s/run"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -193,7 +195,7 @@ def sweep_table(name: str, rows: list[dict[str, Any]]):
         return f"{r[key]:.3f}" + (f" ± {r[key + '_std']:.3f}" if seeds > 1 else "")
 
     for r in rows:
-        table.add_row(r["cell"], pm("final_global_acc"), pm("best_global_acc"),
+        table.add_row(escape(r["cell"]), pm("final_global_acc"), pm("best_global_acc"),
                       f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}",
                       f"{r['wall_s']:.1f}")  # fmt: skip
     return table

@@ -27,6 +27,7 @@ import argparse
 import re
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
@@ -138,12 +139,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-")
+    params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-"
+    table.add_row("parameters", escape(params))
     table.add_row("weights", ", ".join(f"{w:g}" for w in report.weights))
     table.add_row("tensors", f"{report.merged_keys} merged, {report.keys - report.merged_keys} "
                   "copied from the reference")  # fmt: skip
     table.add_row("elements", f"{report.elements:,}")
-    table.add_row("output", "\n".join(str(f) for f in report.files))
+    table.add_row("output", escape("\n".join(str(f) for f in report.files)))
     table.add_row("time", f"{report.seconds:.2f} s")
     console.print(table)
     return 0

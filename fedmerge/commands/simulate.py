@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedmerge.config import SimConfig, dump_config, field_docs, load_config
 from fedmerge.errors import ConfigError
@@ -87,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(round_table(rows, every=max(1, cfg.rounds // 10)))
         console.print(summary_table(summary))
-    console.print(f"wrote {out}/ (config.yaml, metrics.jsonl/.csv, summary.json, accuracy.png, "
-                  "consensus.png)", highlight=False)  # fmt: skip
+    console.print(f"wrote {escape(str(out))}/ (config.yaml, metrics.jsonl/.csv, summary.json, "
+                  "accuracy.png, consensus.png)", highlight=False)  # fmt: skip
     return 0
 
 
@@ -145,7 +146,7 @@ class _progress:
                 console=Console(stderr=True), transient=True,
             )  # fmt: skip
             self.bar.start()
-            self.task = self.bar.add_task(self.cfg.name, total=self.cfg.rounds, acc="")
+            self.task = self.bar.add_task(escape(self.cfg.name), total=self.cfg.rounds, acc="")
         return self.on_round
 
     def on_round(self, rows: list[dict[str, Any]]) -> None:
