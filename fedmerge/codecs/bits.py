@@ -90,16 +90,16 @@ def unpack_bits(data: torch.Tensor, count: int) -> torch.Tensor:
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """Ints in ``[0, 16)`` ``(k,)`` -> uint8 ``(ceil(k/2),)``, low nibble first, zero padding."""
-    flat = values.reshape(-1).to(torch.int64)
+    flat = values.reshape(-1).to(torch.uint8)
     pairs = torch.cat([flat, flat.new_zeros(flat.numel() % 2)]).view(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
 
 
 def unpack_nibbles(data: torch.Tensor, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles` -> int64 ``(count,)``; the padding nibble must be zero."""
+    """Inverse of :func:`pack_nibbles` -> uint8 ``(count,)``; the padding nibble must be zero."""
     if data.numel() != (count + 1) // 2:
         raise Malformed(f"{data.numel()} nibble bytes for {count} entries")
-    b = data.to(torch.int64)
+    b = data
     out = torch.stack([b & 0xF, b >> 4], 1).reshape(-1)
     if out.numel() > count and int(out[count]) != 0:
         raise Malformed("nonzero padding nibble")

@@ -67,10 +67,12 @@ def decode_quantize(
         raise Malformed("part 'scales' has negative values")
     n, levels = math.prod(spec.shape), _levels(params)
     codes = parts["codes"]
-    q = codes.to(torch.int64) if params["bits"] > 4 else unpack_nibbles(codes, n)
+    q = codes if params["bits"] > 4 else unpack_nibbles(codes, n)
     if q.numel() and int(q.max()) > 2 * levels:
         raise Malformed(f"code {int(q.max())} is above {2 * levels} for {params['bits']} bits")
-    steps = _blocks((q - levels).to(scales.dtype), params["block"]) * (scales / levels)[:, None]
+    steps = _blocks(q.to(scales.dtype).sub_(levels), params["block"]).mul_(
+        (scales / levels)[:, None]
+    )
     return steps.reshape(-1)[:n].to(spec.dtype).view(spec.shape)
 
 
@@ -89,6 +91,6 @@ def encode_quantize(x: torch.Tensor, ctx: KeyContext, params: Params) -> dict[st
     y = blocks / torch.where(scales > 0, scales, 1)[:, None] * levels
     if params["stochastic"]:
         y = torch.floor(y + torch.rand(y.shape, generator=ctx.generator, dtype=y.dtype))
-    q = y.round().clamp(-levels, levels).to(torch.int64).reshape(-1)[: x.numel()] + levels
-    codes = q.to(torch.uint8) if params["bits"] > 4 else pack_nibbles(q)
+    q = y.round_().clamp_(-levels, levels).add_(levels).reshape(-1)[: x.numel()].to(torch.uint8)
+    codes = q if params["bits"] > 4 else pack_nibbles(q)
     return {"codes": codes, "scales": scales}
