@@ -31,7 +31,7 @@ from fedmerge.codecs.registry import (
     real_dtype,
     register,
 )
-from fedmerge.merging.registry import Param
+from fedmerge.registry import Param
 
 
 def _is_matrix(shape: tuple[int, ...]) -> bool:

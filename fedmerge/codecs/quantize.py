@@ -35,7 +35,7 @@ from fedmerge.codecs.registry import (
     real_dtype,
     register,
 )
-from fedmerge.merging.registry import Param
+from fedmerge.registry import Param
 
 
 def _levels(params: Params) -> int:

@@ -1,7 +1,8 @@
 """Registry of payload codecs and their declared, validated parameters.
 
 A codec is three small functions over one tensor plus a list of
-:class:`~fedmerge.merging.registry.Param` s (the same idiom as merge methods):
+:class:`~fedmerge.registry.Param` s, registered in :data:`CODECS` (a
+:class:`~fedmerge.registry.Registry`, the idiom of every pluggable part):
 
 - ``encode(x, ctx, params) -> parts``: a floating tensor ``x`` (any shape) to named
   wire tensors (``parts``); ``ctx`` is the sender's :class:`KeyContext`;
@@ -26,8 +27,7 @@ from typing import Any
 import torch
 
 from fedmerge.checkpoint import DTYPE_NAMES
-from fedmerge.errors import ConfigError
-from fedmerge.merging.registry import Param
+from fedmerge.registry import Entry, Registry
 
 Params = dict[str, Any]
 Encode = Callable[..., dict[str, torch.Tensor]]
@@ -54,61 +54,30 @@ class KeyContext:
 
 
 @dataclass(frozen=True)
-class Codec:
-    """A registered codec (see the module docstring for the three functions)."""
+class Codec(Entry):
+    """A registered codec; its ``target`` is the encoder (see the module docstring)."""
 
-    name: str
-    encode: Callable[..., dict[str, torch.Tensor]]
-    check: Callable[..., None]
-    decode: Callable[..., torch.Tensor]
-    params: tuple[Param, ...]
-    doc: str
+    check: Callable[..., None] | None = None
+    decode: Callable[..., torch.Tensor] | None = None
     reference: str = ""
     prepass: Callable[[Mapping[str, torch.Tensor], Params], float | None] | None = None
 
-    def resolve(self, given: Mapping[str, Any] | None = None) -> Params:
-        """Defaults overlaid with ``given`` (parsed and range-checked); ConfigError otherwise."""
-        given = dict(given or {})
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            names = ", ".join(known) or "none"
-            raise ConfigError(
-                f"codec {self.name!r} has no parameter {unknown[0]!r} (parameters: {names})"
-            )
-        return {
-            name: (p.parse(given[name], f"codec {self.name}") if name in given else p.default)
-            for name, p in known.items()
-        }
+    @property
+    def encode(self) -> Encode:
+        return self.target
 
 
-CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("codec", field="protocol.codec", entry=Codec)
+"""Every codec by name (filled by the codec modules of :mod:`fedmerge.codecs`)."""
 
-
-def register(
-    name: str, *params: Param, check: Callable[..., None], decode: Callable[..., torch.Tensor],
-    **options: Any,
-) -> Callable[[Encode], Encode]:  # fmt: skip
-    """Decorator on the ``encode`` function: register codec ``name``.
-
-    The encoder's docstring (first paragraph) becomes the codec's documentation.
-    """
-
-    def deco(encode: Encode) -> Encode:
-        if name in CODECS:
-            raise ValueError(f"codec {name!r} registered twice")
-        doc = " ".join((encode.__doc__ or "").strip().split("\n\n")[0].split())
-        CODECS[name] = Codec(name, encode, check, decode, params, doc, **options)
-        return encode
-
-    return deco
+register = CODECS.register
+"""Decorator: ``@register(name, *params, check=..., decode=..., prepass=...)`` on an
+encoder; the encoder's docstring (first paragraph) becomes the codec's documentation."""
 
 
 def get_codec(name: str) -> Codec:
     """The registered codec ``name``; ConfigError listing the known ones otherwise."""
-    if name not in CODECS:
-        raise ConfigError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}")
-    return CODECS[name]
+    return CODECS.lookup(name)
 
 
 def expect(

@@ -46,8 +46,8 @@ from fedmerge.codecs.registry import (
     register,
 )
 from fedmerge.merging.globalk import GlobalThreshold
-from fedmerge.merging.registry import Param
 from fedmerge.merging.sparsify import kth_smallest
+from fedmerge.registry import Param
 
 _DENSITY = Param(
     "density", float, 0.1, "fraction of entries kept", low=0.0, high=1.0, low_open=True
