@@ -101,21 +101,23 @@ def encode_state(
     tensors: Mapping[str, torch.Tensor], codec: str, params: Mapping[str, Any] | None = None,
     *, seed: int = 0, call: int = 0, state: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Encoded:  # fmt: skip
-    """Encode every floating tensor of ``tensors`` with ``codec`` (stateless unless ``state``).
+    """Encode every tensor of ``tensors`` (floating) with ``codec``, one key at a time.
 
-    ``state`` (key -> the codec's per-key sender state) persists across calls when given.
+    ``state`` (key -> the codec's per-key sender state) persists across calls when given;
+    ``tensors`` may be a lazy mapping: each key is read once (plus the codec's pre-pass).
     """
     c = get_codec(codec)
     resolved = c.resolve(params)
     threshold = c.prepass(tensors, resolved) if c.prepass else None
     parts: dict[str, torch.Tensor] = {}
+    specs: dict[str, TensorSpec] = {}
     for key in sorted(tensors):
-        x = tensors[key]
+        x = tensors[key]  # read once: ``tensors`` may compute it (a lazy task vector)
+        specs[key] = TensorSpec.of(x)
         gen = torch.Generator().manual_seed(key_seed(seed, key, call))
         key_state = state.setdefault(key, {}) if state is not None else {}
         for name, t in c.encode(x, KeyContext(key, gen, threshold, key_state), resolved).items():
             parts[f"{key}{SEP}{name}"] = t.contiguous()
-    specs = {k: TensorSpec.of(v) for k, v in tensors.items()}
     return Encoded(c.name, resolved, specs, parts)
 
 

@@ -323,7 +323,8 @@ def merge_checkpoints(
     if any(out.resolve() == p.resolve() for p in inputs):
         raise ConfigError(f"{out}: output would overwrite an input")
     with ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p)) for p in inputs]
+        cks = [stack.enter_context(open_checkpoint(inputs[0]))]  # experts may be compressed:
+        cks += [stack.enter_context(open_checkpoint(p, base=cks[0])) for p in inputs[1:]]
         k = len(expert_paths)
         plan = plan_merge(
             method, cks[0], cks[1 : 1 + k], [str(p) for p in inputs], weights, params,
