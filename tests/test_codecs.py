@@ -13,6 +13,7 @@ from safetensors.torch import save
 from fedmerge.checkpoint import TensorSpec
 from fedmerge.codecs import CODECS, Encoder, decode_blob, encode_state, get_codec
 from fedmerge.codecs.bits import decode_gaps, encode_gaps
+from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.errors import ConfigError, ValidationError
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -308,3 +309,46 @@ def test_blob_size_limit_and_truncation():
     (n,) = struct.unpack("<Q", blob[:8])
     with pytest.raises(ValidationError):
         decode_blob(blob[: 8 + n + 3], SPECS)
+
+
+# ----------------------------------------------------------------------------- CHOCO
+
+
+def choco_rounds(n, codec, params, gamma, rounds, seed=0):
+    """CHOCO-Gossip on a ring of n (Metropolis–Hastings: 1/3 to each side) -> (x0, x)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = [{"w": torch.randn(40, generator=g), "b": torch.randn(3, generator=g)} for _ in range(n)]
+    agents = [ChocoGossip(i, codec, params, gamma) for i in range(n)]
+    x = x0
+    for _ in range(rounds):
+        q = [a.publish(xi)[1] for a, xi in zip(agents, x, strict=True)]
+        x = [
+            a.merge(
+                x[i], [((i - 1) % n, q[(i - 1) % n], 1 / 3), ((i + 1) % n, q[(i + 1) % n], 1 / 3)]
+            )
+            for i, a in enumerate(agents)
+        ]
+    return x0, x
+
+
+def _mean(xs, key):
+    return sum(x[key] for x in xs) / len(xs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(3, 7),
+    codec=st.sampled_from([("topk", {"density": 0.2}), ("ternary", {"density": 0.3}),
+                           ("quantize", {"bits": 2}), ("lowrank", {"rank": 1})]),
+    gamma=st.floats(0.05, 1.0), rounds=st.integers(1, 8), seed=st.integers(0, 1000),
+)  # fmt: skip
+def test_choco_gossip_keeps_the_network_average_exactly(n, codec, gamma, rounds, seed):
+    x0, x = choco_rounds(n, *codec, gamma, rounds, seed)
+    for key in ("w", "b"):
+        assert torch.allclose(_mean(x, key), _mean(x0, key), atol=1e-5)
+
+
+def test_choco_gossip_with_topk_reaches_consensus():
+    x0, x = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
+    spread = [sum(float((xi["w"] - _mean(xs, "w")).norm() ** 2) for xi in xs) for xs in (x0, x)]
+    assert spread[1] < 1e-4 * spread[0]

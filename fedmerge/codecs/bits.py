@@ -33,15 +33,19 @@ def varint_len(count: int) -> tuple[int, int]:
 def encode_gaps(indices: torch.Tensor) -> torch.Tensor:
     """Strictly increasing int64 ``indices`` ``(k,)`` -> varint gap bytes ``(b,)`` uint8."""
     gaps = torch.diff(indices, prepend=indices.new_zeros(1)) if indices.numel() else indices
-    nbytes = torch.ones_like(gaps)
-    for shift in range(7, 63, 7):
-        nbytes += (gaps >> shift) > 0
-    owner = torch.repeat_interleave(torch.arange(gaps.numel()), nbytes)
+    if gaps.numel() == 0 or int(gaps.max()) < 0x80:
+        return gaps.to(torch.uint8)  # every gap fits one byte
+    biggest, nbytes, width = int(gaps.max()), torch.ones_like(gaps), 1
+    while biggest >> (7 * width):
+        nbytes += gaps >> (7 * width) > 0
+        width += 1
     starts = torch.cumsum(nbytes, 0) - nbytes
-    pos = torch.arange(owner.numel()) - starts[owner]
-    out = (gaps[owner] >> (7 * pos)) & 0x7F
-    out |= (pos < nbytes[owner] - 1).long() << 7
-    return out.to(torch.uint8)
+    out = torch.empty(int(starts[-1] + nbytes[-1]), dtype=torch.uint8)
+    for j in range(width):  # byte j of every gap that has one (few gaps need j ≥ 1)
+        sel = nbytes > j if j else slice(None)
+        more = (nbytes[sel] - 1 > j).to(torch.uint8) << 7
+        out[starts[sel] + j] = ((gaps[sel] >> (7 * j)) & 0x7F).to(torch.uint8) | more
+    return out
 
 
 def decode_gaps(data: torch.Tensor, count: int, numel: int) -> torch.Tensor:
@@ -57,18 +61,23 @@ def decode_gaps(data: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     found = int(ends.sum())
     if found != count:
         raise Malformed(f"index stream holds {found} indices, expected {count}")
+    gaps = b if found == b.numel() else _varints(b, ends, count)
+    if int(gaps[0]) < 0 or (count > 1 and int(gaps[1:].min()) < 1):
+        raise Malformed("indices are not strictly increasing from 0")
+    if float(gaps.double().sum()) >= numel or int(gaps.max()) >= numel:
+        raise Malformed(f"an index is past the tensor's {numel} entries")
+    return torch.cumsum(gaps, 0)
+
+
+def _varints(b: torch.Tensor, ends: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` values of a varint byte stream ``b`` (int64) whose last bytes are ``ends``."""
     group = torch.cumsum(ends, 0) - ends.long()  # which varint each byte belongs to
     last = torch.nonzero(ends).squeeze(1)
     starts = torch.cat([last.new_zeros(1), last[:-1] + 1])
     pos = torch.arange(b.numel()) - starts[group]
     if int(pos.max()) >= MAX_VARINT_BYTES:
         raise Malformed(f"a varint is longer than {MAX_VARINT_BYTES} bytes")
-    gaps = torch.zeros(count, dtype=torch.int64).index_add_(0, group, (b & 0x7F) << (7 * pos))
-    if int(gaps[0]) < 0 or (count > 1 and int(gaps[1:].min()) < 1):
-        raise Malformed("indices are not strictly increasing from 0")
-    if float(gaps.double().sum()) >= numel or int(gaps.max()) >= numel:
-        raise Malformed(f"an index is past the tensor's {numel} entries")
-    return torch.cumsum(gaps, 0)
+    return torch.zeros(count, dtype=torch.int64).index_add_(0, group, (b & 0x7F) << (7 * pos))
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
