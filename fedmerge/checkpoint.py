@@ -228,19 +228,8 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
-def open_checkpoint(
-    path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
-) -> Checkpoint:
-    """Open a checkpoint lazily (see :class:`Checkpoint`).
-
-    A compressed expert file (``fedmerge compress``) opens as θ = θ_base + decode(τ̂)
-    over ``base`` (:class:`fedmerge.codecs.expert.CompressedCheckpoint`); ``base`` is
-    ignored otherwise.
-    """
-    from fedmerge.codecs.expert import CompressedCheckpoint, is_compressed
-
-    if is_compressed(path):
-        return CompressedCheckpoint(path, base)
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint lazily (see :class:`Checkpoint`)."""
     return Checkpoint(path)
 
 

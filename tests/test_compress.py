@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.checkpoint import load_state_dict, open_checkpoint, save_state_dict
+from fedmerge.checkpoint import load_state_dict, save_state_dict
 from fedmerge.cli import main as cli
-from fedmerge.codecs.expert import compress_checkpoint
+from fedmerge.codecs.expert import compress_checkpoint, open_expert
 from fedmerge.continual import make_merger
 from fedmerge.continual.store import ContinualStore
 from fedmerge.errors import ValidationError
@@ -37,7 +37,7 @@ def test_compressed_file_opens_as_base_plus_ternary_task_vector(files):
     d, base, experts = files
     report = compress_checkpoint(d / "e0.safetensors", d / "base.safetensors",
                                  d / "c0.safetensors", "ternary", {"density": 0.25})  # fmt: skip
-    with open_checkpoint(d / "c0.safetensors", base=d / "base.safetensors") as ck:
+    with open_expert(d / "c0.safetensors", base=d / "base.safetensors") as ck:
         got = ck.load()
     assert int(got["steps"]) == 7 and got["fc.weight"].shape == (16, 8)
     for key in ("fc.weight", "fc.bias"):
@@ -60,7 +60,7 @@ def test_merge_and_continual_add_read_compressed_experts(files, capsys):
     assert "compressed with ternary" in capsys.readouterr().out
     decoded = []
     for i in range(2):
-        with open_checkpoint(d / f"c{i}.safetensors", base=d / "base.safetensors") as ck:
+        with open_expert(d / f"c{i}.safetensors", base=d / "base.safetensors") as ck:
             decoded.append(ck.load())
     assert cli(["merge", "ties", "--base", str(d / "base.safetensors"), str(d / "c0.safetensors"),
                 str(d / "c1.safetensors"), "-o", str(d / "m.safetensors")]) == 0  # fmt: skip
@@ -85,10 +85,10 @@ def test_compressed_expert_needs_its_base(files, tmp_path):
     d, base, _ = files
     compress_checkpoint(d / "e0.safetensors", d / "base.safetensors", d / "c.safetensors")
     with pytest.raises(ValidationError, match="only over the base"):
-        open_checkpoint(d / "c.safetensors")
+        open_expert(d / "c.safetensors")
     save_state_dict({**base, "fc.bias": torch.zeros(15)}, tmp_path / "other.safetensors")
     with pytest.raises(ValidationError, match="c.safetensors.*'fc.bias' has shape"):
-        open_checkpoint(d / "c.safetensors", base=tmp_path / "other.safetensors")
+        open_expert(d / "c.safetensors", base=tmp_path / "other.safetensors")
     assert cli(["merge", "ties", "--base", str(tmp_path / "other.safetensors"),
                 str(d / "c.safetensors"), "-o", str(tmp_path / "m.safetensors")]) == 2  # fmt: skip
     assert not (tmp_path / "m.safetensors").exists()
@@ -110,7 +110,7 @@ def test_compeft_experts_folded_by_opcm_match_the_uncompressed_fold(tmp_path, on
         compress_checkpoint(dense, tmp_path / "base.safetensors", small, "ternary",
                             {"density": 0.1})  # fmt: skip
         ratios.append(dense.stat().st_size / small.stat().st_size)
-        with open_checkpoint(small, base=tmp_path / "base.safetensors") as ck:
+        with open_expert(small, base=tmp_path / "base.safetensors") as ck:
             compressed.append(ck.load())
     finals = {"dense": [], "compeft": []}
     for order in task_orders(len(cfg.tasks), cfg.orders, cfg.seed):

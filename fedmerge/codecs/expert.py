@@ -6,21 +6,21 @@ integer and bool tensors are not stored (merges take them from the base). Such a
 file opens, over the base it was compressed against, as an ordinary lazy
 :class:`~fedmerge.checkpoint.Checkpoint` of θ = θ_base + decode(τ̂), one key at a
 time, so ``fedmerge merge`` and ``fedmerge continual add`` take it like any expert
-(:func:`~fedmerge.checkpoint.open_checkpoint` dispatches here). The header is
+(they open experts with :func:`open_expert`). The header is
 checked against the base's keys, shapes and dtypes before anything is decoded.
 
 Compressing holds the encoded parts (a fraction of the model) plus one dense key;
 ``scope: global`` reads the expert and base twice more for its threshold.
 
 >>> import torch, tempfile, os
->>> from fedmerge.checkpoint import save_state_dict, open_checkpoint
+>>> from fedmerge.checkpoint import save_state_dict
 >>> d = tempfile.mkdtemp()
 >>> base, expert = (os.path.join(d, n) for n in ("base.safetensors", "e.safetensors"))
 >>> save_state_dict({"w": torch.zeros(4), "n": torch.tensor(3)}, base)
 >>> save_state_dict({"w": torch.tensor([0.0, 2.0, -1.0, 0.5]), "n": torch.tensor(3)}, expert)
 >>> out = os.path.join(d, "e.ternary.safetensors")
 >>> _ = compress_checkpoint(expert, base, out, "ternary", {"density": 0.5})
->>> with open_checkpoint(out, base=base) as ck:
+>>> with open_expert(out, base=base) as ck:
 ...     ck.get("w").tolist(), int(ck.get("n"))
 ([0.0, 1.5, -1.5, 0.0], 3)
 """
@@ -42,6 +42,14 @@ from fedmerge.statedict import check_same_specs, is_mergeable
 from fedmerge.stheader import read_file_header
 
 FORMAT = "fedmerge-compressed-task-vector"
+
+
+def open_expert(
+    path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
+) -> Checkpoint:
+    """An expert checkpoint: a compressed file (read over ``base``) or anything
+    :func:`~fedmerge.checkpoint.open_checkpoint` reads."""
+    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path)
 
 
 def is_compressed(path: str | os.PathLike) -> bool:

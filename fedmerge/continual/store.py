@@ -46,6 +46,7 @@ import torch
 
 from fedmerge.atomic import atomic_write_text, fsync_dir
 from fedmerge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.codecs.expert import open_expert
 from fedmerge.continual.linear import default_projectable
 from fedmerge.continual.merger import Source, Tensors, fold_step, make_merger, mergeable_keys
 from fedmerge.continual.methods import CONTINUAL_METHODS
@@ -71,10 +72,10 @@ def _state_name(generation: int) -> str:
 def _open(tensors: Tensors | str | os.PathLike, base: Path | None = None) -> Iterator[Tensors]:
     """A path is opened lazily (and closed after); a mapping/checkpoint is used as is.
 
-    A compressed expert file opens over ``base`` (see :func:`open_checkpoint`).
+    A compressed expert file opens over ``base`` (see :func:`open_expert`).
     """
     if isinstance(tensors, (str, os.PathLike)):
-        with open_checkpoint(tensors, base) as ck:
+        with open_expert(tensors, base) as ck:
             yield ck
     else:
         yield tensors

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
@@ -324,7 +325,7 @@ def merge_checkpoints(
         raise ConfigError(f"{out}: output would overwrite an input")
     with ExitStack() as stack:
         cks = [stack.enter_context(open_checkpoint(inputs[0]))]  # experts may be compressed:
-        cks += [stack.enter_context(open_checkpoint(p, base=cks[0])) for p in inputs[1:]]
+        cks += [stack.enter_context(open_expert(p, base=cks[0])) for p in inputs[1:]]
         k = len(expert_paths)
         plan = plan_merge(
             method, cks[0], cks[1 : 1 + k], [str(p) for p in inputs], weights, params,
