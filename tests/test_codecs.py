@@ -8,13 +8,23 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from fedmerge.checkpoint import TensorSpec
-from fedmerge.codecs import CODECS, Encoder, decode_blob, encode_state, get_codec
+from fedmerge.codecs import (
+    CODECS,
+    Encoder,
+    decode_blob,
+    encode_state,
+    get_codec,
+    is_packed,
+    pack_tensors,
+    unpack_tensors,
+)
 from fedmerge.codecs.bits import decode_gaps, encode_gaps
 from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.stheader import parse_header
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -282,13 +292,30 @@ HOSTILE = {
 }
 
 
+@pytest.mark.parametrize("form", ["blob", "tensors"])
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_encodings_are_one_clear_validation_error(case):
+def test_hostile_encodings_are_one_clear_validation_error(case, form):
     codec, params, edit, message = HOSTILE[case]
     blob = forge(codec, params, edit)
     with pytest.raises(ValidationError, match=message) as info:
-        decode_blob(blob, SPECS, source="payload from agent 7")
+        if form == "blob":
+            decode_blob(blob, SPECS, source="payload from agent 7")
+        else:  # the same parts and metadata as named tensors (pack_tensors' form)
+            header = parse_header(blob)
+            meta = json.dumps(header.metadata).encode()
+            tensors = {**load(blob), "#codec": torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
+            unpack_tensors(tensors, SPECS, source="payload from agent 7")
     assert "agent 7" in str(info.value)
+
+
+@PROPS
+@given(x=tensors(), codec=st.sampled_from(sorted(CODECS)))
+def test_packed_tensors_round_trip_like_blobs(x, codec):
+    enc = encode_state({"a.w": x}, codec)
+    packed = pack_tensors(enc)
+    assert is_packed(packed) and not is_packed(enc.parts)
+    got = unpack_tensors(packed, {"a.w": TensorSpec.of(x)}, source="agent 1")["a.w"]
+    assert torch.equal(got, enc.decode()["a.w"])
 
 
 def test_decoded_size_is_bounded_before_allocating():

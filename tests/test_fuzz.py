@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from fedmerge.checkpoint import load_state_dict
-from fedmerge.codecs import decode_blob, encode_state
+from fedmerge.codecs import decode_blob, encode_state, pack_tensors, unpack_tensors
 from fedmerge.config import SimConfig, field_docs, load_config
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
 from fedmerge.payload import Payload, validate_payload
@@ -272,7 +272,7 @@ def test_fuzz_compressed_payloads(tensors, choice, data):
     specs = specs_of(floats)
     enc = encode_state(floats, *choice)
     parts, meta = dict(enc.parts), enc.metadata()
-    how = data.draw(st.sampled_from(["flip", "meta", "part", "mangle"]))
+    how = data.draw(st.sampled_from(["flip", "meta", "part", "mangle", "packed"]))
     if how == "meta":
         field = data.draw(st.sampled_from(sorted(meta)))
         meta[field] = data.draw(st.sampled_from([
@@ -289,6 +289,19 @@ def test_fuzz_compressed_payloads(tensors, choice, data):
         blob = save(parts, metadata=meta)
     elif how == "mangle":
         blob = data.draw(mangled_blobs())
+    elif how == "packed":  # the named-tensor form, one byte of one tensor flipped
+        packed = {k: v.clone() for k, v in pack_tensors(enc).items()}
+        name = data.draw(st.sampled_from(sorted(packed)))
+        raw = packed[name].reshape(-1).view(torch.uint8)
+        if raw.numel():
+            raw[data.draw(st.integers(0, raw.numel() - 1))] ^= data.draw(st.integers(1, 255))
+        try:
+            out = unpack_tensors(packed, specs, source="agent 3", max_decoded_bytes=1 << 20)
+        except ValidationError as exc:
+            assert "agent 3" in str(exc)
+            return
+        assert specs_of(out) == specs
+        return
     else:
         blob = _flip(save(parts, metadata=meta), data)
     try:

@@ -26,7 +26,16 @@ from fedmerge.checkpoint import TensorSpec
 from fedmerge.codecs import dense, lowrank, quantize, sparse  # noqa: F401  (registers codecs)
 from fedmerge.codecs.feedback import Encoder
 from fedmerge.codecs.registry import CODECS, Codec, KeyContext, Malformed, get_codec, register
-from fedmerge.codecs.wire import Encoded, Layout, decode_blob, encode_state, read_layout
+from fedmerge.codecs.wire import (
+    Encoded,
+    Layout,
+    decode_blob,
+    encode_state,
+    is_packed,
+    pack_tensors,
+    read_layout,
+    unpack_tensors,
+)
 
 __all__ = [
     "CODECS",
@@ -40,6 +49,9 @@ __all__ = [
     "decode_blob",
     "encode_state",
     "get_codec",
+    "is_packed",
+    "pack_tensors",
     "read_layout",
     "register",
+    "unpack_tensors",
 ]

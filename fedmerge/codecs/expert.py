@@ -124,7 +124,8 @@ class CompressedCheckpoint(Checkpoint):
         self.base = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         header = read_file_header(self.path)
         floating = {k: s for k, s in self.base.specs().items() if is_mergeable(s)}
-        self.layout = read_layout(header, source=str(self.path), expected=floating)
+        self.layout = read_layout(header.metadata, header.tensors, source=str(self.path),
+                                  expected=floating)  # fmt: skip
         self._files = dict.fromkeys(header.tensors, self.path)
         self._handles: dict[Path, object] = {}
         self._specs = self.base.specs()

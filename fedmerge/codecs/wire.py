@@ -13,6 +13,10 @@ Only then are the parts read and decoded key by key, with the value checks (inde
 order, code ranges, finiteness). Every failure is one :class:`ValidationError`
 naming the source (the sender when known) and the key.
 
+Transports that move named tensors rather than blobs (torch.distributed, a payload's
+tensors) carry :func:`pack_tensors`: the parts plus the metadata as a uint8 tensor
+named :data:`META_TENSOR`; :func:`unpack_tensors` runs the same checks.
+
 >>> import torch
 >>> from fedmerge.codecs.registry import get_codec
 >>> x = {"w": torch.tensor([0.0, 3.0, -1.0, 0.5])}
@@ -40,10 +44,11 @@ from fedmerge.checkpoint import DTYPE_NAMES, DTYPES, TensorSpec
 from fedmerge.codecs.registry import Codec, KeyContext, Malformed, Params, get_codec
 from fedmerge.errors import FedmergeError, ValidationError
 from fedmerge.statedict import check_same_specs
-from fedmerge.stheader import Entry, Header, parse_header
+from fedmerge.stheader import Entry, parse_header
 
 SEP = "#"
 META_CODEC, META_PARAMS, META_SPECS = "codec", "codec_params", "codec_specs"
+META_TENSOR = "#codec"  # pack_tensors: the metadata as a tensor (no key part is named so)
 MAX_DIMS = 16
 
 
@@ -150,11 +155,12 @@ class Layout:
 
 
 def read_layout(
-    header: Header, *, source: str, expected: Mapping[str, TensorSpec] | None = None,
-    max_decoded_bytes: int | None = None,
+    meta: Mapping[str, str], tensors: Mapping[str, Entry], *, source: str,
+    expected: Mapping[str, TensorSpec] | None = None, max_decoded_bytes: int | None = None,
 ) -> Layout:  # fmt: skip
-    """Check an encoded blob's header (see the module docstring); ValidationError otherwise."""
-    meta = header.metadata
+    """Check an encoding's metadata and declared parts (a safetensors header's, or
+    :func:`entries_of` in-memory tensors) before any data is read; ValidationError otherwise
+    (see the module docstring)."""
     if META_CODEC not in meta:
         raise ValidationError(f"{source}: header names no codec")
     try:
@@ -170,13 +176,13 @@ def read_layout(
         raise ValidationError(
             f"{source}: decodes to {decoded} bytes, over the {max_decoded_bytes} limit"
         )
-    owners = {name.rpartition(SEP)[0] for name in header.tensors}
+    owners = {name.rpartition(SEP)[0] for name in tensors}
     stray = sorted(owners - set(specs))
     if stray:
         raise ValidationError(f"{source}: parts for unknown key {stray[0]!r}")
     entries = {}
     for key, spec in specs.items():
-        entries[key] = _parts_of(header.tensors, key)
+        entries[key] = _parts_of(tensors, key)
         try:
             codec.check(entries[key], spec, params)
         except Malformed as exc:
@@ -217,9 +223,8 @@ def decode_blob(
     if max_bytes is not None and len(data) > max_bytes:
         raise ValidationError(f"{source}: {len(data)} bytes exceeds the {max_bytes} limit")
     header = parse_header(data, source=source)
-    layout = read_layout(
-        header, source=source, expected=expected, max_decoded_bytes=max_decoded_bytes
-    )
+    layout = read_layout(header.metadata, header.tensors, source=source, expected=expected,
+                         max_decoded_bytes=max_decoded_bytes)  # fmt: skip
     try:
         parts = st_load(bytes(data))
     except SafetensorError as exc:
@@ -229,3 +234,43 @@ def decode_blob(
         for key, spec in layout.specs.items()
     }
     return tensors, header.metadata
+
+
+def entries_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, Entry]:
+    """In-memory tensors described like safetensors header entries (dtype name, shape)."""
+    return {k: Entry(DTYPE_NAMES[t.dtype], tuple(t.shape), 0, 0) for k, t in tensors.items()}
+
+
+def pack_tensors(encoded: Encoded) -> dict[str, torch.Tensor]:
+    """The encoding as plain named tensors for any transport: the parts, plus the codec
+    metadata as UTF-8 JSON in a uint8 tensor named :data:`META_TENSOR`."""
+    meta = json.dumps(encoded.metadata(), separators=(",", ":")).encode()
+    return {**encoded.parts, META_TENSOR: torch.frombuffer(bytearray(meta), dtype=torch.uint8)}
+
+
+def is_packed(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return META_TENSOR in tensors
+
+
+def unpack_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, TensorSpec] | None = None, *,
+    source: str, max_decoded_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Check and decode :func:`pack_tensors` output (received from anyone): the same checks,
+    in the same order, as :func:`decode_blob`."""
+    raw = tensors.get(META_TENSOR)
+    if raw is None or raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise ValidationError(f"{source}: no codec metadata ({META_TENSOR!r}, 1-D uint8)")
+    try:
+        meta = _json(bytes(raw.numpy()).decode("utf-8", errors="replace"), dict, META_TENSOR)
+    except ValidationError as exc:
+        raise ValidationError(f"{source}: {exc}") from None
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise ValidationError(f"{source}: {META_TENSOR!r} must map strings to strings")
+    parts = {k: v for k, v in tensors.items() if k != META_TENSOR}
+    layout = read_layout(meta, entries_of(parts), source=source, expected=expected,
+                         max_decoded_bytes=max_decoded_bytes)  # fmt: skip
+    return {
+        key: decode_key(layout.codec, layout.params, spec, _parts_of(parts, key), key, source)
+        for key, spec in layout.specs.items()
+    }
