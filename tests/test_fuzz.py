@@ -22,8 +22,8 @@ from safetensors.torch import save
 from fedmerge.checkpoint import load_state_dict
 from fedmerge.codecs import decode_blob, encode_state, pack_tensors, unpack_tensors
 from fedmerge.config import SimConfig, field_docs, load_config
+from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
-from fedmerge.payload import Payload, validate_payload
 from fedmerge.statedict import specs_of
 from fedmerge.stheader import parse_header
 
