@@ -12,7 +12,7 @@ A sweep file is YAML::
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
 
-Each cell runs once per seed with :class:`~fedmerge.simulator.Simulator`; the table holds
+Each cell runs once per seed on its runtime (:func:`fedmerge.runtimes.run`); the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
 distance, MB sent per agent and wall time. With a ``cache`` folder every finished run is
 written there at once (one JSON file named after a hash of its resolved config), and a run
@@ -110,6 +110,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every cell × seed; one result per cell with per-seed summaries and mean curves.
     With ``cache``, each finished run is saved there and a run saved before is not repeated."""
+    from fedmerge.runtimes import run  # torch and scipy: only when a sweep runs
+
     base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
     base = None if base in (None, "default") else base
     seeds = spec.get("seeds") or [0]
@@ -119,19 +121,18 @@ def run_sweep(
         for seed in seeds:
             cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
             path = Path(cache) / f"{config_key(cfg.to_dict())}.json" if cache else None
-            run = _saved_run(path)
-            resumed = run is not None
-            if run is None:
-                from fedmerge.simulator import Simulator
-
-                rows = Simulator(cfg).run()
-                run = {"seed": seed, "summary": summarize(rows), "curve": per_round(rows)}
+            result = _saved_run(path)
+            resumed = result is not None
+            if result is None:
+                rows, details = run(cfg)
+                summary = summarize(rows, details)
+                result = {"seed": seed, "summary": summary, "curve": per_round(rows)}
                 if path:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(path, json.dumps(run) + "\n")
-            runs.append(run)
+                    atomic_write_text(path, json.dumps(result) + "\n")
+            runs.append(result)
             if on_run:
-                on_run(cell.label, seed, run, resumed)
+                on_run(cell.label, seed, result, resumed)
         results.append({"label": cell.label, "sets": list(cell.sets), "runs": runs})
     return results
 

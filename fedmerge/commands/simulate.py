@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")  # fmt: skip
     parser.add_argument("--fields", action="store_true", help="list every config field and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    parser.add_argument("--verbose", action="store_true",
+                        help="flower: let Flower's and Ray's own logs through")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(dump_config(cfg), end="", highlight=False)
         return 0
     start = time.perf_counter()
-    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs)
+    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs, verbose=args.verbose)
     extra["elapsed_s"] = round(time.perf_counter() - start, 3)
     out = Path(args.out) if args.out else new_run_dir(cfg.name)
     summary = write_run(out, cfg, rows, {**describe(cfg), **extra})
@@ -110,21 +111,16 @@ def describe(cfg: SimConfig) -> dict[str, Any]:
 
 
 def simulate(
-    cfg: SimConfig, *, progress: bool = True, procs: int = 0
+    cfg: SimConfig, *, progress: bool = True, procs: int = 0, verbose: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
-    with _progress(cfg, progress) as on_round:
-        if cfg.runtime == "local":
-            from fedmerge.simulator import Simulator
+    from fedmerge.runtimes import run
 
-            sim = Simulator(cfg)
-            return sim.run(on_round), {"runtime": "local", "path": sim.path}
-        try:
-            module = importlib.import_module(f"fedmerge.runtimes.{cfg.runtime}")
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"runtime: {cfg.runtime!r} is not available ({exc})") from exc
-        options = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
-        return module.run(cfg, on_round=on_round, **options), {"runtime": cfg.runtime}
+    options: dict[str, Any] = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
+    if cfg.runtime == "flower" and verbose:
+        options["verbose"] = True
+    with _progress(cfg, progress) as on_round:
+        return run(cfg, on_round=on_round, **options)
 
 
 class _progress:
