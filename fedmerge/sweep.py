@@ -110,6 +110,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every cell × seed; one result per cell with per-seed summaries and mean curves.
     With ``cache``, each finished run is saved there and a run saved before is not repeated."""
+    from fedmerge.runtimes import run  # torch and scipy: only when a sweep runs
+
     base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
     base = None if base in (None, "default") else base
     seeds = spec.get("seeds") or [0]
