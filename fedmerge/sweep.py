@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import DEFAULT_RUN, load_config
+from fedmerge.config import DEFAULT_RUN, RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, per_round, summarize
 from fedmerge.runtimes import run
+from fedmerge.yamlio import parse_yaml, read_yaml
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
 
@@ -52,10 +51,7 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read sweep {path}: {exc}") from exc
+    spec = read_yaml(path, "sweep")
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep {path}: must be a mapping")
     unknown = set(spec) - SWEEP_KEYS
@@ -63,6 +59,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
         )
+    if "name" in spec and not (isinstance(spec["name"], str) and is_run_name(spec["name"])):
+        raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
     return spec
@@ -95,7 +93,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every cell × seed; one result per cell with per-seed summaries and mean curves."""
     base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
-    base = yaml.safe_load(DEFAULT_RUN) if base in (None, "default") else base
+    if base in (None, "default"):
+        base = parse_yaml(DEFAULT_RUN, "the embedded default config")
     seeds = spec.get("seeds") or [0]
     results = []
     for cell in expand(spec):
