@@ -82,7 +82,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
-    options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
+    options: dict = option(
+        {"hidden": [64]},
+        "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
+        "a config naming another model without options gets {}",
+    )
     init: str = option(
         "same",
         "same: one shared init (payloads carry task vectors); different: a seed per agent "
@@ -94,12 +98,14 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
-    lr: float = option(0.1, "learning rate", check=POSITIVE)
+    lr: float = option(0.5, "learning rate", check=POSITIVE)
     momentum: float = option(0.0, "SGD momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     weight_decay: float = option(0.0, "L2 weight decay", check=NON_NEGATIVE)
     epochs: int = option(1, "local epochs per round (0: no training)", check=between(0, 10_000))
-    steps: int = option(0, "if > 0: this many minibatch steps per round instead of epochs",
-                        check=between(0, 10**7))  # fmt: skip
+    steps: int = option(
+        2, "if > 0: this many minibatch steps per round instead of epochs (a config that sets "
+        "epochs but not steps gets 0)", check=between(0, 10**7),
+    )  # fmt: skip
     batch_size: int = option(32, "minibatch size", check=between(1, 10**6))
     loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
 
@@ -215,7 +221,7 @@ class SimConfig:
                        check=RUN_NAME_CHECK)  # fmt: skip
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules",
                        check=between(0, 2**32 - 1))  # fmt: skip
-    rounds: int = option(10, "communication rounds", check=between(1, 10**6))
+    rounds: int = option(50, "communication rounds", check=between(1, 10**6))
     agents: int = option(0, "number of agents (0: the topology's node count)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
     topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
@@ -267,6 +273,8 @@ def load_config(
         if key.count(".") > 8:
             raise ConfigError(f"--set {item[:80]!r}: no config field is nested that deep")
         _set_dotted(data, key.strip().split("."), value, key.strip())
+    if schema is SimConfig:
+        _derived_defaults(data)
     cfg = _build(schema, data, "")
     samples = cfg.train.steps * cfg.train.batch_size if isinstance(cfg, SimConfig) else 0
     if samples > MAX_SAMPLES_PER_ROUND:
@@ -274,6 +282,17 @@ def load_config(
                           "samples per agent and round (the round's batch plan is held in "
                           f"memory), got {cfg.train.steps} × {cfg.train.batch_size}")  # fmt: skip
     return cfg
+
+
+def _derived_defaults(data: dict[str, Any]) -> None:
+    """The two defaults that depend on what a config says: a config that counts epochs and
+    not steps trains by epochs (``train.steps`` 0), and one naming a model other than the
+    mlp without options gets none (the default options are the mlp's)."""
+    train, model = data.get("train"), data.get("model")
+    if isinstance(train, dict) and "epochs" in train and "steps" not in train:
+        train["steps"] = 0
+    if isinstance(model, dict) and model.get("name", "mlp") != "mlp" and "options" not in model:
+        model["options"] = {}
 
 
 def dump_config(cfg: SimConfig) -> str:
@@ -372,22 +391,8 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
     return out
 
 
-DEFAULT_RUN = """\
-# fedmerge simulate's embedded default: 8 agents on a ring, non-IID digits (class c on
-# agent c mod 8), one shared init, 50 rounds of D-PSGD-style gossip (2 SGD steps, then
-# Metropolis-Hastings averaging with the two ring neighbours).
-name: default
-seed: 0
-rounds: 50
-topology: ring-8
-data: {name: digits, partition: shards}
-model: {name: mlp, options: {hidden: [64]}, init: same}
-train: {optimizer: sgd, lr: 0.5, steps: 2, batch_size: 32}
-protocol: {name: gossip}
-"""
-"""The config ``fedmerge simulate`` runs when given none (about a second on 2 cores)."""
-
-
 def default_config(overrides: Iterable[str] | None = None) -> SimConfig:
-    """:data:`DEFAULT_RUN` with ``a.b=c`` overrides applied."""
-    return load_config(parse_yaml(DEFAULT_RUN, "the embedded default config"), overrides)
+    """The run ``fedmerge simulate`` makes without a config (every field at its default: 8 agents
+    on a ring, non-IID digits, one shared init, 50 rounds of D-PSGD-style gossip with 2 SGD
+    steps each; ``simulations/default.yaml`` spells it out), with ``a.b=c`` overrides."""
+    return load_config(None, overrides)

@@ -14,7 +14,7 @@ examples:
   fedmerge continual add runs/store experts/task_a.safetensors
   fedmerge continual add runs/store experts/task_b/ --id task-b      # HF sharded directory
   fedmerge continual status runs/store
-  fedmerge continual export runs/store -o merged.safetensors --dtype bfloat16
+  fedmerge continual export runs/store --out merged.safetensors --dtype bfloat16
 
 OPCM projects the weights of Linear layers only. In a bare checkpoint these
 are the 2-D floating tensors whose name does not match
@@ -32,9 +32,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from fedmerge.checkpoint import dtype_from_name
-from fedmerge.continual.methods import CONTINUAL_METHODS
-from fedmerge.continual.store import ContinualStore
 from fedmerge.registry import parse_assignments
 
 NAME = "continual"
@@ -46,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create a store over a base checkpoint")
     init.add_argument("store", help="store directory (created)")
     init.add_argument("--base", required=True, help="base checkpoint (file or sharded dir)")
-    init.add_argument("--method", default="opcm", choices=sorted(CONTINUAL_METHODS))
+    init.add_argument("--method", default="opcm", help="continual method (default opcm; above)")
     init.add_argument("--param", action="append", default=[], metavar="K=V",
                       help="method parameter, repeatable (e.g. alpha=0.5)")  # fmt: skip
     init.add_argument("--project", metavar="REGEX",
@@ -58,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--id", help="name recorded in the manifest (default: file name)")
     export = sub.add_parser("export", help="write the current merge as safetensors")
     export.add_argument("store")
-    export.add_argument("-o", "--output", required=True, help="OUT.safetensors or a directory")
+    export.add_argument("-o", "--out", "--output", dest="out", required=True,
+                        help="OUT.safetensors or a directory (as merge -o/--out)")  # fmt: skip
     export.add_argument("--dtype", help="cast floating tensors (float32, bfloat16, ...)")
     status = sub.add_parser("status", help="show steps, experts, norms and λ")
     status.add_argument("store")
@@ -66,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmerge.checkpoint import dtype_from_name
+    from fedmerge.continual.store import ContinualStore
+
     console = Console()
     if args.action == "init":
         params = parse_assignments(args.param)
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
                       f"‖θ−θ0‖={rec['merged_norm']:.4g}{lam})")  # fmt: skip
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
-        m = ContinualStore(args.store).export(args.output, dtype)
-        console.print(f"wrote {escape(args.output)}: {m['method']} merge of {m['step']} expert(s)")
+        m = ContinualStore(args.store).export(args.out, dtype)
+        console.print(f"wrote {escape(str(args.out))}: {m['method']} merge of {m['step']} expert(s)")
     else:
         m = ContinualStore(args.store).manifest()
         if args.json:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets, resolve_spec
+if TYPE_CHECKING:
+    from fedmerge.topology import RoundPlan, Topology
 
 NAME = "topology"
 HELP = "show, list and draw communication topologies (graphs + mixing weights)"
@@ -67,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return _list()
+    from fedmerge.topology import RoundPlan, build_topology
+
     topo = build_topology(args.spec, n=args.n, seed=args.seed, overrides=args.overrides)
     report = topo.analyze()
     plan = None
@@ -161,17 +164,22 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
 
 
 def _list() -> int:
-    table = Table(title="topology presets (topologies/*.yaml)")
-    for col in ("name", "graph", "n", "mixing", "schedule"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("description", min_width=20)
+    from fedmerge.topology.specs import list_presets, resolve_spec
+
+    table = Table(title="topology presets (topologies/*.yaml)",
+                  caption="use one as SPEC, or in a config: topology: NAME")  # fmt: skip
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("graph · mixing · schedule, and what it is")
     for name in list_presets():
         spec = resolve_spec(name)
         schedule = spec["schedule"]
         kind = schedule if isinstance(schedule, str) else schedule.get("kind", "static")
         n = spec["n"] if spec["n"] is not None else _count(spec)
-        cells = (name, spec["graph"], str(n), spec["mixing"], kind, spec["description"] or "")
-        table.add_row(*map(escape, cells))
+        what = escape(f"{spec['graph']} · {spec['mixing']} · {kind}")
+        if spec["description"]:
+            what += f"\n[dim]{escape(spec['description'])}[/]"
+        table.add_row(escape(name), str(n), what)
     Console().print(table)
     return 0
 
