@@ -67,7 +67,8 @@ def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, chec
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn")
+    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
     options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
@@ -81,7 +82,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
+    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
     options: dict = option(
         {"hidden": [64]},
         "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
@@ -107,7 +109,8 @@ class TrainConfig:
         "epochs but not steps gets 0)", check=between(0, 10**7),
     )  # fmt: skip
     batch_size: int = option(32, "minibatch size", check=between(1, 10**6))
-    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
+    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class; "
+                       "trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
 
 
 @dataclass
