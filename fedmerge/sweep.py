@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import load_config
+from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, per_round, summarize
+from fedmerge.yamlio import read_yaml
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
 
@@ -54,10 +53,7 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read sweep {path}: {exc}") from exc
+    spec = read_yaml(path, "sweep")
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep {path}: must be a mapping")
     unknown = set(spec) - SWEEP_KEYS
@@ -65,6 +61,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
         )
+    if "name" in spec and not (isinstance(spec["name"], str) and is_run_name(spec["name"])):
+        raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
     return spec
@@ -73,8 +71,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
 def is_sweep_file(path: str | Path) -> bool:
     """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        spec = read_yaml(path, "sweep")
+    except ConfigError:
         return False
     return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
 
