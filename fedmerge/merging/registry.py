@@ -101,6 +101,7 @@ class Method:
     needs_fisher: bool = False
     nonnegative_weights: bool = False
     prepass: Callable[[Mapping[str, Any], int], Any] | None = None  # (params, K) -> pass | None
+    tensor_pass: Callable[..., Any] | None = None  # (params, ctx, K, dtype): see tensorpass.py
 
     def resolve(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (parsed and range-checked)."""
