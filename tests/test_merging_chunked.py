@@ -95,7 +95,7 @@ def test_radix_select_is_exact_for_several_ranks_and_float64():
         a = (torch.randn(3, 1000, generator=gen, dtype=dtype) * 1e3).abs()
         a[:, ::7] = a[:, :1]  # ties
         ranks = torch.tensor([1, 17, 500, 1000])
-        sel = RadixSelect(3, dtype, lambda total: ranks.expand(len(total), -1))
+        sel = RadixSelect(3, dtype, lambda total, r=ranks: r.expand(len(total), -1))
         for p in range(sel.passes):
             for block in a.split(37, dim=1):
                 sel.observe(p, block.contiguous())

@@ -194,7 +194,7 @@ def _read(src: Source, key: str, rows: Rows) -> torch.Tensor:
 
 
 def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flattened reference ``(m,)`` and stacked task vectors ``(K, m)`` of a block of ``key``."""
+    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``."""
     raw = _read(plan.base, key, rows)
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
     _finite(raw, key, plan.names[0])

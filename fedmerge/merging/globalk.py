@@ -41,13 +41,6 @@ _BINS = 1 << _DIGIT
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def _row_bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Histogram of every row of ``values`` ``(K, m)`` (ints in [0, bins)) -> ``(K, bins)``."""
-    rows = values.shape[0]
-    offset = torch.arange(rows, dtype=values.dtype)[:, None] * bins
-    return torch.bincount((values + offset).reshape(-1), minlength=rows * bins).view(rows, bins)
-
-
 def _first_reaching(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the bin where the cumulative count reaches ``rank``, and the rank inside it."""
     cum = hist.cumsum(dim=1)
@@ -82,16 +75,15 @@ class RadixSelect:
 
     def observe(self, pass_index: int, block: torch.Tensor) -> None:
         """Count one block ``(K, m)`` of non-negative values (``dtype``)."""
-        bits = block.view(self.int)
-        shift = self._shift(pass_index)
-        if pass_index == 0:
-            self.hist += _row_bincount(bits >> shift, _BINS)
-            return
-        for k in range(bits.shape[0]):
-            high = bits[k] >> (shift + _DIGIT)
+        top = block.view(self.int) >> self._shift(pass_index)  # the bits down to this digit
+        for k in range(top.shape[0]):
+            if pass_index == 0:
+                self.hist[k] += torch.bincount(top[k], minlength=_BINS)
+                continue
             for r, prefix in enumerate(self.prefix[k].tolist()):
-                digits = (bits[k][high == prefix] >> shift) & (_BINS - 1)
-                self.hist[k, r] += torch.bincount(digits, minlength=_BINS)
+                # digits under the prefix land in 1.._BINS, the rest in 0 or _BINS + 1
+                d = (top[k] - ((prefix << _DIGIT) - 1)).clamp_(0, _BINS + 1)
+                self.hist[k, r] += torch.bincount(d, minlength=_BINS + 2)[1:-1]
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:

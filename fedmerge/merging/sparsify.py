@@ -59,7 +59,13 @@ def keep_by_threshold(
     ``magnitude`` is ``tau.abs()`` when the caller already has it.
     """
     a = tau.abs() if magnitude is None else magnitude
-    return tau.mul_(a >= threshold[:, None])
+    return tau.mul_(_as_factor(a >= threshold[:, None]))
+
+
+def _as_factor(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask as 0/1 bytes: ``tau * mask`` gives the same values (−0.0 included) ~2×
+    faster than multiplying by bool."""
+    return keep.view(torch.uint8)
 
 
 Kth = dict[int, torch.Tensor]  # rank -> the rank-th smallest |τ_k| of every expert, (K,)
@@ -140,7 +146,7 @@ def trim_outliers(
         keep &= a >= _kth(a, low, kth)[:, None]
     if high:
         keep &= a <= _kth(a, high, kth)[:, None]
-    return tau.mul_(keep)
+    return tau.mul_(_as_factor(keep))
 
 
 def draw_keep(generators: list[torch.Generator], m: int, density: float) -> torch.Tensor:
@@ -174,7 +180,8 @@ def drop_random(
 def drop_norms(tau: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 norms of each row of ``tau`` ``(K, n)`` before and after dropping, float64 ``(K,)``."""
     a = tau.abs()
-    return a.sum(dim=1, dtype=torch.float64), a.mul_(keep).sum(dim=1, dtype=torch.float64)
+    before = a.sum(dim=1, dtype=torch.float64)
+    return before, a.mul_(_as_factor(keep)).sum(dim=1, dtype=torch.float64)
 
 
 def apply_drop(
@@ -194,7 +201,7 @@ def apply_drop(
     """
     if rescale == "l1" and norms is None:
         norms = drop_norms(tau, keep)
-    tau.mul_(keep)
+    tau.mul_(_as_factor(keep))
     if rescale == "inverse":
         tau.div_(density)
     elif rescale == "l1":
