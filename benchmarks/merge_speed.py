@@ -204,7 +204,7 @@ def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
         r = floor if name.startswith("floor") else r
         ratio = r["work_cpu"] / floor["work_cpu"] if r["work_cpu"] is not None else None
         table.add_row(dtype, name, f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
-                      _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + "×",
+                      _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
                       f"{r['wall_s'] / floor['wall_s']:.2f}×", f"{r['rss'] / 2**20:.0f}",
                       f"{r['anon'] / 2**20:.0f}")  # fmt: skip
 
@@ -215,21 +215,22 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
     with console.status(f"building {dtype} checkpoints"):
         inputs = build(folder, args.size, args.experts, dtype)
     me = [sys.executable, __file__, "--threads", str(args.threads), "--inputs", *map(str, inputs)]
-    jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(folder / "f")])]
+    floor_out = folder / "floor.bin"
+    jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
+             floor_out)]  # fmt: skip
     for m in args.methods.split(","):
         out = folder / f"fm_{m}.safetensors"
-        jobs.append((f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)]))
+        jobs.append((f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)], out))
         if args.mergekit_bin:
-            cmd = mergekit_cmd(args.mergekit_bin, m, inputs, folder / f"mk_{m}", dtype,
-                               args.threads)  # fmt: skip
-            jobs.append((f"mergekit {m}", cmd))
-    floor_worker(list(map(str, inputs)), str(folder / "warm.bin"))  # warm the page cache
+            out = folder / f"mk_{m}"
+            cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
+            jobs.append((f"mergekit {m}", cmd, out))
+    floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
     results = []
-    for name, cmd in [*jobs, jobs[0]]:  # the floor runs first and last
+    for name, cmd, out in [*jobs, jobs[0]]:  # the floor runs first and last
         with console.status(f"{dtype}: {name}"):
             results.append((name, measure(cmd, env)))
-        for f in folder.glob("*_*"):  # outputs: keep the disk free for the next job
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        shutil.rmtree(out) if out.is_dir() else out.unlink()  # keep the disk free
     shutil.rmtree(folder)
     return results
 
