@@ -28,6 +28,7 @@ from typing import Any, Union
 import yaml
 
 from fedmerge.errors import ConfigError
+from fedmerge.registry import registry_at
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
@@ -36,9 +37,24 @@ NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
 PROBABILITY: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
-def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, check=None):
-    """A config field with its default, one-line meaning, allowed values and range check."""
-    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check}
+def option(
+    default: Any,
+    doc: str,
+    *,
+    choices: Iterable[str] | None = None,
+    check: Check | None = None,
+    registry: str | None = None,
+    params: str | None = None,
+):
+    """A config field with its default, one-line meaning, allowed values and range check.
+
+    ``registry`` (``"module:NAME"``, imported when first needed) names the
+    :class:`~fedmerge.registry.Registry` whose entries are the allowed values; a
+    ``"pkg.mod:fn"`` value is allowed too when the field also names a ``params``
+    sibling (the mapping of the entry's parameters, validated against its declaration).
+    """
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check,
+            "registry": registry, "params": params}  # fmt: skip
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,8 +62,9 @@ def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, chec
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn")
-    options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
+    name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y)",
+                       registry="fedmerge.data.datasets:DATASETS", params="options")  # fmt: skip
+    options: dict = option({}, "parameters of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
     )
@@ -60,8 +77,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
-    options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
+    name: str = option("mlp", "model: a registered name or pkg.mod:fn returning an nn.Module",
+                       registry="fedmerge.models:MODELS", params="options")  # fmt: skip
+    options: dict = option({}, "parameters of the model (hidden, channels, width …)")
     init: str = option(
         "same",
         "same: one shared init (payloads carry task vectors); different: a seed per agent "
@@ -86,8 +104,9 @@ class TrainConfig:
 @dataclass
 class ProtocolConfig:
     name: str = option(
-        "gossip", "gossip, local, centralized, single_global_merge, dimat or dimat_wm"
-    )
+        "gossip", "how each agent combines its model with its neighbours' every round",
+        registry="fedmerge.protocols:PROTOCOLS",
+    )  # fmt: skip
     calibration: str = option(
         "local",
         "DIMAT calibration data: the agent's own training data, or shared (the union of all "
@@ -97,7 +116,7 @@ class ProtocolConfig:
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
-        choices=("mean", "clip", "median", "trimmed_mean", "krum"),
+        registry="fedmerge.robust:RULES",
     )  # fmt: skip
     clip_tau: float = option(
         1.0, "clip: radius = clip_tau × lower median of neighbour distances", check=POSITIVE
@@ -269,7 +288,19 @@ def _build(cls: type, data: Any, prefix: str):
             values[name] = _build(kind, data[name], dotted + ".")
         else:
             values[name] = _check_value(dotted, data[name], kind, f.metadata)
-    return cls(**values)
+    out = cls(**values)
+    for f in fields.values():
+        if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
+            registry = registry_at(f.metadata["registry"])
+            registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+    return out
+
+
+def _registered(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The allowed names of a field: its ``choices``, or its registry's names."""
+    if meta.get("registry"):
+        return tuple(registry_at(meta["registry"]))
+    return meta.get("choices") or ()
 
 
 def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) -> Any:
@@ -279,9 +310,13 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
         else (kind,)
     )
     raw, value = value, _coerce(dotted, value, allowed)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+    choices = _registered(meta)
+    user_factory = bool(meta.get("params")) and ":" in str(value)
+    if choices and value not in choices and not user_factory:
+        if not meta.get("registry"):
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+        names = ", ".join(choices) + (" or pkg.module:function" if meta.get("params") else "")
+        raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")
@@ -315,9 +350,9 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
             out += field_docs(kind, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = f.metadata["doc"]
-            if f.metadata.get("choices"):
-                doc += f" ({' | '.join(f.metadata['choices'])})"
+            doc, choices = f.metadata["doc"], _registered(f.metadata)
+            if choices:
+                doc += f" ({' | '.join(choices)})"
             out.append((prefix + f.name, default, doc))
     return out
 

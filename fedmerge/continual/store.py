@@ -198,7 +198,7 @@ class ContinualStore:
                 expert_id = self._new_id(manifest, expert, expert_id, digest, name)
                 result, state_hash, state_file = self._fold(manifest, base, tensors, name)
             tau_norms = [*manifest["tau_norms"], result.tau_norm]
-            method = CONTINUAL_METHODS[manifest["method"]]((), **manifest["params"])
+            method = CONTINUAL_METHODS[manifest["method"]].target((), **manifest["params"])
             scale = method.scale(tau_norms, result.acc_norm)
             record = {
                 "id": expert_id, "hash": digest, "added_at": _now(),
