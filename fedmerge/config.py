@@ -45,16 +45,17 @@ def option(
     check: Check | None = None,
     registry: str | None = None,
     params: str | None = None,
+    open_names: bool = False,
 ):
     """A config field with its default, one-line meaning, allowed values and range check.
 
     ``registry`` (``"module:NAME"``, imported when first needed) names the
-    :class:`~fedmerge.registry.Registry` whose entries are the allowed values; a
-    ``"pkg.mod:fn"`` value is allowed too when the field also names a ``params``
-    sibling (the mapping of the entry's parameters, validated against its declaration).
+    :class:`~fedmerge.registry.Registry` whose entries are the allowed values;
+    ``params`` names the sibling field holding the chosen entry's parameters (validated
+    against its declaration); ``open_names`` also allows a user's ``"pkg.mod:fn"``.
     """
     meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check,
-            "registry": registry, "params": params}  # fmt: skip
+            "registry": registry, "params": params, "open": open_names}  # fmt: skip
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,7 +64,8 @@ def option(
 @dataclass
 class DataConfig:
     name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y)",
-                       registry="fedmerge.data.datasets:DATASETS", params="options")  # fmt: skip
+                       registry="fedmerge.data.datasets:DATASETS", params="options",
+                       open_names=True)  # fmt: skip
     options: dict = option({}, "parameters of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
@@ -78,7 +80,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = option("mlp", "model: a registered name or pkg.mod:fn returning an nn.Module",
-                       registry="fedmerge.models:MODELS", params="options")  # fmt: skip
+                       registry="fedmerge.models:MODELS", params="options",
+                       open_names=True)  # fmt: skip
     options: dict = option({}, "parameters of the model (hidden, channels, width …)")
     init: str = option(
         "same",
@@ -236,13 +239,7 @@ def load_config(
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # bad UTF-8, depth
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping of fields")
+        data = read_yaml(source)
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
@@ -253,6 +250,18 @@ def load_config(
             raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
         _set_dotted(data, key.strip().split("."), value, key.strip())
     return _build(schema, data, "")
+
+
+def read_yaml(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (empty file: ``{}``); ConfigError naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # bad UTF-8, depth
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of fields")
+    return data
 
 
 def dump_config(cfg: SimConfig) -> str:
@@ -311,11 +320,11 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
     )
     raw, value = value, _coerce(dotted, value, allowed)
     choices = _registered(meta)
-    user_factory = bool(meta.get("params")) and ":" in str(value)
+    user_factory = meta.get("open") and ":" in str(value)
     if choices and value not in choices and not user_factory:
         if not meta.get("registry"):
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
-        names = ", ".join(choices) + (" or pkg.module:function" if meta.get("params") else "")
+        names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
         raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):

@@ -84,7 +84,7 @@ def test_config_names_and_options_come_from_the_registries() -> None:
     assert docs["model.name"].endswith(f"({' | '.join(MODELS)})")
     assert docs["data.name"].endswith(f"({' | '.join(DATASETS)})")
     assert list(CONTINUAL_METHODS) == [
-        "opcm", "continual_task_arithmetic", "running_average", "magmax", "continual_ties"
+        "opcm", "continual_task_arithmetic", "running_average", "continual_ties", "magmax"
     ]  # fmt: skip
     assert load_config(None, ["model.name=pkg.mod:fn"]).model.name == "pkg.mod:fn"
     with pytest.raises(ConfigError, match=r"model.options: model 'mlp': parameter 'hidden' must"):

@@ -35,9 +35,10 @@ from typing import Any
 
 from rich.console import Console
 
+from fedmerge import report
 from fedmerge.config import SimConfig, default_config, dump_config, field_docs, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import per_round, round_table, summary_table, write_run
+from fedmerge.report import Tick, per_round, round_table, summary_table, write_run
 
 NAME = "simulate"
 HELP = "run a decentralized training simulation (embedded default without CONFIG)"
@@ -86,7 +87,8 @@ def simulate(
     cfg: SimConfig, *, progress: bool = True, procs: int = 0
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
-    with _progress(cfg, progress) as on_round:
+    with report.progress(cfg.rounds, cfg.name, enabled=progress, status=True) as tick:
+        on_round = _round_status(tick)
         if cfg.runtime == "local":
             from fedmerge.simulator import Simulator
 
@@ -100,37 +102,11 @@ def simulate(
         return module.run(cfg, on_round=on_round, **options), {"runtime": cfg.runtime}
 
 
-class _progress:
-    """A rich progress bar over rounds on stderr, showing the latest mean accuracy."""
+def _round_status(tick: Tick) -> Callable[[list[dict[str, Any]]], None]:
+    """An ``on_round`` callback advancing the bar and showing the latest mean accuracy."""
 
-    def __init__(self, cfg: SimConfig, enabled: bool) -> None:
-        self.cfg, self.enabled, self.bar = cfg, enabled, None
+    def on_round(rows: list[dict[str, Any]]) -> None:
+        acc = per_round(rows)[-1]["global_acc"]
+        tick(status="" if acc is None else f"global acc {acc:.3f}")
 
-    def __enter__(self) -> Callable[[list[dict[str, Any]]], None]:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
-            )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task(self.cfg.name, total=self.cfg.rounds, acc="")
-        return self.on_round
-
-    def on_round(self, rows: list[dict[str, Any]]) -> None:
-        if self.bar is not None:
-            acc = per_round(rows)[-1]["global_acc"]
-            text = "" if acc is None else f"global acc {acc:.3f}"
-            self.bar.update(self.task, advance=1, acc=text)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    return on_round

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedmerge.report import draw_topology
 from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets, resolve_spec
 
 NAME = "topology"
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         plan = topo.round(args.round, total_rounds=args.total_rounds)
         report["round"] = _plan_summary(plan)
     if args.plot:
-        report["plot"] = str(topo.draw(args.plot, plan=plan))
+        report["plot"] = str(draw_topology(topo, args.plot, plan=plan))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -137,8 +137,11 @@ def _scaling(default: float) -> Param:
           "paper's first code release)"),
 )  # fmt: skip
 class OPCM(ContinualMethod):
-    """Orthogonal-projection continual merging: fold τ_t outside the merge's leading
-    singular directions, rescale to the mean ‖τ_i‖ (see the module docstring)."""
+    """Orthogonal-projection continual merging (Tang et al. 2025): fold τ_t with its parts
+    along the merge's leading singular directions removed, then rescale the merge's
+    distance from θ_0 to the mean ‖τ_i‖.
+
+    See the module docstring for the algorithm."""
 
     name = "opcm"
 
@@ -177,19 +180,6 @@ class RunningAverage(ContinualMethod):
 
     def fold(self, key, step, acc, tau):
         return tau.clone() if acc is None else (acc * (step - 1) + tau) / step
-
-
-@continual_method(_scaling(0.5))
-class MagMax(ContinualMethod):
-    """θ_0 + s·τ_max, τ_max the elementwise max-|τ| (a later expert wins ties, as in MagMax)."""
-
-    name = "magmax"
-
-    def fold(self, key, step, acc, tau):
-        return tau.clone() if acc is None else torch.where(tau.abs() >= acc.abs(), tau, acc)
-
-    def scale(self, tau_norms, acc_norm):
-        return self.params["scaling_factor"]
 
 
 @continual_method(
@@ -243,6 +233,19 @@ class ContinualTies(ContinualMethod):
         else:
             merged = chosen.abs().amax(0) * sign
         return acc + s * merged
+
+
+@continual_method(_scaling(0.5))
+class MagMax(ContinualMethod):
+    """θ_0 + s·τ_max, τ_max the elementwise max-|τ| (a later expert wins ties, as in MagMax)."""
+
+    name = "magmax"
+
+    def fold(self, key, step, acc, tau):
+        return tau.clone() if acc is None else torch.where(tau.abs() >= acc.abs(), tau, acc)
+
+    def scale(self, tau_norms, acc_norm):
+        return self.params["scaling_factor"]
 
 
 def _kth_magnitude(keys: Sequence[str], get: AccGetter, threshold: float) -> float:
