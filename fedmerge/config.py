@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -203,7 +203,7 @@ class SimConfig:
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
     rounds: int = option(10, "communication rounds", check=POSITIVE)
     agents: int = option(0, "number of agents (0: the topology's node count)", check=NON_NEGATIVE)
-    topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
+    topology: str | dict = option(
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
     runtime: str = option(
@@ -313,11 +313,7 @@ def _registered(meta: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) -> Any:
-    allowed = (
-        typing.get_args(kind)
-        if isinstance(kind, types.UnionType) or (typing.get_origin(kind) is Union)
-        else (kind,)
-    )
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     raw, value = value, _coerce(dotted, value, allowed)
     choices = _registered(meta)
     user_factory = meta.get("open") and ":" in str(value)

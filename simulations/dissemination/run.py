@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -42,7 +42,7 @@ from fedmerge.topology import Topology, build_topology
 class DisseminationConfig:
     name: str = option("dissemination", "run name (shown in tables and plots)")
     seed: int = option(0, "seed of message loss and of random graphs")
-    topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
+    topology: str | dict = option(
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
     agents: int = option(0, "number of nodes (0: the topology's node count)", check=NON_NEGATIVE)
