@@ -108,7 +108,7 @@ class TrainConfig:
 class ProtocolConfig:
     name: str = option(
         "gossip", "how each agent combines its model with its neighbours' every round",
-        registry="fedmerge.protocols:PROTOCOLS",
+        registry="fedmerge.decentralized.protocols:PROTOCOLS",
     )  # fmt: skip
     calibration: str = option(
         "local",
@@ -118,8 +118,9 @@ class ProtocolConfig:
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
     aggregation: str = option(
-        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
-        registry="fedmerge.robust:RULES",
+        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
+        "fedmerge.decentralized.robust",
+        registry="fedmerge.decentralized.robust:RULES",
     )  # fmt: skip
     clip_tau: float = option(
         1.0, "clip: radius = clip_tau × lower median of neighbour distances", check=POSITIVE
@@ -198,6 +199,18 @@ class DistributedConfig:
 
 
 @dataclass
+class FlowerConfig:
+    connect_timeout_s: float = option(
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
+        check=NON_NEGATIVE,
+    )  # fmt: skip
+
+    def connect_timeout(self, nodes: int) -> float:
+        """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
+        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+
+
+@dataclass
 class SimConfig:
     name: str = option("default", "run name (shown in tables and plots)")
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
@@ -209,7 +222,7 @@ class SimConfig:
     runtime: str = option(
         "local",
         "where agents run (fedmerge simulate --runtime)",
-        choices=("local", "flower", "torchdist"),
+        registry="fedmerge.runtimes:RUNTIMES",
     )
     vectorize: str = option(
         "auto", "stacked-parameter path for same-architecture gossip/local",
@@ -222,6 +235,7 @@ class SimConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

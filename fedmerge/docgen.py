@@ -40,6 +40,7 @@ FIELD_PAGES = {
     "model.name": ("models", "Models"),
     "protocol.name": ("protocols", "Protocols"),
     "protocol.aggregation": ("aggregation-rules", "Aggregation rules"),
+    "runtime": ("runtimes", "Runtimes"),
 }
 """Page and title of the registry a simulation config field selects from (others: the
 field's dotted name)."""
@@ -95,10 +96,19 @@ def registry_page(title: str, registry: Any, used: str) -> str:
             ]
             lines += [
                 f"| `{p.name}` | {p.type_text()} | {_default(p.default)} | "
-                f"{_cell(p.range_text()) or '–'} | {_cell(p.doc)} |"
-                for p in entry.params
+                f"{_cell(p.range_text()) or '–'} | {_cell(p.doc)}{_set_by(registry, entry, i)} |"
+                for i, p in enumerate(entry.params)
             ]
     return HEADER + "\n".join(lines) + "\n"
+
+
+def _set_by(registry: Registry, entry: Any, index: int) -> str:
+    """`` (config: `protocol.clip_tau`)`` for entries whose parameters are config fields."""
+    fields = getattr(entry, "fields", ())
+    if not fields:
+        return ""
+    section = registry.field.rpartition(".")[0]
+    return f" (config: `{section + '.' if section else ''}{fields[index]}`)"
 
 
 def registry_fields(schema: type = SimConfig, prefix: str = "") -> dict[str, str]:

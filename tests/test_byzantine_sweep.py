@@ -6,7 +6,7 @@ import csv
 import pytest
 
 from fedmerge.config import default_config
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 from fedmerge.sweep import expand, load_sweep, run_sweep, write_sweep
 
 SHIPPED = "simulations/byzantine.yaml"

@@ -1,7 +1,8 @@
-"""Metrics rows: the schema every runtime writes, per-round means and a run's summary.
+"""Metrics rows: per-round means and a run's summary.
 
-A row is one agent in one round (:func:`metrics_row`); :func:`per_round` averages the
-honest agents of each round and :func:`summarize` condenses a run.
+A row is one agent in one round (the schema every runtime writes:
+:func:`fedmerge.decentralized.metrics.metrics_row`); :func:`per_round` averages the honest
+agents of each round and :func:`summarize` condenses a run.
 
 >>> rows = [{"round": r, "agent": a, "active": True, "global_acc": 0.1 * r + a / 100,
 ...          "local_acc": None, "consensus": 1.0 / r, "bytes_sent": 10, "bytes_received": 10,
@@ -24,24 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Row = Mapping[str, Any]
-
-
-ROW_DEFAULTS: dict[str, Any] = {
-    "active": False, "trained": False, "local_acc": None, "global_acc": None,
-    "consensus": None, "bytes_sent": 0, "bytes_received": 0, "rejected": 0,
-    "byzantine": False, "wall_s": 0.0,
-}  # fmt: skip
-"""The fields of a metrics row after ``round`` and ``agent``, with the values of an agent
-that took no part in the round."""
-
-
-def metrics_row(round: int, agent: int, **fields: Any) -> dict[str, Any]:
-    """One metrics row (the schema every runtime writes); unnamed fields take
-    :data:`ROW_DEFAULTS`, unknown ones are an error."""
-    unknown = set(fields) - set(ROW_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown metrics fields {sorted(unknown)}")
-    return {"round": round, "agent": agent, **ROW_DEFAULTS, **fields}
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
