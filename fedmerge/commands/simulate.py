@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="K=V",
                         help="override a field, repeatable (e.g. --set train.lr=0.05)")  # fmt: skip
     parser.add_argument("--out", help="output directory (default: runs/<name>)")
-    parser.add_argument("--runtime", choices=("local", "flower", "torchdist"),
-                        help="where agents run (default: the config's runtime, local)")  # fmt: skip
+    parser.add_argument("--runtime", help="where agents run: a registered runtime (see --fields; "
+                        "default: the config's runtime, local)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=0,
                         help="torchdist: local processes (default: one per agent)")  # fmt: skip
     parser.add_argument("--show-config", action="store_true",
