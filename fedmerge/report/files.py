@@ -5,7 +5,7 @@
 ``DIR/metrics.csv``   the same rows as CSV (columns: the union of the rows' keys)
 ``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
 ``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
-``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale)
+``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale where it spans a decade)
 
 >>> print(csv_text([{"a": 1, "b": 2}, {"a": 3, "c": 4}]), end="")
 a,b,c
@@ -16,6 +16,7 @@ a,b,c
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ def write_run(
     """Write config.yaml, metrics.jsonl/.csv, summary.json and the PNG plots; return the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # the saved config says how many agents ran (``agents: 0`` means "the topology's count")
+    cfg = dataclasses.replace(cfg, agents=cfg.agents or len({row["agent"] for row in rows}))
     summary = summarize(rows, {"name": cfg.name, **(extra or {})})
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     write_jsonl(out / "metrics.jsonl", rows)
