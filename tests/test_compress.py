@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from fedmerge.experiments.continual_config import load_config
+from fedmerge.experiments.continual_tasks import evaluate, prepare, task_orders
 
 from fedmerge.checkpoint import load_state_dict, save_state_dict
 from fedmerge.cli import main as cli
@@ -12,8 +14,6 @@ from fedmerge.codecs.expert import compress_checkpoint, open_expert
 from fedmerge.continual import make_merger
 from fedmerge.continual.store import ContinualStore
 from fedmerge.errors import ValidationError
-from fedmerge.experiments.continual_config import load_config
-from fedmerge.experiments.continual_tasks import evaluate, prepare, task_orders
 from fedmerge.merging import merge, merge_checkpoints
 
 
