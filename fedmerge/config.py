@@ -83,8 +83,8 @@ def option(
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y) (trusted code: "
-                       "FEDMERGE_TRUSTED_MODULES)",
+    name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y) "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)",
                        registry="fedmerge.data.datasets:DATASETS", params="options",
                        open_names=True)  # fmt: skip
     options: dict = option({}, "parameters of the dataset (e.g. samples, seed)")
