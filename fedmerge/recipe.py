@@ -32,7 +32,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedmerge.config import load_config, read_yaml
+from fedmerge.config import load_config, read_mapping
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.report import Tick, progress
 
@@ -58,7 +58,7 @@ class Recipe:
 
     def load(self, path: str | Path | None, overrides: Sequence[str] = ()) -> Any:
         """The validated config: YAML ``path`` (None: the defaults) with ``a.b=c`` overrides."""
-        raw = read_yaml(path) if path is not None else {}
+        raw = read_mapping(path) if path is not None else {}
         raw.pop(RECIPE_KEY, None)
         return load_config(raw, overrides, schema=self.schema)
 
@@ -120,7 +120,7 @@ def load_script(path: str | Path) -> ModuleType:
 
 def recipe_of(config: str | Path) -> Recipe | None:
     """The :class:`Recipe` a YAML config names with ``recipe:``, or None (not a recipe config)."""
-    script = read_yaml(config).get(RECIPE_KEY)
+    script = read_mapping(config).get(RECIPE_KEY)
     if script is None:
         return None
     recipe = getattr(load_script(Path(config).parent / str(script)), "RECIPE", None)

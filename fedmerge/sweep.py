@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import load_config, read_yaml
+from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config, read_mapping
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
 
@@ -55,12 +53,14 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    spec = read_yaml(path, "sweep")
+    spec = read_mapping(path, "sweep")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(
             f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
         )
+    if "name" in spec and not (isinstance(spec["name"], str) and is_run_name(spec["name"])):
+        raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
     if spec.get("report") is not None:
@@ -71,10 +71,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
 def is_sweep_file(path: str | Path) -> bool:
     """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        spec = read_mapping(path, "sweep")
+    except ConfigError:
         return False
-    return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
+    return bool({"base", "grid", "cells"} & set(spec))
 
 
 def _as_value(value: Any) -> str:
@@ -108,6 +108,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every cell × seed; one result per cell with per-seed summaries and mean curves.
     With ``cache``, each finished run is saved there and a run saved before is not repeated."""
+    from fedmerge.runtimes import run  # torch and scipy: only when a sweep runs
+
     base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
     base = None if base in (None, "default") else base
     seeds = spec.get("seeds") or [0]

@@ -5,7 +5,9 @@ split non-IID, class c on agent c mod 8, one shared init, 50 rounds of gossip av
 A CONFIG is a YAML file of fields (--fields lists them with their defaults; a field a file
 leaves out takes the same default as the run without CONFIG); --set overrides any field by
 its dotted name (the value is parsed as YAML). Unknown fields and bad values are errors
-naming the field.
+naming the field. A config is data, except model.name / data.name / train.loss of the form
+pkg.module:function, which run that code: only modules listed in FEDMERGE_TRUSTED_MODULES
+are imported (docs/reliability.md).
 
 examples:
   fedmerge simulate                                   # the default

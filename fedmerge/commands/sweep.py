@@ -13,7 +13,9 @@ in simulations/*/ (continual merging, dissemination). A sweep may name a report 
 
 A sweep file has: name, base (a config mapping or a config file), set (overrides for every
 cell), grid (dotted field -> list of values; every combination is a cell), cells (explicit
-{label, set} cells) and seeds. See fedmerge/sweep.py for an example.
+{label, set} cells) and seeds. See fedmerge/sweep.py for an example. As in simulate,
+pkg.module:function references run code: only modules in FEDMERGE_TRUSTED_MODULES are
+imported (docs/reliability.md).
 
 Writes DIR/results.json (every run's summary and per-round curve), table.csv, table.md and
 accuracy.png (mean global accuracy vs round per cell). Every finished run is saved at once

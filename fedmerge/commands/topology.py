@@ -153,7 +153,9 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
     when = (
         "the graph's static W" if plan.kind == "static W" else f"round {plan.round} ({plan.kind})"
     )
-    table = Table(title=f"in-weights W_ij, {when}")
+    table = Table(title=f"in-weights W_ij, {when}",
+                  caption="a node's new model: self × its own + Σ W_ij × neighbour j's; "
+                  "self is W_ii")  # fmt: skip
     table.add_column("node", justify="right")
     table.add_column("self", justify="right")
     table.add_column("neighbours j: W_ij")
