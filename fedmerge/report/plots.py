@@ -70,11 +70,16 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     save_png(fig, out / "accuracy.png")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     cons = [max(r["consensus"] or 0.0, 1e-12) for r in rounds]
-    ax.semilogy(xs, cons, marker="o", ms=3)
+    ax.plot(xs, cons, marker="o", ms=3)
+    log = max(cons) > 10 * min(cons)  # a log scale only where it spans more than a decade
     ax.set(title=f"{title}: disagreement (lower: agents agree)", xlabel="round",
-           ylabel="mean ‖θ_i − θ̄‖ (log scale)")  # fmt: skip
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+           ylabel="mean ‖θ_i − θ̄‖" + (" (log scale)" if log else ""))  # fmt: skip
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
     ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
