@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "krum_aggregate=krum median_aggregate=median trimmed_mean_aggregate=trimmed_mean",
     "fedmerge.decentralized.setup": "Setup build_setup",
     "fedmerge.dimat": "dimat_merge",
-    "fedmerge.dissemination": "Arrival DisseminationResult disseminate fold_directly",
+    "fedmerge.decentralized.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.errors": "CheckpointError ConfigError FedmergeError ValidationError",
     "fedmerge.merging": "MERGE_METHODS=METHODS MergeReport merge merge_checkpoints",
     "fedmerge.models": "MODELS build_model",

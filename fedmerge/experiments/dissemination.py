@@ -4,8 +4,9 @@ The experts are the continual-merging experiment's (:mod:`fedmerge.experiments.c
 one pretrained MLP body, one body fine-tuned per digits task, each task with its own head.
 Expert k appears at one node in one round, travels over the topology as a task-vector
 payload (id + content hash) and every node folds it into its own continual merger (OPCM by
-default) when it first arrives (:func:`fedmerge.dissemination.disseminate`). After every
-round each node's merged body is scored with each task's head; reported per node and round:
+default) when it first arrives (:func:`fedmerge.decentralized.dissemination.disseminate`).
+After every round each node's merged body is scored with each task's head; reported per
+node and round:
 experts held, accuracy on the tasks it holds and on every task that has appeared, and the
 rounds until every node holds every expert next to the graph's diameter.
 
@@ -34,7 +35,7 @@ import torch
 
 from fedmerge.config import NON_NEGATIVE, POSITIVE, PROBABILITY, load_config, option
 from fedmerge.continual import CONTINUAL_METHODS
-from fedmerge.dissemination import FORWARD, Arrival, DisseminationResult, disseminate
+from fedmerge.decentralized.dissemination import FORWARD, Arrival, DisseminationResult, disseminate
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.experiments.continual_config import DEFAULT_METHODS, ExperimentConfig
 from fedmerge.experiments.continual_config import config_from_mapping as expert_config_from

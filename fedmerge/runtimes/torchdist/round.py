@@ -96,7 +96,7 @@ class RankRunner:
                 r + 1, i, active=bool(active[i]), trained=bool(trains[i]),
                 local_acc=a.evaluate(a.data.test_x, a.data.test_y),
                 global_acc=a.evaluate(fed.test_x, fed.test_y), bytes_sent=traffic[i][0],
-                bytes_received=traffic[i][1], rejected=traffic[i][2],
+                bytes_received=traffic[i][1], rejected=traffic[i][2], experts=a.experts,
             ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
