@@ -111,6 +111,16 @@ class Agent:
             self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
 
+    def byte_limit(self) -> int:
+        """The largest payload accepted, never unbounded: ``validation.max_bytes``, or (0)
+        twice the size of this agent's own tensors."""
+        own = self.tensors().values()
+        return self.validation.max_bytes or 2 * sum(t.numel() * t.element_size() for t in own)
+
+    def tensor_limit(self) -> int:
+        """The most tensors a payload to this agent may carry: its own count."""
+        return len(self.tensors())
+
     def validate(self, delivery: Delivery) -> None:
         """Raise :class:`ValidationError` naming the sender if ``delivery``'s payload is
         unusable: it must name the sender the transport says it came from (``source``) and
@@ -122,13 +132,10 @@ class Agent:
                 f"payload from agent {payload.sender} (round {payload.round}): "
                 f"arrived from agent {delivery.source}"
             )
-        own = self.tensors()
-        limit = self.validation.max_bytes or 2 * sum(
-            t.numel() * t.element_size() for t in own.values()
-        )
         validate_payload(
-            payload, kind=self.kind, specs=specs_of(own), own_norm=global_norm(self.state()),
-            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
+            payload, kind=self.kind, specs=specs_of(self.tensors()),
+            own_norm=global_norm(self.state()), max_norm_ratio=self.validation.max_norm_ratio,
+            max_bytes=self.byte_limit(),
         )  # fmt: skip
 
     def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:

@@ -55,8 +55,10 @@ def unbundle(tensors: Mapping[str, torch.Tensor], who: str) -> dict[int, StateDi
 class ContinualAgent(Agent):
     """An agent that makes one expert and folds every expert that reaches it (see module)."""
 
-    def __init__(self, *args: Any, method: str, forward: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, method: str, forward: str, nodes: int, **kwargs: Any) -> None:
+        """``nodes``: how many nodes (so experts) there are, which bounds a bundle's size."""
         super().__init__(*args, **kwargs)
+        self.nodes = nodes
         if self.reference is None:
             raise ConfigError("protocol.name: disseminate needs a shared init (model.init: same)")
         if forward not in FORWARD:
@@ -64,6 +66,13 @@ class ContinualAgent(Agent):
         self.method, self.forward = method, forward
         self.node = Node(self.id, make_merger(method, self.reference), rejected=self.rejected)
         self.made_expert = False
+
+    def byte_limit(self) -> int:
+        """A bundle holds at most one expert per node, each within the agent's own limit."""
+        return self.nodes * super().byte_limit()
+
+    def tensor_limit(self) -> int:
+        return self.nodes * super().tensor_limit()
 
     @property
     def experts(self) -> list[int]:
@@ -120,7 +129,7 @@ class ContinualAgent(Agent):
         validate_payload(
             p, kind="delta", specs=specs_of(own), own_norm=global_norm(self.state()),
             max_norm_ratio=self.validation.max_norm_ratio,
-            max_bytes=self.validation.max_bytes or 2 * sum(t.nbytes for t in own.values()),
+            max_bytes=super().byte_limit(),
         )  # fmt: skip
 
     def sync(self) -> None:
@@ -159,13 +168,13 @@ class ContinualAgent(Agent):
 
 def continual_agent(
     i: int, model: nn.Module, data: AgentData, cfg: SimConfig, reference: StateDict | None,
-    loss: Loss,
+    loss: Loss, nodes: int,
 ) -> ContinualAgent:  # fmt: skip
     """Node i's agent for the ``disseminate`` protocol (the protocol's agent factory)."""
     return ContinualAgent(
         i, model, data, train=cfg.train, validation=cfg.validation, seed=cfg.seed,
         reference=reference, loss=loss, method=cfg.protocol.continual,
-        forward=cfg.protocol.forward,
+        forward=cfg.protocol.forward, nodes=nodes,
     )  # fmt: skip
 
 

@@ -34,8 +34,9 @@ from fedmerge.statedict import StateDict
 
 Received = Sequence[tuple[Payload, float]]
 MergeFn = Callable[[Agent, Received, float, MergeContext], None]
-AgentFactory = Callable[[int, nn.Module, AgentData, SimConfig, StateDict | None, Loss], Agent]
-"""(node i, its initial model, its data, the config, the shared reference, the loss) → agent"""
+AgentFactory = Callable[[int, nn.Module, AgentData, SimConfig, StateDict | None, Loss, int], Agent]
+"""(node i, its initial model, its data, the config, the shared reference, the loss, the
+number of nodes) → agent"""
 
 
 @dataclass(frozen=True)

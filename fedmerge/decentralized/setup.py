@@ -55,7 +55,7 @@ class Setup:
         loss = loss or make_loss(cfg.train.loss)
         if self.protocol.agent is not None:
             return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
-                                       loss)  # fmt: skip
+                                       loss, self.n)  # fmt: skip
         return Agent(
             i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
             seed=cfg.seed, reference=self.reference, loss=loss,
