@@ -29,8 +29,7 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.data.tasks": "TASK_NAMES Task TaskFamily make_task_family",
     "fedmerge.decentralized.adversary": "Adversary byzantine_nodes freshest",
     "fedmerge.decentralized.agent": "Agent",
-    "fedmerge.decentralized.dissemination": "Arrival DisseminationResult disseminate "
-    "fold_directly",
+    "fedmerge.decentralized.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.decentralized.engine": "Engine RoundRunner",
     "fedmerge.decentralized.payload": "Payload validate_payload",
     "fedmerge.decentralized.persist": "restore_agent save_agent",
