@@ -117,13 +117,17 @@ class Agent:
         own = self.tensors().values()
         return self.validation.max_bytes or 2 * sum(t.numel() * t.element_size() for t in own)
 
-    def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
+    def receive(
+        self, deliveries: Sequence[Delivery], round: int | None = None
+    ) -> list[tuple[Payload, float]]:
         """The (payload, π_ij) pairs that pass validation; the others are dropped, counted
         in :attr:`rejected` and logged with the sender and the reason. State is untouched.
         A payload must name the sender the transport says it came from (``source``). Of
         valid payloads, one per sender is kept, the newest, and only if newer than the last
         accepted from it (:attr:`last_round`; duplicates, stale and replayed ones are
-        rejected)."""
+        rejected). A negative round, or one after ``round`` (the current round, when given),
+        is rejected too: a forged far-future round must not make its sender's real payloads
+        look stale."""
         own = self.tensors()
         specs, own_norm = specs_of(own), global_norm(self.state())
         limit = self.byte_limit()
@@ -131,11 +135,12 @@ class Agent:
         for d in deliveries:
             payload = d.item
             try:
+                who = f"payload from agent {payload.sender} (round {payload.round})"
                 if payload.sender != d.source:
-                    raise ValidationError(
-                        f"payload from agent {payload.sender} (round {payload.round}): "
-                        f"arrived from agent {d.source}"
-                    )
+                    raise ValidationError(f"{who}: arrived from agent {d.source}")
+                if payload.round < 0 or (round is not None and payload.round > round):
+                    when = "is negative" if payload.round < 0 else f"is from the future ({round})"
+                    raise ValidationError(f"{who}: the round {when}")
                 validate_payload(
                     payload, kind=self.kind, specs=specs, own_norm=own_norm,
                     max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
