@@ -138,15 +138,20 @@ class Agent:
             max_bytes=self.byte_limit(),
         )  # fmt: skip
 
-    def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
+    def receive(
+        self, deliveries: Sequence[Delivery], round: int | None = None
+    ) -> list[tuple[Payload, float]]:
         """The (payload, π_ij) pairs that pass :meth:`validate`; the others are dropped,
         counted in :attr:`rejected` and logged with the sender and the reason. State is
         untouched. Of valid payloads, one per sender is kept, the newest, and only if newer
         than the last accepted from it (:attr:`last_round`; duplicates, stale and replayed
-        ones are rejected)."""
+        ones are rejected). A negative round, or one after ``round`` (the current round, when
+        given), is rejected first: a forged far-future round must not make its sender's real
+        payloads look stale."""
         accepted = []
         for d in deliveries:
             try:
+                _check_round(d.item, round)
                 self.validate(d)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
@@ -189,3 +194,11 @@ class Agent:
             return None
         self.model.eval()
         return float((self.model(x).argmax(1) == y).double().mean())
+
+
+def _check_round(payload: Payload, now: int | None) -> None:
+    """A payload's round must be ≥ 0 and, when the current round ``now`` is known, ≤ it."""
+    if payload.round < 0 or (now is not None and payload.round > now):
+        when = "is negative" if payload.round < 0 else f"is from the future ({now})"
+        who = f"payload from agent {payload.sender} (round {payload.round})"
+        raise ValidationError(f"{who}: the round {when}")

@@ -112,10 +112,12 @@ class ContinualAgent(Agent):
             raise ValidationError(f"{who}: content hash mismatch")
         unbundle(p.tensors, who)
 
-    def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
+    def receive(
+        self, deliveries: Sequence[Delivery], round: int | None = None
+    ) -> list[tuple[Payload, float]]:
         """The experts in the accepted bundles, one payload each, in arrival order."""
         out = []
-        for bundled, w in super().receive(deliveries):
+        for bundled, w in super().receive(deliveries, round):
             who = f"payload from agent {bundled.sender} (round {bundled.round})"
             for origin, tensors in unbundle(bundled.tensors, who).items():
                 expert = Payload.make(tensors, sender=origin, round=bundled.round, samples=0,
