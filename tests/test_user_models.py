@@ -3,7 +3,13 @@
 import pytest
 
 from fedmerge.config import load_config
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
+
+
+@pytest.fixture(autouse=True)
+def trusted(monkeypatch):
+    """The person running these tests trusts the factories in tests/user_factories.py."""
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "tests.user_factories")
 
 
 def test_user_data_model_and_loss_factories():
