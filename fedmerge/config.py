@@ -109,6 +109,15 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=NON_NEGATIVE)  # fmt: skip
+    codec: str = option(
+        "none", "payload codec (fedmerge.codecs: none, topk, quantize, ternary, lowrank); "
+        "any other than none makes gossip CHOCO-Gossip on compressed differences",
+    )  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
+    consensus_step: float = option(
+        1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
 
 
 @dataclass

@@ -25,13 +25,14 @@ import math
 
 import torch
 
-from fedmerge.checkpoint import dtype_from_name
+from fedmerge.checkpoint import DTYPES
 from fedmerge.decentralized.payload import KINDS, Payload
 from fedmerge.errors import ValidationError
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
 HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]
 ALIGN = 8
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # "uint8" -> torch.uint8
 
 
 def _aligned(n: int) -> int:
@@ -104,7 +105,9 @@ def unpack(header: torch.Tensor, body: torch.Tensor) -> Payload:
         digest, entries = str(table["hash"]), table["tensors"]
         tensors = {}
         for key, dtype_name, shape, off in entries:
-            dtype = dtype_from_name(dtype_name)
+            dtype = WIRE_DTYPES.get(dtype_name)
+            if dtype is None:  # compressed payloads carry uint8 parts too
+                raise ValidationError(f"{where}: key {key!r} has unknown dtype {dtype_name!r}")
             size = math.prod(shape) * dtype.itemsize
             if off % ALIGN or off < 0 or off + size > data_len or min(shape, default=0) < 0:
                 raise ValidationError(f"{where}: key {key!r} lies outside the buffer")
