@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from fedmerge.config import load_config
+from fedmerge.decentralized.delivery import Delivery
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes.local.simulator import Simulator
 
@@ -51,3 +54,26 @@ def test_encoded_bytes_are_counted(one_thread):
 def test_runs_compressed_gossip_cannot_serve_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):
         Simulator(load_config(None, ["topology=ring-4", *sets]))
+
+
+def test_a_malformed_compressed_payload_is_one_counted_rejection(one_thread):
+    """A validly hashed payload whose index stream runs past the tensor: rejected with the
+    sender and the key named, the receiver's model and CHOCO copies untouched."""
+    setup = build_setup(load_config(None, ["topology=ring-4", *TOPK]))
+    receiver, sender = setup.agent(0), setup.agent(1)
+    for a in (receiver, sender):
+        a.train()
+    good = sender.publish(0)
+    key = next(k for k in good.tensors if k.endswith("#gaps"))
+    bad_gaps = good.tensors[key].clone()
+    bad_gaps[-1] = 127  # the last gap jumps past the end
+    bad = Payload.make({**good.tensors, key: bad_gaps}, sender=1, round=0, samples=1,
+                       kind=good.kind)  # fmt: skip
+    before = {k: v.clone() for k, v in receiver.state().items()}
+    assert receiver.receive([Delivery(1, 1 / 3, bad)]) == []
+    assert len(receiver.rejected) == 1
+    assert "agent 1" in receiver.rejected[0] and key.split("#")[0] in receiver.rejected[0]
+    assert all(torch.equal(v, receiver.state()[k]) for k, v in before.items())
+    assert receiver.choco.copies == {}
+    accepted = receiver.receive([Delivery(1, 1 / 3, good)])
+    assert len(accepted) == 1 and set(accepted[0][0].tensors) == set(receiver.tensors())
