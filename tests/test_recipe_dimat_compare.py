@@ -1,13 +1,20 @@
-"""DIMAT-vs-gossip comparison of a sweep result: pairing by seed, differences, wins."""
+"""DIMAT-vs-gossip comparison of a sweep result (simulations/dimat/compare.py, the report
+script of simulations/dimat_sweep.yaml): pairing by seed, differences, wins."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from fedmerge.errors import ConfigError
-from fedmerge.experiments.dimat_compare import compare_rows, load_runs, main
+from fedmerge.recipe import load_script
+from fedmerge.sweep import load_sweep, run_report
+
+ROOT = Path(__file__).parents[1]
+compare = load_script(ROOT / "simulations" / "dimat" / "compare.py")
+compare_rows, load_runs, main = compare.compare_rows, compare.load_runs, compare.main
 
 
 def cell(protocol, partition, topology, finals, r1=0.1, extra=()):
@@ -50,3 +57,13 @@ def test_pairs_by_seed_and_counts_wins(tmp_path, capsys):
 def test_missing_results_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="results.json: cannot read sweep results"):
         load_runs(tmp_path)
+
+
+def test_the_sweep_runs_it_as_its_report(tmp_path):
+    spec = load_sweep(ROOT / "simulations" / "dimat_sweep.yaml")
+    assert spec["report"] == str(ROOT / "simulations" / "dimat" / "compare.py")
+    results = [cell("dimat", "iid", "ring", [0.5]), cell("gossip", "iid", "ring", [0.4])]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    paths = run_report(spec, tmp_path)
+    assert paths == {"table": tmp_path / "compare.md", "plot": tmp_path / "compare.png"}
+    assert "| mlp | iid | different | ring |" in paths["table"].read_text()

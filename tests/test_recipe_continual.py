@@ -1,27 +1,34 @@
-"""The continual-merging experiment on digits tasks: metrics, experts, outputs, CLI."""
+"""The continual-merging recipe on digits tasks (simulations/continual): metrics, experts,
+outputs, and its command line (fedmerge sweep and the script's own)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fedmerge.cli import main as fedmerge_main
+from fedmerge.config import load_config
+from fedmerge.continual.experts import evaluate, prepare
+from fedmerge.continual.metrics import avg_seen, backward_transfer, mean_std
 from fedmerge.errors import ConfigError
-from fedmerge.experiments.continual_config import config_from_mapping, load_config
-from fedmerge.experiments.continual_metrics import avg_seen, backward_transfer, mean_std
-from fedmerge.experiments.continual_tasks import (
-    Run,
-    evaluate,
-    main,
-    prepare,
-    run_experiment,
-    task_orders,
-    work_units,
-)
+from fedmerge.recipe import load_script
+
+ROOT = Path(__file__).parents[1]
+SHIPPED = ROOT / "simulations" / "continual" / "digits.yaml"
+recipe = load_script(ROOT / "simulations" / "continual" / "run.py")
+Run, RECIPE, task_orders = recipe.Run, recipe.RECIPE, recipe.task_orders
+main = RECIPE.main
+
+
+def config_from_mapping(raw: dict):
+    return load_config(raw, schema=recipe.ContinualConfig)
+
 
 SMALL = {
     "tasks": ["rot90", "invert", "permute_a"],
@@ -122,7 +129,8 @@ def quick_run(tmp_path_factory):
     overrides = [f"tasks={SMALL['tasks']}".replace("'", ""), "orders=2", "model.hidden=[32]",
                  "model.features=16", "pretrain.steps=150", "probe.steps=150",
                  "finetune.steps=80", "finetune.lr=1e-3"]  # fmt: skip
-    return out, main(["--out", str(out), *sum((["--set", o] for o in overrides), [])])
+    argv = ["sweep", str(SHIPPED), "--out", str(out), *sum((["--set", o] for o in overrides), [])]
+    return out, fedmerge_main(argv)
 
 
 def test_quick_run_writes_well_formed_outputs(quick_run, capsys):
@@ -183,22 +191,20 @@ def test_first_step_is_the_first_expert_and_references_are_flat(quick_run):
     )
 
 
-def test_run_experiment_in_process_matches_work_units():
+def test_run_in_process_matches_units():
     cfg = config_from_mapping({**SMALL, "orders": 1, "methods": {"running_average": {}}})
     ticks = []
-    result = run_experiment(cfg, ticks.append)
-    assert len(ticks) == work_units(cfg)
+    result = recipe.run(cfg, ticks.append)
+    assert len(ticks) == recipe.units(cfg)
     assert [r.method for r in result.runs] == ["individual", "pretrained", "running_average"]
 
 
 # --- configuration and errors -----------------------------------------------------------------
 
 
-def test_yaml_config_is_the_default(tmp_path):
-    from pathlib import Path
-
-    shipped = load_config(Path(__file__).parents[1] / "simulations" / "continual_digits.yaml")
-    assert shipped == load_config(None)
+def test_yaml_config_is_the_default():
+    assert RECIPE.load(SHIPPED) == RECIPE.load(None)
+    assert RECIPE.load(None).methods["opcm"] == {"alpha": 0.5, "zero_diagonal": True}
 
 
 @pytest.mark.parametrize(
@@ -220,7 +226,7 @@ def test_bad_config_names_the_field(raw, needle):
 def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["--set", "methods={nope: {}}", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("continual_tasks: error: methods.nope") and err.count("\n") == 1
+    assert err.startswith("continual: error: methods.nope") and err.count("\n") == 1
     bad_param = ["--set", "methods={opcm: {alfa: 1}}", "--out", str(tmp_path)]
     assert main(bad_param + [f"--set={k}" for k in ("orders=1", "tasks=[rot90,invert]",
              "pretrain.steps=5", "probe.steps=5", "finetune.steps=5")]) == 2  # fmt: skip

@@ -1,4 +1,4 @@
-"""Draw a topology to PNG (matplotlib, Agg backend: no display needed).
+"""Draw a topology to PNG (``fedmerge topology show --plot``).
 
 Nodes carry their index (and self weight W_ii for small graphs: the share of its own model
 a node keeps when it averages); edges carry W_ij when the graph has at most
@@ -10,14 +10,13 @@ hub-and-shell one, everything else a seeded spring layout.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from fedmerge.atomic import atomic_write_bytes
+from fedmerge.report.plots import pyplot, save_png
 
 if TYPE_CHECKING:
     from fedmerge.topology.build import Topology
@@ -58,11 +57,7 @@ def draw_topology(
     topo: Topology, path: str | os.PathLike[str], *, plan: RoundPlan | None = None, dpi: int = 120
 ) -> Path:
     """Write ``topo``'s static W (or one round's ``plan``) as a PNG at ``path``; return it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     w = topo.mixing if plan is None else plan.mixing
     small = topo.n <= LABEL_MAX_N
     g = nx.Graph()
@@ -90,10 +85,7 @@ def draw_topology(
         when = "" if plan is None else f", round {plan.round} ({plan.kind})"
         ax.set_title(f"{topo.name}: n={topo.n}, {topo.rule}{when}")
         ax.set_axis_off()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    finally:
+    except BaseException:
         plt.close(fig)
-    out = Path(path)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+        raise
+    return save_png(fig, path, dpi=dpi, bbox_inches="tight")

@@ -8,16 +8,17 @@ the last round for both, the paired difference DIMAT − gossip (mean ± std ove
 many seeds DIMAT won, and the ``local`` / ``centralized`` lines of the same model and
 partition. It also draws one panel per (model, partition, init).
 
-    fedmerge sweep simulations/dimat_sweep.yaml --out runs/dimat_sweep
-    python -m fedmerge.experiments.dimat_compare runs/dimat_sweep
+    fedmerge sweep simulations/dimat_sweep.yaml --out runs/dimat_sweep   # runs this at the end
+    python simulations/dimat/compare.py runs/dimat_sweep                  # again, on its own
 
-Writes ``compare.md`` and ``compare.png`` next to ``results.json`` (or into ``--out``).
+The sweep file names this script with ``report: dimat/compare.py``; ``fedmerge sweep``
+then calls :func:`report` on its output directory. Writes ``compare.md`` and
+``compare.png`` next to ``results.json`` (or into ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections.abc import Sequence
@@ -27,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import yaml
+from rich.console import Console
 
-from fedmerge.atomic import atomic_write_bytes, atomic_write_text
+from fedmerge.atomic import atomic_write_text
 from fedmerge.errors import ConfigError
+from fedmerge.report import markdown, pyplot, rich_table, save_png
 
 SETTING = ("model.name", "data.partition", "model.init", "topology")
 
@@ -133,33 +136,18 @@ def table_cells(row: dict[str, Any]) -> list[str]:
             f"{row['wins']}/{row['seeds']}", mb, *ref]  # fmt: skip
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    return "\n".join(lines + ["| " + " | ".join(table_cells(r)) + " |" for r in rows]) + "\n"
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     rounds = rows[0]["rounds"] if rows else "?"
-    table = Table(title=f"DIMAT vs gossip: mean global test accuracy over agents after round 1 "
-                  f"and round {rounds}, mean ± std over seeds (paired)")  # fmt: skip
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h in HEADERS[:4] else "right")
-    for row in rows:
-        table.add_row(*table_cells(row))
+    title = (f"DIMAT vs gossip: mean global test accuracy over agents after round 1 and round "
+             f"{rounds}, mean ± std over seeds (paired)")  # fmt: skip
+    table = rich_table(title, HEADERS, [table_cells(r) for r in rows], left=4)
     Console(width=max(Console().width, 200)).print(table)
 
 
-def plot_png(runs: list[Run]) -> bytes:
+def plot(runs: list[Run], path: Path) -> None:
     """A panel per (model, partition, init): dimat solid, gossip dashed, one colour per
     topology; local and centralized of the same model and partition as grey lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mesh = [r for r in runs if r.get("protocol.name") in ("dimat", "gossip")]
     panels = list(dict.fromkeys(tuple(r.get(k) for k in SETTING[:3]) for r in mesh))
     topologies = list(dict.fromkeys(r.get("topology") for r in mesh))
@@ -190,15 +178,26 @@ def plot_png(runs: list[Run]) -> bytes:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    save_png(fig, path, dpi=100)
+
+
+def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Compare the sweep in ``results``; write ``compare.md`` and ``compare.png`` to ``out``
+    (default: ``results``), print the table and return the files written."""
+    runs = load_runs(results)
+    rows = compare_rows(runs)
+    out = Path(out or results)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "compare.md", "plot": out / "compare.png"}
+    atomic_write_text(paths["table"], markdown(HEADERS, [table_cells(r) for r in rows]))
+    plot(runs, paths["plot"])
+    print_table(rows)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedmerge.experiments.dimat_compare",
+        prog="python simulations/dimat/compare.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -206,17 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write compare.md/png (default: RESULTS)")
     args = parser.parse_args(argv)
     try:
-        runs = load_runs(args.results)
+        paths = report(args.results, args.out)
     except ConfigError as exc:
-        print(f"dimat_compare: error: {exc}", file=sys.stderr)
+        print(f"dimat compare: error: {exc}", file=sys.stderr)
         return 2
-    rows = compare_rows(runs)
-    out = Path(args.out or args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.md", markdown(rows))
-    atomic_write_bytes(out / "compare.png", plot_png(runs))
-    print_table(rows)
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+    print(f"wrote {paths['table']}, {paths['plot']}")
     return 0
 
 
