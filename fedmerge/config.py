@@ -368,7 +368,10 @@ def _build(cls: type, data: Any, prefix: str):
     for f in fields.values():
         if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
             registry = registry_at(f.metadata["registry"])
-            registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            try:
+                registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}{f.metadata['params']}: {exc}") from None
     return out
 
 
@@ -388,7 +391,8 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
         if not meta.get("registry"):
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
         names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
-        raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
+        kind = registry_at(meta["registry"]).kind
+        raise ConfigError(f"{dotted}: unknown {kind} {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")
