@@ -157,6 +157,18 @@ class Checkpoint:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from None
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``key`` along dim 0, reading only their bytes."""
+        if key not in self._specs:
+            raise ValidationError(f"{self.path}: no tensor named {key!r}")
+        if not self._specs[key].shape:
+            raise ValidationError(f"{self.path}: {key!r} is 0-D and has no rows")
+        file = self._files[key]
+        try:
+            return self._handle(file).get_slice(key)[start:stop]
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read rows of {key!r} ({exc})") from None
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys():
             yield key, self.get(key)
@@ -228,8 +240,18 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a checkpoint lazily (see :class:`Checkpoint`)."""
+def open_checkpoint(
+    path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
+) -> Checkpoint:
+    """Open a checkpoint lazily (see :class:`Checkpoint`).
+
+    A PEFT LoRA adapter directory opens as θ = θ_base + ΔW over ``base``
+    (:class:`fedmerge.hf.adapter.AdapterCheckpoint`); ``base`` is ignored otherwise.
+    """
+    from fedmerge.hf.adapter import AdapterCheckpoint, is_adapter_dir
+
+    if is_adapter_dir(path):
+        return AdapterCheckpoint(path, base)
     return Checkpoint(path)
 
 

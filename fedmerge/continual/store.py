@@ -68,10 +68,13 @@ def _state_name(generation: int) -> str:
 
 
 @contextlib.contextmanager
-def _open(tensors: Tensors | str | os.PathLike) -> Iterator[Tensors]:
-    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is."""
+def _open(tensors: Tensors | str | os.PathLike, base: Path | None = None) -> Iterator[Tensors]:
+    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is.
+
+    A LoRA adapter directory opens over ``base`` (see :func:`open_checkpoint`).
+    """
     if isinstance(tensors, (str, os.PathLike)):
-        with open_checkpoint(tensors) as ck:
+        with open_checkpoint(tensors, base) as ck:
             yield ck
     else:
         yield tensors
@@ -188,7 +191,7 @@ class ContinualStore:
         expert's content is already in the store, its id is taken, or its
         keys/shapes/dtypes/values do not fit the base.
         """
-        with self._lock(exclusive=True), _open(expert) as tensors:
+        with self._lock(exclusive=True), _open(expert, self.path / BASE_FILE) as tensors:
             manifest = self._read_manifest()
             self._cleanup(manifest)
             name = str(expert) if isinstance(expert, (str, os.PathLike)) else "expert"

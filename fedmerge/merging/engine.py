@@ -36,6 +36,7 @@ import torch
 
 from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, open_checkpoint
 from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
@@ -323,13 +324,15 @@ def merge_checkpoints(
     if any(out.resolve() == p.resolve() for p in inputs):
         raise ConfigError(f"{out}: output would overwrite an input")
     with ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p)) for p in inputs]
+        cks = [stack.enter_context(open_checkpoint(inputs[0]))]  # experts may be LoRA adapters:
+        cks += [stack.enter_context(open_checkpoint(p, base=cks[0])) for p in inputs[1:]]
         k = len(expert_paths)
         plan = plan_merge(
             method, cks[0], cks[1 : 1 + k], [str(p) for p in inputs], weights, params,
             cks[1 + k :], dtype,
         )  # fmt: skip
         metadata = {
+            "format": "pt",  # what transformers expects of a safetensors file
             "fedmerge.method": method,
             "fedmerge.params": json.dumps(plan.params, sort_keys=True),
             "fedmerge.weights": json.dumps(plan.weights.tolist()),
@@ -342,6 +345,8 @@ def merge_checkpoints(
         with writer:
             for key, tensor in run_plan(plan, progress):
                 writer.write(key, tensor)
+    if is_model_dir(inputs[0]) and writes_directory(out):  # a directory transformers loads
+        copy_model_files(inputs[0], out)
     return MergeReport(
         method,
         plan.params,
