@@ -18,6 +18,15 @@ examples:
       --param density=0.3 --param seed=7
   fedmerge merge fisher --base ref.safetensors a.safetensors b.safetensors \\
       --fisher fa.safetensors fb.safetensors -o out.safetensors
+
+Hugging Face and PEFT (docs/peft.md): with --base a model directory (config.json +
+safetensors), experts may be LoRA adapter directories (adapter_config.json +
+adapter_model.safetensors, read as base + B@A·scaling) and -o DIR writes a model
+directory transformers loads (config and tokenizer files copied from the base);
+--as-adapter --rank R writes a PEFT LoRA adapter instead (truncated SVD):
+  fedmerge merge ties --base base/ adapter_1/ adapter_2/ -o merged/
+  fedmerge merge task_arithmetic --base base/ adapter_1/ adapter_2/ -o merged_lora/ \\
+      --as-adapter --rank 8
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from rich.table import Table
 
 from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
+from fedmerge.hf.refactor import SVD_METHODS, AdapterReport
 from fedmerge.merging import METHODS, merge_checkpoints
 from fedmerge.merging.engine import keep_freed_memory
 from fedmerge.merging.registry import parse_assignments
@@ -82,6 +92,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default=f"{DEFAULT_SHARD_BYTES}B", metavar="SIZE",
                         help="shard the output above this size (default 4GiB)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    add_adapter_arguments(parser)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--as-adapter --rank R --svd exact|lowrank`` (merge and continual export)."""
+    parser.add_argument("--as-adapter", action="store_true",
+                        help="write a PEFT LoRA adapter (base: an HF model directory)")  # fmt: skip
+    parser.add_argument("--rank", type=int, metavar="R", help="LoRA rank of --as-adapter")
+    parser.add_argument("--svd", choices=SVD_METHODS, default="exact",
+                        help="exact, or randomized torch.svd_lowrank (big layers)")  # fmt: skip
+
+
+def adapter_rank(args: argparse.Namespace) -> int | None:
+    """The rank asked for with --as-adapter (None without it); --rank alone is an error."""
+    if args.as_adapter and args.rank is None:
+        raise ConfigError("--as-adapter needs --rank R")
+    if args.rank is not None and not args.as_adapter:
+        raise ConfigError("--rank only applies with --as-adapter")
+    return args.rank if args.as_adapter else None
+
+
+def svd_table(report: AdapterReport) -> Table:
+    """One row per LoRA module: shape, rank and relative Frobenius error of the SVD."""
+    table = Table(title=f"LoRA adapter: {len(report.rows)} modules (relative error ‖ΔW − BA‖/‖ΔW‖)")
+    for col in ("module", "ΔW shape", "rank", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for module, shape, rank, err in report.rows:
+        table.add_row(module, "×".join(map(str, shape)), str(rank), f"{err:.2e}")
+    if report.modules_to_save:
+        table.caption = f"stored in full (modules_to_save): {', '.join(report.modules_to_save)}"
+    return table
 
 
 def method_table() -> Table:
@@ -111,6 +152,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
     keep_freed_memory()
+    rank = adapter_rank(args)
+    if rank is not None:
+        from fedmerge.hf.merge import merge_to_adapter
+
+        made = merge_to_adapter(
+            args.method, args.base, args.experts, args.out, rank, args.svd,
+            parse_weights(args.weights), parse_assignments(args.param), not args.no_progress,
+        )  # fmt: skip
+        console.print(svd_table(made))
+        console.print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
+        return 0
     report = merge_checkpoints(
         args.method,
         args.base,
