@@ -4,15 +4,16 @@ An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetenso
 whose keys are ``base_model.model.<module>.lora_A.weight`` (A: ``(r, in)``),
 ``...lora_B.weight`` (B: ``(out, r)``), optionally ``...lora_B.bias`` (``(out,)``,
 ``lora_bias``), ``...lora_embedding_A`` / ``...lora_embedding_B`` for embeddings,
-and full tensors ``base_model.model.<param>`` for ``modules_to_save`` and trained
-biases. Per adapted weight, exactly as ``peft``'s ``merge_and_unload``::
+and full tensors ``base_model.model.<param>`` for ``modules_to_save``, trained
+biases and saved embedding layers (``<module>.base_layer.weight``, the value the
+LoRA delta is added to). Per adapted weight, exactly as ``peft``'s ``merge_and_unload``::
 
     ΔW = transpose(B @ A) · scaling       scaling = lora_alpha / r  (lora_alpha / √r with rsLoRA)
 
 where ``r`` and ``lora_alpha`` come from ``rank_pattern`` / ``alpha_pattern`` when a
 pattern matches the module, and the product is transposed for ``fan_in_fan_out``
 layers (GPT-2's ``Conv1D`` stores ``(in, out)``) and for embeddings. Full tensors
-replace the base's value (their task vector is dense). Biases get
+replace the base's value (their task vector is dense); ΔW, if any, adds to them. Biases get
 ``Δb = lora_B.bias · scaling``.
 
 :class:`AdapterCheckpoint` is a :class:`~fedmerge.checkpoint.Checkpoint` with the
@@ -189,8 +190,8 @@ class AdapterCheckpoint(Checkpoint):
                 raise ValidationError(
                     f"{self.file.path}: {key!r} is not a LoRA A/B factor fedmerge reads"
                 )
-            else:
-                full[key[len(PREFIX) :]] = key
+            else:  # a base layer's own value (saved embeddings) is the value under the LoRA
+                full[key[len(PREFIX) :].replace(".base_layer.", ".")] = key
         if not lora and not full:
             raise ValidationError(f"{self.file.path}: the adapter holds no tensors")
         paths = {f"{mod}.weight": parts for mod, parts in lora.items()}
@@ -230,11 +231,11 @@ class AdapterCheckpoint(Checkpoint):
             transpose = product != shape
         else:
             transpose = self.config.fan_in_fan_out
-        want = product[::-1] if transpose else product
-        if len(shape) != 2 or want != shape:
+        if (product[::-1] if transpose else product) != shape:
+            how = "transposed (embedding)" if emb else "as is or transposed"
             raise ValidationError(
-                f"{file}: {b_key!r} @ {a_key!r} gives {list(want)}, "
-                f"but base {target!r} is {list(shape)}"
+                f"{file}: {b_key!r} @ {a_key!r} gives {list(product)}, which does not fit "
+                f"base {target!r} {list(shape)} {how}"
             )
         self.factors[target] = LoraFactor(a_key, b_key, self.config.scaling(module_name), transpose)
         if "lora_B.bias" in parts:
@@ -252,10 +253,6 @@ class AdapterCheckpoint(Checkpoint):
         if have != want:
             raise ValidationError(
                 f"{self.file.path}: {key!r} has shape {list(have)}, base {target!r}: {list(want)}"
-            )
-        if target in self.factors or target in self.bias_deltas:
-            raise ValidationError(
-                f"{self.file.path}: {key!r} replaces a tensor the adapter also adapts with LoRA"
             )
         self.full[target] = key
 
@@ -283,8 +280,9 @@ class AdapterCheckpoint(Checkpoint):
         spec = self._spec_of(key)
         if key in self.full:
             t = self.file.get(self.full[key])
-            return (t[start:stop] if spec.shape else t).to(spec.dtype)
-        base = self.base.get_rows(key, start, stop) if spec.shape else self.base.get(key)
+            base = (t[start:stop] if spec.shape else t).to(spec.dtype)
+        else:
+            base = self.base.get_rows(key, start, stop) if spec.shape else self.base.get(key)
         delta = self.delta_rows(key, start, stop)
         if delta is None:
             return base
