@@ -105,14 +105,14 @@ def make_adapter(base: str | Path, out: str | Path, seed: int, **lora: Any) -> P
     return Path(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("out", help="folder for base/ and adapter_1/ ...")
     p.add_argument("--arch", choices=ARCHS, default="gpt2")
     p.add_argument("--adapters", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     make_base(out / "base", args.arch)
     for i in range(1, args.adapters + 1):
