@@ -156,21 +156,25 @@ class AdapterCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None):
         self.path = Path(path)
         self.config = read_lora_config(self.path)
-        self._own_base = not isinstance(base, Checkpoint)
-        self.base = (
-            base if isinstance(base, Checkpoint) else _open_base(self.path, self.config, base)
-        )
         weights = self.path / WEIGHTS_NAME
         if not weights.is_file():
             pickled = " (adapter_model.bin is pickle; convert it to safetensors)" if (
                 self.path / "adapter_model.bin").exists() else ""  # fmt: skip
             raise CheckpointError(f"{weights}: no such file{pickled}")
+        self._own_base = not isinstance(base, Checkpoint)
+        self.base = (
+            base if isinstance(base, Checkpoint) else _open_base(self.path, self.config, base)
+        )
         self.file = Checkpoint(weights)
         self._specs = self.base.specs()
         self.factors: dict[str, LoraFactor] = {}  # base key -> its LoRA factors
         self.bias_deltas: dict[str, tuple[str, float]] = {}  # base key -> (lora_B.bias key, scale)
         self.full: dict[str, str] = {}  # base key -> adapter key of a full replacement
-        self._resolve()
+        try:
+            self._resolve()
+        except Exception:
+            self.close()
+            raise
         self.metadata = {**self.base.metadata, "fedmerge.adapter": str(self.path)}
 
     # ------------------------------------------------------------------ reading the file
@@ -216,8 +220,7 @@ class AdapterCheckpoint(Checkpoint):
                 f"{file}: {a_key!r} is {len(a)}-D; only 2-D LoRA (Linear, Conv1D, Embedding) "
                 "is supported"
             )
-        module_name = module  # peft matches rank/alpha patterns on the adapter's own module name
-        r, _ = self.config.rank_alpha(module_name)
+        r, _ = self.config.rank_alpha(module)  # patterns match the adapter's own module name
         if a[0] != r or b[1] != r:
             raise ValidationError(
                 f"{file}: {a_key!r} {list(a)} and {b_key!r} {list(b)} do not have rank {r} "
@@ -237,7 +240,7 @@ class AdapterCheckpoint(Checkpoint):
                 f"{file}: {b_key!r} @ {a_key!r} gives {list(product)}, which does not fit "
                 f"base {target!r} {list(shape)} {how}"
             )
-        self.factors[target] = LoraFactor(a_key, b_key, self.config.scaling(module_name), transpose)
+        self.factors[target] = LoraFactor(a_key, b_key, self.config.scaling(module), transpose)
         if "lora_B.bias" in parts:
             bias = target[: -len("weight")] + "bias"
             bkey = parts["lora_B.bias"]
@@ -246,7 +249,7 @@ class AdapterCheckpoint(Checkpoint):
                     f"{file}: {bkey!r} {list(self.file.shape(bkey))} matches no bias "
                     f"of the base (looked for {bias!r})"
                 )
-            self.bias_deltas[bias] = (bkey, self.config.scaling(module_name))
+            self.bias_deltas[bias] = (bkey, self.config.scaling(module))
 
     def _add_full(self, target: str, key: str) -> None:
         have, want = self.file.shape(key), self._specs[target].shape
