@@ -208,6 +208,24 @@ def test_merged_directory_loads_with_transformers(gpt2, tmp_path):
     assert tokenizer("w3 w9")["input_ids"] == [3, 9]
 
 
+def test_sharded_base_in_sharded_model_out(gpt2, tmp_path):
+    """A sharded HF base (index + shards) in; a sharded directory with an index out."""
+    load_base(gpt2.base).save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").exists()
+    out = tmp_path / "merged"
+    merge_checkpoints("task_arithmetic", tmp_path / "base", gpt2.adapters, out,
+                      max_shard_bytes=40_000, progress=False)  # fmt: skip
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert (out / "model.safetensors.index.json").exists() and (out / "config.json").exists()
+    merge_checkpoints("task_arithmetic", gpt2.base, gpt2.dense, tmp_path / "d.safetensors",
+                      progress=False)  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4]])
+    by_hand = load_base(gpt2.base)
+    by_hand.load_state_dict(load_state_dict(tmp_path / "d.safetensors"), strict=False)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(loaded, ids), logits(by_hand, ids), rtol=0, atol=1e-6)
+
+
 def test_continual_export_directory_loads_with_transformers(llama, tmp_path):
     store = ContinualStore.init(tmp_path / "store", llama.base, "opcm")
     for a in llama.adapters:
