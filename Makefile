@@ -18,6 +18,7 @@ run: install
 	$(BIN)/fedmerge simulate --out runs/default
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: install

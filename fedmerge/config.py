@@ -96,7 +96,8 @@ class ProtocolConfig:
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
     aggregation: str = option(
-        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
+        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
+        "fedmerge.decentralized.robust",
         choices=("mean", "clip", "median", "trimmed_mean", "krum"),
     )  # fmt: skip
     clip_tau: float = option(
@@ -176,6 +177,18 @@ class DistributedConfig:
 
 
 @dataclass
+class FlowerConfig:
+    connect_timeout_s: float = option(
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
+        check=NON_NEGATIVE,
+    )  # fmt: skip
+
+    def connect_timeout(self, nodes: int) -> float:
+        """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
+        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+
+
+@dataclass
 class SimConfig:
     name: str = option("default", "run name (shown in tables and plots)")
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
@@ -200,6 +213,7 @@ class SimConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

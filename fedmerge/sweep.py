@@ -12,7 +12,7 @@ A sweep file is YAML::
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
 
-Each cell runs once per seed with :class:`~fedmerge.simulator.Simulator`; the table holds
+Each cell runs once per seed on its runtime (:func:`fedmerge.runtimes.run`); the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
 distance, MB sent per agent and wall time.
 
@@ -37,6 +37,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.config import DEFAULT_RUN, load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, per_round, summarize
+from fedmerge.runtimes import run
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
 
@@ -100,11 +101,10 @@ def run_sweep(
     for cell in expand(spec):
         runs = []
         for seed in seeds:
-            from fedmerge.simulator import Simulator
-
             cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
-            rows = Simulator(cfg).run()
-            runs.append({"seed": seed, "summary": summarize(rows), "curve": per_round(rows)})
+            rows, details = run(cfg)
+            summary = summarize(rows, details)
+            runs.append({"seed": seed, "summary": summary, "curve": per_round(rows)})
             if on_run:
                 on_run(cell.label, seed)
         results.append({"label": cell.label, "sets": list(cell.sets), "runs": runs})

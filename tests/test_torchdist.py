@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
+from fedmerge.decentralized.payload import Payload
 from fedmerge.errors import ConfigError, ValidationError
-from fedmerge.payload import Payload
-from fedmerge.runtimes import torchdist, wire
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes import torchdist
+from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.runtimes.torchdist import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 RING4 = ["topology=ring-4", "rounds=3", "vectorize=never", "distributed.timeout_s=30"]

@@ -27,7 +27,6 @@ complete merge at the end), dimat / dimat_wm (align neighbours, then average).
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,6 @@ from typing import Any
 from rich.console import Console
 
 from fedmerge.config import SimConfig, default_config, dump_config, field_docs, load_config
-from fedmerge.errors import ConfigError
 from fedmerge.report import per_round, round_table, summary_table, write_run
 
 NAME = "simulate"
@@ -56,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")  # fmt: skip
     parser.add_argument("--fields", action="store_true", help="list every config field and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    parser.add_argument("--verbose", action="store_true",
+                        help="flower: let Flower's and Ray's own logs through")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or Path("runs") / cfg.name)
     start = time.perf_counter()
-    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs)
+    rows, extra = simulate(cfg, progress=not args.quiet, procs=args.procs, verbose=args.verbose)
     extra["elapsed_s"] = round(time.perf_counter() - start, 3)
     summary = write_run(out, cfg, rows, extra)
     if not args.quiet:
@@ -83,21 +83,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate(
-    cfg: SimConfig, *, progress: bool = True, procs: int = 0
+    cfg: SimConfig, *, progress: bool = True, procs: int = 0, verbose: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``cfg`` on its runtime; return the metrics rows and extra summary fields."""
-    with _progress(cfg, progress) as on_round:
-        if cfg.runtime == "local":
-            from fedmerge.simulator import Simulator
+    from fedmerge.runtimes import run
 
-            sim = Simulator(cfg)
-            return sim.run(on_round), {"runtime": "local", "path": sim.path}
-        try:
-            module = importlib.import_module(f"fedmerge.runtimes.{cfg.runtime}")
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"runtime: {cfg.runtime!r} is not available ({exc})") from exc
-        options = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
-        return module.run(cfg, on_round=on_round, **options), {"runtime": cfg.runtime}
+    options: dict[str, Any] = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
+    if cfg.runtime == "flower" and verbose:
+        options["verbose"] = True
+    with _progress(cfg, progress) as on_round:
+        return run(cfg, on_round=on_round, **options)
 
 
 class _progress:
