@@ -335,6 +335,8 @@ def test_error_missing_files_and_base(gpt2, tmp_path):
     cfg = json.loads((gpt2.adapters[0] / "adapter_config.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
+    weights = "adapter_model.safetensors"
+    (moved / weights).write_bytes((gpt2.adapters[0] / weights).read_bytes())
     (moved / "adapter_config.json").write_text(
         json.dumps({**cfg, "base_model_name_or_path": "x/y"})
     )
