@@ -60,7 +60,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
+    name: str = option(
+        "mlp", "model: mlp, cnn, resnet20, hf (Hugging Face) or pkg.mod:fn returning an nn.Module"
+    )
     options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
     init: str = option(
         "same",
@@ -68,6 +70,22 @@ class ModelConfig:
         "(payloads carry full weights)",
         choices=("same", "different"),
     )
+
+
+@dataclass
+class PeftConfig:
+    r: int = option(0, "LoRA rank; agents train and share only a LoRA adapter (0: full weights)",
+                    check=NON_NEGATIVE)  # fmt: skip
+    alpha: float = option(8.0, "LoRA alpha (scaling alpha / r)", check=POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout", check=PROBABILITY)
+    target_modules: list = option(
+        [], "layers that get LoRA (name suffixes; []: the attention query and value projections)"
+    )
+    modules_to_save: list = option(["classifier"], "layers trained and shared in full")
+    lora_merge: str = option(
+        "factors", "factors: average A and B separately; product: average B@A, then SVD to r",
+        choices=("factors", "product"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -208,6 +226,7 @@ class SimConfig:
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)

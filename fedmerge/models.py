@@ -141,7 +141,17 @@ def _resnet20(*, in_shape: tuple[int, ...], num_classes: int, width: int = 1) ->
     return ResNet20(in_shape[0], num_classes, width)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "resnet20": _resnet20}
+def _hf(
+    *, in_shape: tuple[int, ...], num_classes: int, path: str = "", config: dict | None = None
+) -> nn.Module:
+    from fedmerge.hf.lora import build_hf
+
+    return build_hf(in_shape=in_shape, num_classes=num_classes, path=path, config=config)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp, "cnn": _cnn, "resnet20": _resnet20, "hf": _hf,
+}  # fmt: skip
 """Built-in model builders by name; ``build_model`` also accepts ``"package.module:function"``."""
 
 

@@ -26,6 +26,7 @@ from fedmerge.decentralized.agent import Agent
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
 from fedmerge.dimat import dimat_merge
+from fedmerge.hf.lora import product_gossip
 from fedmerge.registry import Entry, Registry
 
 
@@ -69,7 +70,13 @@ class Protocol(Entry):
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`); LoRA agents
+    with ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
+    if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
+        others = [(p.tensors, w) for p, w in received]
+        agent.load_tensors(product_gossip(agent.tensors(), others, self_weight, agent.reference,
+                                          ctx.config.peft.r))  # fmt: skip
+        return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]

@@ -20,6 +20,7 @@ from fedmerge.data.partition import FederatedData, federate
 from fedmerge.decentralized.agent import Agent, Loss, make_loss
 from fedmerge.decentralized.protocols import Protocol, get_protocol
 from fedmerge.errors import ConfigError
+from fedmerge.hf.lora import apply_lora, trainable_keys
 from fedmerge.models import build_model
 from fedmerge.statedict import StateDict, is_mergeable
 from fedmerge.topology import Topology, build_topology
@@ -43,17 +44,21 @@ class Setup:
         """Agent ``agent``'s initial model (one shared seed with ``model.init: same``)."""
         cfg = self.config
         offset = agent if cfg.model.init == "different" else 0
-        return build_model(
+        seed = cfg.seed * 10_007 + offset
+        model = build_model(
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
-            seed=cfg.seed * 10_007 + offset, **cfg.model.options,
+            seed=seed, **cfg.model.options,
         )  # fmt: skip
+        return apply_lora(model, cfg.peft, seed) if cfg.peft.r else model
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
         """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
         cfg = self.config
+        model = self.model(i)
         return Agent(
-            i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
+            i, model, self.data.agents[i], train=cfg.train, validation=cfg.validation,
             seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
+            shared=trainable_keys(model) if cfg.peft.r else None,
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:
@@ -67,6 +72,7 @@ class Setup:
 def build_setup(cfg: SimConfig) -> Setup:
     """Dataset, partition, topology (with the protocol's schedule) and reference weights."""
     protocol = get_protocol(cfg.protocol.name)
+    _check_peft(cfg, protocol)
     ds = load_dataset(cfg.data.name, **cfg.data.options)
     overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
     try:
@@ -88,3 +94,16 @@ def build_setup(cfg: SimConfig) -> Setup:
         base = setup.model(0).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
+
+
+def _check_peft(cfg: SimConfig, protocol: Protocol) -> None:
+    """LoRA agents share adapters against one shared init, merged by averaging."""
+    if not cfg.peft.r:
+        return
+    if protocol.full_weights or cfg.model.init != "same":
+        raise ConfigError(
+            f"peft.r: LoRA agents need one shared base (model.init: same) and a protocol that "
+            f"averages (not {cfg.protocol.name!r} with init {cfg.model.init!r})"
+        )
+    if cfg.peft.lora_merge == "product" and cfg.protocol.aggregation != "mean":
+        raise ConfigError("peft.lora_merge: product averages B@A; use protocol.aggregation: mean")
