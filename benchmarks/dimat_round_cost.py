@@ -53,7 +53,7 @@ def measure(model: str, protocol: str, args) -> dict[str, float]:
                 f"protocol.name={protocol}", f"model.name={model}", "model.init=different",
                 f"topology={args.topology}", f"rounds={args.rounds}", f"seed={seed}",
                 f"data.partition={args.partition}", f"train.epochs={args.epochs}",
-                "train.momentum=0.9",
+                "train.momentum=0.9", "model.options={}",
             ])  # fmt: skip
             sim = Simulator(cfg)
             for r in range(cfg.rounds):

@@ -1,8 +1,8 @@
 """fedmerge: decentralized and continual model merging.
 
 The public Python API; each name lives in the module named after its idea and is imported
-on first use (PEP 562), so ``import fedmerge`` stays cheap and imports neither Flower nor
-torch.distributed:
+on first use (PEP 562), so ``import fedmerge`` stays cheap (it loads neither torch, scipy,
+Flower nor torch.distributed, so the CLI starts at once):
 
 >>> import fedmerge
 >>> fedmerge.build_topology("ring", n=4).n
@@ -11,8 +11,7 @@ torch.distributed:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedmerge.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -53,23 +52,4 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.sweep": "run_sweep",
     "fedmerge.topology": "RoundPlan Topology build_topology list_presets",
 }
-_WHERE: dict[str, tuple[str, str]] = {
-    alias: (module, attr)
-    for module, names in _EXPORTS.items()
-    for alias, _, attr in (n.partition("=") for n in names.split())
-    for attr in [attr or alias]
-}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'fedmerge' has no attribute {name!r}")
-    module, attr = _WHERE[name]
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,12 +10,13 @@ are parsed as YAML (``train.lr=0.05``, ``topology=torus-4x4``, ``model.options.h
 >>> load_config(None, ["train.lr=-1"])
 Traceback (most recent call last):
 ...
-fedmerge.errors.ConfigError: train.lr: must be > 0, got -1
+fedmerge.errors.ConfigError: train.lr: must be > 0 (and ≤ 1e12), got -1
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -28,12 +29,32 @@ from typing import Any, Union
 import yaml
 
 from fedmerge.errors import ConfigError
+from fedmerge.yamlio import parse_yaml, read_yaml
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
-POSITIVE: Check = (lambda v: v > 0, "must be > 0")
-NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
+LARGEST = 1e12  # the upper end of every otherwise open range
+POSITIVE: Check = (lambda v: 0 < v <= LARGEST, "must be > 0 (and ≤ 1e12)")
+NON_NEGATIVE: Check = (lambda v: 0 <= v <= LARGEST, "must be ≥ 0 (and ≤ 1e12)")
 PROBABILITY: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+MAX_AGENTS = 100_000
+MAX_SAMPLES_PER_ROUND = 10**8  # train.steps × train.batch_size: one round's batch plan
+RUN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
+
+
+def between(lo: float, hi: float) -> Check:
+    """A range check ``lo ≤ v ≤ hi`` (every numeric field has one, so no value can make a
+    run allocate or loop without bound; floats must also be finite, see ``_coerce``)."""
+    return (lambda v: lo <= v <= hi), f"must be in [{lo:,}, {hi:,}]"
+
+
+def is_run_name(v: str) -> bool:
+    """A plain name (no path separator, '..' or control character): runs/<name> stays in runs/."""
+    return RUN_NAME.fullmatch(v) is not None and v.strip(".") != ""
+
+
+RUN_NAME_CHECK: Check = (is_run_name, "must be a plain name of ≤ 128 characters without '/', "
+                                      "'\\', control characters, '.' or '..'")  # fmt: skip
 
 
 def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, check=None):
@@ -46,7 +67,8 @@ def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, chec
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn")
+    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
     options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
@@ -60,10 +82,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option(
-        "mlp", "model: mlp, cnn, resnet20, hf (Hugging Face) or pkg.mod:fn returning an nn.Module"
+    name: str = option("mlp", "model: mlp, cnn, resnet20, hf (Hugging Face) or pkg.mod:fn "
+                       "returning an nn.Module (trusted: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
+    options: dict = option(
+        {"hidden": [64]},
+        "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
+        "a config naming another model without options gets {}",
     )
-    options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
     init: str = option(
         "same",
         "same: one shared init (payloads carry task vectors); different: a seed per agent "
@@ -91,14 +116,17 @@ class PeftConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
-    lr: float = option(0.1, "learning rate", check=POSITIVE)
+    lr: float = option(0.5, "learning rate", check=POSITIVE)
     momentum: float = option(0.0, "SGD momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     weight_decay: float = option(0.0, "L2 weight decay", check=NON_NEGATIVE)
-    epochs: int = option(1, "local epochs per round (0: no training)", check=NON_NEGATIVE)
-    steps: int = option(0, "if > 0: this many minibatch steps per round instead of epochs",
-                        check=NON_NEGATIVE)  # fmt: skip
-    batch_size: int = option(32, "minibatch size", check=POSITIVE)
-    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
+    epochs: int = option(1, "local epochs per round (0: no training)", check=between(0, 10_000))
+    steps: int = option(
+        2, "if > 0: this many minibatch steps per round instead of epochs (a config that sets "
+        "epochs but not steps gets 0)", check=between(0, 10**7),
+    )  # fmt: skip
+    batch_size: int = option(32, "minibatch size", check=between(1, 10**6))
+    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class; "
+                       "trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
 
 
 @dataclass
@@ -112,7 +140,7 @@ class ProtocolConfig:
         "training data, as the DIMAT reference code)",
         choices=("local", "shared"),
     )
-    calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
+    calibration_batch: int = option(256, "DIMAT calibration batch size", check=between(1, 10**6))
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
         "fedmerge.decentralized.robust",
@@ -126,13 +154,13 @@ class ProtocolConfig:
     trim_beta: float = option(0.2, "trimmed_mean: share trimmed from each end",
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
-                         check=NON_NEGATIVE)  # fmt: skip
+                         check=between(0, MAX_AGENTS))  # fmt: skip
 
 
 @dataclass
 class ByzantineConfig:
     count: int = option(0, "number of Byzantine nodes (they send corrupted payloads)",
-                        check=NON_NEGATIVE)  # fmt: skip
+                        check=between(0, MAX_AGENTS))  # fmt: skip
     placement: str = option(
         "random", "which nodes: random (seeded), hubs (highest degree first) or list (nodes)",
         choices=("random", "hubs", "list"),
@@ -142,7 +170,7 @@ class ByzantineConfig:
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
         "entries = scale", choices=("sign_flip", "noise", "constant"),
     )  # fmt: skip
-    scale: float = option(1.0, "strength of the attack (see attack)")
+    scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 
 
 @dataclass
@@ -154,7 +182,7 @@ class FaultsConfig:
                               check=PROBABILITY)  # fmt: skip
     crash: float = option(0.0, "per round, probability a live node crashes", check=PROBABILITY)
     crash_rounds: int = option(2, "rounds a crashed node stays down before rejoining",
-                               check=POSITIVE)  # fmt: skip
+                               check=between(1, 10**6))  # fmt: skip
     rejoin: str = option(
         "memory", "state a crashed node rejoins with: memory (kept), persisted (its last file "
         "in state_dir) or initial (its initial model)", choices=("memory", "persisted", "initial"),
@@ -175,7 +203,7 @@ class ValidationConfig:
         check=POSITIVE,
     )  # fmt: skip
     max_bytes: int = option(0, "reject payloads larger than this (0: 2 × the receiver's own)",
-                            check=NON_NEGATIVE)  # fmt: skip
+                            check=between(0, 2**40))  # fmt: skip
 
 
 @dataclass
@@ -185,20 +213,20 @@ class DistributedConfig:
         choices=("auto", "gloo", "nccl"),
     )  # fmt: skip
     timeout_s: float = option(120.0, "torchdist: seconds to wait for a peer at any step",
-                              check=POSITIVE)  # fmt: skip
+                              check=between(1e-3, 7 * 86400))  # fmt: skip
     on_peer_failure: str = option(
         "abort", "torchdist: when a rank stops answering, stop every rank, or go on merging "
         "with the neighbours that answer", choices=("abort", "continue"),
     )  # fmt: skip
     agents_per_rank: int = option(0, "torchdist: agents hosted per rank (0: ceil(agents/ranks))",
-                                  check=NON_NEGATIVE)  # fmt: skip
+                                  check=between(0, MAX_AGENTS))  # fmt: skip
 
 
 @dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
         0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
-        check=NON_NEGATIVE,
+        check=between(0, 7 * 86400),
     )  # fmt: skip
 
     def connect_timeout(self, nodes: int) -> float:
@@ -208,10 +236,13 @@ class FlowerConfig:
 
 @dataclass
 class SimConfig:
-    name: str = option("default", "run name (shown in tables and plots)")
-    seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
-    rounds: int = option(10, "communication rounds", check=POSITIVE)
-    agents: int = option(0, "number of agents (0: the topology's node count)", check=NON_NEGATIVE)
+    name: str = option("default", "run name (shown in tables and plots; the folder runs/<name>)",
+                       check=RUN_NAME_CHECK)  # fmt: skip
+    seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules",
+                       check=between(0, 2**32 - 1))  # fmt: skip
+    rounds: int = option(50, "communication rounds", check=between(1, 10**6))
+    agents: int = option(0, "number of agents (0: the topology's node count)",
+                         check=between(0, MAX_AGENTS))  # fmt: skip
     topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
@@ -251,22 +282,37 @@ def load_config(
         data = dict(source)
     else:
         path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # bad UTF-8, depth
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        data = read_yaml(path, "config") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of fields")
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: use key=value, e.g. train.lr=0.05")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # too deep, too many digits
-            raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
+        value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        if key.count(".") > 8:
+            raise ConfigError(f"--set {item[:80]!r}: no config field is nested that deep")
         _set_dotted(data, key.strip().split("."), value, key.strip())
-    return _build(schema, data, "")
+    if schema is SimConfig:
+        _derived_defaults(data)
+    cfg = _build(schema, data, "")
+    samples = cfg.train.steps * cfg.train.batch_size if isinstance(cfg, SimConfig) else 0
+    if samples > MAX_SAMPLES_PER_ROUND:
+        raise ConfigError(f"train.steps × train.batch_size: must be ≤ {MAX_SAMPLES_PER_ROUND:,} "
+                          "samples per agent and round (the round's batch plan is held in "
+                          f"memory), got {cfg.train.steps} × {cfg.train.batch_size}")  # fmt: skip
+    return cfg
+
+
+def _derived_defaults(data: dict[str, Any]) -> None:
+    """The two defaults that depend on what a config says: a config that counts epochs and
+    not steps trains by epochs (``train.steps`` 0), and one naming a model other than the
+    mlp without options gets none (the default options are the mlp's)."""
+    train, model = data.get("train"), data.get("model")
+    if isinstance(train, dict) and "epochs" in train and "steps" not in train:
+        train["steps"] = 0
+    if isinstance(model, dict) and model.get("name", "mlp") != "mlp" and "options" not in model:
+        model["options"] = {}
 
 
 def dump_config(cfg: SimConfig) -> str:
@@ -324,10 +370,9 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
 def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
     is_bool = isinstance(value, bool)
     for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not is_bool:
-            return float(value)
-        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        number = isinstance(value, (int, float)) and not is_bool
+        if t is float and (number or isinstance(value, str) and _FLOAT.fullmatch(value.strip())):
+            return _finite(dotted, value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is int and isinstance(value, int) and not is_bool:
             return value
         if t in (str, dict, bool, list) and isinstance(value, t):
@@ -337,6 +382,17 @@ def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
          "bool": "true/false", "list": "a list"}[t.__name__] for t in allowed
     )  # fmt: skip
     raise ConfigError(f"{dotted}: must be {names}, got {value!r}")
+
+
+def _finite(dotted: str, value: Any) -> float:
+    """``float(value)``, refused when it overflows or is ±inf/NaN (.inf, 1e999, 10**400)."""
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{dotted}: must be a finite number, got {str(value)[:40]}")
+    return out
 
 
 def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
@@ -355,22 +411,8 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
     return out
 
 
-DEFAULT_RUN = """\
-# fedmerge simulate's embedded default: 8 agents on a ring, non-IID digits (class c on
-# agent c mod 8), one shared init, 50 rounds of D-PSGD-style gossip (2 SGD steps, then
-# Metropolis-Hastings averaging with the two ring neighbours).
-name: default
-seed: 0
-rounds: 50
-topology: ring-8
-data: {name: digits, partition: shards}
-model: {name: mlp, options: {hidden: [64]}, init: same}
-train: {optimizer: sgd, lr: 0.5, steps: 2, batch_size: 32}
-protocol: {name: gossip}
-"""
-"""The config ``fedmerge simulate`` runs when given none (about a second on 2 cores)."""
-
-
 def default_config(overrides: Iterable[str] | None = None) -> SimConfig:
-    """:data:`DEFAULT_RUN` with ``a.b=c`` overrides applied."""
-    return load_config(yaml.safe_load(DEFAULT_RUN), overrides)
+    """The run ``fedmerge simulate`` makes without a config (every field at its default: 8 agents
+    on a ring, non-IID digits, one shared init, 50 rounds of D-PSGD-style gossip with 2 SGD
+    steps each; ``simulations/default.yaml`` spells it out), with ``a.b=c`` overrides."""
+    return load_config(None, overrides)

@@ -6,7 +6,7 @@ per agent per round, a summary and plots.
 ``DIR/metrics.csv``   the same rows as CSV (columns: the union of the rows' keys)
 ``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
 ``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
-``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale)
+``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale where it spans a decade)
 
 >>> rows = [{"round": r, "agent": a, "active": True, "global_acc": 0.1 * r + a / 100,
 ...          "local_acc": None, "consensus": 1.0 / r, "bytes_sent": 10, "bytes_received": 10,
@@ -24,6 +24,7 @@ True
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -105,6 +106,8 @@ def write_run(
     """Write config.yaml, metrics.jsonl/.csv, summary.json and the PNG plots; return the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # the saved config says how many agents ran (``agents: 0`` means "the topology's count")
+    cfg = dataclasses.replace(cfg, agents=cfg.agents or len({row["agent"] for row in rows}))
     summary = summarize(rows, {"name": cfg.name, **(extra or {})})
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in rows))
@@ -130,6 +133,7 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator
 
     rounds = per_round(rows)
     xs = [r["round"] for r in rounds]
@@ -140,14 +144,16 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     panels = ((axes[0], "global_acc", "global test"), (axes[1], "local_acc", "local test"))
     for ax, key, label in panels:
         if len(agents) <= 64:
-            for series in agents.values():
+            for i, series in enumerate(agents.values()):
                 pts = [(s["round"], s[key]) for s in series if s[key] is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), color="tab:blue", alpha=0.15, lw=0.8)
+                    ax.plot(*zip(*pts, strict=True), color="tab:blue", alpha=0.15, lw=0.8,
+                            label="each agent" if i == 0 else None)  # fmt: skip
         pts = [(r["round"], r[key]) for r in rounds if r[key] is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=2.2, label="mean over agents")
         ax.set(title=f"{title}: {label} accuracy", xlabel="round", ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower right")
@@ -156,8 +162,17 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     cons = [max(r["consensus"] or 0.0, 1e-12) for r in rounds]
-    ax.semilogy(xs, cons, marker="o", ms=3)
-    ax.set(title=f"{title}: consensus distance", xlabel="round", ylabel="mean ‖θ_i − θ̄‖")
+    ax.plot(xs, cons, marker="o", ms=3)
+    log = max(cons) > 10 * min(cons)  # a log scale only where it spans more than a decade
+    ax.set(title=f"{title}: disagreement (lower: agents agree)", xlabel="round",
+           ylabel="mean ‖θ_i − θ̄‖" + (" (log scale)" if log else ""))  # fmt: skip
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out / "consensus.png", dpi=110)
@@ -169,8 +184,12 @@ def round_table(rows: Sequence[Row], every: int = 1):
     from rich.table import Table
 
     rounds = per_round(rows)
-    table = Table(title="per-round means over agents")
-    for col in ("round", "global acc", "local acc", "consensus", "MB sent", "rejected", "s"):
+    shown = "all rounds" if every <= 1 else f"every {every} rounds and the last"
+    table = Table(
+        title=f"per-round means over agents ({shown}, of {len(rounds)})",
+        caption="↑ higher is better, ↓ lower is better; disagree: mean ‖θ_i − θ̄‖",
+    )
+    for col in ("round", "global acc ↑", "local acc ↑", "disagree ↓", "MB sent", "rejected", "s"):
         table.add_column(col, justify="right")
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for i, r in enumerate(rounds):
@@ -184,16 +203,34 @@ def round_table(rows: Sequence[Row], every: int = 1):
     return table
 
 
+SUMMARY_LABELS = {
+    "topology": "topology", "protocol": "protocol", "data": "data", "agents": "agents (honest)",
+    "rounds": "rounds", "chance_acc": "chance accuracy (1 / classes)",
+    "final_global_acc": "final global acc ↑", "best_global_acc": "best global acc ↑",
+    "best_round": "best round", "final_local_acc": "final local acc ↑",
+    "consensus": "final disagreement ↓", "bytes_sent": "MB sent (all agents)",
+    "bytes_received": "MB received (all agents)", "rejected": "payloads rejected",
+    "wall_s": "round time, summed (s)", "elapsed_s": "elapsed (s)",
+}  # fmt: skip
+"""Summary keys in the order the summary table shows them, with their labels (units,
+direction); other keys follow under their own names."""
+
+
 def summary_table(summary: Mapping[str, Any]):
-    """A two-column rich Table of the summary."""
+    """A two-column rich Table of the summary: what ran first, then the results (bytes in MB;
+    the run name and values are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"summary: {summary.get('name', 'run')}", show_header=False)
+    table = Table(title=f"summary: {escape(str(summary.get('name', 'run')))}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if key == "name":
-            continue
+    keys = [k for k in SUMMARY_LABELS if k in summary]
+    keys += [k for k in summary if k not in SUMMARY_LABELS and k != "name"]
+    for key in keys:
+        value = summary[key]
+        if key.startswith("bytes_"):
+            value = value / 1e6
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(key.replace("_", " "), text)
+        table.add_row(SUMMARY_LABELS.get(key, key.replace("_", " ")), escape(text))
     return table

@@ -188,7 +188,7 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
 def test_oversized_payloads_refused_before_transfer_like_the_simulator():
     """validation.max_bytes below the payload size: each receiver refuses at the header (no
     body moves) and counts the rejection exactly as the simulator's validation does."""
-    cfg = load_config(None, [*RING4, "rounds=2", "validation.max_bytes=50000"])
+    cfg = load_config(None, [*RING4, "rounds=2", "validation.max_bytes=10000"])
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
     assert all(r["rejected"] == 2 for r in rows) and rows[-1]["consensus"] > 0

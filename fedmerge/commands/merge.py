@@ -9,7 +9,8 @@ Everything is validated (method, parameters, keys, shapes, dtypes, NaN/Inf);
 on an error nothing is written.
 
 examples:
-  fedmerge merge --list
+  fedmerge merge --list                  # every method, what it does, its parameters
+  fedmerge merge --list ties             # one method's parameters: default, range, meaning
   fedmerge merge ties --base ref.safetensors a.safetensors b.safetensors -o out.safetensors
   fedmerge merge ties --base ref/ a/ b/ c/ -o merged/ --param density=0.2 --param scope=global
   fedmerge merge task_arithmetic --base ref.safetensors a.safetensors b.safetensors \\
@@ -32,17 +33,18 @@ directory transformers loads (config and tokenizer files copied from the base);
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
-from fedmerge.hf.refactor import SVD_METHODS, AdapterReport
-from fedmerge.merging import METHODS, merge_checkpoints
-from fedmerge.merging.engine import keep_freed_memory
-from fedmerge.registry import parse_assignments
+
+if TYPE_CHECKING:
+    from fedmerge.hf.refactor import AdapterReport
 
 NAME = "merge"
 EXTRA_POSITIONALS = "experts"  # experts may also follow the options
@@ -75,7 +77,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", nargs="?", help="merge method (see --list)")
     parser.add_argument("experts", nargs="*", metavar="EXPERT", help="fine-tuned checkpoints")
-    parser.add_argument("--list", action="store_true", help="list methods and parameters, exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the methods (with METHOD: its parameters) and exit")  # fmt: skip
     parser.add_argument("--base", metavar="REF", help="reference checkpoint θ_ref")
     parser.add_argument("-o", "--out", metavar="OUT", help="output .safetensors file or directory")
     parser.add_argument(
@@ -89,9 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16", "float64"],
         help="output dtype of merged tensors (default: the reference's)",
     )
-    parser.add_argument("--max-shard-size", default=f"{DEFAULT_SHARD_BYTES}B", metavar="SIZE",
+    parser.add_argument("--max-shard-size", metavar="SIZE",
                         help="shard the output above this size (default 4GiB)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads (default: physical cores; 1 is often fastest on "
+                        "a busy machine)")  # fmt: skip
     add_adapter_arguments(parser)
 
 
@@ -100,7 +106,7 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-adapter", action="store_true",
                         help="write a PEFT LoRA adapter (base: an HF model directory)")  # fmt: skip
     parser.add_argument("--rank", type=int, metavar="R", help="LoRA rank of --as-adapter")
-    parser.add_argument("--svd", choices=SVD_METHODS, default="exact",
+    parser.add_argument("--svd", choices=("exact", "lowrank"), default="exact",
                         help="exact, or randomized torch.svd_lowrank (big layers)")  # fmt: skip
 
 
@@ -119,30 +125,41 @@ def svd_table(report: AdapterReport) -> Table:
     for col in ("module", "ΔW shape", "rank", "rel. error"):
         table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
     for module, shape, rank, err in report.rows:
-        table.add_row(module, "×".join(map(str, shape)), str(rank), f"{err:.2e}")
+        table.add_row(escape(module), "×".join(map(str, shape)), str(rank), f"{err:.2e}")
     if report.modules_to_save:
-        table.caption = f"stored in full (modules_to_save): {', '.join(report.modules_to_save)}"
+        saved = escape(", ".join(report.modules_to_save))
+        table.caption = f"stored in full (modules_to_save): {saved}"
     return table
 
 
-def method_table() -> Table:
-    """One section per method: its definition, then one row per parameter."""
-    table = Table(title="fedmerge merge methods")
-    for col in ("method", "parameter", "default", "range", "meaning"):
+def method_table(method: str | None = None) -> Table:
+    """Without ``method``: one row per method, what it does and its parameters' defaults.
+    With it: that method's parameters, one row each (default, range, meaning)."""
+    from fedmerge.merging import METHODS, get_method
+
+    if method is None:
+        table = Table(title="fedmerge merge methods",
+                      caption="fedmerge merge --list METHOD: its parameters in full")  # fmt: skip
+        table.add_column("method", style="bold", no_wrap=True)
+        table.add_column("what it does · parameters (defaults)")
+        for name in sorted(METHODS):
+            m = METHODS[name]
+            params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "none"
+            table.add_row(name, f"{m.doc}\n[dim]{params}[/]")
+        return table
+    m = get_method(method)
+    table = Table(title=f"{method}: {m.doc}", caption=m.reference)
+    for col in ("parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
-    for name in sorted(METHODS):
-        m = METHODS[name]
-        table.add_row(f"[bold]{name}[/]", "", "", "", f"{m.doc} [dim]{m.reference}[/]")
-        for p in m.params:
-            table.add_row("", p.name, repr(p.default), p.range_text(), p.doc)
-        table.add_section()
+    for p in m.params:
+        table.add_row(p.name, repr(p.default), p.range_text(), p.doc)
     return table
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.list:
-        console.print(method_table())
+        console.print(method_table(args.method))
         return 0
     if not args.method:
         raise ConfigError("give a METHOD (see 'fedmerge merge --list')")
@@ -151,7 +168,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    # OpenMP reads this when torch loads: idle threads then sleep instead of spinning on cores
+    # that other processes need (2× slower merges on a busy machine otherwise)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
+    from fedmerge.merging import merge_checkpoints
+    from fedmerge.merging.engine import keep_freed_memory
+    from fedmerge.registry import parse_assignments
+
     keep_freed_memory()
+    shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
     rank = adapter_rank(args)
     if rank is not None:
         from fedmerge.hf.merge import merge_to_adapter
@@ -161,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             parse_weights(args.weights), parse_assignments(args.param), not args.no_progress,
         )  # fmt: skip
         console.print(svd_table(made))
-        console.print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
+        console.print(f"wrote {escape(args.out)} (adapter_config.json, adapter_model.safetensors)")
         return 0
     report = merge_checkpoints(
         args.method,
@@ -172,16 +200,18 @@ def run(args: argparse.Namespace) -> int:
         params=parse_assignments(args.param),
         fisher_paths=args.fisher,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=shard,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-")
+    params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-"
+    table.add_row("parameters", escape(params))
     table.add_row("weights", ", ".join(f"{w:g}" for w in report.weights))
     table.add_row("tensors", f"{report.merged_keys} merged, {report.keys - report.merged_keys} "
                   "copied from the reference")  # fmt: skip
     table.add_row("elements", f"{report.elements:,}")
-    table.add_row("output", "\n".join(str(f) for f in report.files))
-    table.add_row("time", f"{report.seconds:.2f} s")
+    table.add_row("output", escape("\n".join(str(f) for f in report.files)))
+    table.add_row("time", f"{report.seconds:.2f} s on {report.threads} thread(s)")
     console.print(table)
     return 0

@@ -1,7 +1,7 @@
 """One-shot merges written as a PEFT LoRA adapter (``fedmerge merge --as-adapter``).
 
 The merge runs through the ordinary engine (:func:`fedmerge.merging.engine.plan_merge`
-and ``run_plan``, key by key; experts may be checkpoints or adapters) and its
+and ``run_plan``, key by key; experts may be checkpoints, compressed files or adapters) and its
 difference from the base is re-factorized by :func:`fedmerge.hf.refactor.write_adapter`.
 """
 
@@ -14,7 +14,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from fedmerge.checkpoint import open_checkpoint
+from fedmerge.checkpoint import check_output, open_checkpoint
+from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError
 from fedmerge.hf.modeldir import is_model_dir
 from fedmerge.hf.refactor import AdapterReport, write_adapter
@@ -39,11 +40,12 @@ def merge_to_adapter(
             "(config.json + safetensors) to know its layer types"
         )
     inputs = [Path(base_path), *map(Path, expert_paths)]
-    if any(Path(out).resolve() == p.resolve() for p in inputs):
-        raise ConfigError(f"{out}: output would overwrite an input")
+    check_output(
+        out, {"base": base_path, **{f"expert {i + 1}": p for i, p in enumerate(expert_paths)}}
+    )
     with ExitStack() as stack:
         base = stack.enter_context(open_checkpoint(base_path))
-        experts = [stack.enter_context(open_checkpoint(p, base=base)) for p in expert_paths]
+        experts = [stack.enter_context(open_expert(p, base=base)) for p in expert_paths]
         plan = plan_merge(method, base, experts, [str(p) for p in inputs], weights, params)
         meta = {"fedmerge.method": method,
                 "fedmerge.params": json.dumps(plan.params, sort_keys=True)}  # fmt: skip

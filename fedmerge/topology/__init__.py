@@ -13,29 +13,14 @@ Modules: :mod:`.graphs` (generators, files, checks), :mod:`.mixing` (rules → W
 diameter), :mod:`.specs` (presets, YAML, overrides), :mod:`.draw` (PNG).
 """
 
-from fedmerge.topology.analysis import rounds_to_shrink, second_eigenvalue_modulus, spectral_gap
-from fedmerge.topology.build import Topology, build_topology
-from fedmerge.topology.graphs import GENERATORS, make_graph, write_graph
-from fedmerge.topology.mixing import MIXING_RULES, mixing_matrix, stochasticity
-from fedmerge.topology.schedules import SCHEDULES, RoundPlan, make_schedule
-from fedmerge.topology.specs import list_presets, preset_path, resolve_spec
+from fedmerge.lazy import lazy_exports
 
-__all__ = [
-    "GENERATORS",
-    "MIXING_RULES",
-    "SCHEDULES",
-    "RoundPlan",
-    "Topology",
-    "build_topology",
-    "list_presets",
-    "make_graph",
-    "make_schedule",
-    "mixing_matrix",
-    "preset_path",
-    "resolve_spec",
-    "rounds_to_shrink",
-    "second_eigenvalue_modulus",
-    "spectral_gap",
-    "stochasticity",
-    "write_graph",
-]
+_EXPORTS = {
+    "fedmerge.topology.analysis": "rounds_to_shrink second_eigenvalue_modulus spectral_gap",
+    "fedmerge.topology.build": "Topology build_topology",
+    "fedmerge.topology.graphs": "GENERATORS make_graph write_graph",
+    "fedmerge.topology.mixing": "MIXING_RULES mixing_matrix stochasticity",
+    "fedmerge.topology.schedules": "SCHEDULES RoundPlan make_schedule",
+    "fedmerge.topology.specs": "list_presets preset_path resolve_spec",
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
