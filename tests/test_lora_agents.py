@@ -3,12 +3,15 @@ share only the adapter; ``peft.lora_merge`` averages factors or products."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+from fedmerge.cli import main  # noqa: E402
 from fedmerge.config import load_config  # noqa: E402
 from fedmerge.decentralized.protocols import MergeContext, gossip  # noqa: E402
 from fedmerge.decentralized.setup import build_setup  # noqa: E402
@@ -95,3 +98,11 @@ def test_lora_config_errors():
                                        "protocol.aggregation=median"]))  # fmt: skip
     with pytest.raises(ConfigError, match="peft.target_modules"):
         build_setup(load_config(None, [*LORA, "peft.target_modules=[nope]"])).agent(0)
+
+
+@pytest.mark.slow
+def test_shipped_lora_config_runs_through_the_cli(tmp_path, one_thread):
+    config = Path(__file__).resolve().parents[1] / "simulations" / "lora_gossip.yaml"
+    argv = ["simulate", str(config), "--set", "rounds=1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    assert (tmp_path / "summary.json").exists()
