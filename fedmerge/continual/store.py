@@ -47,7 +47,7 @@ import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ HF_DIR = "hf"  # config/tokenizer files of a Hugging Face base, carried into exp
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
@@ -257,7 +257,7 @@ class ContinualStore:
             expert_id = self._new_id(manifest, expert, expert_id, digest, name)
             result, state_hash, state_file = self._fold(manifest, base, prev, tensors, name)
             tau_norms = [*manifest["tau_norms"], result.tau_norm]
-            method = CONTINUAL_METHODS[manifest["method"]]((), **manifest["params"])
+            method = CONTINUAL_METHODS[manifest["method"]].target((), **manifest["params"])
             scale = method.scale(tau_norms, result.acc_norm)
             if not all(map(math.isfinite, (result.tau_norm, result.acc_norm, scale))):
                 (self.path / state_file).unlink(missing_ok=True)
