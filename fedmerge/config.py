@@ -118,6 +118,22 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    r: int = option(0, "LoRA rank; agents train and share only a LoRA adapter (0: full weights)",
+                    check=NON_NEGATIVE)  # fmt: skip
+    alpha: float = option(8.0, "LoRA alpha (scaling alpha / r)", check=POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout", check=PROBABILITY)
+    target_modules: list = option(
+        [], "layers that get LoRA (name suffixes; []: the attention query and value projections)"
+    )
+    modules_to_save: list = option(["classifier"], "layers trained and shared in full")
+    lora_merge: str = option(
+        "factors", "factors: average A and B separately; product: average B@A, then SVD to r",
+        choices=("factors", "product"),
+    )  # fmt: skip
+
+
+@dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
     lr: float = option(0.5, "learning rate", check=POSITIVE)
@@ -277,6 +293,7 @@ class SimConfig:
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
