@@ -95,6 +95,11 @@ class ProtocolConfig:
         choices=("local", "shared"),
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
+    broadcast: bool = option(
+        False,
+        "DIMAT: in a round where every node hears every node with equal weights (within "
+        "1e-9), align to the lowest-id node, as the DIMAT code merges once and broadcasts",
+    )
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
         choices=("mean", "clip", "median", "trimmed_mean", "krum"),

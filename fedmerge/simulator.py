@@ -187,7 +187,8 @@ class AgentEngine:
         t = Traffic(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
         for s, _ in plan.messages:
             t.sent[s] += payloads[s].nbytes
-        ctx = MergeContext(r, self.setup.config, self.shared_calibration)
+        nodes = n if plan.active is None else len(plan.active)
+        ctx = MergeContext(r, self.setup.config, self.shared_calibration, nodes)
         merge = self.setup.protocol.merge
         for i in np.flatnonzero(active):
             agent, got = self.agents[i], inbox.get(i, [])
