@@ -181,6 +181,17 @@ class DistributedConfig:
 
 
 @dataclass
+class MetricsConfig:
+    aligned_consensus: str = option(
+        "auto", "consensus_aligned: ‖θ_i − θ̄‖ after weight-matching every agent to agent 0 "
+        "(auto: with model.init: different)", choices=("auto", "always", "never"),
+    )  # fmt: skip
+    disagreement: bool = option(
+        True, "disagreement: share of global-test predictions that differ between agents"
+    )
+
+
+@dataclass
 class SimConfig:
     name: str = option("default", "run name (shown in tables and plots)")
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
@@ -205,6 +216,7 @@ class SimConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

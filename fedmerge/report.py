@@ -5,8 +5,9 @@ per agent per round, a summary and plots.
 ``DIR/metrics.jsonl`` one JSON object per agent per round (the runtimes' rows)
 ``DIR/metrics.csv``   the same rows as CSV (columns: the union of the rows' keys)
 ``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
-``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
-``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale)
+``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly),
+                      and the global accuracy after local training (before merging)
+``DIR/consensus.png`` mean ‖θ_i − θ̄‖ (plain and aligned, log scale) and disagreement vs round
 
 >>> rows = [{"round": r, "agent": a, "active": True, "global_acc": 0.1 * r + a / 100,
 ...          "local_acc": None, "consensus": 1.0 / r, "bytes_sent": 10, "bytes_received": 10,
@@ -40,11 +41,18 @@ Row = Mapping[str, Any]
 
 ROW_DEFAULTS: dict[str, Any] = {
     "active": False, "trained": False, "local_acc": None, "global_acc": None,
-    "consensus": None, "bytes_sent": 0, "bytes_received": 0, "rejected": 0,
-    "byzantine": False, "wall_s": 0.0,
+    "acc_trained": None, "consensus": None, "consensus_aligned": None, "disagreement": None,
+    "bytes_sent": 0, "bytes_received": 0, "rejected": 0, "byzantine": False, "wall_s": 0.0,
 }  # fmt: skip
 """The fields of a metrics row after ``round`` and ``agent``, with the values of an agent
-that took no part in the round."""
+that took no part in the round. ``global_acc`` is measured after the round's merge,
+``acc_trained`` after its local training (before the merge); ``consensus``,
+``consensus_aligned`` and ``disagreement`` are defined in :mod:`fedmerge.consensus`."""
+
+
+IN_PROCESS_ONLY = ("acc_trained", "consensus_aligned", "disagreement")
+"""Row fields only the in-process runtime fills so far (Flower and torch.distributed rows
+leave them None)."""
 
 
 def metrics_row(round: int, agent: int, **fields: Any) -> dict[str, Any]:
@@ -61,6 +69,11 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+MEANS = ("global_acc", "acc_trained", "local_acc", "consensus", "consensus_aligned",
+         "disagreement")  # fmt: skip
+"""Row fields :func:`per_round` averages over the honest agents."""
+
+
 def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """One dict per round: mean accuracies and consensus over the honest agents (rows with
     ``byzantine`` set are left out), summed traffic, wall."""
@@ -73,9 +86,7 @@ def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
         out.append(
             {
                 "round": r,
-                "global_acc": _mean(g["global_acc"] for g in group),
-                "local_acc": _mean(g["local_acc"] for g in group),
-                "consensus": _mean(g["consensus"] for g in group),
+                **{k: _mean(g.get(k) for g in group) for k in MEANS},
                 "active": sum(bool(g.get("active", True)) for g in group),
                 "bytes_sent": sum(int(g["bytes_sent"]) for g in group),
                 "rejected": sum(int(g.get("rejected", 0)) for g in group),
@@ -105,10 +116,13 @@ def summarize(rows: Sequence[Row], extra: Mapping[str, Any] | None = None) -> di
         "rounds": last["round"],
         "agents": len({row["agent"] for row in rows}),
         "final_global_acc": last["global_acc"],
+        "final_acc_trained": last["acc_trained"],
         "final_local_acc": last["local_acc"],
         "best_global_acc": best["global_acc"],
         "best_round": best["round"],
         "consensus": last["consensus"],
+        "consensus_aligned": last["consensus_aligned"],
+        "disagreement": last["disagreement"],
         "bytes_sent": sum(int(row["bytes_sent"]) for row in rows),
         "bytes_received": sum(int(row["bytes_received"]) for row in rows),
         "rejected": sum(int(row.get("rejected", 0)) for row in rows),
@@ -150,7 +164,6 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     import matplotlib.pyplot as plt
 
     rounds = per_round(rows)
-    xs = [r["round"] for r in rounds]
     agents: dict[int, list[Row]] = defaultdict(list)
     for row in rows:
         agents[int(row["agent"])].append(row)
@@ -165,6 +178,10 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
         pts = [(r["round"], r[key]) for r in rounds if r[key] is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=2.2, label="mean over agents")
+        pts = [(r["round"], r["acc_trained"]) for r in rounds if r["acc_trained"] is not None]
+        if key == "global_acc" and pts:
+            ax.plot(*zip(*pts, strict=True), "--", color="tab:orange", lw=1.6,
+                    label="mean after local training (before merging)")  # fmt: skip
         ax.set(title=f"{title}: {label} accuracy", xlabel="round", ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
@@ -172,11 +189,20 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    cons = [max(r["consensus"] or 0.0, 1e-12) for r in rounds]
-    ax.semilogy(xs, cons, marker="o", ms=3)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("consensus", "plain"), ("consensus_aligned", "after alignment")):
+        pts = [(r["round"], max(r[key], 1e-12)) for r in rounds if r[key] is not None]
+        if pts:
+            ax.semilogy(*zip(*pts, strict=True), marker="o", ms=3, label=label)
     ax.set(title=f"{title}: consensus distance", xlabel="round", ylabel="mean ‖θ_i − θ̄‖")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    pts = [(r["round"], r["disagreement"]) for r in rounds if r["disagreement"] is not None]
+    if pts:
+        bx.plot(*zip(*pts, strict=True), marker="o", ms=3, color="tab:red")
+    bx.set(title=f"{title}: prediction disagreement", xlabel="round", ylim=(0, 1),
+           ylabel="share of test predictions differing")  # fmt: skip
+    bx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "consensus.png", dpi=110)
     plt.close(fig)

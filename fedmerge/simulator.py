@@ -35,6 +35,7 @@ from torch import nn
 from fedmerge.adversary import Adversary, byzantine_nodes
 from fedmerge.agent import Agent, Loss, make_loss
 from fedmerge.config import FaultsConfig, SimConfig
+from fedmerge.consensus import flatten, measures
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.errors import ConfigError
@@ -209,11 +210,19 @@ class AgentEngine:
         """(n, P) float64: every agent's floating state entries, flattened."""
         return torch.stack([flat_state(a) for a in self.agents])
 
+    def states(self) -> list[StateDict]:
+        return [a.state() for a in self.agents]
+
+    @torch.no_grad()
+    def predictions(self) -> torch.Tensor:
+        """(n, N) int64: every agent's predicted class on the global test set."""
+        x = self.setup.data.test_x
+        return torch.stack([a.model.eval()(x).argmax(1) for a in self.agents])
+
 
 def flat_state(agent: Agent) -> torch.Tensor:
     """(P,) float64: the agent's floating state entries, flattened (for consensus distance)."""
-    state = agent.state().values()
-    return torch.cat([v.reshape(-1) for v in state if is_mergeable(v)]).double()
+    return flatten(agent.state())
 
 
 class Simulator:
@@ -249,13 +258,16 @@ class Simulator:
         self.engine.train(trains)
         zeros = np.zeros(n, np.int64)
         traffic = Traffic(zeros, zeros, zeros)
+        trained = None
         if self.setup.protocol.merge is not None:
+            trained = self.engine.evaluate()[1]  # after local training, before the merge
             lost = self.faults.lost(r, len(plan.messages))
             traffic = self.engine.communicate(r, plan, active, lost)
         self.recovery.after_round(r, active, self.engine)
         local, glob = self.engine.evaluate()
-        flat = self.engine.flat()
-        dist = (flat - flat.mean(0)).norm(dim=1).tolist()
+        trained = glob if trained is None else trained
+        cons = measures(self.engine, self.setup.model(0), cfg.model.init, cfg.metrics)
+        pick = lambda key, i: None if cons[key] is None else cons[key][i]  # noqa: E731
         wall = time.perf_counter() - start
         rows = [
             metrics_row(
@@ -265,7 +277,10 @@ class Simulator:
                 trained=bool(trains[i]),
                 local_acc=local[i],
                 global_acc=glob[i],
-                consensus=dist[i],
+                acc_trained=trained[i],
+                consensus=cons["consensus"][i],
+                consensus_aligned=pick("consensus_aligned", i),
+                disagreement=pick("disagreement", i),
                 bytes_sent=int(traffic.sent[i]),
                 bytes_received=int(traffic.received[i]),
                 rejected=int(traffic.rejected[i]),
