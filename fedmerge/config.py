@@ -84,6 +84,19 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """The pre-training phase (:mod:`fedmerge.pretrain`): ``train``'s fields, no phase by
+    default."""
+
+    epochs: int = option(
+        0, "pre-training epochs before round 1, each agent alone on its own data from its own "
+        "init (0: no pre-training)", check=NON_NEGATIVE,
+    )  # fmt: skip
+    steps: int = option(0, "if > 0: this many pre-training minibatch steps instead of epochs",
+                        check=NON_NEGATIVE)  # fmt: skip
+
+
+@dataclass
 class ProtocolConfig:
     name: str = option(
         "gossip", "gossip, local, centralized, single_global_merge, dimat or dimat_wm"
@@ -212,6 +225,7 @@ class SimConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

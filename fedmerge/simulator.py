@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -42,6 +42,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
 from fedmerge.payload import Payload
 from fedmerge.persist import Recovery
+from fedmerge.pretrain import pretrain, pretrains
 from fedmerge.protocols import MergeContext, Protocol, get_protocol
 from fedmerge.report import metrics_row
 from fedmerge.statedict import StateDict, is_mergeable
@@ -59,19 +60,26 @@ class Setup:
     data: FederatedData
     topology: Topology
     reference: StateDict | None  # the shared base payloads are τ against; None: full θ
+    pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
 
     @property
     def n(self) -> int:
         return self.topology.n
 
-    def model(self, agent: int) -> nn.Module:
-        """Agent ``agent``'s initial model (one shared seed with ``model.init: same``)."""
+    def model(self, agent: int, pretrained: bool = True) -> nn.Module:
+        """Agent ``agent``'s model at round 0 (one shared seed with ``model.init: same``),
+        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init)."""
         cfg = self.config
         offset = agent if cfg.model.init == "different" else 0
-        return build_model(
+        model = build_model(
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
             seed=cfg.seed * 10_007 + offset, **cfg.model.options,
         )  # fmt: skip
+        if pretrained and pretrains(cfg):
+            if agent not in self.pretrained:
+                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
+            model.load_state_dict(self.pretrained[agent])
+        return model
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
         """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
@@ -110,7 +118,7 @@ def build_setup(cfg: SimConfig) -> Setup:
         topo = build_topology(nx.empty_graph(1))
     setup = Setup(cfg, protocol, fed, topo, None)
     if cfg.model.init == "same" and not protocol.full_weights:
-        base = setup.model(0).state_dict()
+        base = setup.model(0, pretrained=False).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
 
