@@ -536,6 +536,6 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (
         main(["continual", "init", str(tmp_path / "s2"), "--base", base, "--param", "alpha"]) == 2
     )
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert "--param expects key=value" in capsys.readouterr().err
     assert main(["continual", "status", str(tmp_path / "nowhere")]) == 2
     assert "not a continual store" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from rich.table import Table
 from fedmerge.checkpoint import dtype_from_name
 from fedmerge.continual.methods import CONTINUAL_METHODS
 from fedmerge.continual.store import ContinualStore
-from fedmerge.errors import ConfigError
+from fedmerge.registry import parse_assignments
 
 NAME = "continual"
 HELP = "continual merge store: init | add | export | status"
@@ -63,22 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
-def parse_params(items: list[str]) -> dict[str, str]:
-    """``["alpha=0.5"]`` -> ``{"alpha": "0.5"}`` (the method coerces the types)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.action == "init":
-        store = ContinualStore.init(args.store, args.base, args.method, parse_params(args.param),
-                                    args.project, args.no_project)  # fmt: skip
+        params = parse_assignments(args.param)
+        store = ContinualStore.init(args.store, args.base, args.method, params, args.project,
+                                    args.no_project)  # fmt: skip
         m = store.manifest()
         console.print(f"created {args.store}: {m['method']} {m['params']}, "
                       f"{len(m['projectable'])} projected keys")  # fmt: skip

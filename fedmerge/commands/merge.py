@@ -32,7 +32,7 @@ from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
 from fedmerge.merging import METHODS, merge_checkpoints
 from fedmerge.merging.engine import keep_freed_memory
-from fedmerge.merging.registry import parse_assignments
+from fedmerge.registry import parse_assignments
 
 NAME = "merge"
 EXTRA_POSITIONALS = "experts"  # experts may also follow the options
