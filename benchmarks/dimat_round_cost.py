@@ -1,6 +1,7 @@
 """Where a DIMAT round's time goes in the simulator: local training vs alignment + merge.
 
-Runs :class:`fedmerge.simulator.Simulator` with the ``dimat`` protocol (per-agent engine) and
+Runs :class:`~fedmerge.runtimes.local.simulator.Simulator` with the ``dimat`` protocol
+(per-agent engine) and
 times, inside every round, ``Agent.train`` (local epochs) and ``dimat_merge`` (BN resets,
 activation collection, Hungarian assignment, permuted weighted average, BN reset) for every
 agent; the rest of the round (publish, deliver, validate, evaluate) is "other". Times are
@@ -21,10 +22,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import fedmerge.protocols as protocols
-from fedmerge.agent import Agent
+import fedmerge.decentralized.protocols as protocols
 from fedmerge.config import load_config
-from fedmerge.simulator import Simulator
+from fedmerge.decentralized.agent import Agent
+from fedmerge.runtimes.local.simulator import Simulator
 
 
 def timed(fn, bucket: dict[str, float], key: str):
@@ -52,7 +53,7 @@ def measure(model: str, protocol: str, args) -> dict[str, float]:
                 f"protocol.name={protocol}", f"model.name={model}", "model.init=different",
                 f"topology={args.topology}", f"rounds={args.rounds}", f"seed={seed}",
                 f"data.partition={args.partition}", f"train.epochs={args.epochs}",
-                "train.momentum=0.9",
+                "train.momentum=0.9", "model.options={}",
             ])  # fmt: skip
             sim = Simulator(cfg)
             for r in range(cfg.rounds):

@@ -45,7 +45,7 @@ def workload(n: int, rounds: int, engine: str, hidden: list[int]):
 
 def child(engine: str, n: int, rounds: int, hidden: list[int]) -> None:
     """Run one engine and print {"per_round", "startup", "acc", "payload_mb"} as JSON."""
-    from fedmerge.simulator import build_setup
+    from fedmerge.decentralized.setup import build_setup
 
     cfg = workload(n, rounds, engine, hidden)
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def child(engine: str, n: int, rounds: int, hidden: list[int]) -> None:
 
         rows = flower.run(cfg, num_cpus=2, client_cpus=1)
     else:
-        from fedmerge.simulator import Simulator
+        from fedmerge.runtimes.local.simulator import Simulator
 
         rows = Simulator(cfg).run()
     total = time.perf_counter() - start

@@ -41,7 +41,7 @@ def measure(sets: list[str], queue: mp.Queue) -> None:
 
     from fedmerge.config import load_config
     from fedmerge.report import summarize
-    from fedmerge.simulator import Simulator
+    from fedmerge.runtimes.local.simulator import Simulator
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

@@ -1,151 +1,63 @@
 """fedmerge: decentralized and continual model merging.
 
-The public Python API; each name lives in the module named after its idea.
+The public Python API; each name lives in the module named after its idea and is imported
+on first use (PEP 562), so ``import fedmerge`` stays cheap (it loads neither torch, scipy,
+Flower nor torch.distributed, so the CLI starts at once):
+
+>>> import fedmerge
+>>> fedmerge.build_topology("ring", n=4).n
+4
 """
 
-from fedmerge.agent import Agent
-from fedmerge.alignment import (
-    PermutationSpec,
-    activation_matching,
-    apply_permutation,
-    permutation_spec,
-    reset_bn_stats,
-    weight_matching,
-)
-from fedmerge.checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    TensorSpec,
-    load_state_dict,
-    open_checkpoint,
-    read_metadata,
-    save_state_dict,
-)
-from fedmerge.config import SimConfig, default_config, load_config
-from fedmerge.continual import (
-    CONTINUAL_METHODS,
-    ContinualMerger,
-    ContinualStore,
-    default_projectable,
-    linear_keys_from_module,
-    make_merger,
-)
-from fedmerge.data.datasets import Dataset, load_dataset
-from fedmerge.data.partition import FederatedData, federate
-from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
-from fedmerge.dimat import dimat_merge
-from fedmerge.dissemination import Arrival, DisseminationResult, disseminate, fold_directly
-from fedmerge.errors import CheckpointError, ConfigError, FedmergeError, ValidationError
-from fedmerge.merging import METHODS as MERGE_METHODS
-from fedmerge.merging import MergeReport, merge, merge_checkpoints
-from fedmerge.models import MODELS, build_model
-from fedmerge.payload import Payload, validate_payload
-from fedmerge.protocols import PROTOCOLS
-from fedmerge.report import summarize, write_run
-from fedmerge.runtimes.torchdist import PeerFailure
-from fedmerge.simulator import Simulator, build_setup
-from fedmerge.statedict import (
-    StateDict,
-    add_task_vector,
-    check_finite,
-    check_same_specs,
-    content_hash,
-    global_norm,
-    state_hash,
-    task_vector,
-)
-from fedmerge.sweep import run_sweep
-from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets
+from __future__ import annotations
+
+from fedmerge.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-from fedmerge.adversary import Adversary, byzantine_nodes, freshest
-from fedmerge.persist import restore_agent, save_agent
-from fedmerge.robust import RULES as AGGREGATION_RULES
-from fedmerge.robust import clip as clip_aggregate
-from fedmerge.robust import krum as krum_aggregate
-from fedmerge.robust import median as median_aggregate
-from fedmerge.robust import trimmed_mean as trimmed_mean_aggregate
-from fedmerge.stheader import parse_header, read_file_header
+_EXPORTS: dict[str, str] = {
+    # module: names (a name "alias=attr" exports module.attr as alias)
+    "fedmerge.alignment": "PermutationSpec activation_matching apply_permutation "
+    "permutation_spec reset_bn_stats weight_matching",
+    "fedmerge.checkpoint": "Checkpoint CheckpointWriter TensorSpec load_state_dict "
+    "open_checkpoint read_metadata save_state_dict",
+    "fedmerge.config": "SimConfig default_config load_config",
+    "fedmerge.continual": "CONTINUAL_METHODS ContinualMerger ContinualStore default_projectable "
+    "linear_keys_from_module make_merger",
+    "fedmerge.data.datasets": "Dataset load_dataset",
+    "fedmerge.data.partition": "FederatedData federate",
+    "fedmerge.data.tasks": "TASK_NAMES Task TaskFamily make_task_family",
+    "fedmerge.decentralized.adversary": "Adversary byzantine_nodes freshest",
+    "fedmerge.decentralized.agent": "Agent",
+    "fedmerge.decentralized.engine": "Engine RoundRunner",
+    "fedmerge.decentralized.payload": "Payload validate_payload",
+    "fedmerge.decentralized.persist": "restore_agent save_agent",
+    "fedmerge.decentralized.protocols": "PROTOCOLS",
+    "fedmerge.decentralized.receive": "receive_and_merge",
+    "fedmerge.decentralized.robust": "AGGREGATION_RULES=RULES clip_aggregate=clip "
+    "krum_aggregate=krum median_aggregate=median trimmed_mean_aggregate=trimmed_mean",
+    "fedmerge.decentralized.setup": "Setup build_setup",
+    "fedmerge.dimat": "dimat_merge",
+    "fedmerge.dissemination": "Arrival DisseminationResult disseminate fold_directly",
+    "fedmerge.errors": "CheckpointError ConfigError FedmergeError ValidationError",
+    "fedmerge.merging": "MERGE_METHODS=METHODS MergeReport merge merge_checkpoints",
+    "fedmerge.models": "MODELS build_model",
+    "fedmerge.report": "summarize write_run",
+    "fedmerge.runtimes": "RUNTIMES run",
+    "fedmerge.runtimes.local": "Simulator",
+    "fedmerge.runtimes.torchdist": "PeerFailure",
+    "fedmerge.statedict": "StateDict add_task_vector check_finite check_same_specs "
+    "content_hash global_norm state_hash task_vector",
+    "fedmerge.stheader": "parse_header read_file_header",
+    "fedmerge.sweep": "run_sweep",
+    "fedmerge.topology": "RoundPlan Topology build_topology list_presets",
+}
+_WHERE: dict[str, tuple[str, str]] = {
+    alias: (module, attr or alias)
+    for module, names in _EXPORTS.items()
+    for alias, _, attr in (n.partition("=") for n in names.split())
+}
+"""public name -> (module, attribute in it)"""
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "Agent",
-    "Dataset",
-    "FederatedData",
-    "PROTOCOLS",
-    "Payload",
-    "SimConfig",
-    "Simulator",
-    "build_setup",
-    "default_config",
-    "federate",
-    "load_config",
-    "load_dataset",
-    "run_sweep",
-    "summarize",
-    "validate_payload",
-    "write_run",
-    "TASK_NAMES",
-    "Task",
-    "TaskFamily",
-    "make_task_family",
-    "CONTINUAL_METHODS",
-    "ContinualMerger",
-    "ContinualStore",
-    "default_projectable",
-    "linear_keys_from_module",
-    "make_merger",
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointWriter",
-    "ConfigError",
-    "FedmergeError",
-    "RoundPlan",
-    "MERGE_METHODS",
-    "MergeReport",
-    "StateDict",
-    "TensorSpec",
-    "Topology",
-    "ValidationError",
-    "add_task_vector",
-    "build_topology",
-    "check_finite",
-    "check_same_specs",
-    "content_hash",
-    "global_norm",
-    "list_presets",
-    "load_state_dict",
-    "merge",
-    "merge_checkpoints",
-    "open_checkpoint",
-    "read_metadata",
-    "save_state_dict",
-    "state_hash",
-    "task_vector",
-    "MODELS",
-    "build_model",
-    "PermutationSpec",
-    "activation_matching",
-    "apply_permutation",
-    "dimat_merge",
-    "Arrival",
-    "DisseminationResult",
-    "disseminate",
-    "fold_directly",
-    "permutation_spec",
-    "reset_bn_stats",
-    "weight_matching",
-    "AGGREGATION_RULES",
-    "Adversary",
-    "byzantine_nodes",
-    "clip_aggregate",
-    "freshest",
-    "krum_aggregate",
-    "median_aggregate",
-    "parse_header",
-    "read_file_header",
-    "restore_agent",
-    "save_agent",
-    "trimmed_mean_aggregate",
-    "PeerFailure",
-]
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -1,5 +1,8 @@
 """``fedmerge`` command line: discovers sub-commands in :mod:`fedmerge.commands`.
 
+Every command module imports its heavy dependencies (torch, scipy, networkx, flwr, matplotlib)
+inside ``run``, so ``fedmerge --help`` and ``fedmerge topology list`` start at once.
+
 Errors caused by bad input (:class:`~fedmerge.errors.FedmergeError`) print one
 line naming the culprit and exit with status 2; nothing partial is left behind.
 """
@@ -12,7 +15,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from fedmerge import commands
+from fedmerge import __version__, commands
 from fedmerge.errors import FedmergeError
 
 
@@ -22,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decentralized and continual model merging.",
         epilog="Run 'fedmerge COMMAND --help' for the options of one command.",
     )
+    parser.add_argument("--version", action="version", version=f"fedmerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")

@@ -61,7 +61,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
-    options: dict = option({}, "keyword arguments of the model (hidden, channels, width …)")
+    options: dict = option(
+        {"hidden": [64]},
+        "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
+        "a config naming another model without options gets {}",
+    )
     init: str = option(
         "same",
         "same: one shared init (payloads carry task vectors); different: a seed per agent "
@@ -73,12 +77,14 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
-    lr: float = option(0.1, "learning rate", check=POSITIVE)
+    lr: float = option(0.5, "learning rate", check=POSITIVE)
     momentum: float = option(0.0, "SGD momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     weight_decay: float = option(0.0, "L2 weight decay", check=NON_NEGATIVE)
     epochs: int = option(1, "local epochs per round (0: no training)", check=NON_NEGATIVE)
-    steps: int = option(0, "if > 0: this many minibatch steps per round instead of epochs",
-                        check=NON_NEGATIVE)  # fmt: skip
+    steps: int = option(
+        2, "if > 0: this many minibatch steps per round instead of epochs (a config that sets "
+        "epochs but not steps gets 0)", check=NON_NEGATIVE,
+    )  # fmt: skip
     batch_size: int = option(32, "minibatch size", check=POSITIVE)
     loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
 
@@ -114,7 +120,8 @@ class ProtocolConfig:
         "1e-9), align to the lowest-id node, as the DIMAT code merges once and broadcasts",
     )
     aggregation: str = option(
-        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): fedmerge.robust",
+        "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
+        "fedmerge.decentralized.robust",
         choices=("mean", "clip", "median", "trimmed_mean", "krum"),
     )  # fmt: skip
     clip_tau: float = option(
@@ -205,10 +212,22 @@ class MetricsConfig:
 
 
 @dataclass
+class FlowerConfig:
+    connect_timeout_s: float = option(
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
+        check=NON_NEGATIVE,
+    )  # fmt: skip
+
+    def connect_timeout(self, nodes: int) -> float:
+        """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
+        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+
+
+@dataclass
 class SimConfig:
     name: str = option("default", "run name (shown in tables and plots)")
     seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
-    rounds: int = option(10, "communication rounds", check=POSITIVE)
+    rounds: int = option(50, "communication rounds", check=POSITIVE)
     agents: int = option(0, "number of agents (0: the topology's node count)", check=NON_NEGATIVE)
     topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
@@ -231,6 +250,7 @@ class SimConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,7 +284,20 @@ def load_config(
         except (yaml.YAMLError, ValueError, RecursionError) as exc:  # too deep, too many digits
             raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
         _set_dotted(data, key.strip().split("."), value, key.strip())
+    if schema is SimConfig:
+        _derived_defaults(data)
     return _build(schema, data, "")
+
+
+def _derived_defaults(data: dict[str, Any]) -> None:
+    """The two defaults that depend on what a config says: a config that counts epochs and
+    not steps trains by epochs (``train.steps`` 0), and one naming a model other than the
+    mlp without options gets none (the default options are the mlp's)."""
+    train, model = data.get("train"), data.get("model")
+    if isinstance(train, dict) and "epochs" in train and "steps" not in train:
+        train["steps"] = 0
+    if isinstance(model, dict) and model.get("name", "mlp") != "mlp" and "options" not in model:
+        model["options"] = {}
 
 
 def dump_config(cfg: SimConfig) -> str:
@@ -353,22 +386,8 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
     return out
 
 
-DEFAULT_RUN = """\
-# fedmerge simulate's embedded default: 8 agents on a ring, non-IID digits (class c on
-# agent c mod 8), one shared init, 50 rounds of D-PSGD-style gossip (2 SGD steps, then
-# Metropolis-Hastings averaging with the two ring neighbours).
-name: default
-seed: 0
-rounds: 50
-topology: ring-8
-data: {name: digits, partition: shards}
-model: {name: mlp, options: {hidden: [64]}, init: same}
-train: {optimizer: sgd, lr: 0.5, steps: 2, batch_size: 32}
-protocol: {name: gossip}
-"""
-"""The config ``fedmerge simulate`` runs when given none (about a second on 2 cores)."""
-
-
 def default_config(overrides: Iterable[str] | None = None) -> SimConfig:
-    """:data:`DEFAULT_RUN` with ``a.b=c`` overrides applied."""
-    return load_config(yaml.safe_load(DEFAULT_RUN), overrides)
+    """The run ``fedmerge simulate`` makes without a config (every field at its default: 8 agents
+    on a ring, non-IID digits, one shared init, 50 rounds of D-PSGD-style gossip with 2 SGD
+    steps each; ``simulations/default.yaml`` spells it out), with ``a.b=c`` overrides."""
+    return load_config(None, overrides)

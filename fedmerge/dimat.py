@@ -74,7 +74,7 @@ def dimat_merge(
     Integer entries (``num_batches_tracked``) come from ``own``. Neighbours send full
     weights θ_j (agents from different inits share no reference to take task vectors from).
     ``aggregate(aligned states, weights)`` replaces the weighted average (own state first),
-    e.g. a robust rule from :mod:`fedmerge.robust`.
+    e.g. a robust rule from :mod:`fedmerge.decentralized.robust`.
     """
     if method not in METHODS:
         raise ConfigError(f"dimat: unknown method {method!r} (use one of {', '.join(METHODS)})")

@@ -2,7 +2,8 @@
 node folds each one into its own continual merge exactly once.
 
 An expert is a fine-tuned checkpoint of a base shared by every node. It *appears* at
-one node in one round (:class:`Arrival`); it travels as a :class:`~fedmerge.payload.Payload`
+one node in one round (:class:`Arrival`); it travels as a
+:class:`~fedmerge.decentralized.payload.Payload`
 of kind ``delta`` (τ = θ_expert − θ_base) that carries the expert's id and the content hash
 of τ. Rounds are numbered 1, 2, …; round r runs:
 
@@ -40,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from fedmerge.continual import ContinualMerger, make_merger
+from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.errors import ConfigError, ValidationError
-from fedmerge.payload import Payload, validate_payload
 from fedmerge.statedict import (
     StateDict,
     add_task_vector,

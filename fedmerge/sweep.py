@@ -12,9 +12,11 @@ A sweep file is YAML::
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
 
-Each cell runs once per seed with :class:`~fedmerge.simulator.Simulator`; the table holds
+Each cell runs once per seed on its runtime (:func:`fedmerge.runtimes.run`); the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
-distance, MB sent per agent and wall time.
+distance, MB sent per agent and wall time. With a ``cache`` folder every finished run is
+written there at once (one JSON file named after a hash of its resolved config), and a run
+whose file is already there is read back instead of run again: an interrupted sweep resumes.
 
 >>> spec = {"grid": {"protocol.name": ["gossip", "local"], "rounds": [2]}}
 >>> [c.label for c in expand(spec)]
@@ -23,6 +25,7 @@ distance, MB sent per agent and wall time.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import statistics
@@ -34,7 +37,7 @@ from typing import Any
 import yaml
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import DEFAULT_RUN, load_config
+from fedmerge.config import load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, per_round, summarize
 
@@ -67,6 +70,15 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        return False
+    return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
+
+
 def _as_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -89,26 +101,59 @@ def expand(spec: Mapping[str, Any]) -> list[Cell]:
     return cells
 
 
+OnRun = Callable[[str, int, dict[str, Any], bool], None]
+"""Called after every run with (cell label, seed, the run's result, whether it was resumed)."""
+
+
 def run_sweep(
-    spec: Mapping[str, Any], on_run: Callable[[str, int], None] | None = None
+    spec: Mapping[str, Any], on_run: OnRun | None = None, cache: str | Path | None = None
 ) -> list[dict[str, Any]]:
-    """Run every cell × seed; one result per cell with per-seed summaries and mean curves."""
+    """Run every cell × seed; one result per cell with per-seed summaries and mean curves.
+    With ``cache``, each finished run is saved there and a run saved before is not repeated."""
     base, common = spec.get("base"), [str(s) for s in spec.get("set") or []]
-    base = yaml.safe_load(DEFAULT_RUN) if base in (None, "default") else base
+    base = None if base in (None, "default") else base
     seeds = spec.get("seeds") or [0]
     results = []
     for cell in expand(spec):
         runs = []
         for seed in seeds:
-            from fedmerge.simulator import Simulator
-
             cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
-            rows = Simulator(cfg).run()
-            runs.append({"seed": seed, "summary": summarize(rows), "curve": per_round(rows)})
+            path = Path(cache) / f"{config_key(cfg.to_dict())}.json" if cache else None
+            record = _saved_run(path)
+            resumed = record is not None
+            if record is None:
+                from fedmerge.runtimes import run  # heavy (torch): only when a run is due
+
+                rows, details = run(cfg)
+                record = {
+                    "seed": seed, "summary": summarize(rows, details), "curve": per_round(rows)
+                }  # fmt: skip
+                if path:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(path, json.dumps(record) + "\n")
+            runs.append(record)
             if on_run:
-                on_run(cell.label, seed)
+                on_run(cell.label, seed, record, resumed)
         results.append({"label": cell.label, "sets": list(cell.sets), "runs": runs})
     return results
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config (its JSON with sorted keys)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _saved_run(path: Path | None) -> dict[str, Any] | None:
+    """The run saved at ``path``, or None when there is none (or it is not a whole run)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(run, dict) and {"seed", "summary", "curve"} <= set(run)
+    return run if ok else None
 
 
 def _stat(results: Mapping[str, Any], key: str) -> tuple[float, float]:
@@ -132,18 +177,27 @@ def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_table(name: str, rows: list[dict[str, Any]]):
-    """A rich Table of :func:`sweep_rows`."""
+    """A rich Table of :func:`sweep_rows` (± std only with more than one seed; names and
+    labels are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"sweep {name}: mean ± std over seeds")
-    for col in ("cell", "final global acc", "best global acc", "consensus", "MB/agent", "s"):
-        table.add_column(col, justify="left" if col == "cell" else "right")
+    seeds = max((r["seeds"] for r in rows), default=1)
+    over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    caption = ("final, best: mean global test accuracy (↑ higher is better); disagree: mean "
+               "‖θ_i − θ̄‖ (↓ lower is better); MB sent per agent; seconds per run")  # fmt: skip
+    table = Table(title=f"sweep {escape(name)}: {over}", caption=caption)
+    table.add_column("cell")
+    for col in ("final ↑", "best ↑", "disagree ↓", "MB/agent", "s/run"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def pm(key: str) -> str:
+        return f"{r[key]:.3f}" + (f" ± {r[key + '_std']:.3f}" if seeds > 1 else "")
+
     for r in rows:
-        table.add_row(
-            r["cell"], f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
-            f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f}",
-            f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}", f"{r['wall_s']:.1f}",
-        )  # fmt: skip
+        table.add_row(escape(r["cell"]), pm("final_global_acc"), pm("best_global_acc"),
+                      f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}",
+                      f"{r['wall_s']:.1f}")  # fmt: skip
     return table
 
 

@@ -9,11 +9,11 @@ import sys
 
 import torch
 
-from fedmerge.agent import Agent
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.agent import Agent
+from fedmerge.decentralized.persist import restore_agent, save_agent
 from fedmerge.models import build_model
-from fedmerge.persist import restore_agent, save_agent
 
 
 def make_node() -> Agent:

@@ -12,13 +12,14 @@ import networkx as nx
 import pytest
 import torch
 
-from fedmerge.adversary import Adversary, attack, byzantine_nodes, freshest
 from fedmerge.checkpoint import open_checkpoint
 from fedmerge.config import ByzantineConfig, default_config, load_config
+from fedmerge.decentralized.adversary import Adversary, attack, byzantine_nodes, freshest
+from fedmerge.decentralized.delivery import Delivery
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.persist import restore_agent, save_agent, state_file
 from fedmerge.errors import CheckpointError, ConfigError
-from fedmerge.payload import Payload
-from fedmerge.persist import restore_agent, save_agent, state_file
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -76,16 +77,17 @@ def test_disturb_duplicates_and_delays():
     cfg = load_config(None, ["faults.duplicate=0.5"])
     cfg.faults = dataclasses.replace(cfg.faults, duplicate=1.0)  # every message twice
     adv = Adversary(cfg, nx.path_graph(3))
-    inbox = {0: [(pl(1, 0), 0.5)], 2: [(pl(1, 0), 0.5)]}
+    inbox = {0: [Delivery(1, 0.5, pl(1, 0))], 2: [Delivery(1, 0.5, pl(1, 0))]}
     out = adv.disturb(inbox, 0)
     assert [len(out[d]) for d in (0, 2)] == [2, 2]
     cfg.faults = dataclasses.replace(cfg.faults, duplicate=0.0, reorder=1.0)  # all held back
     adv = Adversary(cfg, nx.path_graph(3))
     assert sum(map(len, adv.disturb(inbox, 0).values())) == 0
-    fresh = {0: [(pl(1, 1), 0.5)]}
+    fresh = {0: [Delivery(1, 0.5, pl(1, 1))]}
     adv.faults = dataclasses.replace(cfg.faults, reorder=0.0)
     late = adv.disturb(fresh, 1)  # round 1's message first, then round 0's delayed ones
-    assert [p.round for p, _ in late[0]] == [1, 0] and [p.round for p, _ in late[2]] == [0]
+    assert [d.payload.round for d in late[0]] == [1, 0]
+    assert [d.payload.round for d in late[2]] == [0]
 
 
 def final_honest(rows, rounds):
@@ -141,8 +143,10 @@ def test_persistence_and_rejoin(tmp_path):
 
 def test_restore_refuses_a_foreign_file(tmp_path):
     node = make_node()
+    node.last_round = {2: 3, 5: 1}  # per-sender freshness travels with the state
     save_agent(node, tmp_path, 3)
-    assert restore_agent(node, tmp_path) == 3
+    node.last_round = {}
+    assert restore_agent(node, tmp_path) == 3 and node.last_round == {2: 3, 5: 1}
     os.replace(state_file(tmp_path, 0), state_file(tmp_path, 1))
     node1 = make_node()
     node1.id = 1

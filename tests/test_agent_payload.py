@@ -4,13 +4,15 @@ the agent's state is untouched."""
 import pytest
 import torch
 
-from fedmerge.agent import Agent, batch_plan
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.agent import Agent, batch_plan
+from fedmerge.decentralized.delivery import Delivery, Refused
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.protocols import MergeContext, get_protocol, gossip
+from fedmerge.decentralized.receive import Receipt, receive_and_merge
 from fedmerge.errors import ValidationError
 from fedmerge.models import build_model
-from fedmerge.payload import Payload
-from fedmerge.protocols import MergeContext, gossip
 
 
 def make_agent(i=0, reference=None):
@@ -87,7 +89,7 @@ def test_bad_payloads_are_dropped_counted_and_harmless(change, reason):
     good = other.publish(round=1)
     bad = forged(good, **change)
     before = {k: v.clone() for k, v in me.state().items()}
-    accepted = me.receive([(bad, 0.5), (good, 0.25)])
+    accepted = me.receive([Delivery(1, 0.5, bad), Delivery(1, 0.25, good)])
     assert [p.sender for p, _ in accepted] == [1] and accepted[0][0] is good
     assert len(me.rejected) == 1
     assert "agent 1" in me.rejected[0]
@@ -99,14 +101,36 @@ def test_hash_mismatch_is_rejected():
     me, other = make_agent(0), make_agent(1)
     p = other.publish(round=1)
     p.tensors["head.bias"].add_(1.0)  # tampered after hashing
-    assert me.receive([(p, 1.0)]) == [] and "hash" in me.rejected[0]
+    assert me.receive([Delivery(1, 1.0, p)]) == [] and "hash" in me.rejected[0]
+
+
+def test_a_payload_must_name_the_sender_it_arrived_from():
+    me, other = make_agent(0), make_agent(1)
+    p = other.publish(round=1)
+    assert me.receive([Delivery(2, 1.0, p)]) == []
+    assert me.rejected == ["payload from agent 1 (round 1): arrived from agent 2"]
+    assert me.receive([Delivery(1, 1.0, p)]) == [(p, 1.0)] and me.last_round == {1: 1}
+
+
+def test_receive_and_merge_counts_refusals_bytes_and_merges():
+    agents = [make_agent(i) for i in range(3)]
+    before = {k: v.clone() for k, v in agents[0].state().items()}
+    good = agents[1].publish(0)
+    inbox = [Delivery(1, 0.25, good), Delivery(2, 0.25, Refused(40, "payload from agent 2: x"))]
+    got = receive_and_merge(agents[0], inbox, 0.5, get_protocol("gossip"), MergeContext(0, None))
+    assert got == Receipt(received=good.nbytes + 40, rejected=1)
+    assert agents[0].rejected == ["payload from agent 2: x"]
+    for k, v in agents[0].state().items():  # merged with the one that arrived: (2θ0 + θ1) / 3
+        want = (2 * before[k] + agents[1].state()[k]) / 3 if v.is_floating_point() else before[k]
+        assert torch.allclose(v, want, atol=1e-7), k
 
 
 def test_gossip_merge_is_the_weighted_average_over_what_arrived():
     agents = [make_agent(i) for i in range(3)]
     states = [{k: v.clone() for k, v in a.state().items()} for a in agents]
     received = [(agents[1].publish(0), 0.25), (agents[2].publish(0), 0.25)]
-    gossip(agents[0], agents[0].receive(received), 0.5, MergeContext(0, None))
+    inbox = [Delivery(p.sender, w, p) for p, w in received]
+    gossip(agents[0], agents[0].receive(inbox), 0.5, MergeContext(0, None))
     for k, v in agents[0].state().items():
         want = 0.5 * states[0][k] + 0.25 * states[1][k] + 0.25 * states[2][k]
         assert torch.allclose(v, want, atol=1e-7)

@@ -5,9 +5,9 @@ import torch
 
 from fedmerge.alignment import apply_permutation, permutation_spec, random_perms
 from fedmerge.config import load_config
-from fedmerge.consensus import aligned_distances, disagreement, distances_to_mean, flatten
+from fedmerge.decentralized.consensus import aligned_distances, disagreement, distances, flat_state
 from fedmerge.models import build_model
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ def _permuted_copies(model, k, seed=0):
 def test_aligned_distance_is_zero_for_a_model_and_its_permuted_copies(name, kw):
     model = build_model(name, in_shape=(1, 8, 8), num_classes=10, seed=3, **kw)
     spec, states = _permuted_copies(model, 4)
-    plain = distances_to_mean(torch.stack([flatten(s) for s in states]))
+    plain = distances(torch.stack([flat_state(s) for s in states]))
     aligned = aligned_distances(states, spec)
     assert min(plain[1:]) > 1.0  # the copies are far apart in parameter space ...
     assert max(aligned) < 1e-6  # ... and the same model once aligned
@@ -36,7 +36,7 @@ def test_aligned_distance_equals_the_plain_distance_for_a_shared_init():
         {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in base.state_dict().items()}
         for _ in range(5)
     ]
-    plain = distances_to_mean(torch.stack([flatten(s) for s in states]))
+    plain = distances(torch.stack([flat_state(s) for s in states]))
     assert min(plain) > 1e-3
     assert aligned_distances(states, spec) == pytest.approx(plain, rel=1e-12)
 

@@ -17,7 +17,7 @@ from fedmerge.dimat import (
     weighted_average,
 )
 from fedmerge.models import build_model
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 from fedmerge.topology import build_topology
 
 pytestmark = pytest.mark.usefixtures("one_thread")

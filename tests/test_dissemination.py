@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.continual import ContinualMerger
+from fedmerge.decentralized.payload import Payload
 from fedmerge.dissemination import Arrival, disseminate, fold_directly
 from fedmerge.errors import ConfigError
-from fedmerge.payload import Payload
 from fedmerge.topology import build_topology
 
 
@@ -109,7 +109,7 @@ def test_duplicates_recognized_by_hash_and_skipped():
 
 
 def res_check(base):
-    from fedmerge.payload import validate_payload
+    from fedmerge.decentralized.payload import validate_payload
     from fedmerge.statedict import global_norm, specs_of
 
     def check(p):

@@ -16,16 +16,12 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmerge.config import default_config, load_config
+from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.errors import ConfigError
-from fedmerge.report import IN_PROCESS_ONLY
-from fedmerge.runtimes.flower_app import (
-    RelayOptions,
-    client_app,
-    config_from_run,
-    relay,
-    run_options,
-)
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.flower.client_app import app as client_app
+from fedmerge.runtimes.flower.relay import FlowerTimeout, RelayOptions, relay
+from fedmerge.runtimes.flower.server_app import config_from_run, run_options
+from fedmerge.runtimes.local.simulator import Simulator
 
 RING4 = ["topology=ring-4", "rounds=3", "model.options.hidden=[16]", "train.steps=2",
          "vectorize=never"]  # fmt: skip
@@ -180,6 +176,16 @@ def test_every_topology_node_needs_a_partition_id(tmp_path):
     cfg = load_config(None, RING4)
     with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
         relay(grid, cfg, RelayOptions(state_dir=str(tmp_path), connect_timeout=1), None)
+
+
+def test_connect_timeout_scales_with_nodes_and_names_what_was_seen(tmp_path):
+    cfg = load_config(None, RING4)
+    assert (cfg.flower.connect_timeout(4), cfg.flower.connect_timeout(100)) == (38.0, 230.0)
+    assert load_config(None, ["flower.connect_timeout_s=5"]).flower.connect_timeout(100) == 5
+    opts = RelayOptions(state_dir=str(tmp_path), connect_timeout=0.5)
+    msg = r"after 0.5 s, 3 of the 4 SuperNodes .* \(Flower node ids \[1000, 1001, 1002\]\)"
+    with pytest.raises(FlowerTimeout, match=msg):
+        relay(LoopbackGrid(3), cfg, opts, None)
 
 
 def test_run_config_names_config_overrides_and_output(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedmerge.config import default_config
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -21,8 +21,8 @@ from safetensors.torch import save
 
 from fedmerge.checkpoint import load_state_dict
 from fedmerge.config import SimConfig, field_docs, load_config
+from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
-from fedmerge.payload import Payload, validate_payload
 from fedmerge.statedict import specs_of
 from fedmerge.stheader import parse_header
 

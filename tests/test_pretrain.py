@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from fedmerge.config import load_config
+from fedmerge.decentralized.pretrain import pretrain_generator
+from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
-from fedmerge.pretrain import pretrain_generator
-from fedmerge.simulator import Simulator, build_setup
+from fedmerge.runtimes.local.simulator import Simulator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

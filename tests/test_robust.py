@@ -7,10 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.config import load_config
-from fedmerge.dimat import dimat_merge
-from fedmerge.errors import ConfigError
-from fedmerge.models import build_model
-from fedmerge.robust import (
+from fedmerge.decentralized.robust import (
     as_state_merge,
     clip,
     krum,
@@ -20,8 +17,11 @@ from fedmerge.robust import (
     median,
     trimmed_mean,
 )
-from fedmerge.simulator import Simulator
-from fedmerge.stacked import why_not_stacked
+from fedmerge.dimat import dimat_merge
+from fedmerge.errors import ConfigError
+from fedmerge.models import build_model
+from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.runtimes.local.stacked import why_not_stacked
 
 
 def c(values, weight=1.0, **extra):

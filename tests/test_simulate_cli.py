@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fedmerge.cli import main
-from fedmerge.config import DEFAULT_RUN, default_config, dump_config, load_config
+from fedmerge.config import default_config, dump_config, load_config
 from fedmerge.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def test_default_simulation_learns_and_writes_its_report(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8 * 50 and {r["agent"] for r in rows} == set(range(8))
     assert summary["bytes_sent"] == sum(r["bytes_sent"] for r in rows) > 0
-    assert load_config(tmp_path / "config.yaml") == default_config()
+    assert load_config(tmp_path / "config.yaml") == default_config(["agents=8"])
     csv = (tmp_path / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("round,agent,active") and len(csv) == 1 + 8 * 50
     for png in ("accuracy.png", "consensus.png"):
@@ -38,7 +38,7 @@ def test_config_file_and_overrides(tmp_path, capsys):
     assert main(["simulate", str(cfg), "--set", "rounds=3", "--quiet", "--out",
                  str(tmp_path / "o")]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["rounds"] == 3 and summary["bytes_sent"] == 0 and summary["name"] == "t"
+    assert summary["rounds"] == 3 and summary["bytes_sent"] == 0 and summary["name"] == "t rounds=3"
 
 
 @pytest.mark.parametrize(
@@ -68,9 +68,9 @@ def test_config_errors_name_the_field(sets, message, capsys, tmp_path):
 def test_show_config_round_trips(capsys):
     assert main(["simulate", "--show-config", "--set", "seed=7"]) == 0
     cfg = load_config(yaml.safe_load(capsys.readouterr().out))
-    assert cfg.seed == 7 and cfg == default_config(["seed=7"])
+    assert cfg.seed == 7 and cfg == default_config(["seed=7", "name=default seed=7"])
     assert yaml.safe_load(dump_config(cfg))["protocol"]["name"] == "gossip"
-    assert "ring-8" in DEFAULT_RUN
+    assert default_config().topology == "ring-8"
 
 
 def test_unknown_nested_field_and_bad_file(tmp_path):

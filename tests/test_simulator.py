@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedmerge.config import load_config
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 SMALL = ["model.options.hidden=[16]", "data.options={}", "train.batch_size=16"]
 

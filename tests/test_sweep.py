@@ -49,3 +49,31 @@ def test_sweep_cli_runs_every_cell_and_seed(tmp_path, capsys):
     csv = (tmp_path / "o" / "table.csv").read_text().splitlines()
     assert csv[0].startswith("cell,seeds,final_global_acc") and len(csv) == 3
     assert (tmp_path / "o" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_reports_each_run_and_resumes_after_an_interruption(tmp_path, capsys):
+    spec = {"name": "r", "base": "default", "set": ["rounds=2", "topology=ring-4"],
+            "cells": [{"label": "gossip", "set": []},
+                      {"label": "local", "set": ["protocol.name=local"]}]}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "o"
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["[1/2] gossip · seed 0", "[2/2] local · seed 0"]
+    saved = {p: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert len(saved) == 2
+    first = json.loads((out / "results.json").read_text())
+    # interrupted after the local run: only its file is left
+    gossip = next(p for p, run in saved.items() if run["summary"]["bytes_sent"] > 0)
+    gossip.unlink()
+    (out / "results.json").unlink()
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "[1/2] gossip · seed 0: final global acc" in err and "s elapsed" in err
+    assert "[2/2] local · seed 0" in err and err.count("resumed from an earlier run") == 1
+    assert "1 of 2 run(s) resumed" in err
+    again = json.loads((out / "results.json").read_text())
+    for a, b in zip(first, again, strict=True):
+        assert a["runs"][0]["summary"]["final_global_acc"] == b["runs"][0]["summary"][
+            "final_global_acc"]  # fmt: skip

@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
+from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
+from fedmerge.decentralized.payload import Payload
 from fedmerge.errors import ConfigError, ValidationError
-from fedmerge.payload import Payload
-from fedmerge.report import IN_PROCESS_ONLY
-from fedmerge.runtimes import torchdist, wire
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes import torchdist
+from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.runtimes.torchdist import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 RING4 = ["topology=ring-4", "rounds=3", "vectorize=never", "distributed.timeout_s=30"]
@@ -179,7 +180,7 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
 def test_oversized_payloads_refused_before_transfer_like_the_simulator():
     """validation.max_bytes below the payload size: each receiver refuses at the header (no
     body moves) and counts the rejection exactly as the simulator's validation does."""
-    cfg = load_config(None, [*RING4, "rounds=2", "validation.max_bytes=50000"])
+    cfg = load_config(None, [*RING4, "rounds=2", "validation.max_bytes=10000"])
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
     assert all(r["rejected"] == 2 for r in rows) and rows[-1]["consensus"] > 0

@@ -3,7 +3,7 @@
 import pytest
 
 from fedmerge.config import load_config
-from fedmerge.simulator import Simulator
+from fedmerge.runtimes.local.simulator import Simulator
 
 
 def test_user_data_model_and_loss_factories():

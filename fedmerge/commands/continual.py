@@ -14,7 +14,7 @@ examples:
   fedmerge continual add runs/store experts/task_a.safetensors
   fedmerge continual add runs/store experts/task_b/ --id task-b      # HF sharded directory
   fedmerge continual status runs/store
-  fedmerge continual export runs/store -o merged.safetensors --dtype bfloat16
+  fedmerge continual export runs/store --out merged.safetensors --dtype bfloat16
 
 OPCM projects the weights of Linear layers only. In a bare checkpoint these
 are the 2-D floating tensors whose name does not match
@@ -28,11 +28,10 @@ import argparse
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from fedmerge.checkpoint import dtype_from_name
-from fedmerge.continual.methods import CONTINUAL_METHODS
-from fedmerge.continual.store import ContinualStore
 from fedmerge.registry import parse_assignments
 
 NAME = "continual"
@@ -44,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create a store over a base checkpoint")
     init.add_argument("store", help="store directory (created)")
     init.add_argument("--base", required=True, help="base checkpoint (file or sharded dir)")
-    init.add_argument("--method", default="opcm", choices=sorted(CONTINUAL_METHODS))
+    init.add_argument("--method", default="opcm", help="continual method (default opcm; above)")
     init.add_argument("--param", action="append", default=[], metavar="K=V",
                       help="method parameter, repeatable (e.g. alpha=0.5)")  # fmt: skip
     init.add_argument("--project", metavar="REGEX",
@@ -56,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--id", help="name recorded in the manifest (default: file name)")
     export = sub.add_parser("export", help="write the current merge as safetensors")
     export.add_argument("store")
-    export.add_argument("-o", "--output", required=True, help="OUT.safetensors or a directory")
+    export.add_argument("-o", "--out", "--output", dest="out", required=True,
+                        help="OUT.safetensors or a directory (as merge -o/--out)")  # fmt: skip
     export.add_argument("--dtype", help="cast floating tensors (float32, bfloat16, ...)")
     status = sub.add_parser("status", help="show steps, experts, norms and λ")
     status.add_argument("store")
@@ -64,24 +64,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmerge.checkpoint import dtype_from_name
+    from fedmerge.continual.store import ContinualStore
+
     console = Console()
     if args.action == "init":
         params = parse_assignments(args.param)
         store = ContinualStore.init(args.store, args.base, args.method, params, args.project,
                                     args.no_project)  # fmt: skip
         m = store.manifest()
-        console.print(f"created {args.store}: {m['method']} {m['params']}, "
+        console.print(f"created {escape(args.store)}: {m['method']} {escape(str(m['params']))}, "
                       f"{len(m['projectable'])} projected keys")  # fmt: skip
     elif args.action == "add":
-        with console.status(f"adding {args.expert}"):
+        with console.status(f"adding {escape(args.expert)}"):
             rec = ContinualStore(args.store).add(args.expert, args.id)
         lam = "" if rec["lambda"] is None else f", λ={rec['lambda']:.4f}"
-        console.print(f"step {rec['step']}: added {rec['id']!r} (‖τ‖={rec['tau_norm']:.4g}, "
+        console.print(f"step {rec['step']}: added {escape(repr(rec['id']))} "
+                      f"(‖τ‖={rec['tau_norm']:.4g}, "
                       f"‖θ−θ0‖={rec['merged_norm']:.4g}{lam})")  # fmt: skip
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
-        m = ContinualStore(args.store).export(args.output, dtype)
-        console.print(f"wrote {args.output}: {m['method']} merge of {m['step']} expert(s)")
+        m = ContinualStore(args.store).export(args.out, dtype)
+        console.print(f"wrote {escape(str(args.out))}: {m['method']} merge of {m['step']} expert(s)")
     else:
         m = ContinualStore(args.store).manifest()
         if args.json:
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 def status_table(m: dict) -> Table:
     """One row per expert: step, id, hash, time, ‖τ_i‖, ‖θ^(t) − θ_0‖, λ_t."""
-    title = (f"{m['method']} {m['params']} · step {m['step']} · "
+    title = (f"{m['method']} {escape(str(m['params']))} · step {m['step']} · "
              f"{len(m['projectable'])} projected keys")  # fmt: skip
     table = Table(title=title)
     for col in ("step", "id", "sha256", "added (UTC)", "‖τ‖", "‖θ−θ0‖", "λ"):
@@ -101,6 +105,6 @@ def status_table(m: dict) -> Table:
     for rec in m["experts"]:
         lam = "–" if rec["lambda"] is None else f"{rec['lambda']:.4f}"
         when = rec["added_at"].replace("T", " ")[:19]
-        table.add_row(str(rec["step"]), rec["id"], rec["hash"][:12], when,
+        table.add_row(str(rec["step"]), Text(rec["id"]), rec["hash"][:12], when,
                       f"{rec['tau_norm']:.4g}", f"{rec['merged_norm']:.4g}", lam)  # fmt: skip
     return table

@@ -9,7 +9,8 @@ Everything is validated (method, parameters, keys, shapes, dtypes, NaN/Inf);
 on an error nothing is written.
 
 examples:
-  fedmerge merge --list
+  fedmerge merge --list                  # every method, what it does, its parameters
+  fedmerge merge --list ties             # one method's parameters: default, range, meaning
   fedmerge merge ties --base ref.safetensors a.safetensors b.safetensors -o out.safetensors
   fedmerge merge ties --base ref/ a/ b/ c/ -o merged/ --param density=0.2 --param scope=global
   fedmerge merge task_arithmetic --base ref.safetensors a.safetensors b.safetensors \\
@@ -26,13 +27,10 @@ import argparse
 import re
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
 from fedmerge.errors import ConfigError
-from fedmerge.merging import METHODS, merge_checkpoints
-from fedmerge.merging.engine import keep_freed_memory
-from fedmerge.registry import parse_assignments
 
 NAME = "merge"
 EXTRA_POSITIONALS = "experts"  # experts may also follow the options
@@ -65,7 +63,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("method", nargs="?", help="merge method (see --list)")
     parser.add_argument("experts", nargs="*", metavar="EXPERT", help="fine-tuned checkpoints")
-    parser.add_argument("--list", action="store_true", help="list methods and parameters, exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the methods (with METHOD: its parameters) and exit")  # fmt: skip
     parser.add_argument("--base", metavar="REF", help="reference checkpoint θ_ref")
     parser.add_argument("-o", "--out", metavar="OUT", help="output .safetensors file or directory")
     parser.add_argument(
@@ -79,29 +78,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16", "float64"],
         help="output dtype of merged tensors (default: the reference's)",
     )
-    parser.add_argument("--max-shard-size", default=f"{DEFAULT_SHARD_BYTES}B", metavar="SIZE",
+    parser.add_argument("--max-shard-size", metavar="SIZE",
                         help="shard the output above this size (default 4GiB)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
 
-def method_table() -> Table:
-    """One section per method: its definition, then one row per parameter."""
-    table = Table(title="fedmerge merge methods")
-    for col in ("method", "parameter", "default", "range", "meaning"):
+def method_table(method: str | None = None) -> Table:
+    """Without ``method``: one row per method, what it does and its parameters' defaults.
+    With it: that method's parameters, one row each (default, range, meaning)."""
+    from fedmerge.merging import METHODS, get_method
+
+    if method is None:
+        table = Table(title="fedmerge merge methods",
+                      caption="fedmerge merge --list METHOD: its parameters in full")  # fmt: skip
+        table.add_column("method", style="bold", no_wrap=True)
+        table.add_column("what it does · parameters (defaults)")
+        for name in sorted(METHODS):
+            m = METHODS[name]
+            params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "none"
+            table.add_row(name, f"{m.doc}\n[dim]{params}[/]")
+        return table
+    m = get_method(method)
+    table = Table(title=f"{method}: {m.doc}", caption=m.reference)
+    for col in ("parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
-    for name in sorted(METHODS):
-        m = METHODS[name]
-        table.add_row(f"[bold]{name}[/]", "", "", "", f"{m.doc} [dim]{m.reference}[/]")
-        for p in m.params:
-            table.add_row("", p.name, repr(p.default), p.range_text(), p.doc)
-        table.add_section()
+    for p in m.params:
+        table.add_row(p.name, repr(p.default), p.range_text(), p.doc)
     return table
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
     if args.list:
-        console.print(method_table())
+        console.print(method_table(args.method))
         return 0
     if not args.method:
         raise ConfigError("give a METHOD (see 'fedmerge merge --list')")
@@ -110,7 +119,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
+    from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
+    from fedmerge.merging import merge_checkpoints
+    from fedmerge.merging.engine import keep_freed_memory
+    from fedmerge.registry import parse_assignments
+
     keep_freed_memory()
+    shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
     report = merge_checkpoints(
         args.method,
         args.base,
@@ -120,16 +135,17 @@ def run(args: argparse.Namespace) -> int:
         params=parse_assignments(args.param),
         fisher_paths=args.fisher,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
-        max_shard_bytes=parse_size(args.max_shard_size),
+        max_shard_bytes=shard,
         progress=not args.no_progress,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-")
+    params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-"
+    table.add_row("parameters", escape(params))
     table.add_row("weights", ", ".join(f"{w:g}" for w in report.weights))
     table.add_row("tensors", f"{report.merged_keys} merged, {report.keys - report.merged_keys} "
                   "copied from the reference")  # fmt: skip
     table.add_row("elements", f"{report.elements:,}")
-    table.add_row("output", "\n".join(str(f) for f in report.files))
+    table.add_row("output", escape("\n".join(str(f) for f in report.files)))
     table.add_row("time", f"{report.seconds:.2f} s")
     console.print(table)
     return 0

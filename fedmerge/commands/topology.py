@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from fedmerge.topology import RoundPlan, Topology, build_topology, list_presets, resolve_spec
+if TYPE_CHECKING:
+    from fedmerge.topology import RoundPlan, Topology
 
 NAME = "topology"
 HELP = "show, list and draw communication topologies (graphs + mixing weights)"
@@ -66,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return _list()
+    from fedmerge.topology import RoundPlan, build_topology
+
     topo = build_topology(args.spec, n=args.n, seed=args.seed, overrides=args.overrides)
     report = topo.analyze()
     plan = None
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         static = RoundPlan(round=0, mixing=topo.mixing, kind="static W")
         console.print(_neighbour_table(topo, plan or static))
     if args.plot:
-        console.print(f"wrote {report['plot']}")
+        console.print(f"wrote {escape(report['plot'])}")
     return 0
 
 
@@ -92,7 +96,7 @@ def _plan_summary(plan: RoundPlan) -> dict[str, Any]:
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"topology {report['name']}", show_header=False)
+    table = Table(title=f"topology {escape(str(report['name']))}", show_header=False)
     table.add_column("property", style="bold")
     table.add_column("value")
     diameter = report["diameter"]
@@ -139,7 +143,7 @@ def _summary_table(report: dict[str, Any]) -> Table:
             )
         )
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     return table
 
 
@@ -154,22 +158,28 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
     for i, row in enumerate(plan.neighbors):
         own = next((w for j, w in row if j == i), 0.0)
         others = ", ".join(f"{j}: {w:.3f}" for j, w in row if j != i)
-        label = str(i) if topo.labels is None else f"{i} ({topo.labels[i]})"
+        label = str(i) if topo.labels is None else escape(f"{i} ({topo.labels[i]})")
         table.add_row(label, f"{own:.3f}", others or "-")
     return table
 
 
 def _list() -> int:
-    table = Table(title="topology presets (topologies/*.yaml)")
-    for col in ("name", "graph", "n", "mixing", "schedule"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("description", min_width=20)
+    from fedmerge.topology.specs import list_presets, resolve_spec
+
+    table = Table(title="topology presets (topologies/*.yaml)",
+                  caption="use one as SPEC, or in a config: topology: NAME")  # fmt: skip
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    table.add_column("graph · mixing · schedule, and what it is")
     for name in list_presets():
         spec = resolve_spec(name)
         schedule = spec["schedule"]
         kind = schedule if isinstance(schedule, str) else schedule.get("kind", "static")
         n = spec["n"] if spec["n"] is not None else _count(spec)
-        table.add_row(name, spec["graph"], str(n), spec["mixing"], kind, spec["description"] or "")
+        what = escape(f"{spec['graph']} · {spec['mixing']} · {kind}")
+        if spec["description"]:
+            what += f"\n[dim]{escape(spec['description'])}[/]"
+        table.add_row(escape(name), str(n), what)
     Console().print(table)
     return 0
 

@@ -1,7 +1,8 @@
 """Gossip with Byzantine neighbours: plain averaging against the robust rules.
 
 For each topology (ring-16 and torus-4x4 by default) and each number k of Byzantine nodes
-(0, 1, 3; placed at random, seeded), every aggregation rule of :mod:`fedmerge.robust` runs
+(0, 1, 3; placed at random, seeded), every aggregation rule of
+:mod:`fedmerge.decentralized.robust` runs
 the default gossip simulation (IID digits, one shared init, 2 SGD steps per round) with
 the Byzantine nodes sending sign-flipped task vectors scaled by 4 (−4τ: it passes the
 norm check). The score is the final global test accuracy averaged over the honest nodes.
@@ -29,8 +30,8 @@ from rich.table import Table
 
 from fedmerge.atomic import atomic_write_bytes, atomic_write_text
 from fedmerge.config import default_config
-from fedmerge.robust import RULES
-from fedmerge.simulator import Simulator
+from fedmerge.decentralized.robust import RULES
+from fedmerge.runtimes.local.simulator import Simulator
 
 BASE = ["data.partition=iid", "vectorize=never", "faults.byzantine.attack=sign_flip"]
 

@@ -34,7 +34,13 @@ from typing import Any, Protocol
 
 import torch
 
-from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointWriter,
+    TensorSpec,
+    check_output,
+    open_checkpoint,
+)
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
@@ -320,8 +326,8 @@ def merge_checkpoints(
     start = time.perf_counter()
     inputs = [Path(base_path), *map(Path, expert_paths), *map(Path, fisher_paths)]
     out = Path(out_path)
-    if any(out.resolve() == p.resolve() for p in inputs):
-        raise ConfigError(f"{out}: output would overwrite an input")
+    named = {"base": base_path, **{f"expert {i + 1}": p for i, p in enumerate(expert_paths)}}
+    check_output(out, named | {f"fisher {i + 1}": p for i, p in enumerate(fisher_paths)})
     with ExitStack() as stack:
         cks = [stack.enter_context(open_checkpoint(p)) for p in inputs]
         k = len(expert_paths)

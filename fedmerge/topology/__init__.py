@@ -13,29 +13,26 @@ Modules: :mod:`.graphs` (generators, files, checks), :mod:`.mixing` (rules → W
 diameter), :mod:`.specs` (presets, YAML, overrides), :mod:`.draw` (PNG).
 """
 
-from fedmerge.topology.analysis import rounds_to_shrink, second_eigenvalue_modulus, spectral_gap
-from fedmerge.topology.build import Topology, build_topology
-from fedmerge.topology.graphs import GENERATORS, make_graph, write_graph
-from fedmerge.topology.mixing import MIXING_RULES, mixing_matrix, stochasticity
-from fedmerge.topology.schedules import SCHEDULES, RoundPlan, make_schedule
-from fedmerge.topology.specs import list_presets, preset_path, resolve_spec
+from fedmerge.lazy import lazy_exports
 
-__all__ = [
-    "GENERATORS",
-    "MIXING_RULES",
-    "SCHEDULES",
-    "RoundPlan",
-    "Topology",
-    "build_topology",
-    "list_presets",
-    "make_graph",
-    "make_schedule",
-    "mixing_matrix",
-    "preset_path",
-    "resolve_spec",
-    "rounds_to_shrink",
-    "second_eigenvalue_modulus",
-    "spectral_gap",
-    "stochasticity",
-    "write_graph",
-]
+_EXPORTS = {
+    "GENERATORS": ("fedmerge.topology.graphs",),
+    "MIXING_RULES": ("fedmerge.topology.mixing",),
+    "SCHEDULES": ("fedmerge.topology.schedules",),
+    "RoundPlan": ("fedmerge.topology.schedules",),
+    "Topology": ("fedmerge.topology.build",),
+    "build_topology": ("fedmerge.topology.build",),
+    "list_presets": ("fedmerge.topology.specs",),
+    "make_graph": ("fedmerge.topology.graphs",),
+    "make_schedule": ("fedmerge.topology.schedules",),
+    "mixing_matrix": ("fedmerge.topology.mixing",),
+    "preset_path": ("fedmerge.topology.specs",),
+    "resolve_spec": ("fedmerge.topology.specs",),
+    "rounds_to_shrink": ("fedmerge.topology.analysis",),
+    "second_eigenvalue_modulus": ("fedmerge.topology.analysis",),
+    "spectral_gap": ("fedmerge.topology.analysis",),
+    "stochasticity": ("fedmerge.topology.mixing",),
+    "write_graph": ("fedmerge.topology.graphs",),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

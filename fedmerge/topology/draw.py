@@ -1,9 +1,11 @@
 """Draw a topology to PNG (matplotlib, Agg backend: no display needed).
 
-Nodes carry their index (and self weight W_ii for small graphs); edges carry W_ij
-when the graph has at most :data:`LABEL_MAX_N` nodes. Rings, complete graphs,
-exponential graphs and small worlds use a circular layout, stars a hub-and-shell
-one, everything else a seeded spring layout.
+Nodes carry their index (and self weight W_ii for small graphs: the share of its own model
+a node keeps when it averages); edges carry W_ij when the graph has at most
+:data:`LABEL_MAX_N` nodes and :data:`EDGE_LABEL_MAX` edges, or one caption line says the
+weight when every edge has the same. A caption under the drawing explains the labels.
+Rings, complete graphs, exponential graphs and small worlds use a circular layout, stars a
+hub-and-shell one, everything else a seeded spring layout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from fedmerge.topology.schedules import RoundPlan
 
 LABEL_MAX_N = 40
+EDGE_LABEL_MAX = 40
 CIRCULAR = ("ring", "complete", "exponential", "watts_strogatz")
 
 
@@ -32,6 +35,23 @@ def _layout(topo: Topology) -> dict[int, tuple[float, float]]:
     if graph in CIRCULAR:
         return nx.circular_layout(topo.graph)
     return nx.spring_layout(topo.graph, seed=topo.seed)
+
+
+def _edge_texts(g: nx.Graph) -> dict[tuple[int, int], str]:
+    return {(i, j): f"{d['weight']:.2f}" for i, j, d in g.edges(data=True)}
+
+
+def _caption(g: nx.Graph) -> str:
+    """What the labels mean: node = index over its self weight W_ii; the edge weights."""
+    texts = set(_edge_texts(g).values())
+    if len(texts) == 1:
+        edges = f"every edge: W_ij = W_ji = {texts.pop()}"
+    elif g.number_of_edges() <= EDGE_LABEL_MAX:
+        edges = "edge label: W_ij"
+    else:
+        edges = "edge weights: fedmerge topology show"
+    own = "node label: index over its self weight W_ii (the share of its own model it keeps)"
+    return f"{own}\n{edges}"
 
 
 def draw_topology(
@@ -63,8 +83,10 @@ def draw_topology(
             diag = w.diagonal()
             labels = {i: f"{i}\n{diag[i]:.2f}" for i in range(topo.n)}
             nx.draw_networkx_labels(g, pos, labels=labels, ax=ax, font_size=7)
-            weights = {(i, j): f"{d['weight']:.2f}" for i, j, d in g.edges(data=True)}
-            nx.draw_networkx_edge_labels(g, pos, edge_labels=weights, ax=ax, font_size=6)
+            fig.text(0.5, 0.02, _caption(g), ha="center", fontsize=8)
+            if len(set(_edge_texts(g).values())) > 1 and g.number_of_edges() <= EDGE_LABEL_MAX:
+                nx.draw_networkx_edge_labels(g, pos, edge_labels=_edge_texts(g), ax=ax,
+                                             font_size=6)  # fmt: skip
         when = "" if plan is None else f", round {plan.round} ({plan.kind})"
         ax.set_title(f"{topo.name}: n={topo.n}, {topo.rule}{when}")
         ax.set_axis_off()

@@ -1,7 +1,7 @@
 """Consensus measures: how far apart the agents' models are, three ways.
 
 - ``consensus`` — the plain parameter distance ‖θ_i − θ̄‖ (θ̄ the mean over agents), from
-  :func:`distances_to_mean`. Meaningful when the agents share one coordinate system (one
+  :func:`distances`. Meaningful when the agents share one coordinate system (one
   shared init, gossip on task vectors). It is **not** invariant to permutations of hidden
   units: two agents computing the same function with their units in another order are far
   apart by it, so for DIMAT from different inits it reports distances that mean nothing.
@@ -18,34 +18,34 @@
 
 >>> disagreement(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]))
 [0.125, 0.25, 0.125]
->>> distances_to_mean(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+>>> distances(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
 [1.0, 1.0]
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from fedmerge.alignment import apply_permutation, permutation_spec, weight_matching
 from fedmerge.alignment.spec import PermutationSpec
 from fedmerge.config import MetricsConfig
+from fedmerge.decentralized.engine import Engine
 from fedmerge.errors import ConfigError
 from fedmerge.statedict import StateDict, is_mergeable
 
-Engine = Any  # the simulator's engines: flat(), states(), predictions()
 
-
-def flatten(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def flat_state(state: StateDict) -> torch.Tensor:
     """(P,) float64: the floating entries of ``state``, flattened in key order."""
     return torch.cat([v.reshape(-1) for v in state.values() if is_mergeable(v)]).double()
 
 
-def distances_to_mean(flat: torch.Tensor) -> list[float]:
-    """‖θ_i − θ̄‖ for every row of ``flat`` (n, P)."""
-    return (flat - flat.mean(0)).norm(dim=1).tolist()
+def distances(flat: torch.Tensor, mean: torch.Tensor | None = None) -> list[float]:
+    """‖θ_i − θ̄‖ for the rows of ``flat`` (n, P); θ̄ (P,) defaults to the rows' mean (a
+    runtime that holds only some rows passes the mean it all-reduced)."""
+    centre = flat.mean(0) if mean is None else mean
+    return (flat - centre).norm(dim=1).tolist()
 
 
 def aligned_distances(
@@ -58,7 +58,7 @@ def aligned_distances(
         s if i == reference else apply_permutation(spec, weight_matching(spec, ref, s, seed), s)
         for i, s in enumerate(states)
     ]
-    return distances_to_mean(torch.stack([flatten(s) for s in aligned]))
+    return distances(torch.stack([flat_state(s) for s in aligned]))
 
 
 def disagreement(predictions: torch.Tensor) -> list[float]:
@@ -84,7 +84,7 @@ def measures(
     architecture (for its permutation spec); ``init`` the config's ``model.init``: with
     ``aligned_consensus: auto`` the aligned distance is computed for ``different`` only,
     and only for models that have a permutation spec."""
-    out: dict[str, list[float] | None] = {"consensus": distances_to_mean(engine.flat())}
+    out: dict[str, list[float] | None] = {"consensus": distances(engine.flat())}
     mode = cfg.aligned_consensus
     spec = None
     if mode == "always" or (mode == "auto" and init == "different"):

@@ -7,7 +7,7 @@ tensor's bytes, each starting on an 8-byte boundary so the receiver takes typed 
 of the buffer instead of copies. Nothing is ever unpickled.
 
 >>> import torch
->>> from fedmerge.payload import Payload
+>>> from fedmerge.decentralized.payload import Payload
 >>> p = Payload.make({"w": torch.ones(2, 3), "b": torch.zeros(3)}, sender=4, round=1,
 ...                  samples=10, kind="delta")
 >>> header, body = pack(p)
@@ -26,8 +26,8 @@ import math
 import torch
 
 from fedmerge.checkpoint import dtype_from_name
+from fedmerge.decentralized.payload import KINDS, Payload
 from fedmerge.errors import ValidationError
-from fedmerge.payload import KINDS, Payload
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
 HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]
@@ -93,7 +93,7 @@ def unpack(header: torch.Tensor, body: torch.Tensor) -> Payload:
 
     Checks the layout only (table, dtypes, offsets inside the buffer); keys, shapes, the
     content hash, finiteness and norm are the receiving agent's checks
-    (:func:`fedmerge.payload.validate_payload`), as in the simulator.
+    (:func:`fedmerge.decentralized.payload.validate_payload`), as in the simulator.
     """
     _, _, sender, round_, samples, kind, table_len, data_len, _ = header.tolist()
     where = f"payload from agent {sender} (round {round_})"

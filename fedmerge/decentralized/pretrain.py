@@ -3,10 +3,11 @@ its own init (DIMAT's protocol: 100 epochs of Adam at 1e-3, then merge-and-train
 
 The phase is ``pretrain`` in the config (:class:`~fedmerge.config.PretrainConfig`: the
 fields of ``train``, with epochs 0 by default, meaning no phase). It runs with the
-agent's own trainer (:meth:`fedmerge.agent.Agent.train`, one optimizer for the whole
+agent's own trainer (:meth:`fedmerge.decentralized.agent.Agent.train`, one optimizer for the whole
 phase) on batches drawn from a generator of its own (:func:`pretrain_generator`), so the
 rounds' batch orders are the same with or without it, and every runtime that builds its
-agents from :meth:`fedmerge.simulator.Setup.model` starts from the same pre-trained models.
+agents from :meth:`fedmerge.decentralized.setup.Setup.model` starts from the same
+pre-trained models.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedmerge.agent import Agent, make_loss
 from fedmerge.config import SimConfig
 from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.agent import Agent, make_loss
 from fedmerge.statedict import StateDict
 
 

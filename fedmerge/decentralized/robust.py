@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from fedmerge.errors import ConfigError
+from fedmerge.registry import Entry, Param, Registry
 from fedmerge.statedict import StateDict, is_mergeable
 
 Tensors = Mapping[str, torch.Tensor]
@@ -136,21 +137,41 @@ def krum(own: Contribution, others: Sequence[Contribution], *, f: int) -> StateD
 
 
 Rule = Callable[[Contribution, Sequence[Contribution]], StateDict]
-RULES = ("mean", "clip", "median", "trimmed_mean", "krum")
+
+
+@dataclass(frozen=True)
+class RuleEntry(Entry):
+    """A registered aggregation rule; ``fields``: the ``protocol.*`` config field that sets
+    each declared parameter, in order."""
+
+    fields: tuple[str, ...] = ()
+
+
+RULES: Registry[RuleEntry] = Registry(
+    "aggregation rule", field="protocol.aggregation", entry=RuleEntry
+)
+# fmt: off
+RULES.add("mean", mean)
+RULES.add("clip", clip,
+          Param("tau", float, 1.0, "radius = tau × lower median of neighbour distances",
+                low=0.0, low_open=True),
+          Param("bound", float, 0.0, "a fixed radius instead (0: use tau)", low=0.0),
+          fields=("clip_tau", "clip_bound"))
+RULES.add("median", median)
+RULES.add("trimmed_mean", trimmed_mean,
+          Param("beta", float, 0.2, "share trimmed from each end", low=0.0, high=0.5),
+          fields=("trim_beta",))
+RULES.add("krum", krum, Param("f", int, 1, "Byzantine neighbours tolerated", low=0),
+          fields=("krum_f",))
+# fmt: on
 
 
 def make_rule(cfg) -> Rule:
-    """The rule named by ``cfg.aggregation`` (a ProtocolConfig) bound to its parameters."""
-    name = cfg.aggregation
-    if name == "clip":
-        return partial(clip, tau=cfg.clip_tau, bound=cfg.clip_bound)
-    if name == "trimmed_mean":
-        return partial(trimmed_mean, beta=cfg.trim_beta)
-    if name == "krum":
-        return partial(krum, f=cfg.krum_f)
-    if name in ("mean", "median"):
-        return {"mean": mean, "median": median}[name]
-    raise ConfigError(f"protocol.aggregation: unknown {name!r}; use one of {', '.join(RULES)}")
+    """The rule named by ``cfg.aggregation`` (a ProtocolConfig) bound to its parameters,
+    read from the config fields the rule declares."""
+    entry = RULES.lookup(cfg.aggregation)
+    given = {p.name: getattr(cfg, f) for p, f in zip(entry.params, entry.fields, strict=True)}
+    return partial(entry.target, **entry.resolve(given))
 
 
 def as_state_merge(rule: Rule) -> Callable[[Sequence[Tensors], Sequence[float]], StateDict]:

@@ -14,15 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fedmerge.adversary import freshest
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.adversary import freshest
+from fedmerge.decentralized.delivery import Delivery
+from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.errors import ValidationError
 from fedmerge.factory import import_factory
-from fedmerge.payload import Payload, validate_payload
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
 
-log = logging.getLogger("fedmerge.agent")
+log = logging.getLogger("fedmerge.decentralized.agent")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -110,19 +111,27 @@ class Agent:
             self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
 
-    def receive(self, inbox: Sequence[tuple[Payload, float]]) -> list[tuple[Payload, float]]:
-        """The (payload, weight) pairs that pass validation; the others are dropped, counted
+    def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
+        """The (payload, π_ij) pairs that pass validation; the others are dropped, counted
         in :attr:`rejected` and logged with the sender and the reason. State is untouched.
-        Of valid payloads, one per sender is kept, the newest, and only if newer than the
-        last accepted from it (duplicates, stale and replayed ones are rejected)."""
+        A payload must name the sender the transport says it came from (``source``). Of
+        valid payloads, one per sender is kept, the newest, and only if newer than the last
+        accepted from it (:attr:`last_round`; duplicates, stale and replayed ones are
+        rejected)."""
         own = self.tensors()
         specs, own_norm = specs_of(own), global_norm(self.state())
         limit = self.validation.max_bytes or 2 * sum(
             t.numel() * t.element_size() for t in own.values()
         )
         accepted = []
-        for payload, weight in inbox:
+        for d in deliveries:
+            payload = d.item
             try:
+                if payload.sender != d.source:
+                    raise ValidationError(
+                        f"payload from agent {payload.sender} (round {payload.round}): "
+                        f"arrived from agent {d.source}"
+                    )
                 validate_payload(
                     payload, kind=self.kind, specs=specs, own_norm=own_norm,
                     max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
@@ -131,7 +140,7 @@ class Agent:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
                 continue
-            accepted.append((payload, weight))
+            accepted.append((payload, d.weight))
         accepted, stale = freshest(accepted, self.last_round)
         for reason in stale:
             self.rejected.append(reason)

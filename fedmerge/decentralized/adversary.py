@@ -12,9 +12,9 @@ against duplicated and replayed payloads.
 - **Reordering** (``faults.reorder``): a payload is held back one round and arrives after
   that round's fresh payloads.
 
-:func:`freshest` is what :meth:`fedmerge.agent.Agent.receive` applies first: at most one
-payload per sender per round (the newest), and none older than what was already accepted
-from that sender; the rest are rejected as duplicates or stale, and counted.
+:func:`freshest` is what :meth:`~fedmerge.decentralized.agent.Agent.receive` applies: at
+most one payload per sender per round (the newest), and none older than what was already
+accepted from that sender; the rest are rejected as duplicates or stale, and counted.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from fedmerge.config import ByzantineConfig, SimConfig
+from fedmerge.decentralized.delivery import Inbox
+from fedmerge.decentralized.payload import Payload
 from fedmerge.errors import ConfigError
-from fedmerge.payload import Payload
-
-Inbox = dict[int, list[tuple[Payload, float]]]
 
 
 def byzantine_nodes(cfg: ByzantineConfig, graph: nx.Graph, seed: int) -> frozenset[int]:
@@ -120,28 +119,3 @@ def freshest(
         else:
             kept.append((p, w))
     return kept, reasons
-
-
-def why_per_agent(cfg: SimConfig) -> str | None:
-    """Why these faults need the per-agent engine, or None."""
-    f = cfg.faults
-    if f.byzantine.count or f.byzantine.nodes:
-        return "Byzantine nodes (faults.byzantine)"
-    if f.duplicate or f.reorder:
-        return "message duplication / reordering"
-    if f.state_dir or f.rejoin != "memory":
-        return "per-node persistence / rejoin (faults.state_dir, faults.rejoin)"
-    return None
-
-
-def require_no_simulated_attacks(cfg: SimConfig, runtime: str) -> None:
-    """Byzantine nodes, duplication, reordering and persisted rejoins are injected by the
-    in-process simulator only; a runtime that moves real messages refuses them by name."""
-    f = cfg.faults
-    used = [name for name, on in (
-        ("faults.byzantine.count", f.byzantine.count > 0), ("faults.duplicate", f.duplicate > 0),
-        ("faults.reorder", f.reorder > 0), ("faults.state_dir", bool(f.state_dir)),
-        ("faults.rejoin", f.rejoin != "memory"),
-    ) if on]  # fmt: skip
-    if used:
-        raise ConfigError(f"{', '.join(used)}: simulated by runtime local only, not {runtime}")

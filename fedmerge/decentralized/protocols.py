@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmerge.agent import Agent
 from fedmerge.config import SimConfig
+from fedmerge.decentralized.agent import Agent
+from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.robust import as_state_merge, make_rule
 from fedmerge.dimat import dimat_merge, uniform_over
-from fedmerge.errors import ConfigError
-from fedmerge.payload import Payload
-from fedmerge.robust import as_state_merge, make_rule
+from fedmerge.registry import Entry, Registry
 
 
 @dataclass
@@ -51,24 +51,27 @@ MergeFn = Callable[[Agent, Received, float, MergeContext], None]
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """``merge`` None: agents never communicate. ``full_weights``: payloads carry θ even with a
-    shared init. ``vectorizable``: the stacked path computes the same merge as a W product.
+class Protocol(Entry):
+    """A registered protocol; its ``target`` is the merge function (None: agents never
+    communicate). ``full_weights``: payloads carry θ even with a shared init.
+    ``vectorizable``: the stacked path computes the same merge as a W product.
     ``schedule``: the topology schedule the protocol imposes; ``pool_data``: one agent on
-    the union of all data."""
+    the union of all data; ``options``: fixed settings of the merge function."""
 
-    name: str
-    merge: MergeFn | None
     full_weights: bool = False
     vectorizable: bool = False
     schedule: str | None = None
     pool_data: bool = False
     options: dict = field(default_factory=dict)
 
+    @property
+    def merge(self) -> MergeFn | None:
+        return self.target
+
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]
@@ -108,20 +111,22 @@ def dimat(agent: Agent, received: Received, self_weight: float, ctx: MergeContex
     agent.model.load_state_dict(merged)
 
 
-PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in (
-        Protocol("gossip", gossip, vectorizable=True),
-        Protocol("local", None, vectorizable=True),
-        Protocol("centralized", None, vectorizable=True, pool_data=True),
-        Protocol("single_global_merge", gossip, vectorizable=True, schedule="sparse_then_complete"),
-        Protocol("dimat", dimat, full_weights=True, options={"method": "activation"}),
-        Protocol("dimat_wm", dimat, full_weights=True, options={"method": "weight"}),
-    )
-}
+PROTOCOLS: Registry[Protocol] = Registry("protocol", field="protocol.name", entry=Protocol)
+# fmt: off
+PROTOCOLS.add("gossip", gossip, vectorizable=True,
+              doc="mixing-weighted averaging of τ or θ with the neighbours (D-PSGD)")
+PROTOCOLS.add("local", None, vectorizable=True, doc="local training only, no communication")
+PROTOCOLS.add("centralized", None, vectorizable=True, pool_data=True,
+              doc="one model trained on the union of all data (the upper line)")
+PROTOCOLS.add("single_global_merge", gossip, vectorizable=True, schedule="sparse_then_complete",
+              doc="sparse random gossip, then one complete merge in the last round")
+PROTOCOLS.add("dimat", dimat, full_weights=True, options={"method": "activation"},
+              doc="DIMAT: align neighbours by activation matching, average, train")
+PROTOCOLS.add("dimat_wm", dimat, full_weights=True, options={"method": "weight"},
+              doc="DIMAT with weight matching instead of activation matching")
+# fmt: on
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ConfigError(f"protocol.name: unknown {name!r}; use one of {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    """The registered protocol ``name`` (a ConfigError naming ``protocol.name`` otherwise)."""
+    return PROTOCOLS.lookup(name)

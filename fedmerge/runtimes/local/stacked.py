@@ -5,7 +5,7 @@ each agent's minibatch gathered from its padded data (a mask marks real samples,
 loss is each agent's own batch mean) and SGD/Adam written out with a per-agent step mask
 (an agent without a batch at a step does not move). Mixing is one sparse product
 Θ ← W Θ over the (agents, parameters) matrix. Batch orders come from the same per-agent
-generators as :class:`~fedmerge.agent.Agent`, so both paths see identical batches.
+generators as :class:`~fedmerge.decentralized.agent.Agent`, so both paths see identical batches.
 
 Used for buffer-free models (no BatchNorm statistics) with cross-entropy and a protocol
 that is a W product (gossip, local, centralized, single global merge).
@@ -20,20 +20,33 @@ import scipy.sparse as sp
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedmerge.adversary import why_per_agent
-from fedmerge.agent import agent_generator, batch_plan
+from fedmerge.decentralized.agent import agent_generator, batch_plan
+from fedmerge.decentralized.faults import faults_in_use
+from fedmerge.decentralized.setup import Setup
+from fedmerge.decentralized.traffic import Traffic
 from fedmerge.topology import RoundPlan
 
 EVAL_CHUNK = 256  # agents evaluated per vmap call: bounds activation memory
 
 
-def why_not_stacked(setup) -> str | None:
+PER_AGENT_FAULTS = {
+    "byzantine": "Byzantine nodes (faults.byzantine)",
+    "duplicate": "message duplication / reordering",
+    "reorder": "message duplication / reordering",
+    "state_dir": "per-node persistence / rejoin (faults.state_dir, faults.rejoin)",
+    "rejoin": "per-node persistence / rejoin (faults.state_dir, faults.rejoin)",
+}
+"""Faults the stacked engine cannot express, and why (they act on single payloads/agents)."""
+
+
+def why_not_stacked(setup: Setup) -> str | None:
     """None if the stacked path applies to ``setup``, else the reason it does not."""
     cfg = setup.config
     if not setup.protocol.vectorizable:
         return f"protocol {setup.protocol.name!r} merges per agent"
-    if why_per_agent(cfg):
-        return why_per_agent(cfg)
+    per_agent = [PER_AGENT_FAULTS[k] for k in faults_in_use(cfg.faults) if k in PER_AGENT_FAULTS]
+    if per_agent:
+        return per_agent[0]
     if cfg.protocol.aggregation != "mean":
         return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
     if cfg.train.loss != "cross_entropy":
@@ -54,11 +67,12 @@ def _pad(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StackedEngine:
-    """Every agent at once; same interface as :class:`~fedmerge.simulator.AgentEngine`."""
+    """Every agent at once; an :class:`~fedmerge.decentralized.engine.Engine` like the
+    per-agent one."""
 
     name = "vectorized"
 
-    def __init__(self, setup) -> None:
+    def __init__(self, setup: Setup) -> None:
         self.setup, cfg = setup, setup.config
         models = [setup.model(i) for i in range(setup.n)]
         self.template = models[0]
@@ -109,9 +123,7 @@ class StackedEngine:
 
     # --- communication ---------------------------------------------------------------
 
-    def communicate(self, r: int, plan: RoundPlan, active: np.ndarray, lost: np.ndarray):
-        from fedmerge.simulator import Traffic
-
+    def communicate(self, r: int, plan: RoundPlan, active: np.ndarray, lost: np.ndarray) -> Traffic:
         n = self.setup.n
         theta = self._matrix()
         shared = theta if self.ref is None else theta - self._flat_ref()
@@ -119,7 +131,7 @@ class StackedEngine:
         pairs = np.array(plan.messages, dtype=np.int64).reshape(-1, 2)
         senders, receivers = pairs[:, 0], pairs[:, 1]
         ok = self._valid(shared, theta, senders, receivers, nbytes)
-        t = Traffic(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
+        t = Traffic.zeros(n)
         np.add.at(t.sent, senders, nbytes)
         delivered = ~lost
         np.add.at(t.received, receivers[delivered], nbytes)

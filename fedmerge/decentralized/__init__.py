@@ -1,0 +1,1 @@
+"""The round kit: everything one decentralized round needs, whatever the runtime."""

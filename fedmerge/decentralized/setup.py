@@ -1,0 +1,98 @@
+"""Setup: everything every runtime builds from a config before round 1.
+
+Data set, partition, topology (with the protocol's schedule), the shared reference the
+payloads are task vectors against, and each agent's initial model. Every runtime (in
+process, each Flower node, each torch.distributed rank) calls :func:`build_setup` on the
+same config and gets the same setup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import nn
+
+from fedmerge.config import SimConfig
+from fedmerge.data.datasets import load_dataset
+from fedmerge.data.partition import FederatedData, federate
+from fedmerge.decentralized.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.pretrain import pretrain, pretrains
+from fedmerge.decentralized.protocols import Protocol, get_protocol
+from fedmerge.errors import ConfigError
+from fedmerge.models import build_model
+from fedmerge.statedict import StateDict, is_mergeable
+from fedmerge.topology import Topology, build_topology
+
+
+@dataclass
+class Setup:
+    """Everything a runtime builds from a config before round 1."""
+
+    config: SimConfig
+    protocol: Protocol
+    data: FederatedData
+    topology: Topology
+    reference: StateDict | None  # the shared base payloads are τ against; None: full θ
+    pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
+
+    @property
+    def n(self) -> int:
+        return self.topology.n
+
+    def model(self, agent: int, pretrained: bool = True) -> nn.Module:
+        """Agent ``agent``'s model at round 0 (one shared seed with ``model.init: same``),
+        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init)."""
+        cfg = self.config
+        offset = agent if cfg.model.init == "different" else 0
+        model = build_model(
+            cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
+            seed=cfg.seed * 10_007 + offset, **cfg.model.options,
+        )  # fmt: skip
+        if pretrained and pretrains(cfg):
+            if agent not in self.pretrained:
+                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
+            model.load_state_dict(self.pretrained[agent])
+        return model
+
+    def agent(self, i: int, loss: Loss | None = None) -> Agent:
+        """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
+        cfg = self.config
+        return Agent(
+            i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
+            seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
+        )  # fmt: skip
+
+    def calibration(self) -> list[torch.Tensor] | None:
+        """Shared DIMAT calibration batches (the union of training inputs), if configured."""
+        if self.config.protocol.calibration != "shared":
+            return None
+        x = torch.cat([a.train_x for a in self.data.agents])
+        return list(x.split(self.config.protocol.calibration_batch))
+
+
+def build_setup(cfg: SimConfig) -> Setup:
+    """Dataset, partition, topology (with the protocol's schedule) and reference weights."""
+    protocol = get_protocol(cfg.protocol.name)
+    ds = load_dataset(cfg.data.name, **cfg.data.options)
+    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
+    try:
+        topo = build_topology(
+            cfg.topology, n=cfg.agents or None, seed=cfg.seed, overrides=overrides
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"topology: {exc}") from exc
+    d = cfg.data
+    fed = federate(
+        ds, topo.n, d.partition, alpha=d.alpha, test_fraction=d.test_fraction,
+        local_test_fraction=d.local_test_fraction, seed=cfg.seed,
+    )  # fmt: skip
+    if protocol.pool_data:
+        fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
+        topo = build_topology(nx.empty_graph(1))
+    setup = Setup(cfg, protocol, fed, topo, None)
+    if cfg.model.init == "same" and not protocol.full_weights:
+        base = setup.model(0, pretrained=False).state_dict()
+        setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
+    return setup

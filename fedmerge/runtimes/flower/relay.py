@@ -1,0 +1,260 @@
+"""The relay: what the ServerApp runs. Flower is hub-and-spoke; fedmerge is not.
+
+The ServerApp never merges: it maps Flower node ids to topology nodes, runs the fault model
+and the topology schedule, and relays each payload to the payload's receivers. Each
+ClientApp (:mod:`~fedmerge.runtimes.flower.client_app`) is an agent that trains, receives
+and merges with the round kit, and evaluates.
+
+One message per node per step, pipelined so the order of operations is the simulator's
+(train → publish → deliver → receive/merge → evaluate). Step k (0 ≤ k ≤ R) tells node i:
+
+    merge  (k > 0)  the payloads its in-neighbours published in round k−1, with π_ij and π_ii
+    evaluate (k > 0) local and global test accuracy after that merge → round k−1's metrics
+    train  (k < R)  round k's local training (unless the fault model makes it straggle)
+    publish (k < R) its round-k payload (τ_i or θ_i), returned in the reply
+
+The node replies with its payload (one safetensors blob in an ``ArrayRecord``), its flat
+merged state (for the consensus distance ‖θ_i − θ̄‖, computed by the ServerApp) and its
+metrics (``MetricRecord``). Agent state between steps lives on the node's disk.
+
+A node that does not reply within ``timeout`` seconds is skipped: round k's plan is
+rebuilt without it, so its neighbours merge without it (weights renormalize) and its row
+reports ``active: false`` (and no accuracies when its evaluation is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from safetensors.torch import load as st_load
+
+from fedmerge.config import SimConfig
+from fedmerge.decentralized.consensus import distances
+from fedmerge.decentralized.engine import OnRound, Row
+from fedmerge.decentralized.faults import FaultModel, check_faults
+from fedmerge.decentralized.metrics import metrics_row
+from fedmerge.decentralized.setup import Setup, build_setup
+from fedmerge.errors import ConfigError, FedmergeError
+from fedmerge.runtimes import get_runtime
+from fedmerge.runtimes.flower.records import array_blob, blob_array
+from fedmerge.topology import RoundPlan
+
+PARTITION_QUERY = "query.partition"
+STEP = "train.step"
+
+
+@dataclass
+class RelayOptions:
+    """``timeout``: seconds to wait for the replies of one step (None: forever);
+    ``connect_timeout``: seconds to wait for every node to connect and answer (None: the
+    config's ``flower.connect_timeout_s``, which scales with the nodes); ``state_dir``:
+    where nodes without a ``state-dir`` node config keep agent state."""
+
+    timeout: float | None = None
+    connect_timeout: float | None = None
+    state_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "fedmerge"))
+
+
+class FlowerTimeout(FedmergeError):
+    """Flower nodes did not connect or answer in time; the message says what was seen."""
+
+
+def map_nodes(grid: Grid, n: int, timeout: float) -> dict[int, int]:
+    """Topology node (partition id) → Flower node id, from a query to every node; waits up
+    to ``timeout`` seconds for n nodes to connect, and as long for their answers."""
+    deadline = time.monotonic() + timeout
+    while len(ids := sorted(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise FlowerTimeout(
+                f"Flower connect timeout: after {timeout:g} s, {len(ids)} of the {n} SuperNodes "
+                f"the topology needs had connected (Flower node ids {ids[:10]}); start more "
+                f"(a local simulation: --federation-config 'num-supernodes={n}') or raise "
+                "flower.connect_timeout_s"
+            )
+        time.sleep(0.5)
+    queries = [Message(RecordDict(), node_id, PARTITION_QUERY) for node_id in ids]
+    mapping: dict[int, int] = {}
+    answered = set()
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        answered.add(reply.metadata.src_node_id)
+        if reply.has_error():
+            log(WARNING, "node %d: partition query failed: %s", reply.metadata.src_node_id,
+                reply.error.reason)  # fmt: skip
+            continue
+        pid = int(reply.content.config_records["partition"]["partition-id"])
+        if pid in mapping:
+            raise ConfigError(f"two Flower nodes claim partition-id {pid}")
+        mapping[pid] = reply.metadata.src_node_id
+    missing = sorted(set(range(n)) - set(mapping))
+    silent = sorted(set(ids) - answered)
+    if missing and silent:
+        raise FlowerTimeout(
+            f"Flower connect timeout: Flower nodes {silent[:10]} did not answer the partition "
+            f"query within {timeout:g} s; partition-ids seen: {sorted(mapping)[:10]} (need "
+            f"0..{n - 1})"
+        )
+    if missing:
+        raise ConfigError(
+            f"no Flower node has partition-id {missing[:10]} (need 0..{n - 1}; seen: "
+            f"{sorted(mapping)[:10]})"
+        )
+    extra = sorted(set(mapping) - set(range(n)))
+    if extra:
+        log(WARNING, "nodes with partition-id %s are not in the topology; left idle", extra)
+    mapping = {pid: mapping[pid] for pid in range(n)}
+    for pid, node_id in mapping.items():
+        log(INFO, "fedmerge: topology node %d <- Flower node %d", pid, node_id)
+    return mapping
+
+
+@dataclass
+class Round:
+    """What the relay keeps of round r between its train step and its merge step."""
+
+    active: np.ndarray  # (n,) bool: up in the fault model and replied with a payload
+    trains: np.ndarray  # (n,) bool
+    plan: RoundPlan | None = None
+    lost: np.ndarray | None = None
+    payloads: dict[int, bytes] = field(default_factory=dict)
+    nbytes: dict[int, int] = field(default_factory=dict)
+
+
+def step_messages(
+    k: int, config_json: str, mapping: Mapping[int, int], prev: Round | None,
+    cur: Round | None, merges: bool, opts: RelayOptions,
+) -> list[Message]:  # fmt: skip
+    """Step k's message to every node: round k−1's inbox and flags, round k's flags."""
+    inbox: dict[int, list[tuple[int, float]]] = {i: [] for i in mapping}
+    if prev is not None and prev.plan is not None:
+        weight = [dict(row) for row in prev.plan.neighbors]
+        for (s, d), gone in zip(prev.plan.messages, prev.lost, strict=True):
+            if not gone:
+                inbox[d].append((s, weight[d][s]))
+    messages = []
+    for i, node_id in mapping.items():
+        merging = prev is not None and prev.plan is not None and bool(prev.active[i])
+        instr = {
+            "config": config_json, "step": k, "state-dir": opts.state_dir,
+            "evaluate": prev is not None, "merge": merging,
+            "self-weight": dict(prev.plan.neighbors[i])[i] if merging else 1.0,
+            "senders": [s for s, _ in inbox[i]], "weights": [w for _, w in inbox[i]],
+            "train": cur is not None and bool(cur.trains[i]),
+            "publish": merges and cur is not None and bool(cur.active[i]),
+        }  # fmt: skip
+        blobs = {str(s): blob_array(prev.payloads[s]) for s, _ in inbox[i]} if merging else {}
+        content = RecordDict({"step": ConfigRecord(instr), "inbox": ArrayRecord(blobs)})
+        messages.append(Message(content, node_id, STEP))
+    return messages
+
+
+def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | None) -> list[Row]:
+    """Run ``cfg`` on the connected nodes: R + 1 pipelined steps; the metrics rows."""
+    check_faults(cfg.faults, "flower", get_runtime("flower").faults)
+    setup = build_setup(cfg)
+    n, merges = setup.n, setup.protocol.merge is not None
+    connect = opts.connect_timeout or cfg.flower.connect_timeout(n)
+    mapping = map_nodes(grid, n, connect)
+    back = {node_id: pid for pid, node_id in mapping.items()}
+    config_json = json.dumps(cfg.to_dict())
+    faults = FaultModel(cfg.faults, n, cfg.seed)
+    rows: list[Row] = []
+    prev: Round | None = None
+    clock = time.perf_counter()
+    for k in range(cfg.rounds + 1):
+        cur = Round(*faults.nodes(k)) if k < cfg.rounds else None
+        msgs = step_messages(k, config_json, mapping, prev, cur, merges, opts)
+        replies = collect(grid, msgs, back, opts, k)
+        if cur is not None:
+            close_round(cur, replies, setup, faults, k, merges)
+        if prev is not None:
+            new = round_rows(k - 1, prev, replies, n)
+            now = time.perf_counter()
+            for row in new:
+                row["wall_s"] = now - clock
+            clock = now
+            rows += new
+            if on_round:
+                on_round(new)
+        prev = cur
+    return rows
+
+
+def collect(
+    grid: Grid, msgs: Sequence[Message], back: Mapping[int, int], opts: RelayOptions, k: int
+) -> dict[int, RecordDict]:
+    """Send step k and gather replies by topology node; late or failed nodes are skipped."""
+    replies: dict[int, RecordDict] = {}
+    failed: dict[int, str] = {}
+    for reply in grid.send_and_receive(msgs, timeout=opts.timeout):
+        pid = back[reply.metadata.src_node_id]
+        if reply.has_error():
+            failed[pid] = reply.error.reason
+            log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, reply.error.reason)
+        else:
+            replies[pid] = reply.content
+    silent = sorted(set(back.values()) - set(replies) - set(failed))
+    if silent:
+        log(WARNING, "fedmerge step %d: no reply within %ss from nodes %s; skipping them", k,
+            opts.timeout, silent)  # fmt: skip
+    if not replies:
+        why = "; ".join(f"node {i}: {e}" for i, e in failed.items()) or "timeout"
+        raise RuntimeError(f"fedmerge step {k}: no node replied ({why})")
+    return replies
+
+
+def close_round(
+    cur: Round, replies: Mapping[int, RecordDict], setup: Setup, faults: FaultModel, r: int,
+    merges: bool,
+) -> None:  # fmt: skip
+    """Round r after its train step: who is present, its plan, lost messages, payloads."""
+    for i in np.flatnonzero(cur.active):
+        rec = replies.get(int(i))
+        if rec is None or (merges and "payload" not in rec.array_records["arrays"]):
+            cur.active[i] = False
+            continue
+        if merges:
+            cur.payloads[int(i)] = array_blob(rec.array_records["arrays"]["payload"])
+            cur.nbytes[int(i)] = int(rec.metric_records["metrics"]["nbytes"])
+    if not merges:
+        return
+    present = None if cur.active.all() else np.flatnonzero(cur.active).tolist()
+    cur.plan = setup.topology.round(r, active=present, total_rounds=setup.config.rounds)
+    cur.lost = faults.lost(r, len(cur.plan.messages))
+
+
+def round_rows(r: int, rnd: Round, replies: Mapping[int, RecordDict], n: int) -> list[Row]:
+    """Round r's rows from its plan and the evaluation replies (consensus over who replied)."""
+    sent, received = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    if rnd.plan is not None:
+        for (s, d), gone in zip(rnd.plan.messages, rnd.lost, strict=True):
+            sent[s] += rnd.nbytes[s]
+            received[d] += 0 if gone else rnd.nbytes[s]
+    flats = {
+        i: st_load(array_blob(rec.array_records["arrays"]["flat"]))["flat"].double()
+        for i, rec in replies.items()
+    }
+    dist: dict[int, float] = {}
+    if flats:
+        stack = torch.stack([flats[i] for i in sorted(flats)])
+        dist = dict(zip(sorted(flats), distances(stack), strict=True))
+    rows = []
+    for i in range(n):
+        m = replies[i].metric_records["metrics"] if i in replies else {}
+        rows.append(metrics_row(
+            r + 1, i, active=bool(rnd.active[i]), trained=bool(rnd.trains[i]),
+            local_acc=m.get("local_acc"), global_acc=m.get("global_acc"),
+            consensus=dist.get(i), bytes_sent=int(sent[i]), bytes_received=int(received[i]),
+            rejected=int(m.get("rejected", 0)),
+        ))  # fmt: skip
+    return rows

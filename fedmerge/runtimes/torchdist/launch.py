@@ -1,0 +1,167 @@
+"""Launch: connect a rank to its peers (torchrun's environment), run its rounds, and the
+local launcher that starts N worker processes itself (laptops, tests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from fedmerge.config import SimConfig, dump_config, load_config
+from fedmerge.decentralized.engine import OnRound
+from fedmerge.decentralized.faults import check_faults
+from fedmerge.decentralized.setup import build_setup
+from fedmerge.errors import ConfigError, FedmergeError
+from fedmerge.runtimes import get_runtime
+from fedmerge.runtimes.torchdist.control import Excluded, PeerFailure
+from fedmerge.runtimes.torchdist.round import RankRunner, Rows
+
+PREFIX_ENV = "FEDMERGE_TORCHDIST_PREFIX"
+
+
+def connect(timeout: float) -> tuple[dist.Store, int, int]:
+    """(store, rank, world) from torchrun's (or ``run``'s) environment."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(
+            f"torchdist: {exc} missing or bad; launch with torchrun or fedmerge.runtimes."
+            "torchdist.run(cfg, procs=N)"
+        ) from exc
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host, port, world, is_master=rank == 0 and not agent_store,
+        timeout=timedelta(seconds=timeout), wait_for_workers=False,
+    )  # fmt: skip
+    elastic = (
+        os.environ.get(k, "0") for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+    )
+    run_id = os.environ.get(PREFIX_ENV) or "/".join(elastic)
+    return dist.PrefixStore(f"fedmerge/{run_id}", store), rank, world
+
+
+def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
+    """This process's rank of a run launched by torchrun (or ``run``). The leader returns
+    all rows (and calls ``on_round`` after each round); other ranks return None.
+    A failure is also written to the store as ``error/<rank>`` for the launcher; the process
+    group is then left to process exit (tearing it down can wait on a dead peer)."""
+    store, rank, world = connect(cfg.distributed.timeout_s)
+    try:
+        runner = RankRunner(cfg, store, rank, world)
+        for r in range(cfg.rounds):
+            got = runner.round(r)
+            if got is not None:
+                store.set(f"result/{r}", json.dumps(got))
+                if on_round:
+                    on_round(got)
+    except FedmergeError as exc:
+        kind = {ConfigError: "config", Excluded: "excluded"}.get(type(exc), "peer")
+        store.set(f"error/{rank}", json.dumps({"kind": kind, "message": str(exc)}))
+        raise
+    dist.destroy_process_group()
+    if not runner.members.leader:
+        return None  # the rounds led by an earlier leader are on the store too:
+    return [row for r in range(cfg.rounds) for row in json.loads(store.get(f"result/{r}"))]
+
+
+def run(
+    cfg: SimConfig, *, on_round: OnRound | None = None, procs: int = 0, threads: int = 0,
+    details: dict[str, Any] | None = None,
+) -> Rows:  # fmt: skip
+    """Run ``cfg`` on ``procs`` local worker processes (0: one per agent) over loopback and
+    return the simulator's rows (one per agent per round). The parent hosts the rendezvous
+    store, so it hears about every rank even when some die.
+
+    ``threads``: per worker (0: CPU cores / procs, at least 1).
+    """
+    check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
+    procs = procs or (cfg.agents or build_setup(cfg).n)
+    if details is not None:
+        details["procs"] = procs
+    threads = threads or max(1, (os.cpu_count() or 1) // procs)
+    timeout = cfg.distributed.timeout_s
+    server = dist.TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=timeout))  # fmt: skip
+    prefix = uuid.uuid4().hex
+    store = dist.PrefixStore(f"fedmerge/{prefix}", server)
+    with tempfile.TemporaryDirectory(prefix="fedmerge-torchdist-") as tmp:
+        config = os.path.join(tmp, "config.yaml")
+        with open(config, "w") as f:
+            f.write(dump_config(cfg))
+        workers = [_spawn(config, k, procs, server.port, prefix, threads) for k in range(procs)]
+        try:
+            return _collect(cfg, store, workers, on_round)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                w.wait()
+
+
+def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: int):
+    path = [p for p in sys.path if p and os.path.isdir(p)]
+    env = {
+        **os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True", PREFIX_ENV: prefix,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+        "PYTHONPATH": os.pathsep.join(path),
+    }  # fmt: skip
+    main = "import sys; from fedmerge.runtimes.torchdist import worker_main as m; m(sys.argv[1])"
+    cmd = [sys.executable, "-c", main, config]
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+
+def _collect(cfg: SimConfig, store: dist.Store, workers, on_round: OnRound | None) -> Rows:
+    """Rows as the leader publishes them; the first error a rank wrote if the run stops
+    (every rank that aborts writes the same verdict, so the first one is enough)."""
+    rows: Rows = []
+    for r in range(cfg.rounds):
+        while not store.check([f"result/{r}"]):
+            for err in _errors(store, len(workers)):
+                raise (ConfigError if err["kind"] == "config" else PeerFailure)(err["message"])
+            if all(w.poll() is not None for w in workers):
+                codes = [w.poll() for w in workers]
+                raise PeerFailure(f"torchdist workers exited before round {r + 1} (codes {codes})")
+            time.sleep(0.01)
+        got = json.loads(store.get(f"result/{r}"))
+        rows += got
+        if on_round:
+            on_round(got)
+    return rows
+
+
+def _errors(store: dist.Store, world: int) -> list[dict]:
+    """The errors the ranks wrote, rank order; a rank that was left behind (``excluded``)
+    does not stop the run."""
+    keys = [f"error/{k}" for k in range(world)]
+    found = [json.loads(store.get(k)) for k in keys if store.check([k])]
+    return [e for e in found if e["kind"] != "excluded"]
+
+
+def worker_main(config: str) -> None:
+    """One worker spawned by ``run``: exit status 0, 1 (peer failure) or 2 (config error)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        run_rank(load_config(config))
+    except FedmergeError as exc:
+        print(f"fedmerge torchdist rank {os.environ.get('RANK')}: {exc}", file=sys.stderr)
+        exit_now(2 if isinstance(exc, ConfigError) else 1)
+
+
+def exit_now(code: int) -> None:
+    """Leave at once after a failure: a process group with a dead peer can block the normal
+    interpreter shutdown (its destructor waits on the failed operations)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,141 @@
+"""One rank's round: train the hosted agents, exchange, receive and merge, agree, report.
+
+Every rank builds the same :class:`~fedmerge.decentralized.setup.Setup` and the same seeded
+fault model, so every rank computes the same plan; each hosts a block of nodes
+(:mod:`~fedmerge.runtimes.torchdist.layout`). Round r on every rank, as in process:
+
+    faults, plan  the seeded FaultModel and ``topology.round(r, active)``
+    train         the hosted agents
+    exchange      payloads to and from the other ranks (:mod:`.exchange`)
+    receive/merge :func:`~fedmerge.decentralized.receive.receive_and_merge` per hosted agent
+    agree         who is alive (:mod:`.control`)
+    consensus     Σ_i θ_i by all_reduce (float64), then ‖θ_i − θ̄‖ per hosted agent
+    rows          through the store to the leader (the lowest live rank)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fedmerge.config import SimConfig
+from fedmerge.decentralized.agent import make_loss
+from fedmerge.decentralized.consensus import distances, flat_state
+from fedmerge.decentralized.delivery import deliver
+from fedmerge.decentralized.faults import FaultModel, check_faults
+from fedmerge.decentralized.metrics import metrics_row
+from fedmerge.decentralized.protocols import MergeContext
+from fedmerge.decentralized.receive import receive_and_merge
+from fedmerge.decentralized.setup import build_setup
+from fedmerge.runtimes import get_runtime
+from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
+from fedmerge.runtimes.torchdist.exchange import Exchange
+from fedmerge.runtimes.torchdist.layout import make_layout, pick_backend
+
+Rows = list[dict[str, Any]]
+
+
+class RankRunner:
+    """One rank of a run: its agents, its process group, its share of every round."""
+
+    def __init__(self, cfg: SimConfig, store: dist.Store, rank: int, world: int) -> None:
+        check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
+        d = cfg.distributed
+        self.cfg, self.rank = cfg, rank
+        self.setup = build_setup(cfg)
+        self.layout = make_layout(self.setup.n, world, d.agents_per_rank)
+        self.backend = pick_backend(d.backend)
+        self.device = torch.device("cpu")
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
+        self.timeout = timedelta(seconds=d.timeout_s)
+        dist.init_process_group(
+            self.backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+            timeout=self.timeout,
+        )  # fmt: skip
+        control = Control(dist.PrefixStore("ctl", store), rank, world, d.timeout_s)
+        self.members = Membership(control, self.layout, d.on_peer_failure, d.timeout_s)
+        loss = make_loss(cfg.train.loss)
+        self.agents = {i: self.setup.agent(i, loss) for i in self.layout.nodes_of(rank)}
+        self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
+        own = next(iter(self.agents.values())).tensors()
+        own_bytes = sum(t.numel() * t.element_size() for t in own.values())
+        max_table = 4096 + 1024 * len(own)  # JSON table + 8-byte padding per tensor
+        max_data = cfg.validation.max_bytes or 2 * own_bytes
+        self.exchange = Exchange(self.members, self.device, max_data, max_table)
+        self.calibration = self.setup.calibration()
+
+    # -- one round -----------------------------------------------------------------------
+    def round(self, r: int) -> Rows | None:
+        """Run round r; the leader returns every node's rows, the other ranks None."""
+        start, cfg, n = time.perf_counter(), self.cfg, self.setup.n
+        active, trains = self.faults.nodes(r)
+        active, trains = active & self.members.alive, trains & self.members.alive
+        present = None if active.all() else np.flatnonzero(active).tolist()
+        plan = self.setup.topology.round(r, active=present, total_rounds=cfg.rounds)
+        for i, agent in self.agents.items():
+            if trains[i]:
+                agent.train()
+        traffic = {i: [0, 0, 0] for i in self.agents}  # sent, received, rejected
+        suspects: dict[int, str] = {}
+        if self.setup.protocol.merge is not None:
+            lost = self.faults.lost(r, len(plan.messages))
+            suspects = self.communicate(r, plan, active, lost, traffic)
+        self.members.settle(r, "exchanged", suspects)
+        fed = self.setup.data
+        rows = []
+        for i, a in self.agents.items():
+            rows.append(metrics_row(
+                r + 1, i, active=bool(active[i]), trained=bool(trains[i]),
+                local_acc=a.evaluate(a.data.test_x, a.data.test_y),
+                global_acc=a.evaluate(fed.test_x, fed.test_y), bytes_sent=traffic[i][0],
+                bytes_received=traffic[i][1], rejected=traffic[i][2],
+            ))  # fmt: skip
+        for row, dist_i in zip(rows, self.consensus(r), strict=True):
+            row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
+        ranks, values = self.members.settle(r, "rows", {}, rows)
+        if not self.members.leader:
+            return None
+        got = {row["agent"]: row for k in ranks for row in values[k]["rows"]}
+        wall = time.perf_counter() - start
+        return [got.get(i) or metrics_row(r + 1, i, wall_s=wall) for i in range(n)]
+
+    def communicate(self, r: int, plan, active, lost, traffic) -> dict[int, str]:
+        """Publish, exchange, receive and merge; fills ``traffic``; returns {rank: error}
+        for peers whose operations failed."""
+        senders = {s for s, _ in plan.messages if s in self.agents}
+        payloads = {s: self.agents[s].publish(r) for s in sorted(senders)}
+        for s, _ in plan.messages:
+            if s in self.agents:
+                traffic[s][0] += payloads[s].nbytes
+        remote, suspects = self.exchange.exchange(r, plan, lost, payloads)
+        inbox = deliver(plan, {**payloads, **remote}, lost)
+        ctx = MergeContext(r, self.cfg, self.calibration)
+        for i, agent in self.agents.items():
+            if active[i]:
+                self_weight = dict(plan.neighbors[i])[i]
+                got = receive_and_merge(agent, inbox.get(i, []), self_weight,
+                                        self.setup.protocol, ctx)  # fmt: skip
+                traffic[i][1:] = [got.received, got.rejected]
+        return suspects
+
+    def consensus(self, r: int) -> list[float]:
+        """‖θ_i − θ̄‖ for the hosted nodes (θ̄ over every live node; float64 all_reduce)."""
+        for attempt in range(len(self.members.control.live) + 1):
+            flats = {i: flat_state(a.state()) for i, a in self.agents.items()}
+            total = torch.stack(list(flats.values())).sum(0).to(self.device)
+            try:
+                work = dist.all_reduce(total, group=self.members.group, async_op=True)
+                work.wait(timeout=self.timeout)
+                mean = total.cpu() / int(self.members.alive.sum())
+                return distances(torch.stack(list(flats.values())), mean)
+            except RuntimeError as exc:
+                self.members.settle(r, f"reduce{attempt}", {-1: short_error(exc)})
+        raise PeerFailure(f"round {r + 1}: the consensus all_reduce kept failing")
