@@ -52,12 +52,4 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.sweep": "run_sweep",
     "fedmerge.topology": "RoundPlan Topology build_topology list_presets",
 }
-_WHERE: dict[str, tuple[str, str]] = {
-    alias: (module, attr or alias)
-    for module, names in _EXPORTS.items()
-    for alias, _, attr in (n.partition("=") for n in names.split())
-}
-"""public name -> (module, attribute in it)"""
-__all__ = sorted(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -2,6 +2,7 @@
 million zero-size tensors is refused before any JSON is parsed, and for any header the
 parser's peak memory and work stay under a fixed multiple of the blob size."""
 
+import importlib
 import json
 import struct
 import tracemalloc
@@ -121,3 +122,42 @@ def test_parse_memory_and_work_are_a_fixed_multiple_of_the_blob(blob):
         tracemalloc.stop()
     assert peak <= MEMORY_MULTIPLE * len(blob) + MEMORY_SLACK
     assert counter.pairs <= len(blob) // 4  # a pair needs at least '"":0,' of text
+
+
+# ----------------------------------------------------------------------------- byte bound
+
+
+def test_every_runtime_bounds_payload_bytes(monkeypatch):
+    """validation.max_bytes 0 means twice the receiver's own size, in Flower too (it meant
+    'no bound' there): the blob is refused by size before its header is parsed."""
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedmerge.config import TrainConfig, ValidationConfig
+    from fedmerge.data.partition import AgentData
+    from fedmerge.decentralized.agent import Agent
+    from fedmerge.models import build_model
+
+    client_app = importlib.import_module("fedmerge.runtimes.flower.client_app")
+    from fedmerge.runtimes.flower.records import blob_array
+
+    model = build_model("mlp", in_shape=(4,), num_classes=3, seed=0, hidden=[5])
+    x = torch.zeros(6, 4)
+    data = AgentData(x, torch.zeros(6, dtype=torch.long), x, torch.zeros(6, dtype=torch.long))
+    agent = Agent(0, model, data, train=TrainConfig(), validation=ValidationConfig(), seed=0)
+    own = sum(t.numel() * t.element_size() for t in agent.tensors().values())
+    assert agent.byte_limit() == 2 * own > 0
+    seen = []
+    monkeypatch.setattr(client_app, "receive_and_merge",
+                        lambda agent, deliveries, *a: seen.extend(deliveries) or
+                        SimpleNamespace(rejected=len(deliveries)))  # fmt: skip
+    monkeypatch.setattr(client_app, "MergeContext", lambda *a: None)
+    monkeypatch.setattr(stheader, "_decode", lambda *a: pytest.fail("parsed an oversized blob"))
+    step = {"senders": [1], "weights": [0.5], "self-weight": 0.5}
+    inbox = {"1": blob_array(zero_size(10) + b"\0" * 2 * own)}
+    content = SimpleNamespace(config_records={"step": step}, array_records={"inbox": inbox})
+    setup = SimpleNamespace(config=None, calibration=lambda: None, protocol=None)
+    assert client_app.merge_inbox(agent, SimpleNamespace(content=content), setup, 0) == 1
+    assert "exceeds the" in seen[0].item.reason

@@ -111,6 +111,12 @@ class Agent:
             self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
 
+    def byte_limit(self) -> int:
+        """The largest payload accepted, never unbounded: ``validation.max_bytes``, or (0)
+        twice the size of this agent's own tensors."""
+        own = self.tensors().values()
+        return self.validation.max_bytes or 2 * sum(t.numel() * t.element_size() for t in own)
+
     def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
         """The (payload, π_ij) pairs that pass validation; the others are dropped, counted
         in :attr:`rejected` and logged with the sender and the reason. State is untouched.
@@ -120,9 +126,7 @@ class Agent:
         rejected)."""
         own = self.tensors()
         specs, own_norm = specs_of(own), global_norm(self.state())
-        limit = self.validation.max_bytes or 2 * sum(
-            t.numel() * t.element_size() for t in own.values()
-        )
+        limit = self.byte_limit()
         accepted = []
         for d in deliveries:
             payload = d.item

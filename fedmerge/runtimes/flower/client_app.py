@@ -77,7 +77,7 @@ def merge_inbox(agent: Agent, msg: Message, setup: Setup, r: int) -> int:
     them as every runtime does; the rejected count."""
     instr = msg.content.config_records["step"]
     blobs = msg.content.array_records.get("inbox", ArrayRecord())
-    limit = agent.validation.max_bytes or None
+    limit = agent.byte_limit()
     deliveries = []
     for key, w in zip(instr["senders"], instr["weights"], strict=True):
         try:
