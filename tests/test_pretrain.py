@@ -75,5 +75,5 @@ def test_shared_init_reference_is_the_bare_init_and_bad_fields_are_named():
     assert all(torch.equal(setup.reference[k], bare[k]) for k in setup.reference)
     with pytest.raises(ConfigError, match="pretrain.optimizer: must be one of sgd, adam"):
         load_config(None, ["pretrain.optimizer=lbfgs"])
-    with pytest.raises(ConfigError, match="pretrain.epochs: must be ≥ 0"):
+    with pytest.raises(ConfigError, match=r"pretrain.epochs: must be in \[0, 10,000\], got -1"):
         load_config(None, ["pretrain.epochs=-1"])
