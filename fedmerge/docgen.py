@@ -32,6 +32,8 @@ EXTRA_KINDS = (
     ("continual-methods", "Continual methods", "fedmerge.continual.methods:CONTINUAL_METHODS",
      "`fedmerge continual init STORE --method NAME --param k=v`, `make_merger`, the "
      "recipes' `methods` / `method` + `params`"),
+    ("codecs", "Codecs", "fedmerge.codecs:CODECS",
+     "`fedmerge compress EXPERT --codec NAME --param k=v`"),
 )  # fmt: skip
 """Registries no simulation config field selects: (page, title, registry, where used)."""
 

@@ -73,14 +73,21 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     fig.tight_layout()
     save_png(fig, out / "accuracy.png")
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    values = []
     for key, label in (("consensus", "plain"), ("consensus_aligned", "after alignment")):
         pts = [(r["round"], max(r[key], 1e-12)) for r in rounds if r[key] is not None]
         if pts:
-            ax.semilogy(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+            values += [v for _, v in pts]
+    log = bool(values) and max(values) > 10 * min(values)  # log only beyond a decade
     ax.set(title=f"{title}: parameter distance (lower: agents agree)", xlabel="round",
-           ylabel="mean ‖θ_i − θ̄‖ (log scale)")  # fmt: skip
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+           ylabel="mean ‖θ_i − θ̄‖" + (" (log scale)" if log else ""))  # fmt: skip
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     pts = [(r["round"], r["disagreement"]) for r in rounds if r["disagreement"] is not None]
