@@ -150,6 +150,19 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
+    no phase by default."""
+
+    epochs: int = option(
+        0, "pre-training epochs before round 1, each agent alone on its own data from its own "
+        "init (0: no pre-training)", check=between(0, 10_000),
+    )  # fmt: skip
+    steps: int = option(0, "if > 0: this many pre-training minibatch steps instead of epochs",
+                        check=between(0, 10**7))  # fmt: skip
+
+
+@dataclass
 class ProtocolConfig:
     name: str = option(
         "gossip", "how each agent combines its model with its neighbours' every round",
@@ -162,6 +175,11 @@ class ProtocolConfig:
         choices=("local", "shared"),
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=between(1, 10**6))
+    broadcast: bool = option(
+        False,
+        "DIMAT: in a round where every node hears every node with equal weights (within "
+        "1e-9), align to the lowest-id node, as the DIMAT code merges once and broadcasts",
+    )
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
         "fedmerge.decentralized.robust",
@@ -259,6 +277,17 @@ class DistributedConfig:
 
 
 @dataclass
+class MetricsConfig:
+    aligned_consensus: str = option(
+        "auto", "consensus_aligned: ‖θ_i − θ̄‖ after weight-matching every agent to agent 0 "
+        "(auto: with model.init: different)", choices=("auto", "always", "never"),
+    )  # fmt: skip
+    disagreement: bool = option(
+        True, "disagreement: share of global-test predictions that differ between agents"
+    )
+
+
+@dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
         0.0, "flower: seconds to wait for every SuperNode to connect (0: 120 + 5 per node)",
@@ -295,10 +324,12 @@ class SimConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ same config and gets the same setup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -20,6 +20,7 @@ from fedmerge.config import SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.decentralized.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.pretrain import pretrain, pretrains
 from fedmerge.decentralized.protocols import Protocol, get_protocol, gossip
 from fedmerge.errors import ConfigError
 from fedmerge.hf.lora import apply_lora, trainable_keys
@@ -37,13 +38,16 @@ class Setup:
     data: FederatedData
     topology: Topology
     reference: StateDict | None  # the shared base payloads are τ against; None: full θ
+    pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
 
     @property
     def n(self) -> int:
         return self.topology.n
 
-    def model(self, agent: int) -> nn.Module:
-        """Agent ``agent``'s initial model (one shared seed with ``model.init: same``)."""
+    def model(self, agent: int, pretrained: bool = True) -> nn.Module:
+        """Agent ``agent``'s model at round 0 (one shared seed with ``model.init: same``),
+        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init); with
+        ``peft.r`` > 0 its LoRA adapters are added after pre-training."""
         cfg = self.config
         offset = agent if cfg.model.init == "different" else 0
         seed = cfg.seed * 10_007 + offset
@@ -51,6 +55,10 @@ class Setup:
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
             seed=seed, **cfg.model.options,
         )  # fmt: skip
+        if pretrained and pretrains(cfg):  # the whole model, before any LoRA adapter
+            if agent not in self.pretrained:
+                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
+            model.load_state_dict(self.pretrained[agent])
         return apply_lora(model, cfg.peft, seed) if cfg.peft.r else model
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
@@ -103,7 +111,7 @@ def build_setup(cfg: SimConfig) -> Setup:
     check_codec(cfg, protocol, topo)
     setup = Setup(cfg, protocol, fed, topo, None)
     if cfg.model.init == "same" and not protocol.full_weights:
-        base = setup.model(0).state_dict()
+        base = setup.model(0, pretrained=False).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
 

@@ -200,6 +200,18 @@ class StackedEngine:
     def flat(self) -> torch.Tensor:
         return self._matrix().double()
 
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[i] for k, v in self.params.items()} for i in range(self.setup.n)]
+
+    @torch.no_grad()
+    def predictions(self) -> torch.Tensor:
+        """(n, N) int64: every agent's predicted class on the global test set."""
+        x = self.setup.data.test_x
+        return torch.cat([
+            self._logits({k: v[lo : lo + EVAL_CHUNK] for k, v in self.params.items()}, x).argmax(-1)
+            for lo in range(0, self.setup.n, EVAL_CHUNK)
+        ])  # fmt: skip
+
 
 class _Optimizer:
     """torch.optim's SGD (momentum, weight decay) and Adam, per agent, with a step mask."""
