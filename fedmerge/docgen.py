@@ -32,6 +32,8 @@ EXTRA_KINDS = (
     ("continual-methods", "Continual methods", "fedmerge.continual.methods:CONTINUAL_METHODS",
      "`fedmerge continual init STORE --method NAME --param k=v`, `make_merger`, the "
      "recipes' `methods` / `method` + `params`, `protocol.continual` (disseminate)"),
+    ("codecs", "Codecs", "fedmerge.codecs:CODECS",
+     "`fedmerge compress EXPERT --codec NAME --param k=v`"),
 )  # fmt: skip
 """Registries with uses beyond a simulation config field: (page, title, registry, where
 used)."""

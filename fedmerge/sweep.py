@@ -39,7 +39,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
-from fedmerge.yamlio import read_yaml
+from fedmerge.yamlio import read_mapping
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds", "report"}
 
@@ -54,9 +54,7 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    spec = read_yaml(path, "sweep")
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep {path}: must be a mapping")
+    spec = read_mapping(path, "sweep")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(
@@ -74,10 +72,10 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
 def is_sweep_file(path: str | Path) -> bool:
     """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
     try:
-        spec = read_yaml(path, "sweep")
+        spec = read_mapping(path, "sweep")
     except ConfigError:
         return False
-    return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
+    return bool({"base", "grid", "cells"} & set(spec))
 
 
 def _as_value(value: Any) -> str:
