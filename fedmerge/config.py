@@ -29,7 +29,7 @@ import yaml
 
 from fedmerge.errors import ConfigError
 from fedmerge.registry import registry_at
-from fedmerge.yamlio import parse_yaml, read_yaml
+from fedmerge.yamlio import parse_yaml, read_mapping
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
@@ -285,7 +285,7 @@ def load_config(
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        data = read_mapping(source)
+        data = read_mapping(source, "config")
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
@@ -303,15 +303,6 @@ def load_config(
                           "samples per agent and round (the round's batch plan is held in "
                           f"memory), got {cfg.train.steps} × {cfg.train.batch_size}")  # fmt: skip
     return cfg
-
-
-def read_mapping(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
-    """The mapping in YAML file ``path`` (empty file: ``{}``), read by the one hardened reader
-    (:func:`fedmerge.yamlio.read_yaml`); a ConfigError naming the file otherwise."""
-    data = read_yaml(path, what) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} must be a mapping of fields")
-    return data
 
 
 def _derived_defaults(data: dict[str, Any]) -> None:

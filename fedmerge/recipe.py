@@ -32,9 +32,10 @@ from typing import Any
 
 from rich.console import Console
 
-from fedmerge.config import load_config, read_mapping
+from fedmerge.config import load_config
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.report import Tick, progress
+from fedmerge.yamlio import read_mapping
 
 RECIPE_KEY = "recipe"
 

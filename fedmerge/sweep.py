@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config, read_mapping
+from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
+from fedmerge.yamlio import read_mapping
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds", "report"}
 

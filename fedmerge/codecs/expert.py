@@ -130,6 +130,7 @@ class CompressedCheckpoint(Checkpoint):
         self._handles: dict[Path, object] = {}
         self._specs = self.base.specs()
         self.metadata = dict(header.metadata)
+        self._decoded: tuple[str | None, torch.Tensor | None] = (None, None)
 
     def get(self, key: str) -> torch.Tensor:
         base = self.base.get(key)
@@ -141,8 +142,16 @@ class CompressedCheckpoint(Checkpoint):
         tau = decode_key(layout.codec, layout.params, layout.specs[key], parts, key, str(self.path))
         return base + tau
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the decoded ``key``: a compressed tensor decodes whole
+        (indices and scales span it), so the last decoded tensor is kept for the next block."""
+        if self._decoded[0] != key:
+            self._decoded = (key, self.get(key))
+        return self._decoded[1][start:stop]
+
     def close(self) -> None:
         self._handles.clear()
+        self._decoded = (None, None)
         if self._own_base:
             self.base.close()
 
