@@ -265,7 +265,9 @@ def show(result: Result, console: Console) -> None:
     console.print(rich_table(title, ["t", *stats], curve, left=0))
 
 
-RECIPE = Recipe("continual", ContinualConfig, run=run, units=units, write=write, show=show)
+RECIPE = Recipe(
+    "continual", ContinualConfig, run=run, units=units, write=write, show=show, doc=__doc__
+)
 
 if __name__ == "__main__":
     raise SystemExit(RECIPE.main())
