@@ -160,6 +160,21 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
+    continual: str = option("opcm", "disseminate: the continual merge every node runs "
+                                    "(fedmerge continual methods, e.g. opcm)")  # fmt: skip
+    forward: str = option(
+        "once", "disseminate: forward each expert once (the round after it is first held) or "
+        "always", choices=("once", "always"),
+    )  # fmt: skip
+    codec: str = option(
+        "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
+        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+    )  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
+    consensus_step: float = option(
+        1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -230,13 +245,13 @@ class DistributedConfig:
 @dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
-        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 120 + 5 per node)",
         check=between(0, 7 * 86400),
     )  # fmt: skip
 
     def connect_timeout(self, nodes: int) -> float:
         """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
-        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+        return self.connect_timeout_s or 120.0 + 5.0 * nodes
 
 
 @dataclass

@@ -123,8 +123,6 @@ def run_sweep(
             record = _saved_run(path)
             resumed = record is not None
             if record is None:
-                from fedmerge.runtimes import run  # heavy (torch): only when a run is due
-
                 rows, details = run(cfg)
                 record = {
                     "seed": seed, "summary": summarize(rows, details), "curve": per_round(rows)

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.continual import ContinualMerger
+from fedmerge.decentralized.dissemination import Arrival, disseminate, fold_directly
 from fedmerge.decentralized.payload import Payload
-from fedmerge.dissemination import Arrival, disseminate, fold_directly
 from fedmerge.errors import ConfigError
 from fedmerge.topology import build_topology
 

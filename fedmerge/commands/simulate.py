@@ -26,7 +26,8 @@ summary.json, accuracy.png and consensus.png. A sweep file goes to 'fedmerge swe
 
 Protocols: gossip (mixing-weighted averaging, D-PSGD), local (no communication),
 centralized (one model on the union of the data), single_global_merge (sparse gossip, one
-complete merge at the end), dimat / dimat_wm (align neighbours, then average).
+complete merge at the end), dimat / dimat_wm (align neighbours, then average), disseminate
+(each agent's expert floods the graph; every node folds each one once, OPCM by default).
 """
 
 from __future__ import annotations

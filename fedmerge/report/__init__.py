@@ -8,12 +8,13 @@
 - :mod:`.progress`: the one progress bar.
 """
 
+from typing import Any
+
 from fedmerge.report.files import csv_text, write_json, write_jsonl, write_run
 from fedmerge.report.plots import plot_run, pyplot, save_png
 from fedmerge.report.progress import Tick, progress
 from fedmerge.report.rows import Row, honest, per_round, summarize
 from fedmerge.report.tables import markdown, rich_table, round_table, summary_table
-from fedmerge.report.topology import draw_topology
 
 __all__ = [
     "Row",
@@ -35,3 +36,12 @@ __all__ = [
     "write_jsonl",
     "write_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``draw_topology`` on first use: it needs networkx, which the CLI's --help must not load."""
+    if name != "draw_topology":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from fedmerge.report.topology import draw_topology
+
+    return draw_topology
