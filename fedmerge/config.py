@@ -118,6 +118,22 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    r: int = option(0, "LoRA rank; agents train and share only a LoRA adapter (0: full weights)",
+                    check=NON_NEGATIVE)  # fmt: skip
+    alpha: float = option(8.0, "LoRA alpha (scaling alpha / r)", check=POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout", check=PROBABILITY)
+    target_modules: list = option(
+        [], "layers that get LoRA (name suffixes; []: the attention query and value projections)"
+    )
+    modules_to_save: list = option(["classifier"], "layers trained and shared in full")
+    lora_merge: str = option(
+        "factors", "factors: average A and B separately; product: average B@A, then SVD to r",
+        choices=("factors", "product"),
+    )  # fmt: skip
+
+
+@dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
     lr: float = option(0.5, "learning rate", check=POSITIVE)
@@ -308,6 +324,7 @@ class SimConfig:
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -401,7 +418,10 @@ def _build(cls: type, data: Any, prefix: str):
     for f in fields.values():
         if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
             registry = registry_at(f.metadata["registry"])
-            registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            try:
+                registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}{f.metadata['params']}: {exc}") from None
     return out
 
 
@@ -421,7 +441,8 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
         if not meta.get("registry"):
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
         names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
-        raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
+        kind = registry_at(meta["registry"]).kind
+        raise ConfigError(f"{dotted}: unknown {kind} {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")

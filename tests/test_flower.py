@@ -110,6 +110,14 @@ def test_gossip_matches_the_simulator(tmp_path):
     assert all(r["bytes_received"] > 0 for r in rows)  # payloads did travel
 
 
+def test_lora_agents_match_the_simulator(tmp_path):
+    pytest.importorskip("peft")
+    lora = ["model.name=hf", "model.options={}", "peft.r=2", "peft.lora_merge=product"]
+    ref, rows = run_both(lora, tmp_path)
+    assert_same_rows(ref, rows)
+    assert rows[0]["bytes_sent"] < 20_000  # the adapter only (full weights: ~146 kB)
+
+
 @pytest.mark.parametrize("codec", ["topk", "lowrank"])
 def test_compressed_gossip_matches_the_simulator(tmp_path, codec):
     """CHOCO-Gossip with a codec: the nodes' public copies and codec state survive the

@@ -166,6 +166,15 @@ def test_dimat_two_agents_per_rank_matches_simulator():
     assert_same_rows(rows, simulate_one_thread(cfg))
 
 
+@pytest.mark.slow
+def test_lora_agents_two_per_rank_match_simulator():
+    pytest.importorskip("peft")
+    cfg = load_config(None, [*RING4, "model.name=hf", "peft.r=2", "peft.lora_merge=product",
+                             "train.steps=2", "distributed.agents_per_rank=2"])  # fmt: skip
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+
+
 def test_cli_time_varying_schedule_with_faults(tmp_path):
     """Random matchings, dropout and message loss, through ``fedmerge simulate --runtime
     torchdist --procs 2``: the same rows as the simulator."""

@@ -30,6 +30,7 @@ from fedmerge.decentralized.continual_agent import continual_agent, fold_experts
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
 from fedmerge.dimat import dimat_merge, uniform_over
+from fedmerge.hf.lora import product_gossip
 from fedmerge.registry import Entry, Registry
 from fedmerge.statedict import StateDict
 
@@ -65,10 +66,16 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
     rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`). With a codec
     the payloads are compressed differences and the step is CHOCO-Gossip's
-    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π)."""
+    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π). LoRA agents with
+    ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
     if agent.choco is not None:
         heard = [(p.sender, p.tensors, w) for p, w in received]
         agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        return
+    if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
+        others = [(p.tensors, w) for p, w in received]
+        agent.load_tensors(product_gossip(agent.tensors(), others, self_weight, agent.reference,
+                                          ctx.config.peft.r))  # fmt: skip
         return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)

@@ -47,6 +47,8 @@ def why_not_stacked(setup: Setup) -> str | None:
     per_agent = [PER_AGENT_FAULTS[k] for k in faults_in_use(cfg.faults) if k in PER_AGENT_FAULTS]
     if per_agent:
         return per_agent[0]
+    if cfg.peft.r:
+        return "LoRA agents (peft.r > 0) train and merge adapters per agent"
     if cfg.protocol.aggregation != "mean":
         return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
     if cfg.protocol.codec != "none":
