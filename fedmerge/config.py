@@ -154,6 +154,8 @@ class PretrainConfig(TrainConfig):
     """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
     no phase by default."""
 
+    optimizer: str = option("sgd", "pre-training optimizer (one for the whole phase)",
+                            choices=("sgd", "adam"))  # fmt: skip
     epochs: int = option(
         0, "pre-training epochs before round 1, each agent alone on its own data from its own "
         "init (0: no pre-training)", check=between(0, 10_000),
