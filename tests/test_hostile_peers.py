@@ -96,3 +96,48 @@ def test_negative_and_future_rounds_are_counted_rejections():
     assert "from the future" in receiver.rejected[1]
     assert receiver.last_round == {}  # the real sender is not silenced
     assert len(receiver.receive([delivery(honest.publish(round=3))], round=3)) == 1
+
+
+# ----------------------------------------------------------------------------- Flower replies
+
+
+def flower_reply(node: int, *, flat=None, stype="safetensors", nbytes=10, extra=None):
+    """A Flower reply as the relay receives it (real records, a stand-in message)."""
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from safetensors.torch import save as st_save
+
+    flat = torch.zeros(6, dtype=torch.float64) if flat is None else flat
+    arrays = {"flat": Array(dtype="uint8", shape=(1,), stype="safetensors",
+                            data=st_save({"flat": flat})),
+              "payload": Array(dtype="uint8", shape=(3,), stype=stype, data=b"abc")}  # fmt: skip
+    metrics = {"rejected": 0, "global_acc": 0.5, **({} if nbytes is None else {"nbytes": nbytes})}
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    if extra:
+        content = extra(content)
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=100 + node), content=content,
+                           has_error=lambda: False)  # fmt: skip
+
+
+def test_one_malformed_flower_reply_skips_that_node_only():
+    """Wrong flat length, wrong payload stype, missing nbytes, NaN flat, no metrics: each
+    such node is skipped for the step and named; the honest node's reply is kept."""
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedmerge.runtimes.flower.relay import RelayOptions, collect
+
+    def no_metrics(content):
+        return RecordDict({"arrays": content.array_records["arrays"]})
+
+    replies = [flower_reply(0), flower_reply(1, flat=torch.zeros(7, dtype=torch.float64)),
+               flower_reply(2, stype="numpy.ndarray"), flower_reply(3, nbytes=None),
+               flower_reply(4, flat=torch.full((6,), float("nan"), dtype=torch.float64)),
+               flower_reply(5, extra=no_metrics)]  # fmt: skip
+    grid = SimpleNamespace(send_and_receive=lambda msgs, timeout: replies)
+    back = {100 + i: i for i in range(6)}
+    got = collect(grid, [], back, RelayOptions(), 0, flat_len=6)
+    assert sorted(got) == [0]
