@@ -6,7 +6,7 @@
 #   make install      runtime dependencies only, with the CPU build of torch
 #   make install GPU=1   the package index's default torch build instead (CUDA on Linux)
 #   make dev          runtime + dev tools (pytest, ruff, hypothesis, transformers)
-#   make lint         ruff
+#   make lint         ruff and the import-linter contracts (layers)
 #   make bench        a quick pass of every benchmark (small sizes; minutes)
 #   make shell        a shell with .venv activated (or run: . .venv/bin/activate)
 #
@@ -69,6 +69,7 @@ test-fast: dev
 
 lint: dev
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/merge_speed.py --quick

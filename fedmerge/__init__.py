@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.data.tasks": "TASK_NAMES Task TaskFamily make_task_family",
     "fedmerge.decentralized.adversary": "Adversary byzantine_nodes freshest",
     "fedmerge.decentralized.agent": "Agent",
+    "fedmerge.decentralized.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.decentralized.engine": "Engine RoundRunner",
     "fedmerge.decentralized.payload": "Payload validate_payload",
     "fedmerge.decentralized.persist": "restore_agent save_agent",
@@ -38,7 +39,6 @@ _EXPORTS: dict[str, str] = {
     "krum_aggregate=krum median_aggregate=median trimmed_mean_aggregate=trimmed_mean",
     "fedmerge.decentralized.setup": "Setup build_setup",
     "fedmerge.dimat": "dimat_merge",
-    "fedmerge.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.errors": "CheckpointError ConfigError FedmergeError ValidationError",
     "fedmerge.merging": "MERGE_METHODS=METHODS MergeReport merge merge_checkpoints",
     "fedmerge.models": "MODELS build_model",
@@ -52,12 +52,4 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.sweep": "run_sweep",
     "fedmerge.topology": "RoundPlan Topology build_topology list_presets",
 }
-_WHERE: dict[str, tuple[str, str]] = {
-    alias: (module, attr or alias)
-    for module, names in _EXPORTS.items()
-    for alias, _, attr in (n.partition("=") for n in names.split())
-}
-"""public name -> (module, attribute in it)"""
-__all__ = sorted(_WHERE)
-
-__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -157,6 +157,18 @@ class Checkpoint:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from None
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``key`` along dim 0, reading only their bytes."""
+        if key not in self._specs:
+            raise ValidationError(f"{self.path}: no tensor named {key!r}")
+        if not self._specs[key].shape:
+            raise ValidationError(f"{self.path}: {key!r} is 0-D and has no rows")
+        file = self._files[key]
+        try:
+            return self._handle(file).get_slice(key)[start:stop]
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read rows of {key!r} ({exc})") from None
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys():
             yield key, self.get(key)

@@ -176,6 +176,20 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert {r["bytes_received"] for r in rows} <= {0, one}
 
 
+def test_disseminate_through_simulate_matches_in_process(tmp_path):
+    """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
+    agents per rank: bundles cross ranks and stay within them): the same per-node folded
+    experts (in order) and accuracies as in process."""
+    sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
+            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+    argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
+    assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, simulate_one_thread(load_config(tmp_path / "config.yaml")))
+    assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
+    assert json.loads((tmp_path / "summary.json").read_text())["runtime"] == "torchdist"
+
+
 def test_oversized_payloads_refused_before_transfer_like_the_simulator():
     """validation.max_bytes below the payload size: each receiver refuses at the header (no
     body moves) and counts the rejection exactly as the simulator's validation does."""

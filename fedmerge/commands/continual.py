@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
         m = ContinualStore(args.store).export(args.out, dtype)
-        console.print(f"wrote {escape(str(args.out))}: {m['method']} merge of {m['step']} "
-                      "expert(s)")  # fmt: skip
+        what = f"{m['method']} merge of {m['step']} expert(s)"
+        console.print(f"wrote {escape(str(args.out))}: {what}")
     else:
         m = ContinualStore(args.store).manifest()
         if args.json:

@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         plan = topo.round(args.round, total_rounds=args.total_rounds)
         report["round"] = _plan_summary(plan)
     if args.plot:
-        report["plot"] = str(topo.draw(args.plot, plan=plan))
+        from fedmerge.report import draw_topology
+
+        report["plot"] = str(draw_topology(topo, args.plot, plan=plan))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -151,7 +153,9 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
     when = (
         "the graph's static W" if plan.kind == "static W" else f"round {plan.round} ({plan.kind})"
     )
-    table = Table(title=f"in-weights W_ij, {when}")
+    table = Table(title=f"in-weights W_ij, {when}",
+                  caption="a node's new model: self × its own + Σ W_ij × neighbour j's; "
+                  "self is W_ii")  # fmt: skip
     table.add_column("node", justify="right")
     table.add_column("self", justify="right")
     table.add_column("neighbours j: W_ij")

@@ -47,7 +47,7 @@ import hashlib
 import math
 import os
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from fedmerge.checkpoint import (
     check_output,
     open_checkpoint,
 )
+from fedmerge.codecs.expert import open_expert
 from fedmerge.continual.linear import default_projectable
 from fedmerge.continual.manifest import (
     BASE_FILE,
@@ -80,14 +81,17 @@ LOCK_FILE = ".lock"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
-def _open(tensors: Tensors | str | os.PathLike) -> Iterator[Tensors]:
-    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is."""
+def _open(tensors: Tensors | str | os.PathLike, base: Path | None = None) -> Iterator[Tensors]:
+    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is.
+
+    A compressed expert file opens over ``base`` (see :func:`open_expert`).
+    """
     if isinstance(tensors, (str, os.PathLike)):
-        with open_checkpoint(tensors) as ck:
+        with open_expert(tensors, base) as ck:
             yield ck
     else:
         yield tensors
@@ -234,7 +238,11 @@ class ContinualStore:
         expert's content is already in the store, its id is taken, or its
         keys/shapes/dtypes/values do not fit the base.
         """
-        with self._lock(exclusive=True), _open(expert) as tensors, self._opened() as opened:
+        with (
+            self._lock(exclusive=True),
+            _open(expert, self.path / BASE_FILE) as tensors,
+            self._opened() as opened,
+        ):
             manifest, base, prev = opened
             self._cleanup(manifest)
             name = str(expert) if isinstance(expert, (str, os.PathLike)) else "expert"
@@ -243,7 +251,7 @@ class ContinualStore:
             expert_id = self._new_id(manifest, expert, expert_id, digest, name)
             result, state_hash, state_file = self._fold(manifest, base, prev, tensors, name)
             tau_norms = [*manifest["tau_norms"], result.tau_norm]
-            method = CONTINUAL_METHODS[manifest["method"]]((), **manifest["params"])
+            method = CONTINUAL_METHODS[manifest["method"]].target((), **manifest["params"])
             scale = method.scale(tau_norms, result.acc_norm)
             if not all(map(math.isfinite, (result.tau_norm, result.acc_norm, scale))):
                 (self.path / state_file).unlink(missing_ok=True)

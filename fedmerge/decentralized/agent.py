@@ -117,45 +117,68 @@ class Agent:
         own = self.tensors().values()
         return self.validation.max_bytes or 2 * sum(t.numel() * t.element_size() for t in own)
 
+    def tensor_limit(self) -> int:
+        """The most tensors a payload to this agent may carry: its own count."""
+        return len(self.tensors())
+
+    def validate(self, delivery: Delivery) -> None:
+        """Raise :class:`ValidationError` naming the sender if ``delivery``'s payload is
+        unusable: it must name the sender the transport says it came from (``source``) and
+        match this agent's own tensors (:func:`validate_payload`). The hook a protocol or a
+        payload encoding with other payloads overrides."""
+        payload = delivery.item
+        if payload.sender != delivery.source:
+            raise ValidationError(
+                f"payload from agent {payload.sender} (round {payload.round}): "
+                f"arrived from agent {delivery.source}"
+            )
+        validate_payload(
+            payload, kind=self.kind, specs=specs_of(self.tensors()),
+            own_norm=global_norm(self.state()), max_norm_ratio=self.validation.max_norm_ratio,
+            max_bytes=self.byte_limit(),
+        )  # fmt: skip
+
     def receive(
         self, deliveries: Sequence[Delivery], round: int | None = None
     ) -> list[tuple[Payload, float]]:
-        """The (payload, π_ij) pairs that pass validation; the others are dropped, counted
-        in :attr:`rejected` and logged with the sender and the reason. State is untouched.
-        A payload must name the sender the transport says it came from (``source``). Of
-        valid payloads, one per sender is kept, the newest, and only if newer than the last
-        accepted from it (:attr:`last_round`; duplicates, stale and replayed ones are
-        rejected). A negative round, or one after ``round`` (the current round, when given),
-        is rejected too: a forged far-future round must not make its sender's real payloads
-        look stale."""
-        own = self.tensors()
-        specs, own_norm = specs_of(own), global_norm(self.state())
-        limit = self.byte_limit()
+        """The (payload, π_ij) pairs that pass :meth:`validate`; the others are dropped,
+        counted in :attr:`rejected` and logged with the sender and the reason. State is
+        untouched. Of valid payloads, one per sender is kept, the newest, and only if newer
+        than the last accepted from it (:attr:`last_round`; duplicates, stale and replayed
+        ones are rejected). A negative round, or one after ``round`` (the current round, when
+        given), is rejected first: a forged far-future round must not make its sender's real
+        payloads look stale."""
         accepted = []
         for d in deliveries:
-            payload = d.item
             try:
-                who = f"payload from agent {payload.sender} (round {payload.round})"
-                if payload.sender != d.source:
-                    raise ValidationError(f"{who}: arrived from agent {d.source}")
-                if payload.round < 0 or (round is not None and payload.round > round):
-                    when = "is negative" if payload.round < 0 else f"is from the future ({round})"
-                    raise ValidationError(f"{who}: the round {when}")
-                validate_payload(
-                    payload, kind=self.kind, specs=specs, own_norm=own_norm,
-                    max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
-                )  # fmt: skip
+                _check_round(d.item, round)
+                self.validate(d)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
                 continue
-            accepted.append((payload, d.weight))
+            accepted.append((d.item, d.weight))
         accepted, stale = freshest(accepted, self.last_round)
         for reason in stale:
             self.rejected.append(reason)
             log.info("agent %d dropped a payload: %s", self.id, reason)
         self.last_round.update((p.sender, p.round) for p, _ in accepted)
         return accepted
+
+    @property
+    def experts(self) -> list[int] | None:
+        """The origins of the experts this agent folded, in order (None: it folds none)."""
+        return None
+
+    def extra_state(self) -> tuple[StateDict, dict]:
+        """(tensors, JSON-able meta) a subclass keeps besides its model, generator and
+        freshness state; :mod:`~fedmerge.decentralized.persist` saves and restores them."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: StateDict, meta: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+        if tensors or meta:
+            raise ValidationError(f"agent {self.id}: state file carries unexpected extra state")
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Set the model from shared-form tensors (τ or θ); other entries stay as they are."""
@@ -171,3 +194,11 @@ class Agent:
             return None
         self.model.eval()
         return float((self.model(x).argmax(1) == y).double().mean())
+
+
+def _check_round(payload: Payload, now: int | None) -> None:
+    """A payload's round must be ≥ 0 and, when the current round ``now`` is known, ≤ it."""
+    if payload.round < 0 or (now is not None and payload.round > now):
+        when = "is negative" if payload.round < 0 else f"is from the future ({now})"
+        who = f"payload from agent {payload.sender} (round {payload.round})"
+        raise ValidationError(f"{who}: the round {when}")

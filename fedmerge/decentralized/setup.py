@@ -49,11 +49,16 @@ class Setup:
         )  # fmt: skip
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
-        """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
+        """Node i's :class:`Agent` (or the protocol's own kind): its initial model, its data
+        partition, the shared reference."""
         cfg = self.config
+        loss = loss or make_loss(cfg.train.loss)
+        if self.protocol.agent is not None:
+            return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
+                                       loss, self.n)  # fmt: skip
         return Agent(
             i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
-            seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
+            seed=cfg.seed, reference=self.reference, loss=loss,
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:

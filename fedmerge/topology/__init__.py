@@ -10,29 +10,17 @@
 
 Modules: :mod:`.graphs` (generators, files, checks), :mod:`.mixing` (rules → W),
 :mod:`.schedules` (time-varying rounds, churn), :mod:`.analysis` (spectral gap,
-diameter), :mod:`.specs` (presets, YAML, overrides), :mod:`.draw` (PNG).
+diameter), :mod:`.specs` (presets, YAML, overrides); drawing: :func:`fedmerge.report.draw_topology`.
 """
 
 from fedmerge.lazy import lazy_exports
 
 _EXPORTS = {
-    "GENERATORS": ("fedmerge.topology.graphs",),
-    "MIXING_RULES": ("fedmerge.topology.mixing",),
-    "SCHEDULES": ("fedmerge.topology.schedules",),
-    "RoundPlan": ("fedmerge.topology.schedules",),
-    "Topology": ("fedmerge.topology.build",),
-    "build_topology": ("fedmerge.topology.build",),
-    "list_presets": ("fedmerge.topology.specs",),
-    "make_graph": ("fedmerge.topology.graphs",),
-    "make_schedule": ("fedmerge.topology.schedules",),
-    "mixing_matrix": ("fedmerge.topology.mixing",),
-    "preset_path": ("fedmerge.topology.specs",),
-    "resolve_spec": ("fedmerge.topology.specs",),
-    "rounds_to_shrink": ("fedmerge.topology.analysis",),
-    "second_eigenvalue_modulus": ("fedmerge.topology.analysis",),
-    "spectral_gap": ("fedmerge.topology.analysis",),
-    "stochasticity": ("fedmerge.topology.mixing",),
-    "write_graph": ("fedmerge.topology.graphs",),
+    "fedmerge.topology.analysis": "rounds_to_shrink second_eigenvalue_modulus spectral_gap",
+    "fedmerge.topology.build": "Topology build_topology",
+    "fedmerge.topology.graphs": "GENERATORS make_graph write_graph",
+    "fedmerge.topology.mixing": "MIXING_RULES mixing_matrix stochasticity",
+    "fedmerge.topology.schedules": "SCHEDULES RoundPlan make_schedule",
+    "fedmerge.topology.specs": "list_presets preset_path resolve_spec",
 }
-__all__ = list(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
