@@ -141,3 +141,40 @@ def test_one_malformed_flower_reply_skips_that_node_only():
     back = {100 + i: i for i in range(6)}
     got = collect(grid, [], back, RelayOptions(), 0, flat_len=6)
     assert sorted(got) == [0]
+
+
+# ----------------------------------------------------------------------------- omniscient attacks
+
+
+def test_ipm_and_alie_attacks_by_hand():
+    """IPM (Xie et al. 2020): −ε · mean of the honest neighbours' tensors. ALIE (Baruch et
+    al. 2019): mean − z · std of the honest neighbours, per coordinate (population std)."""
+    from fedmerge.config import ByzantineConfig
+    from fedmerge.decentralized.adversary import attack
+
+    own = {"w": torch.tensor([100.0, 100.0])}
+    honest = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    g = torch.Generator().manual_seed(0)
+    ipm = attack(own, ByzantineConfig(attack="ipm", scale=0.5), g, honest)
+    assert ipm["w"].tolist() == [-1.0, -2.0]  # −0.5 · [2, 4]
+    alie = attack(own, ByzantineConfig(attack="alie", scale=1.5), g, honest)
+    assert alie["w"].tolist() == [2.0 - 1.5 * 1.0, 4.0 - 1.5 * 2.0]
+    alone = attack(own, ByzantineConfig(attack="ipm", scale=1.0), g, [])
+    assert alone["w"].tolist() == [-100.0, -100.0]  # no honest neighbour: its own tensors
+
+
+def test_ipm_uses_the_attackers_honest_neighbours():
+    import networkx as nx
+
+    from fedmerge.config import load_config
+    from fedmerge.decentralized.adversary import Adversary
+
+    sets = ["placement=list", "nodes=[0, 1]", "attack=ipm", "scale=1"]
+    cfg = load_config(None, [f"faults.byzantine.{s}" for s in sets])
+    adv = Adversary(cfg, nx.path_graph(4))  # 0 - 1 - 2 - 3: node 1's honest neighbour is 2
+    payloads = {i: Payload.make({"w": torch.full((2,), float(i))}, sender=i, round=0, samples=1,
+                                kind="delta") for i in range(4)}  # fmt: skip
+    out = adv.corrupt(payloads, 0)
+    assert out[1].tensors["w"].tolist() == [-2.0, -2.0]
+    assert out[0].tensors["w"].tolist() == [-0.0, -0.0]  # no honest neighbour: −1 · its own 0
+    assert out[2] is payloads[2]
