@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def model_specs(size: str, dtype):
 
 
 def build(folder: Path, size: str, n_experts: int, dtype_name: str) -> list[Path]:
-    """Write base.safetensors and expert{i}.safetensors (seeded), one tensor at a time."""
+    """Write base.safetensors and expert{i}.safetensors (seeded), one key at a time."""
     import torch
 
     from fedmerge.checkpoint import CheckpointWriter, dtype_from_name
@@ -85,14 +86,15 @@ def build(folder: Path, size: str, n_experts: int, dtype_name: str) -> list[Path
     paths = [folder / "base.safetensors"] + [
         folder / f"expert{i}.safetensors" for i in range(n_experts)
     ]
-    for who, path in enumerate(paths):
-        with CheckpointWriter(path, specs) as w:
-            for j, (key, spec) in enumerate(sorted(specs.items())):
-                base = torch.randn(spec.shape, generator=torch.Generator().manual_seed(j))
-                if who:
-                    gen = torch.Generator().manual_seed(1000 * who + j)
-                    base += 0.01 * torch.randn(spec.shape, generator=gen)
-                w.write(key, base.to(dtype))
+    with ExitStack() as stack:
+        writers = [stack.enter_context(CheckpointWriter(p, specs)) for p in paths]
+        for j, (key, spec) in enumerate(sorted(specs.items())):
+            base = torch.randn(spec.shape, generator=torch.Generator().manual_seed(j))
+            writers[0].write(key, base.to(dtype))
+            for who in range(1, len(paths)):
+                gen = torch.Generator().manual_seed(1000 * who + j)
+                noise = torch.randn(spec.shape, generator=gen).mul_(0.01)
+                writers[who].write(key, noise.add_(base).to(dtype))
     return paths
 
 

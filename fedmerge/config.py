@@ -166,6 +166,15 @@ class ProtocolConfig:
         "once", "disseminate: forward each expert once (the round after it is first held) or "
         "always", choices=("once", "always"),
     )  # fmt: skip
+    codec: str = option(
+        "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
+        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+    )  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
+    consensus_step: float = option(
+        1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
 
 
 @dataclass

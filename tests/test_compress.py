@@ -128,3 +128,15 @@ def test_compeft_experts_folded_by_opcm_match_the_uncompressed_fold(tmp_path, on
             finals[name].append(evaluate(setup, merger.merged()).mean())
     assert min(ratios) >= 8
     assert np.mean(finals["compeft"]) >= np.mean(finals["dense"]) - 0.01, finals
+
+
+def test_compress_list_names_every_codec_and_its_parameters(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli(["compress", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(x) for x in lines) <= 80
+    for name in ("none", "topk", "quantize", "ternary", "lowrank"):
+        assert any(x.startswith(f"│ {name} ") for x in lines)
+    assert cli(["compress", "--list", "quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "block" in out and "[2, 8]" in out

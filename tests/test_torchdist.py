@@ -151,6 +151,14 @@ def test_gossip_four_ranks_matches_simulator():
     assert all(r["bytes_received"] == r["bytes_sent"] == 2 * 68904 for r in rows)
 
 
+def test_compressed_gossip_two_agents_per_rank_matches_simulator():
+    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
+                             "distributed.agents_per_rank=2"])  # fmt: skip
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
+
+
 def test_dimat_two_agents_per_rank_matches_simulator():
     cfg = load_config(None, [*RING4, "protocol.name=dimat", "distributed.agents_per_rank=2"])
     rows = torchdist.run(cfg, procs=2, threads=1)

@@ -90,20 +90,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def method_table(method: str | None = None) -> Table:
     """Without ``method``: one row per method, what it does and its parameters' defaults.
     With it: that method's parameters, one row each (default, range, meaning)."""
-    from fedmerge.merging import METHODS, get_method
+    from fedmerge.merging import METHODS
 
-    if method is None:
-        table = Table(title="fedmerge merge methods",
-                      caption="fedmerge merge --list METHOD: its parameters in full")  # fmt: skip
-        table.add_column("method", style="bold", no_wrap=True)
+    hint = "fedmerge merge --list METHOD: its parameters in full"
+    return registry_table(METHODS, method, "method", title="fedmerge merge methods", caption=hint)
+
+
+def registry_table(registry, name: str | None, column: str, *, title: str, caption: str) -> Table:
+    """``--list`` of a registry (merge methods, codecs): one row per entry, or with ``name``
+    one row per parameter of that entry (default, range, meaning)."""
+    if name is None:
+        table = Table(title=title, caption=caption)
+        table.add_column(column, style="bold", no_wrap=True)
         table.add_column("what it does · parameters (defaults)")
-        for name in sorted(METHODS):
-            m = METHODS[name]
-            params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "none"
-            table.add_row(name, f"{m.doc}\n[dim]{params}[/]")
+        for key in sorted(registry):
+            e = registry[key]
+            params = ", ".join(f"{p.name}={p.default!r}" for p in e.params) or "none"
+            table.add_row(key, f"{e.doc}\n[dim]{params}[/]")
         return table
-    m = get_method(method)
-    table = Table(title=f"{method}: {m.doc}", caption=m.reference)
+    m = registry.lookup(name)
+    table = Table(title=f"{name}: {m.doc}", caption=getattr(m, "reference", ""))
     for col in ("parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
     for p in m.params:

@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedmerge.codecs import pack_tensors
+from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized.adversary import freshest
 from fedmerge.decentralized.delivery import Delivery
-from fedmerge.decentralized.payload import Payload, validate_payload
+from fedmerge.decentralized.payload import Payload, decode_payload, validate_payload
 from fedmerge.errors import ValidationError
 from fedmerge.factory import import_factory
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
@@ -63,14 +65,16 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 
 class Agent:
     """Agent ``id``: ``model`` trained on ``data``; ``reference`` is the shared base its
-    payloads are task vectors against, or None (payloads carry full weights)."""
+    payloads are task vectors against, or None (payloads carry full weights). ``choco``:
+    its CHOCO-Gossip state when payloads are compressed (``protocol.codec``)."""
 
     def __init__(
         self, id: int, model: nn.Module, data: AgentData, *, train: TrainConfig,
         validation: ValidationConfig, seed: int, reference: StateDict | None = None,
-        loss: Loss = nn.functional.cross_entropy,
+        loss: Loss = nn.functional.cross_entropy, choco: ChocoGossip | None = None,
     ) -> None:  # fmt: skip
         self.id, self.model, self.data = id, model, data
+        self.choco = choco
         self.train_cfg, self.validation, self.loss = train, validation, loss
         self.reference = reference
         self.generator = agent_generator(seed, id)
@@ -107,8 +111,12 @@ class Agent:
         }
 
     def publish(self, round: int) -> Payload:
+        """τ (or θ); with a codec, the packed encoding of q_i = C(x_i − x̂_i) (CHOCO)."""
+        tensors = self.tensors()
+        if self.choco is not None:
+            tensors = pack_tensors(self.choco.publish(tensors)[0])
         return Payload.make(
-            self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
+            tensors, sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
 
     def byte_limit(self) -> int:
@@ -121,22 +129,25 @@ class Agent:
         """The most tensors a payload to this agent may carry: its own count."""
         return len(self.tensors())
 
-    def validate(self, delivery: Delivery) -> None:
-        """Raise :class:`ValidationError` naming the sender if ``delivery``'s payload is
-        unusable: it must name the sender the transport says it came from (``source``) and
-        match this agent's own tensors (:func:`validate_payload`). The hook a protocol or a
-        payload encoding with other payloads overrides."""
+    def validate(self, delivery: Delivery) -> Payload:
+        """The usable payload of ``delivery`` (decoded, if a codec compressed it), or a
+        :class:`ValidationError` naming the sender: it must name the sender the transport says
+        it came from (``source``), decode within this agent's specs and byte bound, and match
+        this agent's own tensors (:func:`validate_payload`). The hook a protocol with other
+        payloads overrides."""
         payload = delivery.item
         if payload.sender != delivery.source:
             raise ValidationError(
                 f"payload from agent {payload.sender} (round {payload.round}): "
                 f"arrived from agent {delivery.source}"
             )
+        specs, limit = specs_of(self.tensors()), self.byte_limit()
+        payload = decode_payload(payload, specs, limit)
         validate_payload(
-            payload, kind=self.kind, specs=specs_of(self.tensors()),
-            own_norm=global_norm(self.state()), max_norm_ratio=self.validation.max_norm_ratio,
-            max_bytes=self.byte_limit(),
+            payload, kind=self.kind, specs=specs, own_norm=global_norm(self.state()),
+            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
         )  # fmt: skip
+        return payload
 
     def receive(
         self, deliveries: Sequence[Delivery], round: int | None = None
@@ -152,12 +163,12 @@ class Agent:
         for d in deliveries:
             try:
                 _check_round(d.item, round)
-                self.validate(d)
+                payload = self.validate(d)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
                 continue
-            accepted.append((d.item, d.weight))
+            accepted.append((payload, d.weight))
         accepted, stale = freshest(accepted, self.last_round)
         for reason in stale:
             self.rejected.append(reason)

@@ -99,7 +99,7 @@ class ContinualAgent(Agent):
         return Payload.make(tensors, sender=self.id, round=round, samples=self.data.samples,
                             kind="delta")  # fmt: skip
 
-    def validate(self, delivery: Delivery) -> None:
+    def validate(self, delivery: Delivery) -> Payload:
         """A bundle must name its transport sender, be a delta with a matching content hash
         and have well-formed keys; each expert in it is checked when offered."""
         p = delivery.item
@@ -111,6 +111,7 @@ class ContinualAgent(Agent):
         if state_hash(p.tensors) != p.hash:
             raise ValidationError(f"{who}: content hash mismatch")
         unbundle(p.tensors, who)
+        return p
 
     def receive(
         self, deliveries: Sequence[Delivery], round: int | None = None

@@ -1,7 +1,8 @@
 """The agent-state file: one format for every runtime, so that a node resumes exactly.
 
 A node's file ``agent-NNNN.safetensors`` holds its model state dict plus its batch-order
-generator state (key ``__rng__``, uint8); its header names the agent, the round it
+generator state (key ``__rng__``, uint8), and with compressed gossip its CHOCO state
+(``__choco__/...``: public copies, codec sender state); its header names the agent, the round it
 completed and its per-sender freshness state (:attr:`Agent.last_round`, JSON), so a resumed
 node still refuses replays of what it accepted before; what a kind of agent keeps besides
 (:meth:`Agent.extra_state`, e.g. a continual merge) travels in the same file. It is
@@ -20,6 +21,7 @@ import os
 from pathlib import Path
 
 from fedmerge.checkpoint import open_checkpoint, save_state_dict
+from fedmerge.codecs.choco import PREFIX as CHOCO_PREFIX
 from fedmerge.decentralized.agent import Agent
 from fedmerge.errors import CheckpointError, ValidationError
 
@@ -42,6 +44,9 @@ def save_agent(agent: Agent, state_dir: str | os.PathLike, round: int) -> Path:
     }
     meta = {"round": str(round), "agent": str(agent.id), "extra": json.dumps(extra_meta),
             "last_round": json.dumps(sorted(agent.last_round.items()))}  # fmt: skip
+    if agent.choco is not None:  # compressed gossip: public copies and codec state
+        tensors, extra = agent.choco.to_tensors()
+        state, meta = {**state, **tensors}, {**meta, **extra}
     save_state_dict(state, path, meta)
     return path
 
@@ -58,6 +63,9 @@ def restore_agent(agent: Agent, state_dir: str | os.PathLike) -> int | None:
         raise CheckpointError(f"{path}: not agent {agent.id}'s state file")
     rng = state.pop(RNG_KEY)
     extra = {k.removeprefix(EXTRA): state.pop(k) for k in list(state) if k.startswith(EXTRA)}
+    if agent.choco is not None:
+        agent.choco.load_tensors(state, meta)
+    state = {k: v for k, v in state.items() if not k.startswith(CHOCO_PREFIX)}
     own = agent.state()
     if {k: (v.dtype, v.shape) for k, v in state.items()} != {
         k: (v.dtype, v.shape) for k, v in own.items()

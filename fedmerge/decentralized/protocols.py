@@ -62,7 +62,13 @@ class Protocol(Entry):
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`). With a codec
+    the payloads are compressed differences and the step is CHOCO-Gossip's
+    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π)."""
+    if agent.choco is not None:
+        heard = [(p.sender, p.tensors, w) for p, w in received]
+        agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]

@@ -25,13 +25,14 @@ import math
 
 import torch
 
-from fedmerge.checkpoint import dtype_from_name
+from fedmerge.checkpoint import DTYPES
 from fedmerge.decentralized.payload import KINDS, Payload
 from fedmerge.errors import ValidationError
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
 HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]
 ALIGN = 8
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # "uint8" -> torch.uint8
 
 
 def _aligned(n: int) -> int:
@@ -131,7 +132,7 @@ def _entry(item: object, where: str) -> tuple[str, torch.dtype, list[int], int]:
     if not ok:
         raise ValidationError(f"{where}: a tensor table entry must be [name, dtype, shape, "
                               f"offset], got {str(item)[:80]}")  # fmt: skip
-    try:
-        return key, dtype_from_name(dtype_name), shape, off
-    except ValidationError as exc:
-        raise ValidationError(f"{where}: key {key!r}: {exc}") from None
+    dtype = WIRE_DTYPES.get(dtype_name)
+    if dtype is None:  # compressed payloads carry uint8 parts too
+        raise ValidationError(f"{where}: key {key!r} has unknown dtype {dtype_name!r}")
+    return key, dtype, shape, off
