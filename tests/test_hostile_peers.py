@@ -178,3 +178,33 @@ def test_ipm_uses_the_attackers_honest_neighbours():
     assert out[1].tensors["w"].tolist() == [-2.0, -2.0]
     assert out[0].tensors["w"].tolist() == [-0.0, -0.0]  # no honest neighbour: −1 · its own 0
     assert out[2] is payloads[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=9, max_size=9), st.integers(0, 16))
+def test_fuzzed_wire_headers_are_checked_or_refused(values, sender):
+    """Any 9 × int64 header: body_size returns a size within what it checked, or refuses."""
+    from fedmerge.runtimes.torchdist.wire import body_size
+
+    try:
+        size = body_size(torch.tensor(values, dtype=torch.int64), sender)
+    except ValidationError:
+        return
+    assert values[2] == sender and 0 < size == values[6] + values[7]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=64), st.sampled_from(["safetensors", "numpy.ndarray", ""]),
+       st.dictionaries(st.sampled_from(["nbytes", "rejected", "global_acc"]),
+                       st.one_of(st.integers(-5, 2**40), st.floats(allow_nan=False)),
+                       max_size=3))  # fmt: skip
+def test_fuzzed_flower_records_are_judged_not_raised(blob, stype, metrics):
+    pytest.importorskip("flwr")
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from fedmerge.runtimes.flower.relay import malformed
+
+    arrays = {k: Array(dtype="uint8", shape=(len(blob),), stype=stype, data=blob)
+              for k in ("flat", "payload")}  # fmt: skip
+    rec = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    assert isinstance(malformed(rec, flat_len=6), str)  # never valid, never an exception
