@@ -1,23 +1,28 @@
 """How fast and how lean is `fedmerge merge`? Compared with the I/O floor and with mergekit.
 
-Builds seeded synthetic checkpoints (a base and K experts shaped like a small
-transformer), then, each in a fresh subprocess so that peak memory is its own:
+Builds seeded synthetic checkpoints shaped like a Llama model (a base and K
+experts: 32,000 × hidden embedding and LM head, attention with grouped KV,
+gated MLP, RMS norms; 75 tensors at the default size), then, each in a fresh
+subprocess so that peak memory is its own:
 
 * floor: read every input byte once and write the output once (fsync), the
   least any merge of these files can do (page cache warmed first; run before and
   after the merges, the faster run is the denominator);
-* fedmerge task_arithmetic and ties (scope tensor) through the streaming engine;
+* fedmerge task_arithmetic, ties and dare_ties through the streaming engine;
 * mergekit (``mergekit-pytorch``, the raw-checkpoint front end of mergekit-yaml)
   on the same files with the same method and parameters, when available.
 
-Prints wall time, the time of the work itself (without Python start-up and
-imports), peak RSS (``getrusage`` of the child: includes the memory-mapped input
-pages a process touched) and peak anonymous memory (sampled from
-``/proc/PID/status`` every 10 ms: the tensors a process really allocates), and
-the ratios to the floor.
+Prints wall time, CPU time (user + system, whole process) and the CPU time of
+the work itself (without Python start-up and imports), its ratio to the
+floor's, peak RSS (``getrusage`` of the child: includes the memory-mapped input
+pages a process touched) and peak anonymous memory, the heap (``RssAnon``
+sampled from ``/proc/PID/status`` every 10 ms: the tensors a process really
+allocates). Every child runs with ``OMP_NUM_THREADS`` = ``--threads`` and
+``OMP_WAIT_POLICY=PASSIVE``.
 
-    python benchmarks/merge_speed.py                 # 4 experts × 100M parameters, fp32 and bf16
-    python benchmarks/merge_speed.py --quick         # 4 × 5M, for a smoke test
+    python benchmarks/merge_speed.py              # 4 experts × 99M (Llama-shaped), bf16 and fp32
+    python benchmarks/merge_speed.py --quick      # 4 × 9M, a smoke test
+    python benchmarks/merge_speed.py --huge --workdir /big/disk   # 4 × 853M bf16 (~10 GB)
     python benchmarks/merge_speed.py --mergekit-bin /path/venv/bin/mergekit-pytorch
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,40 +50,51 @@ CHUNK = 64 << 20
 # ----------------------------------------------------------------------------- synthetic models
 
 
-def model_specs(n_params: float, dtype):
-    """Transformer-like shapes (embedding, attention, MLP, norms) totalling ≈ n_params."""
+# name -> (vocab, hidden, layers, MLP width, KV width)
+SIZES = {
+    "quick": (8000, 256, 2, 688, 64),
+    "llm": (32000, 1024, 8, 512, 256),  # 99.1M parameters, 75 tensors
+    "huge": (32000, 2048, 16, 5632, 512),  # 853M (TinyLlama-like widths)
+}
+
+
+def model_specs(size: str, dtype):
+    """Llama-shaped tensors: embedding and LM head, per layer q/k/v/o, gate/up/down, 2 norms."""
     from fedmerge.checkpoint import TensorSpec
 
-    d = 1024 if n_params >= 5e7 else 256
-    specs = {"embed.weight": TensorSpec(dtype, (8192, d))}
-    per_layer = 12 * d * d + 2 * d
-    for i in range(max(1, round((n_params - 8192 * d) / per_layer))):
-        for name, shape in (("attn.q", (d, d)), ("attn.k", (d, d)), ("attn.v", (d, d)),
-                            ("attn.o", (d, d)), ("mlp.up", (4 * d, d)), ("mlp.down", (d, 4 * d)),
-                            ("ln1", (d,)), ("ln2", (d,))):  # fmt: skip
-            specs[f"layers.{i}.{name}.weight"] = TensorSpec(dtype, shape)
-    return specs
+    vocab, d, layers, mlp, kv = SIZES[size]
+    shapes = {"model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d),
+              "model.norm.weight": (d,)}  # fmt: skip
+    for i in range(layers):
+        for name, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (kv, d)),
+                            ("self_attn.v_proj", (kv, d)), ("self_attn.o_proj", (d, d)),
+                            ("mlp.gate_proj", (mlp, d)), ("mlp.up_proj", (mlp, d)),
+                            ("mlp.down_proj", (d, mlp)), ("input_layernorm", (d,)),
+                            ("post_attention_layernorm", (d,))):  # fmt: skip
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    return {k: TensorSpec(dtype, s) for k, s in shapes.items()}
 
 
-def build(folder: Path, n_params: float, n_experts: int, dtype_name: str) -> list[Path]:
-    """Write base.safetensors and expert{i}.safetensors (seeded), one tensor at a time."""
+def build(folder: Path, size: str, n_experts: int, dtype_name: str) -> list[Path]:
+    """Write base.safetensors and expert{i}.safetensors (seeded), one key at a time."""
     import torch
 
     from fedmerge.checkpoint import CheckpointWriter, dtype_from_name
 
     dtype = dtype_from_name(dtype_name)
-    specs = model_specs(n_params, dtype)
+    specs = model_specs(size, dtype)
     paths = [folder / "base.safetensors"] + [
         folder / f"expert{i}.safetensors" for i in range(n_experts)
     ]
-    for who, path in enumerate(paths):
-        with CheckpointWriter(path, specs) as w:
-            for j, (key, spec) in enumerate(sorted(specs.items())):
-                base = torch.randn(spec.shape, generator=torch.Generator().manual_seed(j))
-                if who:
-                    gen = torch.Generator().manual_seed(1000 * who + j)
-                    base += 0.01 * torch.randn(spec.shape, generator=gen)
-                w.write(key, base.to(dtype))
+    with ExitStack() as stack:
+        writers = [stack.enter_context(CheckpointWriter(p, specs)) for p in paths]
+        for j, (key, spec) in enumerate(sorted(specs.items())):
+            base = torch.randn(spec.shape, generator=torch.Generator().manual_seed(j))
+            writers[0].write(key, base.to(dtype))
+            for who in range(1, len(paths)):
+                gen = torch.Generator().manual_seed(1000 * who + j)
+                noise = torch.randn(spec.shape, generator=gen).mul_(0.01)
+                writers[who].write(key, noise.add_(base).to(dtype))
     return paths
 
 
@@ -99,32 +117,32 @@ def floor_worker(inputs: list[str], out: str) -> None:
         os.fsync(fh.fileno())
 
 
-def fedmerge_worker(method: str, inputs: list[str], out: str) -> None:
-    from fedmerge.merging import merge_checkpoints
-    from fedmerge.merging.engine import keep_freed_memory
-
-    keep_freed_memory()  # as the CLI does
-    params = {"density": 0.2} if method == "ties" else {}
-    merge_checkpoints(method, inputs[0], inputs[1:], out, params=params, progress=False)
+PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"density": 0.2}}
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    import torch
+    """The floor, or a fedmerge merge as the CLI runs it; times the work after the imports."""
+    if args.worker != "floor":
+        from fedmerge.merging import merge_checkpoints
+        from fedmerge.merging.engine import keep_freed_memory
 
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+        keep_freed_memory()
+    start, cpu = time.perf_counter(), time.process_time()
     if args.worker == "floor":
         floor_worker(args.inputs, args.out)
     else:
-        fedmerge_worker(args.worker, args.inputs, args.out)
-    print(json.dumps({"work_s": time.perf_counter() - start}))
+        merge_checkpoints(args.worker, args.inputs[0], args.inputs[1:], args.out,
+                          params=PARAMS[args.worker], progress=False,
+                          threads=args.threads)  # fmt: skip
+    work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu}
+    print(json.dumps(work))
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time, peak RSS (rusage), peak anonymous RSS (sampled), its JSON line."""
+    """Run ``cmd``; wall and CPU time, peak RSS (rusage), peak heap (sampled RssAnon), its JSON."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak_anon = [0]
@@ -149,8 +167,10 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-    return {"wall_s": wall, "rss": usage.ru_maxrss * 1024, "anon": peak_anon[0],
-            "work_s": lines[-1]["work_s"] if lines else None}  # fmt: skip
+    last = lines[-1] if lines else {}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "rss": usage.ru_maxrss * 1024, "anon": peak_anon[0],
+            "work_s": last.get("work_s"), "work_cpu": last.get("work_cpu")}  # fmt: skip
 
 
 def mergekit_cmd(binary: str, method: str, inputs: list[Path], out: Path, dtype: str,
@@ -159,7 +179,9 @@ def mergekit_cmd(binary: str, method: str, inputs: list[Path], out: Path, dtype:
     import yaml
 
     params = {"lambda": 0.3} if method == "task_arithmetic" else {"lambda": 1.0}
-    per_model = {"weight": 1.0, **({"density": 0.2} if method == "ties" else {})}
+    if method == "dare_ties":  # fedmerge's dare_ties default: the disjoint sum, ×1/density
+        params |= {"normalize": False, "rescale": False}
+    per_model = {"weight": 1.0, **PARAMS[method]}
     config = {
         "merge_method": method,
         "base_model": str(inputs[0]),
@@ -173,16 +195,59 @@ def mergekit_cmd(binary: str, method: str, inputs: list[Path], out: Path, dtype:
     return [binary, str(cfg), str(out), "--quiet", "-j", str(threads)]
 
 
+def _cell(x: float | None, fmt: str) -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
+    """One row per job; ratios to the faster floor run (CPU of the work; wall of the process)."""
+    floor = min((r for n, r in results if n.startswith("floor")), key=lambda r: r["work_cpu"])
+    for name, r in results[:-1]:
+        r = floor if name.startswith("floor") else r
+        ratio = r["work_cpu"] / floor["work_cpu"] if r["work_cpu"] is not None else None
+        table.add_row(dtype, name, f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                      _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
+                      f"{r['wall_s'] / floor['wall_s']:.2f}×", f"{r['rss'] / 2**20:.0f}",
+                      f"{r['anon'] / 2**20:.0f}")  # fmt: skip
+
+
+def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[str, dict]]:
+    """Build the checkpoints of one dtype, run every job (floor first and last), clean up."""
+    folder.mkdir()
+    with console.status(f"building {dtype} checkpoints"):
+        inputs = build(folder, args.size, args.experts, dtype)
+    me = [sys.executable, __file__, "--threads", str(args.threads), "--inputs", *map(str, inputs)]
+    floor_out = folder / "floor.bin"
+    jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
+             floor_out)]  # fmt: skip
+    for m in args.methods.split(","):
+        out = folder / f"fm_{m}.safetensors"
+        jobs.append((f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)], out))
+        if args.mergekit_bin:
+            out = folder / f"mk_{m}"
+            cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
+            jobs.append((f"mergekit {m}", cmd, out))
+    floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
+    results = []
+    for name, cmd, out in [*jobs, jobs[0]]:  # the floor runs first and last
+        with console.status(f"{dtype}: {name}"):
+            results.append((name, measure(cmd, env)))
+        shutil.rmtree(out) if out.is_dir() else out.unlink()  # keep the disk free
+    shutil.rmtree(folder)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=float, default=100e6, help="parameters per model")
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
-    parser.add_argument("--quick", action="store_true", help="4 × 5M parameters")
-    parser.add_argument("--methods", default="task_arithmetic,ties")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads per process (default 2; on busy shared cores 1 can "
-                        "be faster: OpenMP barriers stall when a core is taken)")  # fmt: skip
+    parser.add_argument("--dtype", default="bfloat16,float32", help="comma-separated dtypes")
+    parser.add_argument("--quick", action="store_true", help="4 × 9M parameters, a smoke test")
+    parser.add_argument("--huge", action="store_true",
+                        help="4 × 853M bf16 (needs ~9 GB free in --workdir)")  # fmt: skip
+    parser.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP threads per process (default 1: on busy shared cores "
+                        "more threads mostly wait)")  # fmt: skip
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-pytorch"),
                         help="mergekit-pytorch executable (default: from PATH)")  # fmt: skip
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
@@ -192,59 +257,39 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(args)
-    if args.quick:
-        args.params = 5e6
+    args.size = "quick" if args.quick else "huge" if args.huge else "llm"
+    if args.huge:
+        args.dtype = "bfloat16"
 
+    import torch
     from rich.console import Console
     from rich.table import Table
 
+    specs = model_specs(args.size, torch.bfloat16)
+    n_params = sum(math.prod(s.shape) for s in specs.values())
+    need = (args.experts + 2) * sum(s.nbytes for s in specs.values())
+    free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
+    if need > free:
+        raise SystemExit(f"needs {need / 1e9:.1f} GB free, {free / 1e9:.1f} GB are")
     console = Console(width=max(Console().width, 130))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
-    table = Table(title=f"merge speed: {args.experts} experts × {args.params / 1e6:g}M params, "
-                  f"{args.threads} threads")  # fmt: skip
-    for col in ("dtype", "job", "wall s", "work s", "peak RSS MiB", "peak anon MiB",
-                "work / floor", "wall / floor"):  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": str(REPO)}  # fmt: skip
+    load = os.getloadavg()
+    table = Table(title=f"merge speed: {args.experts} experts + base × {n_params / 1e6:.1f}M "
+                  f"params ({len(specs)} tensors), {args.threads} thread(s)")  # fmt: skip
+    for col in ("dtype", "job", "wall s", "CPU s", "work CPU s", "work CPU / floor",
+                "wall / floor", "peak RSS MiB", "peak heap MiB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("dtype", "job") else "right")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for dtype in args.dtype.split(","):
-            folder = Path(tmp) / dtype
-            folder.mkdir()
-            with console.status(f"building {dtype} checkpoints"):
-                inputs = build(folder, args.params, args.experts, dtype)
-            me = [sys.executable, __file__, "--threads", str(args.threads), "--inputs",
-                  *map(str, inputs)]  # fmt: skip
-            jobs = [("floor (read all + write)",
-                     [*me, "--worker", "floor", "--out", str(folder / "floor.bin")])]  # fmt: skip
-            for m in args.methods.split(","):
-                out = str(folder / f"fm_{m}.safetensors")
-                jobs.append((f"fedmerge {m}", [*me, "--worker", m, "--out", out]))
-                if args.mergekit_bin:
-                    out = folder / f"mk_{m}"
-                    cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
-                    jobs.append((f"mergekit {m}", cmd))
-            floor_worker(list(map(str, inputs)), str(folder / "warm.bin"))  # warm the page cache
-            results = []
-            for name, cmd in [*jobs, jobs[0]]:  # the floor runs first and last
-                with console.status(f"{dtype}: {name}"):
-                    results.append((name, measure(cmd, env)))
-                for f in folder.glob("mk_*"):
-                    shutil.rmtree(f, ignore_errors=True) if f.is_dir() else None
-            # the faster of the two floor runs: the conservative denominator
-            floor = min((r for n, r in results if n.startswith("floor")), key=lambda r: r["work_s"])
-            for name, r in results[:-1]:
-                r = floor if name.startswith("floor") else r
-                work = f"{r['work_s']:.2f}" if r["work_s"] is not None else "—"
-                ratio = f"{r['work_s'] / floor['work_s']:.2f}×" if r["work_s"] else "—"
-                table.add_row(dtype, name, f"{r['wall_s']:.2f}", work, f"{r['rss'] / 2**20:.0f}",
-                              f"{r['anon'] / 2**20:.0f}", ratio,
-                              f"{r['wall_s'] / floor['wall_s']:.2f}×")  # fmt: skip
-            shutil.rmtree(folder)
+            add_rows(table, dtype, run_dtype(args, console, Path(tmp) / dtype, dtype, env))
     console.print(table)
-    import torch
-
-    size = sum(s.nbytes for s in model_specs(args.params, torch.float32).values()) / 2**20
+    after = os.getloadavg()
+    loads = [" ".join(f"{x:.2f}" for x in v) for v in (load, after)]
+    console.print(f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}; "
+                  f"{os.cpu_count()} CPUs")  # fmt: skip
     command = " ".join(argv if argv is not None else sys.argv[1:])
-    console.print(f"{size:.0f} MiB per fp32 checkpoint; python benchmarks/merge_speed.py {command}")
+    console.print(f"python benchmarks/merge_speed.py {command}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """fedmerge: decentralized and continual model merging.
 
 The public Python API; each name lives in the module named after its idea and is imported
-on first use (PEP 562), so ``import fedmerge`` stays cheap and imports neither Flower nor
-torch.distributed:
+on first use (PEP 562), so ``import fedmerge`` stays cheap (it loads neither torch, scipy,
+Flower nor torch.distributed, so the CLI starts at once):
 
 >>> import fedmerge
 >>> fedmerge.build_topology("ring", n=4).n
@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "fedmerge.data.tasks": "TASK_NAMES Task TaskFamily make_task_family",
     "fedmerge.decentralized.adversary": "Adversary byzantine_nodes freshest",
     "fedmerge.decentralized.agent": "Agent",
+    "fedmerge.decentralized.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.decentralized.engine": "Engine RoundRunner",
     "fedmerge.decentralized.payload": "Payload validate_payload",
     "fedmerge.decentralized.persist": "restore_agent save_agent",
@@ -38,7 +39,6 @@ _EXPORTS: dict[str, str] = {
     "krum_aggregate=krum median_aggregate=median trimmed_mean_aggregate=trimmed_mean",
     "fedmerge.decentralized.setup": "Setup build_setup",
     "fedmerge.dimat": "dimat_merge",
-    "fedmerge.dissemination": "Arrival DisseminationResult disseminate fold_directly",
     "fedmerge.errors": "CheckpointError ConfigError FedmergeError ValidationError",
     "fedmerge.merging": "MERGE_METHODS=METHODS MergeReport merge merge_checkpoints",
     "fedmerge.models": "MODELS build_model",

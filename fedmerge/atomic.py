@@ -1,23 +1,28 @@
 """Crash-safe file writes: write to a temp file beside the target, fsync, rename.
 
 A reader (or a process restarted after SIGKILL) sees either the old file or the
-new one, never a partial write.
+new one, never a partial write. Temp files are named ``.NAME.<16 random hex>.tmp``
+and created with ``O_CREAT | O_EXCL | O_NOFOLLOW``: a name planted in advance (a
+symlink to a file elsewhere) can neither be guessed nor followed. A temp file is
+reopened (``O_NOFOLLOW``, never ``O_CREAT``) only to resume writing, so a writer of
+many files holds one descriptor at a time. Failures of the file system (disk full,
+read-only, permission denied) are :class:`~fedmerge.errors.StorageError` naming the
+file, and the temp file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
+from fedmerge.errors import StorageError
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+TEMP_SUFFIX = ".tmp"
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_RESUME = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,32 +35,72 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temp file for binary writing that replaces ``path`` only on success.
-
-    On any exception the temp file is removed and ``path`` is left untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` (ENOSPC, EROFS, EACCES, EMFILE ...) into a StorageError naming
+    ``path``."""
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+class TempFile:
+    """A new temp file beside ``target`` (mode 0666 & ~umask) that replaces it on :meth:`commit`.
+
+    :meth:`write_at` opens it on demand, :meth:`park` flushes and closes it (so that many
+    temp files need one descriptor at a time), :meth:`discard` removes it.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        name = f".{self.target.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        self.path = self.target.with_name(name)
+        self._fd: int | None = os.open(self.path, _NEW, 0o666)
+
+    def write_at(self, data: bytes | memoryview, offset: int) -> None:
+        """Write all of ``data`` at byte ``offset`` (positional; no seek state)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, _RESUME)
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def park(self) -> None:
+        """fsync and close (reopened by the next :meth:`write_at`)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def commit(self) -> None:
+        """fsync, close and rename over the target (the directory is not fsynced here)."""
+        self.park()
+        os.replace(self.path, self.target)
+
+    def discard(self) -> None:
+        """Close without syncing and remove the temp file (idempotent)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        self.path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path) as fh:
-        fh.write(data)
+    """Write ``data`` to ``path`` atomically (StorageError on a file-system failure)."""
+    target = Path(path)
+    with storage_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = TempFile(target)
+        try:
+            tmp.write_at(data, 0)
+            tmp.commit()
+        except BaseException:
+            tmp.discard()
+            raise
+        fsync_dir(target.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

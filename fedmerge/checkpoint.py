@@ -19,9 +19,9 @@ Never pickle: only the safetensors format is read or written here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fedmerge.atomic import atomic_write_text, fsync_dir
-from fedmerge.errors import CheckpointError, ValidationError
+from fedmerge.atomic import TempFile, atomic_write_text, fsync_dir, storage_errors
+from fedmerge.errors import CheckpointError, ConfigError, ValidationError
 from fedmerge.stheader import MAX_HEADER_BYTES, read_file_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -156,6 +156,18 @@ class Checkpoint:
             return self._handle(file).get_tensor(key)
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from None
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``key`` along dim 0, reading only their bytes."""
+        if key not in self._specs:
+            raise ValidationError(f"{self.path}: no tensor named {key!r}")
+        if not self._specs[key].shape:
+            raise ValidationError(f"{self.path}: {key!r} is 0-D and has no rows")
+        file = self._files[key]
+        try:
+            return self._handle(file).get_slice(key)[start:stop]
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read rows of {key!r} ({exc})") from None
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys():
@@ -290,6 +302,37 @@ def plan_shards(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> list[l
     return shards
 
 
+def output_layout(path: str | os.PathLike) -> tuple[Path, re.Pattern[str]]:
+    """(folder, pattern of the file names a checkpoint written to ``path`` owns there).
+
+    ``x.safetensors`` owns ``x.safetensors``, ``x.safetensors.index.json`` and
+    ``x-NNNNN-of-NNNNN.safetensors``; a directory owns the same names with stem ``model``."""
+    path = Path(path)
+    folder, stem = (path.parent, path.stem) if path.suffix == ".safetensors" else (path, "model")
+    return folder, re.compile(
+        rf"{re.escape(stem)}(\.safetensors(\.index\.json)?|-\d{{5}}-of-\d{{5}}\.safetensors)"
+    )
+
+
+def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse (:class:`ConfigError`) an output that is, lies inside, or would overwrite or
+    clean away one of ``inputs`` (name -> file or directory), symlinks resolved."""
+    folder, owned = output_layout(out)
+    target, folder = Path(out).resolve(), folder.resolve()
+    for what, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source or source in target.parents:
+            raise ConfigError(
+                f"{out}: output would overwrite an input (it is or lies inside the {what} {path})"
+            )
+        files = sorted(source.iterdir()) if source.is_dir() else [source]
+        hit = [f for f in files if f.parent == folder and owned.fullmatch(f.name)]
+        if hit:
+            raise ConfigError(
+                f"{out}: output would overwrite an input ({hit[0]}, part of the {what} {path})"
+            )
+
+
 class CheckpointWriter:
     """Write a checkpoint key by key, in any order, in bounded memory.
 
@@ -301,6 +344,12 @@ class CheckpointWriter:
     ``path`` ending in ``.safetensors`` is a file (split into
     ``stem-0000i-of-0000n.safetensors`` + ``path.index.json`` when larger than
     ``max_shard_bytes``); any other path is a Hugging Face style directory.
+
+    One shard file is open at a time (writing keys in sorted order opens each once), so
+    thousands of shards need one descriptor. Files the previous checkpoint at ``path``
+    owned (:func:`output_layout`) and the new one does not are removed on commit: a
+    reader sees the old checkpoint, the new one, or (while an old index is replaced) a
+    clear error, never a mix of the two.
     """
 
     def __init__(
@@ -323,8 +372,8 @@ class CheckpointWriter:
             for key in group:
                 self._where[key] = (i, len(head) + offsets[key])
         self._written: set[str] = set()
-        self._tmp: list[Path] = []
-        self._fhs: list = []
+        self._tmp: list[TempFile | None] = [None] * len(self.files)
+        self._open: int | None = None  # the one shard whose descriptor is open
 
     def _file_names(self, n: int) -> list[Path]:
         is_file = self.path.suffix == ".safetensors"
@@ -342,14 +391,21 @@ class CheckpointWriter:
         return self.path / INDEX_NAME
 
     def __enter__(self) -> CheckpointWriter:
-        for file, head in zip(self.files, self._headers, strict=True):
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-            self._tmp.append(tmp)
-            fh = open(tmp, "wb")  # noqa: SIM115 - closed in __exit__
-            self._fhs.append(fh)
-            fh.write(head)
+        if self.path.suffix == ".safetensors" and self.path.is_dir():
+            raise ConfigError(f"{self.path}: is a directory; give a file name or a directory")
+        with storage_errors(self.files[0].parent):
+            self.files[0].parent.mkdir(parents=True, exist_ok=True)
         return self
+
+    def _shard(self, i: int) -> TempFile:
+        """Shard ``i``'s temp file, the only one open (created with its header on first use)."""
+        if self._open is not None and self._open != i:
+            self._tmp[self._open].park()
+        self._open = i
+        if self._tmp[i] is None:
+            self._tmp[i] = TempFile(self.files[i])
+            self._tmp[i].write_at(self._headers[i], 0)
+        return self._tmp[i]
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Put ``tensor`` (must match the declared spec) at its place."""
@@ -362,9 +418,8 @@ class CheckpointWriter:
                 f"declared {spec.dtype} {spec.shape}"
             )
         shard, offset = self._where[key]
-        fh = self._fhs[shard]
-        fh.seek(offset)
-        fh.write(tensor_bytes(tensor))
+        with storage_errors(self.files[shard]):
+            self._shard(shard).write_at(tensor_bytes(tensor), offset)
         self._written.add(key)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -373,26 +428,31 @@ class CheckpointWriter:
                 missing = sorted(set(self.specs) - self._written)
                 if missing:
                     raise ValidationError(f"{self.path}: {missing[0]!r} was never written")
-                for fh in self._fhs:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                with storage_errors(self.path):
+                    self._commit()
         finally:
-            for fh in self._fhs:
-                fh.close()
-            if exc_type is not None or len(self._written) != len(self.specs):
-                for tmp in self._tmp:
-                    with contextlib.suppress(FileNotFoundError):
-                        tmp.unlink()
-        if exc_type is not None:
-            return
-        for tmp, file in zip(self._tmp, self.files, strict=True):
-            os.replace(tmp, file)
+            for tmp in self._tmp:
+                if tmp is not None:
+                    tmp.discard()  # after a commit: already renamed, nothing to remove
+
+    def _commit(self) -> None:
+        """Rename the shards in, write the index, then remove what the old checkpoint owned."""
+        folder, owned = output_layout(self.path)
+        old = {p for p in folder.iterdir() if owned.fullmatch(p.name)}
+        new = {*self.files, *([self.index_path] if self.index_path else [])}
+        if self.index_path is not None and self.index_path in old:
+            self.index_path.unlink()  # its shards are about to be replaced: no reader mixes
+        for tmp in self._tmp:
+            tmp.commit()
+        self._open = None
         if self.index_path is not None:
             total = sum(s.nbytes for s in self.specs.values())
             weight_map = {k: self.files[self._where[k][0]].name for k in sorted(self.specs)}
             index = {"metadata": {"total_size": total, **self.metadata}, "weight_map": weight_map}
             atomic_write_text(self.index_path, json.dumps(index, indent=2))
-        fsync_dir(self.files[0].parent)
+        for stale in sorted(old - new, key=lambda p: not p.name.endswith(".json")):
+            stale.unlink(missing_ok=True)  # the old index first, then the files it named
+        fsync_dir(folder)
 
 
 def save_state_dict(

@@ -10,35 +10,72 @@ are parsed as YAML (``train.lr=0.05``, ``topology=torus-4x4``, ``model.options.h
 >>> load_config(None, ["train.lr=-1"])
 Traceback (most recent call last):
 ...
-fedmerge.errors.ConfigError: train.lr: must be > 0, got -1
+fedmerge.errors.ConfigError: train.lr: must be > 0 (and ≤ 1e12), got -1
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from fedmerge.errors import ConfigError
+from fedmerge.registry import registry_at
+from fedmerge.yamlio import parse_yaml, read_mapping
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
-POSITIVE: Check = (lambda v: v > 0, "must be > 0")
-NON_NEGATIVE: Check = (lambda v: v >= 0, "must be ≥ 0")
+LARGEST = 1e12  # the upper end of every otherwise open range
+POSITIVE: Check = (lambda v: 0 < v <= LARGEST, "must be > 0 (and ≤ 1e12)")
+NON_NEGATIVE: Check = (lambda v: 0 <= v <= LARGEST, "must be ≥ 0 (and ≤ 1e12)")
 PROBABILITY: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+MAX_AGENTS = 100_000
+MAX_SAMPLES_PER_ROUND = 10**8  # train.steps × train.batch_size: one round's batch plan
+RUN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
 
 
-def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, check=None):
-    """A config field with its default, one-line meaning, allowed values and range check."""
-    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check}
+def between(lo: float, hi: float) -> Check:
+    """A range check ``lo ≤ v ≤ hi`` (every numeric field has one, so no value can make a
+    run allocate or loop without bound; floats must also be finite, see ``_coerce``)."""
+    return (lambda v: lo <= v <= hi), f"must be in [{lo:,}, {hi:,}]"
+
+
+def is_run_name(v: str) -> bool:
+    """A plain name (no path separator, '..' or control character): runs/<name> stays in runs/."""
+    return RUN_NAME.fullmatch(v) is not None and v.strip(".") != ""
+
+
+RUN_NAME_CHECK: Check = (is_run_name, "must be a plain name of ≤ 128 characters without '/', "
+                                      "'\\', control characters, '.' or '..'")  # fmt: skip
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    choices: Iterable[str] | None = None,
+    check: Check | None = None,
+    registry: str | None = None,
+    params: str | None = None,
+    open_names: bool = False,
+):
+    """A config field with its default, one-line meaning, allowed values and range check.
+
+    ``registry`` (``"module:NAME"``, imported when first needed) names the
+    :class:`~fedmerge.registry.Registry` whose entries are the allowed values;
+    ``params`` names the sibling field holding the chosen entry's parameters (validated
+    against its declaration); ``open_names`` also allows a user's ``"pkg.mod:fn"``.
+    """
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check,
+            "registry": registry, "params": params, "open": open_names}  # fmt: skip
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,8 +83,11 @@ def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, chec
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn")
-    options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
+    name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y) "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)",
+                       registry="fedmerge.data.datasets:DATASETS", params="options",
+                       open_names=True)  # fmt: skip
+    options: dict = option({}, "parameters of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
     )
@@ -60,10 +100,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module")
+    name: str = option("mlp", "model: a registered name or pkg.mod:fn returning an nn.Module "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)",
+                       registry="fedmerge.models:MODELS", params="options",
+                       open_names=True)  # fmt: skip
     options: dict = option(
         {"hidden": [64]},
-        "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
+        "parameters of the model (hidden, channels, width …); the default is the mlp's: "
         "a config naming another model without options gets {}",
     )
     init: str = option(
@@ -80,31 +123,33 @@ class TrainConfig:
     lr: float = option(0.5, "learning rate", check=POSITIVE)
     momentum: float = option(0.0, "SGD momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     weight_decay: float = option(0.0, "L2 weight decay", check=NON_NEGATIVE)
-    epochs: int = option(1, "local epochs per round (0: no training)", check=NON_NEGATIVE)
+    epochs: int = option(1, "local epochs per round (0: no training)", check=between(0, 10_000))
     steps: int = option(
         2, "if > 0: this many minibatch steps per round instead of epochs (a config that sets "
-        "epochs but not steps gets 0)", check=NON_NEGATIVE,
+        "epochs but not steps gets 0)", check=between(0, 10**7),
     )  # fmt: skip
-    batch_size: int = option(32, "minibatch size", check=POSITIVE)
-    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class)")
+    batch_size: int = option(32, "minibatch size", check=between(1, 10**6))
+    loss: str = option("cross_entropy", "cross_entropy or pkg.mod:fn (a loss or loss class; "
+                       "trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
 
 
 @dataclass
 class ProtocolConfig:
     name: str = option(
-        "gossip", "gossip, local, centralized, single_global_merge, dimat or dimat_wm"
-    )
+        "gossip", "how each agent combines its model with its neighbours' every round",
+        registry="fedmerge.decentralized.protocols:PROTOCOLS",
+    )  # fmt: skip
     calibration: str = option(
         "local",
         "DIMAT calibration data: the agent's own training data, or shared (the union of all "
         "training data, as the DIMAT reference code)",
         choices=("local", "shared"),
     )
-    calibration_batch: int = option(256, "DIMAT calibration batch size", check=POSITIVE)
+    calibration_batch: int = option(256, "DIMAT calibration batch size", check=between(1, 10**6))
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
         "fedmerge.decentralized.robust",
-        choices=("mean", "clip", "median", "trimmed_mean", "krum"),
+        registry="fedmerge.decentralized.robust:RULES",
     )  # fmt: skip
     clip_tau: float = option(
         1.0, "clip: radius = clip_tau × lower median of neighbour distances", check=POSITIVE
@@ -114,13 +159,28 @@ class ProtocolConfig:
     trim_beta: float = option(0.2, "trimmed_mean: share trimmed from each end",
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
-                         check=NON_NEGATIVE)  # fmt: skip
+                         check=between(0, MAX_AGENTS))  # fmt: skip
+    continual: str = option("opcm", "disseminate: the continual merge every node runs "
+                                    "(fedmerge continual methods, e.g. opcm)")  # fmt: skip
+    forward: str = option(
+        "once", "disseminate: forward each expert once (the round after it is first held) or "
+        "always", choices=("once", "always"),
+    )  # fmt: skip
+    codec: str = option(
+        "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
+        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+    )  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
+    consensus_step: float = option(
+        1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
 
 
 @dataclass
 class ByzantineConfig:
     count: int = option(0, "number of Byzantine nodes (they send corrupted payloads)",
-                        check=NON_NEGATIVE)  # fmt: skip
+                        check=between(0, MAX_AGENTS))  # fmt: skip
     placement: str = option(
         "random", "which nodes: random (seeded), hubs (highest degree first) or list (nodes)",
         choices=("random", "hubs", "list"),
@@ -130,7 +190,7 @@ class ByzantineConfig:
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
         "entries = scale", choices=("sign_flip", "noise", "constant"),
     )  # fmt: skip
-    scale: float = option(1.0, "strength of the attack (see attack)")
+    scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 
 
 @dataclass
@@ -142,7 +202,7 @@ class FaultsConfig:
                               check=PROBABILITY)  # fmt: skip
     crash: float = option(0.0, "per round, probability a live node crashes", check=PROBABILITY)
     crash_rounds: int = option(2, "rounds a crashed node stays down before rejoining",
-                               check=POSITIVE)  # fmt: skip
+                               check=between(1, 10**6))  # fmt: skip
     rejoin: str = option(
         "memory", "state a crashed node rejoins with: memory (kept), persisted (its last file "
         "in state_dir) or initial (its initial model)", choices=("memory", "persisted", "initial"),
@@ -163,7 +223,7 @@ class ValidationConfig:
         check=POSITIVE,
     )  # fmt: skip
     max_bytes: int = option(0, "reject payloads larger than this (0: 2 × the receiver's own)",
-                            check=NON_NEGATIVE)  # fmt: skip
+                            check=between(0, 2**40))  # fmt: skip
 
 
 @dataclass
@@ -173,40 +233,43 @@ class DistributedConfig:
         choices=("auto", "gloo", "nccl"),
     )  # fmt: skip
     timeout_s: float = option(120.0, "torchdist: seconds to wait for a peer at any step",
-                              check=POSITIVE)  # fmt: skip
+                              check=between(1e-3, 7 * 86400))  # fmt: skip
     on_peer_failure: str = option(
         "abort", "torchdist: when a rank stops answering, stop every rank, or go on merging "
         "with the neighbours that answer", choices=("abort", "continue"),
     )  # fmt: skip
     agents_per_rank: int = option(0, "torchdist: agents hosted per rank (0: ceil(agents/ranks))",
-                                  check=NON_NEGATIVE)  # fmt: skip
+                                  check=between(0, MAX_AGENTS))  # fmt: skip
 
 
 @dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
-        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
-        check=NON_NEGATIVE,
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 120 + 5 per node)",
+        check=between(0, 7 * 86400),
     )  # fmt: skip
 
     def connect_timeout(self, nodes: int) -> float:
         """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
-        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+        return self.connect_timeout_s or 120.0 + 5.0 * nodes
 
 
 @dataclass
 class SimConfig:
-    name: str = option("default", "run name (shown in tables and plots)")
-    seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules")
-    rounds: int = option(50, "communication rounds", check=POSITIVE)
-    agents: int = option(0, "number of agents (0: the topology's node count)", check=NON_NEGATIVE)
-    topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
+    name: str = option("default", "run name (shown in tables and plots; the folder runs/<name>)",
+                       check=RUN_NAME_CHECK)  # fmt: skip
+    seed: int = option(0, "one seed for data split, inits, batch orders, faults, schedules",
+                       check=between(0, 2**32 - 1))  # fmt: skip
+    rounds: int = option(50, "communication rounds", check=between(1, 10**6))
+    agents: int = option(0, "number of agents (0: the topology's node count)",
+                         check=between(0, MAX_AGENTS))  # fmt: skip
+    topology: str | dict = option(
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
     runtime: str = option(
         "local",
         "where agents run (fedmerge simulate --runtime)",
-        choices=("local", "flower", "torchdist"),
+        registry="fedmerge.runtimes:RUNTIMES",
     )
     vectorize: str = option(
         "auto", "stacked-parameter path for same-architecture gossip/local",
@@ -237,25 +300,24 @@ def load_config(
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        path = Path(source)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:  # bad UTF-8, depth
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping of fields")
+        data = read_mapping(source, "config")
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: use key=value, e.g. train.lr=0.05")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # too deep, too many digits
-            raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
+        value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        if key.count(".") > 8:
+            raise ConfigError(f"--set {item[:80]!r}: no config field is nested that deep")
         _set_dotted(data, key.strip().split("."), value, key.strip())
     if schema is SimConfig:
         _derived_defaults(data)
-    return _build(schema, data, "")
+    cfg = _build(schema, data, "")
+    samples = cfg.train.steps * cfg.train.batch_size if isinstance(cfg, SimConfig) else 0
+    if samples > MAX_SAMPLES_PER_ROUND:
+        raise ConfigError(f"train.steps × train.batch_size: must be ≤ {MAX_SAMPLES_PER_ROUND:,} "
+                          "samples per agent and round (the round's batch plan is held in "
+                          f"memory), got {cfg.train.steps} × {cfg.train.batch_size}")  # fmt: skip
+    return cfg
 
 
 def _derived_defaults(data: dict[str, Any]) -> None:
@@ -302,19 +364,31 @@ def _build(cls: type, data: Any, prefix: str):
             values[name] = _build(kind, data[name], dotted + ".")
         else:
             values[name] = _check_value(dotted, data[name], kind, f.metadata)
-    return cls(**values)
+    out = cls(**values)
+    for f in fields.values():
+        if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
+            registry = registry_at(f.metadata["registry"])
+            registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+    return out
+
+
+def _registered(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The allowed names of a field: its ``choices``, or its registry's names."""
+    if meta.get("registry"):
+        return tuple(registry_at(meta["registry"]))
+    return meta.get("choices") or ()
 
 
 def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) -> Any:
-    allowed = (
-        typing.get_args(kind)
-        if isinstance(kind, types.UnionType) or (typing.get_origin(kind) is Union)
-        else (kind,)
-    )
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     raw, value = value, _coerce(dotted, value, allowed)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+    choices = _registered(meta)
+    user_factory = meta.get("open") and ":" in str(value)
+    if choices and value not in choices and not user_factory:
+        if not meta.get("registry"):
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+        names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
+        raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")
@@ -324,10 +398,9 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
 def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
     is_bool = isinstance(value, bool)
     for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not is_bool:
-            return float(value)
-        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        number = isinstance(value, (int, float)) and not is_bool
+        if t is float and (number or isinstance(value, str) and _FLOAT.fullmatch(value.strip())):
+            return _finite(dotted, value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if t is int and isinstance(value, int) and not is_bool:
             return value
         if t in (str, dict, bool, list) and isinstance(value, t):
@@ -339,6 +412,17 @@ def _coerce(dotted: str, value: Any, allowed: tuple[type, ...]) -> Any:
     raise ConfigError(f"{dotted}: must be {names}, got {value!r}")
 
 
+def _finite(dotted: str, value: Any) -> float:
+    """``float(value)``, refused when it overflows or is ±inf/NaN (.inf, 1e999, 10**400)."""
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{dotted}: must be a finite number, got {str(value)[:40]}")
+    return out
+
+
 def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(dotted field, default, meaning) for every leaf field: the README's config reference."""
     out = []
@@ -348,9 +432,9 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
             out += field_docs(kind, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = f.metadata["doc"]
-            if f.metadata.get("choices"):
-                doc += f" ({' | '.join(f.metadata['choices'])})"
+            doc, choices = f.metadata["doc"], _registered(f.metadata)
+            if choices:
+                doc += f" ({' | '.join(choices)})"
             out.append((prefix + f.name, default, doc))
     return out
 

@@ -16,3 +16,7 @@ class ValidationError(FedmergeError):
 
 class ConfigError(FedmergeError):
     """A config value, CLI parameter or spec is unknown or out of range."""
+
+
+class StorageError(FedmergeError):
+    """The file system refused a write or read (disk full, read-only, permission denied)."""

@@ -8,6 +8,12 @@ checked from the 8-byte prefix on, with the length of what is really there:
 
 - N ≤ ``max_header_bytes`` and 8 + N ≤ the blob's size (a lying length is caught before the
   header is read);
+- parse cost bounded by the blob: before any JSON is parsed, the header's containers
+  (``{`` and ``[``, counted in C) must fit ``max_tensors`` tensors (3 per tensor) plus
+  :data:`MAX_METADATA` metadata entries, so a million zero-size tensors in a 65 MB blob are
+  refused in milliseconds; after parsing, at most ``max_tensors`` tensors and
+  :data:`MAX_METADATA` metadata entries. Peak memory stays a small multiple of N (the
+  property test in ``tests/test_parse_cost.py`` holds it under 64 × the blob size);
 - strict UTF-8, valid JSON, an object, no duplicate keys at any level;
 - every dtype known, every shape a list of non-negative integers, every byte range inside
   the data section and exactly dtype size × Π shape long; the ranges tile the data section
@@ -32,6 +38,8 @@ from dataclasses import dataclass
 from fedmerge.errors import CheckpointError, FedmergeError, ValidationError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_TENSORS = 50_000  # per file or payload; the largest HF shards hold a few thousand
+MAX_METADATA = 4_096  # __metadata__ entries
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
               "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
 ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -64,12 +72,13 @@ class _Bad(Exception):
 def parse_header(
     blob: bytes | bytearray | memoryview, *, source: str = "safetensors blob",
     error: type[FedmergeError] = ValidationError, max_header_bytes: int = MAX_HEADER_BYTES,
+    max_tensors: int = MAX_TENSORS,
 ) -> Header:  # fmt: skip
     """Check the header of an in-memory blob; the data must be exactly what it declares."""
     view = memoryview(blob)
     try:
         n = _length(bytes(view[:8]), len(view), max_header_bytes)
-        header = _decode(bytes(view[8 : 8 + n]), 8 + n, len(view) - 8 - n)
+        header = _decode(bytes(view[8 : 8 + n]), 8 + n, len(view) - 8 - n, max_tensors)
     except _Bad as exc:
         raise error(f"{source}: {exc}") from None
     return header
@@ -77,14 +86,14 @@ def parse_header(
 
 def read_file_header(
     path: str | os.PathLike, *, error: type[FedmergeError] = CheckpointError,
-    max_header_bytes: int = MAX_HEADER_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int = MAX_TENSORS,
 ) -> Header:  # fmt: skip
     """Check the header of a file on disk, reading only the header's bytes."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             n = _length(fh.read(8), size, max_header_bytes)
-            header = _decode(fh.read(n), 8 + n, size - 8 - n)
+            header = _decode(fh.read(n), 8 + n, size - 8 - n, max_tensors)
     except FileNotFoundError:
         raise error(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -117,7 +126,22 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def _decode(raw: bytes, data_start: int, data_len: int) -> Header:
+def _precount(raw: bytes, max_tensors: int) -> None:
+    """Refuse before parsing when the containers alone exceed what the limits allow.
+
+    Every tensor entry is one ``{`` and two ``[``; a ``{`` or ``[`` inside a string only
+    over-counts, and no escape can hide a real one, so the count is a sound upper bound."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    allowed = 3 * max_tensors + MAX_METADATA + 2
+    if containers > allowed:
+        raise _Bad(
+            f"{containers} JSON objects/arrays in the header: more than the "
+            f"{max_tensors}-tensor limit allows"
+        )
+
+
+def _decode(raw: bytes, data_start: int, data_len: int, max_tensors: int) -> Header:
+    _precount(raw, max_tensors)
     try:
         text = raw.decode("utf-8")
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
@@ -132,6 +156,10 @@ def _decode(raw: bytes, data_start: int, data_len: int) -> Header:
         isinstance(v, str) for v in metadata.values()
     ):  # fmt: skip
         raise _Bad("__metadata__ must map strings to strings")
+    if len(metadata) > MAX_METADATA:
+        raise _Bad(f"{len(metadata)} metadata entries: more than the {MAX_METADATA} allowed")
+    if len(obj) > max_tensors:
+        raise _Bad(f"{len(obj)} tensors: more than the {max_tensors}-tensor limit")
     tensors = {key: _entry(key, value, data_len) for key, value in obj.items()}
     _check_tiling(tensors, data_len)
     return Header(tensors, metadata, data_start, data_len)

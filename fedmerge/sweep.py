@@ -11,6 +11,7 @@ A sweep file is YAML::
     cells:                 # ... and explicit cells
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
+    report: dimat/compare.py   # optional: a script whose report(out_dir) runs after the sweep
 
 Each cell runs once per seed on its runtime (:func:`fedmerge.runtimes.run`); the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
@@ -34,14 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import load_config
+from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import csv_text, per_round, summarize
+from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
+from fedmerge.yamlio import read_mapping
 
-SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
+SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds", "report"}
 
 
 @dataclass(frozen=True)
@@ -54,29 +54,28 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read sweep {path}: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep {path}: must be a mapping")
+    spec = read_mapping(path, "sweep")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(
             f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
         )
+    if "name" in spec and not (isinstance(spec["name"], str) and is_run_name(spec["name"])):
+        raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
+    if spec.get("report") is not None:
+        spec["report"] = str(Path(path).parent / str(spec["report"]))
     return spec
 
 
 def is_sweep_file(path: str | Path) -> bool:
     """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError, yaml.YAMLError):
+        spec = read_mapping(path, "sweep")
+    except ConfigError:
         return False
-    return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
+    return bool({"base", "grid", "cells"} & set(spec))
 
 
 def _as_value(value: Any) -> str:
@@ -121,18 +120,19 @@ def run_sweep(
         for seed in seeds:
             cfg = load_config(base, [*common, *cell.sets, f"seed={seed}"])
             path = Path(cache) / f"{config_key(cfg.to_dict())}.json" if cache else None
-            result = _saved_run(path)
-            resumed = result is not None
-            if result is None:
+            record = _saved_run(path)
+            resumed = record is not None
+            if record is None:
                 rows, details = run(cfg)
-                summary = summarize(rows, details)
-                result = {"seed": seed, "summary": summary, "curve": per_round(rows)}
+                record = {
+                    "seed": seed, "summary": summarize(rows, details), "curve": per_round(rows)
+                }  # fmt: skip
                 if path:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(path, json.dumps(result) + "\n")
-            runs.append(result)
+                    atomic_write_text(path, json.dumps(record) + "\n")
+            runs.append(record)
             if on_run:
-                on_run(cell.label, seed, result, resumed)
+                on_run(cell.label, seed, record, resumed)
         results.append({"label": cell.label, "sets": list(cell.sets), "runs": runs})
     return results
 
@@ -176,14 +176,16 @@ def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_table(name: str, rows: list[dict[str, Any]]):
-    """A rich Table of :func:`sweep_rows` (± std only with more than one seed)."""
+    """A rich Table of :func:`sweep_rows` (± std only with more than one seed; names and
+    labels are text, never markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     seeds = max((r["seeds"] for r in rows), default=1)
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     caption = ("final, best: mean global test accuracy (↑ higher is better); disagree: mean "
                "‖θ_i − θ̄‖ (↓ lower is better); MB sent per agent; seconds per run")  # fmt: skip
-    table = Table(title=f"sweep {name}: {over}", caption=caption)
+    table = Table(title=f"sweep {escape(name)}: {over}", caption=caption)
     table.add_column("cell")
     for col in ("final ↑", "best ↑", "disagree ↓", "MB/agent", "s/run"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -192,7 +194,7 @@ def sweep_table(name: str, rows: list[dict[str, Any]]):
         return f"{r[key]:.3f}" + (f" ± {r[key + '_std']:.3f}" if seeds > 1 else "")
 
     for r in rows:
-        table.add_row(r["cell"], pm("final_global_acc"), pm("best_global_acc"),
+        table.add_row(escape(r["cell"]), pm("final_global_acc"), pm("best_global_acc"),
                       f"{r['consensus']:.3g}", f"{r['mb_sent_per_agent']:.2f}",
                       f"{r['wall_s']:.1f}")  # fmt: skip
     return table
@@ -205,28 +207,20 @@ def write_sweep(out: str | Path, name: str, results: list[dict[str, Any]]) -> li
     rows = sweep_rows(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "table.csv", csv_text(rows))
-    md = [
-        "| cell | final global acc | best global acc | consensus | MB/agent |",
-        "|---|---|---|---|---|",
-    ]
-    md += [
-        f"| {r['cell']} | {r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f} | "
-        f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f} | {r['consensus']:.3g} | "
-        f"{r['mb_sent_per_agent']:.2f} |"
+    cells = [
+        [r["cell"], f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
+         f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f}", f"{r['consensus']:.3g}",
+         f"{r['mb_sent_per_agent']:.2f}"]
         for r in rows
-    ]
-    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    ]  # fmt: skip
+    headers = ["cell", "final global acc", "best global acc", "consensus", "MB/agent"]
+    atomic_write_text(out / "table.md", markdown(headers, cells))
     _plot(out / "accuracy.png", name, results)
     return rows
 
 
 def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for res in results:
         curves = [[p["global_acc"] for p in run["curve"]] for run in res["runs"]]
         mean = [statistics.fmean(v) for v in zip(*curves, strict=False)]
@@ -236,5 +230,16 @@ def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def run_report(spec: Mapping[str, Any], out: str | Path) -> dict[str, Path]:
+    """Run the sweep's ``report`` script (its ``report(out_dir)``) on the written results."""
+    if not spec.get("report"):
+        return {}
+    from fedmerge.recipe import load_script
+
+    report = getattr(load_script(spec["report"]), "report", None)
+    if not callable(report):
+        raise ConfigError(f"sweep report {spec['report']}: defines no report(out_dir) function")
+    return report(Path(out))

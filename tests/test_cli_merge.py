@@ -135,6 +135,7 @@ def test_bad_expert_is_named_and_nothing_is_written(ckpts, capsys, kind, message
         (["average", "--weights", "1,-2"], "needs weights >= 0"),
         (["fisher"], "needs one Fisher file per expert"),
         (["ties", "--max-shard-size", "lots"], "--max-shard-size"),
+        (["ties", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_bad_method_or_option_is_named_and_nothing_is_written(ckpts, capsys, args, message):
@@ -173,3 +174,19 @@ def test_console_exit_status_and_one_line_error(ckpts):
     assert proc.stderr.strip().splitlines() == [
         f"fedmerge merge: error: {tmp / 'missing.safetensors'}: no such file"
     ]
+
+
+def test_threads_are_chosen_and_recorded(ckpts, capsys):
+    """--threads N runs the merge on N torch threads, says so, and records it; the default
+    is the physical core count; the caller's thread setting is restored afterwards."""
+    from fedmerge.threads import physical_cores
+
+    tmp, (base, a, b) = ckpts
+    before = torch.get_num_threads()
+    for threads, want in (("1", 1), (None, physical_cores())):
+        out = tmp / f"t{threads}.safetensors"
+        extra = ["--threads", threads] if threads else []
+        assert run_cli("ties", "--base", base, a, b, "-o", out, "--no-progress", *extra) == 0
+        assert read_metadata(out)["fedmerge.threads"] == str(want)
+        assert f"on {want} thread(s)" in capsys.readouterr().out
+        assert torch.get_num_threads() == before

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from fedmerge.checkpoint import load_state_dict
+from fedmerge.codecs import decode_blob, encode_state, pack_tensors, unpack_tensors
 from fedmerge.config import SimConfig, field_docs, load_config
 from fedmerge.decentralized.payload import Payload, validate_payload
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
@@ -243,6 +244,72 @@ def _flip(blob: bytes, data) -> bytes:
     out = bytearray(blob)
     out[data.draw(st.integers(0, len(out) - 1))] ^= data.draw(st.integers(1, 255))
     return bytes(out)
+
+
+@st.composite
+def codec_choices(draw):
+    """A codec and parameters (some valid, some not)."""
+    codec = draw(st.sampled_from(["none", "topk", "quantize", "ternary", "lowrank"]))
+    params = {
+        "topk": {
+            "density": draw(st.floats(0.05, 1.0)),
+            "scope": draw(st.sampled_from(["tensor", "global"])),
+        },
+        "ternary": {"density": draw(st.floats(0.05, 1.0))},
+        "quantize": {"bits": draw(st.integers(2, 8)), "block": draw(st.integers(1, 8))},
+        "lowrank": {"rank": draw(st.integers(1, 4))},
+    }.get(codec, {})  # fmt: skip
+    return codec, params
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(tensors=state_dicts(), choice=codec_choices(), data=st.data())
+def test_fuzz_compressed_payloads(tensors, choice, data):
+    """Encoded blobs with flipped bytes, lying codec metadata or swapped parts: decoding
+    gives the right shapes or one ValidationError, never another exception."""
+    floats = {k: v.float() * 0.37 - 1 for k, v in tensors.items()}
+    specs = specs_of(floats)
+    enc = encode_state(floats, *choice)
+    parts, meta = dict(enc.parts), enc.metadata()
+    how = data.draw(st.sampled_from(["flip", "meta", "part", "mangle", "packed"]))
+    if how == "meta":
+        field = data.draw(st.sampled_from(sorted(meta)))
+        meta[field] = data.draw(st.sampled_from([
+            "", "{", "[]", '{"bits": 1}', '{"rank": 0}', '{"density": 2}', "topk", "lowrank",
+            "quantize", json.dumps({k: ["F32", [2**40]] for k in specs}),
+            json.dumps({k: ["I64", [1]] for k in specs}), json.dumps({"x": ["F32", []]}),
+        ]))  # fmt: skip
+        blob = save(parts, metadata=meta)
+    elif how == "part" and parts:
+        name = data.draw(st.sampled_from(sorted(parts)))
+        dtype = data.draw(st.sampled_from([torch.uint8, torch.float32, torch.int64]))
+        values = data.draw(st.lists(st.integers(0, 255), max_size=12))
+        parts[name] = torch.tensor(values, dtype=torch.int64).to(dtype)
+        blob = save(parts, metadata=meta)
+    elif how == "mangle":
+        blob = data.draw(mangled_blobs())
+    elif how == "packed":  # the named-tensor form, one byte of one tensor flipped
+        packed = {k: v.clone() for k, v in pack_tensors(enc).items()}
+        name = data.draw(st.sampled_from(sorted(packed)))
+        raw = packed[name].reshape(-1).view(torch.uint8)
+        if raw.numel():
+            raw[data.draw(st.integers(0, raw.numel() - 1))] ^= data.draw(st.integers(1, 255))
+        try:
+            out = unpack_tensors(packed, specs, source="agent 3", max_decoded_bytes=1 << 20)
+        except ValidationError as exc:
+            assert "agent 3" in str(exc)
+            return
+        assert specs_of(out) == specs
+        return
+    else:
+        blob = _flip(save(parts, metadata=meta), data)
+    try:
+        out, _ = decode_blob(blob, specs, source="agent 3", max_decoded_bytes=1 << 20)
+    except ValidationError as exc:
+        assert "agent 3" in str(exc)
+        return
+    assert specs_of(out) == specs
 
 
 # ----------------------------------------------------------------------------- config

@@ -151,6 +151,14 @@ def test_gossip_four_ranks_matches_simulator():
     assert all(r["bytes_received"] == r["bytes_sent"] == 2 * 68904 for r in rows)
 
 
+def test_compressed_gossip_two_agents_per_rank_matches_simulator():
+    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
+                             "distributed.agents_per_rank=2"])  # fmt: skip
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
+
+
 def test_dimat_two_agents_per_rank_matches_simulator():
     cfg = load_config(None, [*RING4, "protocol.name=dimat", "distributed.agents_per_rank=2"])
     rows = torchdist.run(cfg, procs=2, threads=1)
@@ -174,6 +182,20 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert any(not r["active"] for r in rows)  # the faults did something
     one = max(r["bytes_sent"] for r in rows)  # a matching: one payload per agent at most
     assert {r["bytes_received"] for r in rows} <= {0, one}
+
+
+def test_disseminate_through_simulate_matches_in_process(tmp_path):
+    """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
+    agents per rank: bundles cross ranks and stay within them): the same per-node folded
+    experts (in order) and accuracies as in process."""
+    sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
+            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+    argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
+    assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, simulate_one_thread(load_config(tmp_path / "config.yaml")))
+    assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
+    assert json.loads((tmp_path / "summary.json").read_text())["runtime"] == "torchdist"
 
 
 def test_oversized_payloads_refused_before_transfer_like_the_simulator():

@@ -6,6 +6,12 @@ from fedmerge.config import load_config
 from fedmerge.runtimes.local.simulator import Simulator
 
 
+@pytest.fixture(autouse=True)
+def trusted(monkeypatch):
+    """The person running these tests trusts the factories in tests/user_factories.py."""
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "tests.user_factories")
+
+
 def test_user_data_model_and_loss_factories():
     cfg = load_config(None, ["data.name=tests.user_factories:blobs", "data.options={samples: 400}",
                              "data.partition=iid", "model.options.hidden=[8]", "rounds=5",

@@ -28,7 +28,9 @@ import argparse
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedmerge.registry import parse_assignments
 
@@ -71,18 +73,20 @@ def run(args: argparse.Namespace) -> int:
         store = ContinualStore.init(args.store, args.base, args.method, params, args.project,
                                     args.no_project)  # fmt: skip
         m = store.manifest()
-        console.print(f"created {args.store}: {m['method']} {m['params']}, "
+        console.print(f"created {escape(args.store)}: {m['method']} {escape(str(m['params']))}, "
                       f"{len(m['projectable'])} projected keys")  # fmt: skip
     elif args.action == "add":
-        with console.status(f"adding {args.expert}"):
+        with console.status(f"adding {escape(args.expert)}"):
             rec = ContinualStore(args.store).add(args.expert, args.id)
         lam = "" if rec["lambda"] is None else f", λ={rec['lambda']:.4f}"
-        console.print(f"step {rec['step']}: added {rec['id']!r} (‖τ‖={rec['tau_norm']:.4g}, "
+        console.print(f"step {rec['step']}: added {escape(repr(rec['id']))} "
+                      f"(‖τ‖={rec['tau_norm']:.4g}, "
                       f"‖θ−θ0‖={rec['merged_norm']:.4g}{lam})")  # fmt: skip
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
         m = ContinualStore(args.store).export(args.out, dtype)
-        console.print(f"wrote {args.out}: {m['method']} merge of {m['step']} expert(s)")
+        what = f"{m['method']} merge of {m['step']} expert(s)"
+        console.print(f"wrote {escape(str(args.out))}: {what}")
     else:
         m = ContinualStore(args.store).manifest()
         if args.json:
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def status_table(m: dict) -> Table:
     """One row per expert: step, id, hash, time, ‖τ_i‖, ‖θ^(t) − θ_0‖, λ_t."""
-    title = (f"{m['method']} {m['params']} · step {m['step']} · "
+    title = (f"{m['method']} {escape(str(m['params']))} · step {m['step']} · "
              f"{len(m['projectable'])} projected keys")  # fmt: skip
     table = Table(title=title)
     for col in ("step", "id", "sha256", "added (UTC)", "‖τ‖", "‖θ−θ0‖", "λ"):
@@ -102,6 +106,6 @@ def status_table(m: dict) -> Table:
     for rec in m["experts"]:
         lam = "–" if rec["lambda"] is None else f"{rec['lambda']:.4f}"
         when = rec["added_at"].replace("T", " ")[:19]
-        table.add_row(str(rec["step"]), rec["id"], rec["hash"][:12], when,
+        table.add_row(str(rec["step"]), Text(rec["id"]), rec["hash"][:12], when,
                       f"{rec['tau_norm']:.4g}", f"{rec['merged_norm']:.4g}", lam)  # fmt: skip
     return table

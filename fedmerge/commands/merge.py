@@ -24,9 +24,11 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
@@ -80,25 +82,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", metavar="SIZE",
                         help="shard the output above this size (default 4GiB)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads (default: physical cores; 1 is often fastest on "
+                        "a busy machine)")  # fmt: skip
 
 
 def method_table(method: str | None = None) -> Table:
     """Without ``method``: one row per method, what it does and its parameters' defaults.
     With it: that method's parameters, one row each (default, range, meaning)."""
-    from fedmerge.merging import METHODS, get_method
+    from fedmerge.merging import METHODS
 
-    if method is None:
-        table = Table(title="fedmerge merge methods",
-                      caption="fedmerge merge --list METHOD: its parameters in full")  # fmt: skip
-        table.add_column("method", style="bold", no_wrap=True)
+    hint = "fedmerge merge --list METHOD: its parameters in full"
+    return registry_table(METHODS, method, "method", title="fedmerge merge methods", caption=hint)
+
+
+def registry_table(registry, name: str | None, column: str, *, title: str, caption: str) -> Table:
+    """``--list`` of a registry (merge methods, codecs): one row per entry, or with ``name``
+    one row per parameter of that entry (default, range, meaning)."""
+    if name is None:
+        table = Table(title=title, caption=caption)
+        table.add_column(column, style="bold", no_wrap=True)
         table.add_column("what it does · parameters (defaults)")
-        for name in sorted(METHODS):
-            m = METHODS[name]
-            params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "none"
-            table.add_row(name, f"{m.doc}\n[dim]{params}[/]")
+        for key in sorted(registry):
+            e = registry[key]
+            params = ", ".join(f"{p.name}={p.default!r}" for p in e.params) or "none"
+            table.add_row(key, f"{e.doc}\n[dim]{params}[/]")
         return table
-    m = get_method(method)
-    table = Table(title=f"{method}: {m.doc}", caption=m.reference)
+    m = registry.lookup(name)
+    table = Table(title=f"{name}: {m.doc}", caption=getattr(m, "reference", ""))
     for col in ("parameter", "default", "range", "meaning"):
         table.add_column(col, overflow="fold")
     for p in m.params:
@@ -118,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(missing)} required")
     if not args.experts:
         raise ConfigError("give at least one EXPERT checkpoint")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    # OpenMP reads this when torch loads: idle threads then sleep instead of spinning on cores
+    # that other processes need (2× slower merges on a busy machine otherwise)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, dtype_from_name
     from fedmerge.merging import merge_checkpoints
     from fedmerge.merging.engine import keep_freed_memory
@@ -136,14 +152,16 @@ def run(args: argparse.Namespace) -> int:
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         max_shard_bytes=shard,
         progress=not args.no_progress,
+        threads=args.threads,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-")
+    params = ", ".join(f"{k}={v}" for k, v in report.params.items()) or "-"
+    table.add_row("parameters", escape(params))
     table.add_row("weights", ", ".join(f"{w:g}" for w in report.weights))
     table.add_row("tensors", f"{report.merged_keys} merged, {report.keys - report.merged_keys} "
                   "copied from the reference")  # fmt: skip
     table.add_row("elements", f"{report.elements:,}")
-    table.add_row("output", "\n".join(str(f) for f in report.files))
-    table.add_row("time", f"{report.seconds:.2f} s")
+    table.add_row("output", escape("\n".join(str(f) for f in report.files)))
+    table.add_row("time", f"{report.seconds:.2f} s on {report.threads} thread(s)")
     console.print(table)
     return 0

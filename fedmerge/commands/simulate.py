@@ -5,7 +5,9 @@ split non-IID, class c on agent c mod 8, one shared init, 50 rounds of gossip av
 A CONFIG is a YAML file of fields (--fields lists them with their defaults; a field a file
 leaves out takes the same default as the run without CONFIG); --set overrides any field by
 its dotted name (the value is parsed as YAML). Unknown fields and bad values are errors
-naming the field.
+naming the field. A config is data, except model.name / data.name / train.loss of the form
+pkg.module:function, which run that code: only modules listed in FEDMERGE_TRUSTED_MODULES
+are imported (docs/reliability.md).
 
 examples:
   fedmerge simulate                                   # the default
@@ -24,7 +26,8 @@ summary.json, accuracy.png and consensus.png. A sweep file goes to 'fedmerge swe
 
 Protocols: gossip (mixing-weighted averaging, D-PSGD), local (no communication),
 centralized (one model on the union of the data), single_global_merge (sparse gossip, one
-complete merge at the end), dimat / dimat_wm (align neighbours, then average).
+complete merge at the end), dimat / dimat_wm (align neighbours, then average), disseminate
+(each agent's expert floods the graph; every node folds each one once, OPCM by default).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from fedmerge import report
 from fedmerge.config import SimConfig, dump_config, field_docs, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import per_round, round_table, summary_table, write_run
+from fedmerge.report import Tick, per_round, round_table, summary_table, write_run
 from fedmerge.runs import new_run_dir, run_name
 from fedmerge.sweep import is_sweep_file
 
@@ -53,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="K=V",
                         help="override a field, repeatable (e.g. --set train.lr=0.05)")  # fmt: skip
     parser.add_argument("--out", help="output directory (default: a new runs/<name>-<time>)")
-    parser.add_argument("--runtime", choices=("local", "flower", "torchdist"),
-                        help="where agents run (default: the config's runtime, local)")  # fmt: skip
+    parser.add_argument("--runtime", help="where agents run: a registered runtime (see --fields; "
+                        "default: the config's runtime, local)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=0,
                         help="torchdist: local processes (default: one per agent)")  # fmt: skip
     parser.add_argument("--show-config", action="store_true",
@@ -87,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(round_table(rows, every=max(1, cfg.rounds // 10)))
         console.print(summary_table(summary))
-    console.print(f"wrote {out}/ (config.yaml, metrics.jsonl/.csv, summary.json, accuracy.png, "
-                  "consensus.png)", highlight=False)  # fmt: skip
+    console.print(f"wrote {escape(str(out))}/ (config.yaml, metrics.jsonl/.csv, summary.json, "
+                  "accuracy.png, consensus.png)", highlight=False)  # fmt: skip
     return 0
 
 
@@ -119,41 +124,15 @@ def simulate(
     options: dict[str, Any] = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
     if cfg.runtime == "flower" and verbose:
         options["verbose"] = True
-    with _progress(cfg, progress) as on_round:
-        return run(cfg, on_round=on_round, **options)
+    with report.progress(cfg.rounds, cfg.name, enabled=progress, status=True) as tick:
+        return run(cfg, on_round=_round_status(tick), **options)
 
 
-class _progress:
-    """A rich progress bar over rounds on stderr, showing the latest mean accuracy."""
+def _round_status(tick: Tick) -> Callable[[list[dict[str, Any]]], None]:
+    """An ``on_round`` callback advancing the bar and showing the latest mean accuracy."""
 
-    def __init__(self, cfg: SimConfig, enabled: bool) -> None:
-        self.cfg, self.enabled, self.bar = cfg, enabled, None
+    def on_round(rows: list[dict[str, Any]]) -> None:
+        acc = per_round(rows)[-1]["global_acc"]
+        tick(status="" if acc is None else f"global acc {acc:.3f}")
 
-    def __enter__(self) -> Callable[[list[dict[str, Any]]], None]:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
-            )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task(self.cfg.name, total=self.cfg.rounds, acc="")
-        return self.on_round
-
-    def on_round(self, rows: list[dict[str, Any]]) -> None:
-        if self.bar is not None:
-            acc = per_round(rows)[-1]["global_acc"]
-            text = "" if acc is None else f"global acc {acc:.3f}"
-            self.bar.update(self.task, advance=1, acc=text)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    return on_round

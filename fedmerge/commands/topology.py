@@ -26,6 +26,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -76,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         plan = topo.round(args.round, total_rounds=args.total_rounds)
         report["round"] = _plan_summary(plan)
     if args.plot:
-        report["plot"] = str(topo.draw(args.plot, plan=plan))
+        from fedmerge.report import draw_topology
+
+        report["plot"] = str(draw_topology(topo, args.plot, plan=plan))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         static = RoundPlan(round=0, mixing=topo.mixing, kind="static W")
         console.print(_neighbour_table(topo, plan or static))
     if args.plot:
-        console.print(f"wrote {report['plot']}")
+        console.print(f"wrote {escape(report['plot'])}")
     return 0
 
 
@@ -95,7 +98,7 @@ def _plan_summary(plan: RoundPlan) -> dict[str, Any]:
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"topology {report['name']}", show_header=False)
+    table = Table(title=f"topology {escape(str(report['name']))}", show_header=False)
     table.add_column("property", style="bold")
     table.add_column("value")
     diameter = report["diameter"]
@@ -142,7 +145,7 @@ def _summary_table(report: dict[str, Any]) -> Table:
             )
         )
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     return table
 
 
@@ -159,7 +162,7 @@ def _neighbour_table(topo: Topology, plan: RoundPlan) -> Table:
     for i, row in enumerate(plan.neighbors):
         own = next((w for j, w in row if j == i), 0.0)
         others = ", ".join(f"{j}: {w:.3f}" for j, w in row if j != i)
-        label = str(i) if topo.labels is None else f"{i} ({topo.labels[i]})"
+        label = str(i) if topo.labels is None else escape(f"{i} ({topo.labels[i]})")
         table.add_row(label, f"{own:.3f}", others or "-")
     return table
 
@@ -177,10 +180,10 @@ def _list() -> int:
         schedule = spec["schedule"]
         kind = schedule if isinstance(schedule, str) else schedule.get("kind", "static")
         n = spec["n"] if spec["n"] is not None else _count(spec)
-        what = f"{spec['graph']} · {spec['mixing']} · {kind}"
+        what = escape(f"{spec['graph']} · {spec['mixing']} · {kind}")
         if spec["description"]:
-            what += f"\n[dim]{spec['description']}[/]"
-        table.add_row(name, str(n), what)
+            what += f"\n[dim]{escape(spec['description'])}[/]"
+        table.add_row(escape(name), str(n), what)
     Console().print(table)
     return 0
 

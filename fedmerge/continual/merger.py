@@ -71,9 +71,11 @@ def fold_step(
 
     ``acc`` reads acc_{step−1} (None at step 1); ``emit(key, acc_step[key])``
     receives the new accumulator in sorted key order. Validates the expert's
-    keys, shapes and dtypes first and every tensor's finiteness as it is read
-    (:class:`ValidationError` naming ``expert.name``); the caller commits what
-    ``emit`` received only if this returns.
+    keys, shapes and dtypes first and every tensor's finiteness as it is read, then
+    that neither τ_t (a difference of finite half-precision tensors can overflow) nor
+    the new accumulator overflows its dtype (:class:`ValidationError` naming
+    ``expert.name`` and the key); the caller commits what ``emit`` received only if
+    this returns.
     """
     check_same_specs(base.specs, expert.specs, source=expert.name)
     keys = mergeable_keys(base.specs)
@@ -81,17 +83,27 @@ def fold_step(
     def tau(key: str) -> torch.Tensor:
         theta = expert.get(key)
         check_finite(theta, key, expert.name)
-        return theta - base.get(key)
+        return _no_overflow(theta - base.get(key), key, expert.name, "τ = θ − θ_0")
 
     method.prepare(keys, step, acc, tau)
     tau_sq = acc_sq = 0.0
     for key in keys:
         t = tau(key)
         new = method.fold(key, step, None if acc is None else acc(key), t)
+        _no_overflow(new, key, expert.name, f"the {method.name} accumulator")
         tau_sq += float(t.double().pow(2).sum())
         acc_sq += float(new.double().pow(2).sum())
         emit(key, new)
     return StepResult(math.sqrt(tau_sq), math.sqrt(acc_sq))
+
+
+def _no_overflow(tensor: torch.Tensor, key: str, source: str, what: str) -> torch.Tensor:
+    """``tensor`` if finite, else a :class:`ValidationError` saying ``what`` overflowed."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValidationError(f"{source}: {key!r}: {what} overflows {tensor.dtype} ({bad} "
+                              "non-finite value(s)); nothing changed")  # fmt: skip
+    return tensor
 
 
 class ContinualMerger:
@@ -179,12 +191,10 @@ def make_merger(
     :func:`~fedmerge.continual.linear.default_projectable` of the base.
     ``params`` override the method's defaults (e.g. ``alpha=0.5``).
     """
-    if method not in CONTINUAL_METHODS:
-        known = ", ".join(sorted(CONTINUAL_METHODS))
-        raise ConfigError(f"unknown continual method {method!r} (known: {known})")
+    cls = CONTINUAL_METHODS.lookup(method).target
     source = Source.of(base, "base")
     keys = default_projectable(source.specs) if projectable is None else set(projectable)
     missing = sorted(k for k in keys if k not in source.specs or len(source.specs[k].shape) != 2)
     if missing:
         raise ConfigError(f"projectable key {missing[0]!r} is not a 2-D tensor of the base")
-    return ContinualMerger(CONTINUAL_METHODS[method](keys, **params), base)
+    return ContinualMerger(cls(keys, **params), base)

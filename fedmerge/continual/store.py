@@ -13,6 +13,15 @@ step count, ‖τ_i‖ of every expert, ‖acc‖, the scale and OPCM's λ, and 
 record per expert (id, SHA-256 content hash, timestamp, norms). It never holds
 tensors, and the state never holds the experts: its size is constant.
 
+Nothing in a store is trusted blindly: the manifest is checked against its schema
+(:mod:`fedmerge.continual.manifest`: fields, types, file names confined to the store)
+on every read and before every write, and the SHA-256 of the base and of the
+accumulator it records are verified before they are used (one extra read), so a
+bit flip is an error rather than a silent wrong merge. Readers open the lock file
+read-only and never create anything, so a read-only store (or a copy without
+``.lock``) can be read; a path that is not a store is an error, never created.
+Exports that are or lie inside the store are refused.
+
 Every change is crash-safe. ``add`` writes the new accumulator under a new
 generation name (temp file + fsync + rename), then atomically replaces the
 manifest that names it, then deletes the old generation. A crash at any
@@ -35,43 +44,54 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
+import math
 import os
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedmerge.atomic import atomic_write_text, fsync_dir
-from fedmerge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.atomic import atomic_write_text, fsync_dir, storage_errors
+from fedmerge.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    TensorSpec,
+    check_output,
+    open_checkpoint,
+)
+from fedmerge.codecs.expert import open_expert
 from fedmerge.continual.linear import default_projectable
+from fedmerge.continual.manifest import (
+    BASE_FILE,
+    FORMAT,
+    VERSION,
+    dump_manifest,
+    parse_manifest,
+    state_name,
+)
 from fedmerge.continual.merger import Source, Tensors, fold_step, make_merger, mergeable_keys
 from fedmerge.continual.methods import CONTINUAL_METHODS
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
 from fedmerge.statedict import StateDict, check_same_specs, content_hash, update_hash
 
-FORMAT = "fedmerge-continual-store"
-VERSION = 1
 MANIFEST = "manifest.json"
-BASE_FILE = "base.safetensors"
 LOCK_FILE = ".lock"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _state_name(generation: int) -> str:
-    return f"state-{generation:06d}.safetensors"
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
-def _open(tensors: Tensors | str | os.PathLike) -> Iterator[Tensors]:
-    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is."""
+def _open(tensors: Tensors | str | os.PathLike, base: Path | None = None) -> Iterator[Tensors]:
+    """A path is opened lazily (and closed after); a mapping/checkpoint is used as is.
+
+    A compressed expert file opens over ``base`` (see :func:`open_expert`).
+    """
     if isinstance(tensors, (str, os.PathLike)):
-        with open_checkpoint(tensors) as ck:
+        with open_expert(tensors, base) as ck:
             yield ck
     else:
         yield tensors
@@ -93,8 +113,21 @@ class ContinualStore:
 
     @contextlib.contextmanager
     def _lock(self, exclusive: bool) -> Iterator[None]:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        """flock(2) on ``.lock``: writers create it read-write, readers open it read-only
+        (and go without when a read-only copy lacks it); neither creates the store."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a continual store (no such directory); "
+                                  "create one with 'fedmerge continual init'")  # fmt: skip
+        try:
+            if exclusive:
+                with storage_errors(self.path / LOCK_FILE):
+                    fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                                 0o644)  # fmt: skip
+            else:
+                fd = os.open(self.path / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -104,19 +137,30 @@ class ContinualStore:
     def _read_manifest(self) -> dict[str, Any]:
         file = self.path / MANIFEST
         try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise CheckpointError(
                 f"{self.path}: not a continual store (no {MANIFEST}); "
                 "create one with 'fedmerge continual init'"
             ) from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{file}: unreadable manifest ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{file}: not a {FORMAT} manifest")
-        if manifest.get("version") != VERSION:
-            raise CheckpointError(f"{file}: unsupported store version {manifest.get('version')!r}")
-        return manifest
+        return parse_manifest(text, file)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_text(self.path / MANIFEST, dump_manifest(manifest, self.path / MANIFEST))
+
+    def _verify(self, manifest: Mapping[str, Any], base: Checkpoint, acc: Checkpoint | None):
+        """The base and the accumulator must hash to what the manifest recorded."""
+        pairs = [(base, self.path / BASE_FILE, manifest["base"]["hash"])]
+        if acc is not None:
+            pairs.append((acc, self.path / manifest["state_file"], manifest["state_hash"]))
+        for ck, file, recorded in pairs:
+            if _hash_of(ck) != recorded:
+                raise CheckpointError(
+                    f"{file}: content hash does not match the manifest's sha256 "
+                    f"{recorded[:12]} (the file was modified or corrupted)"
+                )
 
     def manifest(self) -> dict[str, Any]:
         """The current manifest (read under a shared lock)."""
@@ -145,8 +189,14 @@ class ContinualStore:
     ) -> ContinualStore:
         """Create a store over ``base`` (path or tensors); refuses an existing store."""
         store = cls(path)
+        if store.path.exists() and not store.path.is_dir():
+            raise ConfigError(f"{store.path}: exists and is not a directory")
         if (store.path / MANIFEST).exists():
             raise ConfigError(f"{store.path}: a continual store already exists here")
+        if isinstance(base, (str, os.PathLike)):
+            check_output(store.path, {"base": base})
+        with storage_errors(store.path):
+            store.path.mkdir(parents=True, exist_ok=True)
         with _open(base) as tensors:
             source = Source.of(tensors, "base")
             projectable = default_projectable(source.specs, project, no_project)
@@ -177,7 +227,7 @@ class ContinualStore:
             "merged_norm": 0.0, "lambda": None, "experts": [],
             "created_at": _now(), "updated_at": _now(),
         }  # fmt: skip
-        atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2))
+        self._write_manifest(manifest)
 
     # ------------------------------------------------------------------ add
 
@@ -188,18 +238,26 @@ class ContinualStore:
         expert's content is already in the store, its id is taken, or its
         keys/shapes/dtypes/values do not fit the base.
         """
-        with self._lock(exclusive=True), _open(expert) as tensors:
-            manifest = self._read_manifest()
+        with (
+            self._lock(exclusive=True),
+            _open(expert, self.path / BASE_FILE) as tensors,
+            self._opened() as opened,
+        ):
+            manifest, base, prev = opened
             self._cleanup(manifest)
             name = str(expert) if isinstance(expert, (str, os.PathLike)) else "expert"
-            with open_checkpoint(self.path / BASE_FILE) as base:
-                check_same_specs(base.specs(), Source.of(tensors, name).specs, source=name)
-                digest = _hash_of(tensors)
-                expert_id = self._new_id(manifest, expert, expert_id, digest, name)
-                result, state_hash, state_file = self._fold(manifest, base, tensors, name)
+            check_same_specs(base.specs(), Source.of(tensors, name).specs, source=name)
+            digest = _hash_of(tensors)
+            expert_id = self._new_id(manifest, expert, expert_id, digest, name)
+            result, state_hash, state_file = self._fold(manifest, base, prev, tensors, name)
             tau_norms = [*manifest["tau_norms"], result.tau_norm]
-            method = CONTINUAL_METHODS[manifest["method"]]((), **manifest["params"])
+            method = CONTINUAL_METHODS[manifest["method"]].target((), **manifest["params"])
             scale = method.scale(tau_norms, result.acc_norm)
+            if not all(map(math.isfinite, (result.tau_norm, result.acc_norm, scale))):
+                (self.path / state_file).unlink(missing_ok=True)
+                raise ValidationError(f"{name}: ‖τ‖ = {result.tau_norm:g}, ‖acc‖ = "
+                                      f"{result.acc_norm:g}, scale {scale:g} are not all "
+                                      "finite (an overflow); nothing changed")  # fmt: skip
             record = {
                 "id": expert_id, "hash": digest, "added_at": _now(),
                 "step": len(tau_norms), "tau_norm": result.tau_norm,
@@ -215,7 +273,11 @@ class ContinualStore:
                 experts=[*manifest["experts"], record], updated_at=record["added_at"],
             )  # fmt: skip
             manifest["lambda"] = record["lambda"]
-            atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2))
+            try:
+                self._write_manifest(manifest)
+            except CheckpointError:
+                (self.path / state_file).unlink(missing_ok=True)
+                raise
             if old_file:
                 (self.path / old_file).unlink(missing_ok=True)
                 fsync_dir(self.path)
@@ -239,51 +301,55 @@ class ContinualStore:
             stem = f"expert-{manifest['step'] + 1}"
         return stem if stem not in taken else f"{stem}-{digest[:8]}"
 
-    def _fold(self, manifest, base: Checkpoint, expert: Tensors, name: str):
+    def _fold(self, manifest, base: Checkpoint, prev: Checkpoint | None, expert: Tensors,
+              name: str):  # fmt: skip
         """Write the next generation's accumulator; returns (StepResult, its hash, file name)."""
         merger = make_merger(
             manifest["method"], base, manifest["projectable"], **manifest["params"]
         )
         specs = {k: base.spec(k) for k in mergeable_keys(base.specs())}
-        state_file = _state_name(manifest["generation"] + 1)
+        state_file = state_name(manifest["generation"] + 1)
         meta = {"format": FORMAT, "step": str(manifest["step"] + 1)}
         h = hashlib.sha256()
-        with contextlib.ExitStack() as stack:
-            previous = None
-            if manifest["state_file"]:
-                prev = stack.enter_context(open_checkpoint(self.path / manifest["state_file"]))
-                previous = prev.get
-            writer = stack.enter_context(CheckpointWriter(self.path / state_file, specs, meta))
+        with CheckpointWriter(self.path / state_file, specs, meta) as writer:
 
             def emit(key: str, tensor: torch.Tensor) -> None:
                 update_hash(h, key, tensor)
                 writer.write(key, tensor)
 
             result = fold_step(merger.method, manifest["step"] + 1, Source.of(base, "base"),
-                               previous, Source.of(expert, name), emit)  # fmt: skip
+                               None if prev is None else prev.get, Source.of(expert, name),
+                               emit)  # fmt: skip
         return result, h.hexdigest(), state_file
 
     # ------------------------------------------------------------------ reading the merge
 
     @contextlib.contextmanager
+    def _opened(self) -> Iterator[tuple[dict, Checkpoint, Checkpoint | None]]:
+        """(manifest, base, accumulator or None), both verified against the manifest's hashes;
+        the caller holds the lock."""
+        manifest = self._read_manifest()
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(open_checkpoint(self.path / BASE_FILE))
+            acc = None
+            if manifest["state_file"]:
+                acc = stack.enter_context(open_checkpoint(self.path / manifest["state_file"]))
+            self._verify(manifest, base, acc)
+            yield manifest, base, acc
+
+    @contextlib.contextmanager
     def _merged_items(self) -> Iterator[tuple[dict, dict[str, TensorSpec], Iterator]]:
         """(manifest, specs, iterator of (key, θ^(t)[key])) under a shared lock, key by key."""
-        with self._lock(exclusive=False):
-            manifest = self._read_manifest()
-            with contextlib.ExitStack() as stack:
-                base = stack.enter_context(open_checkpoint(self.path / BASE_FILE))
-                acc = None
-                if manifest["state_file"]:
-                    acc = stack.enter_context(open_checkpoint(self.path / manifest["state_file"]))
-                scale = manifest["scale"]
+        with self._lock(exclusive=False), self._opened() as (manifest, base, acc):
+            scale = manifest["scale"]
 
-                def items():
-                    for key in sorted(base.specs()):
-                        theta0 = base.get(key)
-                        has_acc = acc is not None and key in acc
-                        yield key, theta0 + scale * acc.get(key) if has_acc else theta0
+            def items():
+                for key in sorted(base.specs()):
+                    theta0 = base.get(key)
+                    has_acc = acc is not None and key in acc
+                    yield key, theta0 + scale * acc.get(key) if has_acc else theta0
 
-                yield manifest, base.specs(), items()
+            yield manifest, base.specs(), items()
 
     def merged(self) -> StateDict:
         """θ^(t) in memory, in the base's dtypes."""
@@ -295,6 +361,7 @@ class ContinualStore:
         max_shard_bytes: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Write θ^(t) to ``out`` (streaming, atomic); floating keys cast to ``dtype`` if given."""
+        check_output(out, {"continual store": self.path})
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         with self._merged_items() as (manifest, specs, items):
             meta = {"format": "fedmerge-continual-merge", "method": manifest["method"],

@@ -7,10 +7,11 @@ from typing import Any
 ROW_DEFAULTS: dict[str, Any] = {
     "active": False, "trained": False, "local_acc": None, "global_acc": None,
     "consensus": None, "bytes_sent": 0, "bytes_received": 0, "rejected": 0,
-    "byzantine": False, "wall_s": 0.0,
+    "byzantine": False, "experts": None, "wall_s": 0.0,
 }  # fmt: skip
 """The fields of a metrics row after ``round`` and ``agent``, with the values of an agent
-that took no part in the round."""
+that took no part in the round. ``experts``: the origins of the experts the agent folded,
+in order (protocols that fold experts, e.g. ``disseminate``; None otherwise)."""
 
 
 def metrics_row(round: int, agent: int, **fields: Any) -> dict[str, Any]:

@@ -19,33 +19,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
+from torch import nn
 
 from fedmerge.config import SimConfig
-from fedmerge.decentralized.agent import Agent
+from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.agent import Agent, Loss
+from fedmerge.decentralized.context import MergeContext
+from fedmerge.decentralized.continual_agent import continual_agent, fold_experts
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
 from fedmerge.dimat import dimat_merge
 from fedmerge.registry import Entry, Registry
-
-
-@dataclass
-class MergeContext:
-    """What a merge may need besides the agent: the round, the config, shared calibration."""
-
-    round: int
-    config: SimConfig
-    shared_calibration: list[torch.Tensor] | None = None
-
-    def calibration(self, agent: Agent) -> list[torch.Tensor]:
-        """DIMAT's calibration batches: shared when configured, else the agent's own inputs."""
-        if self.shared_calibration is not None:
-            return self.shared_calibration
-        return list(agent.data.train_x.split(self.config.protocol.calibration_batch))
-
+from fedmerge.statedict import StateDict
 
 Received = Sequence[tuple[Payload, float]]
 MergeFn = Callable[[Agent, Received, float, MergeContext], None]
+AgentFactory = Callable[[int, nn.Module, AgentData, SimConfig, StateDict | None, Loss, int], Agent]
+"""(node i, its initial model, its data, the config, the shared reference, the loss, the
+number of nodes) → agent"""
 
 
 @dataclass(frozen=True)
@@ -54,13 +45,15 @@ class Protocol(Entry):
     communicate). ``full_weights``: payloads carry θ even with a shared init.
     ``vectorizable``: the stacked path computes the same merge as a W product.
     ``schedule``: the topology schedule the protocol imposes; ``pool_data``: one agent on
-    the union of all data; ``options``: fixed settings of the merge function."""
+    the union of all data; ``options``: fixed settings of the merge function; ``agent``:
+    the factory of the protocol's own kind of agent (:data:`AgentFactory`)."""
 
     full_weights: bool = False
     vectorizable: bool = False
     schedule: str | None = None
     pool_data: bool = False
     options: dict = field(default_factory=dict)
+    agent: AgentFactory | None = None  # builds node i's agent; None: a plain Agent
 
     @property
     def merge(self) -> MergeFn | None:
@@ -69,7 +62,13 @@ class Protocol(Entry):
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`). With a codec
+    the payloads are compressed differences and the step is CHOCO-Gossip's
+    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π)."""
+    if agent.choco is not None:
+        heard = [(p.sender, p.tensors, w) for p, w in received]
+        agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]
@@ -110,6 +109,9 @@ PROTOCOLS.add("dimat", dimat, full_weights=True, options={"method": "activation"
               doc="DIMAT: align neighbours by activation matching, average, train")
 PROTOCOLS.add("dimat_wm", dimat, full_weights=True, options={"method": "weight"},
               doc="DIMAT with weight matching instead of activation matching")
+PROTOCOLS.add("disseminate", fold_experts, agent=continual_agent,
+              doc="continual dissemination: each agent's expert floods the graph and every "
+                  "node folds each one once (protocol.continual, e.g. OPCM)")
 # fmt: on
 
 

@@ -14,11 +14,13 @@ import networkx as nx
 import torch
 from torch import nn
 
+from fedmerge.codecs import get_codec
+from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.config import SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.decentralized.agent import Agent, Loss, make_loss
-from fedmerge.decentralized.protocols import Protocol, get_protocol
+from fedmerge.decentralized.protocols import Protocol, get_protocol, gossip
 from fedmerge.errors import ConfigError
 from fedmerge.models import build_model
 from fedmerge.statedict import StateDict, is_mergeable
@@ -49,11 +51,20 @@ class Setup:
         )  # fmt: skip
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
-        """Node i's :class:`Agent`: its initial model, its data partition, the shared reference."""
-        cfg = self.config
+        """Node i's :class:`Agent` (or the protocol's own kind): its initial model, its data
+        partition, the shared reference (and its CHOCO-Gossip state when ``protocol.codec``
+        compresses payloads)."""
+        cfg, p = self.config, self.config.protocol
+        loss = loss or make_loss(cfg.train.loss)
+        if self.protocol.agent is not None:
+            return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
+                                       loss, self.n)  # fmt: skip
+        choco = None if p.codec == "none" else ChocoGossip(
+            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed
+        )  # fmt: skip
         return Agent(
             i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
-            seed=cfg.seed, reference=self.reference, loss=loss or make_loss(cfg.train.loss),
+            seed=cfg.seed, reference=self.reference, loss=loss, choco=choco,
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:
@@ -83,8 +94,32 @@ def build_setup(cfg: SimConfig) -> Setup:
     if protocol.pool_data:
         fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
         topo = build_topology(nx.empty_graph(1))
+    check_codec(cfg, protocol, topo)
     setup = Setup(cfg, protocol, fed, topo, None)
     if cfg.model.init == "same" and not protocol.full_weights:
         base = setup.model(0).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
+
+
+def check_codec(cfg: SimConfig, protocol: Protocol, topo: Topology) -> None:
+    """``protocol.codec`` and its parameters exist, and the run is one CHOCO-Gossip keeps the
+    average in: gossip (mean) on a static topology, no Byzantine senders (ConfigError)."""
+    p = cfg.protocol
+    codec = get_codec(p.codec)  # ConfigError "protocol.codec: unknown codec ..." otherwise
+    try:
+        codec.resolve(p.codec_params)
+    except ConfigError as exc:
+        raise ConfigError(f"protocol.codec_params: {exc}") from None
+    if codec.name == "none":
+        return
+    why = (
+        f"protocol.name {protocol.name!r} is not gossip" if protocol.merge is not gossip
+        else f"the {topo.schedule.kind!r} schedule changes the edges (CHOCO's public copies "
+        "follow fixed ones)" if topo.schedule.kind != "static"
+        else f"protocol.aggregation {p.aggregation!r} is not mean" if p.aggregation != "mean"
+        else "Byzantine senders would corrupt encoded parts" if cfg.faults.byzantine.count
+        else None
+    )  # fmt: skip
+    if why:
+        raise ConfigError(f"protocol.codec {p.codec!r} (CHOCO-Gossip) needs plain gossip: {why}")

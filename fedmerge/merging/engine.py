@@ -1,8 +1,14 @@
 """Run a merge method key by key, over in-memory state dicts or lazily opened checkpoints.
 
-For each floating-point key the engine loads the reference and every expert's
-tensor (one key at a time), forms τ_k = θ_k − θ_ref in float32 (float64 stays
-float64), calls the method's kernel and casts the result to the output dtype.
+For each floating-point key the engine reads the reference and every expert's
+tensor (one key at a time; a big tensor in row blocks of about
+``chunk_elements`` elements, sliced from the memory-mapped files), forms
+τ_k = θ_k − θ_ref in float32 (float64 stays float64), calls the method's
+kernel on each block and casts the result to the output dtype. A method that
+needs a statistic of the whole tensor (TIES's and breadcrumbs' magnitude
+thresholds, DARE's L1 norms) gathers it in a streaming pass over the blocks
+first (see :mod:`fedmerge.merging.tensorpass`), so the result equals the
+whole-tensor computation bit for bit.
 Integer and bool tensors (counters, masks) are copied from the reference: they
 are not parameters one can interpolate. Everything that can be checked without
 reading tensor data (method, parameters, weights, keys, shapes, dtypes) is
@@ -34,18 +40,33 @@ from typing import Any, Protocol
 
 import torch
 
-from fedmerge.checkpoint import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, open_checkpoint
+from fedmerge.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointWriter,
+    TensorSpec,
+    check_output,
+    open_checkpoint,
+)
+from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
 from fedmerge.statedict import StateDict, check_same_specs, is_mergeable
+from fedmerge.threads import torch_threads
 
 PROGRESS_MIN_ELEMENTS = 10_000_000  # smaller merges finish before a bar is worth drawing
+# elements per expert in one block: K × 1M float32 task vectors (16 MB for K = 4) plus a few
+# temporaries of that size; big enough that per-block overhead is small, small enough to stay lean
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 
 class Source(Protocol):
-    """Anything with named tensors: a :class:`~fedmerge.checkpoint.Checkpoint` or a state dict."""
+    """Anything with named tensors: a :class:`~fedmerge.checkpoint.Checkpoint` or a state dict.
+
+    A source may also offer ``get_rows(key, start, stop)`` (rows start:stop of
+    dim 0); the engine then reads big tensors block by block, else whole.
+    """
 
     def specs(self) -> dict[str, TensorSpec]: ...
     def get(self, key: str) -> torch.Tensor: ...
@@ -63,6 +84,9 @@ class StateSource:
     def get(self, key: str) -> torch.Tensor:
         return self.state[key]
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.state[key][start:stop]
+
 
 @dataclass
 class MergePlan:
@@ -75,12 +99,13 @@ class MergePlan:
     experts: list[Source]
     fishers: list[Source]
     names: list[str]  # base, experts..., fishers... (for messages and metadata)
+    in_specs: dict[str, TensorSpec]  # the base's
     out_specs: dict[str, TensorSpec]
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     @property
     def mergeable(self) -> list[str]:
-        specs = self.base.specs()
-        return [k for k in sorted(specs) if is_mergeable(specs[k])]
+        return [k for k in sorted(self.in_specs) if is_mergeable(self.in_specs[k])]
 
 
 def plan_merge(
@@ -92,11 +117,13 @@ def plan_merge(
     params: Mapping[str, Any] | None = None,
     fishers: Sequence[Source] = (),
     dtype: torch.dtype | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergePlan:
     """Check method, parameters, weights and every input's keys/shapes/dtypes against the base.
 
     ``names`` labels base, experts and Fisher inputs in that order (file paths
-    for checkpoints) and appears in every error message.
+    for checkpoints) and appears in every error message. Tensors bigger than
+    ``chunk_elements`` are merged in row blocks of about that many elements.
     """
     m = get_method(method)
     resolved = m.resolve(params)
@@ -112,6 +139,8 @@ def plan_merge(
         raise ConfigError(f"method {method!r} takes no Fisher files")
     if dtype is not None and not dtype.is_floating_point:
         raise ConfigError(f"output dtype must be floating point, got {dtype}")
+    if chunk_elements < 1:
+        raise ConfigError(f"chunk_elements must be >= 1, got {chunk_elements}")
     specs = base.specs()
     for name, src in zip(names[1 : 1 + len(experts)], experts, strict=True):
         check_same_specs(specs, src.specs(), source=name)
@@ -126,7 +155,8 @@ def plan_merge(
         k: TensorSpec(dtype, s.shape) if dtype is not None and is_mergeable(s) else s
         for k, s in specs.items()
     }
-    return MergePlan(m, resolved, w, base, list(experts), list(fishers), list(names), out_specs)
+    return MergePlan(m, resolved, w, base, list(experts), list(fishers), list(names), specs,
+                     out_specs, chunk_elements)  # fmt: skip
 
 
 def _check_weights(m: Method, weights: Sequence[float] | None, k: int) -> torch.Tensor:
@@ -148,18 +178,40 @@ def key_seed(seed: int, expert: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _load(plan: MergePlan, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flattened reference ``(n,)`` and stacked task vectors ``(K, n)`` of ``key``."""
-    raw = plan.base.get(key)
+Rows = tuple[int, int] | None  # rows start:stop of dim 0, or None for the whole tensor
+
+
+def blocks(plan: MergePlan, key: str) -> list[Rows]:
+    """The row blocks of ``key``: ``plan.chunk_elements`` elements (at least one row) each.
+
+    One block (None) when the tensor fits in one, is 0-d, or some input cannot
+    read rows (a :class:`Source` without ``get_rows``).
+    """
+    shape = plan.out_specs[key].shape
+    row = math.prod(shape[1:])
+    step = max(1, plan.chunk_elements // max(1, row))
+    sources = [plan.base, *plan.experts, *plan.fishers]
+    if not shape or step >= shape[0] or not all(hasattr(s, "get_rows") for s in sources):
+        return [None]
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def _read(src: Source, key: str, rows: Rows) -> torch.Tensor:
+    return src.get(key) if rows is None else src.get_rows(key, *rows)
+
+
+def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``."""
+    raw = _read(plan.base, key, rows)
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
     _finite(raw, key, plan.names[0])
     base = raw.reshape(-1).to(work)
     tau = torch.empty(len(plan.experts), base.numel(), dtype=work)
     for i, src in enumerate(plan.experts):
-        torch.sub(src.get(key).reshape(-1), base, out=tau[i])
+        torch.sub(_read(src, key, rows).reshape(-1), base, out=tau[i])
     if not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
         for i, src in enumerate(plan.experts):
-            _finite(src.get(key), key, plan.names[1 + i])
+            _finite(_read(src, key, rows), key, plan.names[1 + i])
         raise ValidationError(f"{key!r}: task vector overflows {work} (θ − θ_ref is too large)")
     return base, tau
 
@@ -177,34 +229,60 @@ def _finite(t: torch.Tensor, key: str, name: str) -> None:
         raise ValidationError(f"{name}: {key!r} has non-finite values (NaN or Inf)")
 
 
-def _context(plan: MergePlan, key: str, thresholds: torch.Tensor | None) -> KeyContext:
-    ctx = KeyContext(key, thresholds=thresholds)
+def _renew_generators(plan: MergePlan, ctx: KeyContext) -> None:
+    """Fresh random streams for every expert, so each pass over the key draws the same values."""
     if "seed" in plan.params:
         ctx.generators = [
-            torch.Generator().manual_seed(key_seed(plan.params["seed"], i, key))
+            torch.Generator().manual_seed(key_seed(plan.params["seed"], i, ctx.key))
             for i in range(len(plan.experts))
         ]
-    if plan.fishers:
-        first = 1 + len(plan.experts)
-        rows = []
-        for name, src in zip(plan.names[first:], plan.fishers, strict=True):
-            f = src.get(key).reshape(-1).to(torch.float32)
-            if not _all_finite(f) or f.numel() and float(f.min()) < 0:
-                raise ValidationError(f"{name}: Fisher {key!r} has negative or non-finite values")
-            rows.append(f)
-        ctx.fisher = torch.stack(rows)
-    return ctx
+
+
+def _fisher(plan: MergePlan, key: str, rows: Rows) -> torch.Tensor | None:
+    """The Fisher diagonals ``(K, m)`` of a block of ``key`` (None without Fisher inputs)."""
+    if not plan.fishers:
+        return None
+    first = 1 + len(plan.experts)
+    out = []
+    for name, src in zip(plan.names[first:], plan.fishers, strict=True):
+        f = _read(src, key, rows).reshape(-1).to(torch.float32)
+        if not _all_finite(f) or f.numel() and float(f.min()) < 0:
+            raise ValidationError(f"{name}: Fisher {key!r} has negative or non-finite values")
+        out.append(f)
+    return torch.stack(out)
 
 
 def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None) -> torch.Tensor:
-    """The merged tensor of one key, in the output dtype and shape."""
+    """The merged tensor of one key, in the output dtype and shape, computed block by block.
+
+    A method's ``tensor_pass`` first streams the blocks for the statistics its
+    kernel needs of the whole tensor; the kernel then runs on each block.
+    """
     spec = plan.out_specs[key]
     if not is_mergeable(spec):
         return plan.base.get(key).clone()  # never alias a caller's tensor
-    base, tau = _load(plan, key)
-    ctx = _context(plan, key, thresholds)
-    out = plan.method.kernel(base, tau, plan.weights, ctx, plan.params).to(spec.dtype)
-    _finite(out, key, f"merged output ({spec.dtype})")
+    parts = blocks(plan, key)
+    numel = math.prod(spec.shape)
+    ctx = KeyContext(key, thresholds=thresholds, numel=numel)
+    make_pass = plan.method.tensor_pass
+    work = torch.float64 if plan.in_specs[key].dtype == torch.float64 else torch.float32
+    tensor_pass = make_pass(plan.params, ctx, len(plan.experts), work) if (
+        make_pass and len(parts) > 1) else None  # fmt: skip
+    for p in range(tensor_pass.passes if tensor_pass else 0):
+        _renew_generators(plan, ctx)
+        for rows in parts:
+            tensor_pass.observe(p, _load(plan, key, rows)[1])
+        tensor_pass.end_pass(p)
+    _renew_generators(plan, ctx)
+    out = torch.empty(numel, dtype=spec.dtype)
+    start = 0
+    for rows in parts:
+        base, tau = _load(plan, key, rows)
+        ctx.fisher = _fisher(plan, key, rows)
+        merged = plan.method.kernel(base, tau, plan.weights, ctx, plan.params)
+        block = out[start : start + merged.numel()].copy_(merged)
+        _finite(block, key, f"merged output ({spec.dtype})")
+        start += merged.numel()
     return out.reshape(spec.shape)
 
 
@@ -212,7 +290,7 @@ def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, tor
     """Yield ``(key, merged tensor)`` in sorted key order, one key in memory at a time.
 
     A method with a pre-pass (``ties`` with ``scope: global``) first streams
-    its passes over the task vectors.
+    its passes over the task vectors, block by block.
     """
     keys = sorted(plan.out_specs)
     prepass = plan.method.prepass(plan.params, len(plan.experts)) if plan.method.prepass else None
@@ -220,7 +298,8 @@ def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, tor
     with _progress_bar(plan, progress, n_passes) as bar:
         for p in range(n_passes):
             for key in plan.mergeable:
-                prepass.observe(p, _load(plan, key)[1])
+                for rows in blocks(plan, key):
+                    prepass.observe(p, _load(plan, key, rows)[1])
                 bar(key)
             prepass.end_pass(p)
         thresholds = prepass.thresholds if prepass else None
@@ -296,6 +375,7 @@ class MergeReport:
     elements: int
     files: list[Path]
     seconds: float
+    threads: int
 
 
 def merge_checkpoints(
@@ -309,30 +389,39 @@ def merge_checkpoints(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    threads: int | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergeReport:
     """Merge safetensors checkpoints (files or HF sharded dirs) into ``out_path``, streaming.
 
-    Memory holds one key of every input at a time (plus the stacked task
-    vectors of that key); the output is written key by key and appears
-    atomically, sharded with an index when larger than ``max_shard_bytes``.
-    ``progress`` draws a bar when the merge is large and stderr is a terminal.
+    Inputs are read from their memory maps in row blocks of about
+    ``chunk_elements`` elements: working memory is a few blocks of K task
+    vectors plus one merged tensor in the output dtype, whatever the model
+    size. The output is written key by key and appears atomically, sharded
+    with an index when larger than ``max_shard_bytes``. ``threads`` torch
+    threads do the work (default: the physical cores; recorded in the output's
+    metadata). ``progress`` draws a bar when the merge is large and stderr is a
+    terminal.
     """
     start = time.perf_counter()
     inputs = [Path(base_path), *map(Path, expert_paths), *map(Path, fisher_paths)]
     out = Path(out_path)
-    if any(out.resolve() == p.resolve() for p in inputs):
-        raise ConfigError(f"{out}: output would overwrite an input")
+    named = {"base": base_path, **{f"expert {i + 1}": p for i, p in enumerate(expert_paths)}}
+    check_output(out, named | {f"fisher {i + 1}": p for i, p in enumerate(fisher_paths)})
     with ExitStack() as stack:
-        cks = [stack.enter_context(open_checkpoint(p)) for p in inputs]
+        n_threads = stack.enter_context(torch_threads(threads))
+        cks = [stack.enter_context(open_checkpoint(inputs[0]))]  # experts may be compressed:
+        cks += [stack.enter_context(open_expert(p, base=cks[0])) for p in inputs[1:]]
         k = len(expert_paths)
         plan = plan_merge(
             method, cks[0], cks[1 : 1 + k], [str(p) for p in inputs], weights, params,
-            cks[1 + k :], dtype,
+            cks[1 + k :], dtype, chunk_elements,
         )  # fmt: skip
         metadata = {
             "fedmerge.method": method,
             "fedmerge.params": json.dumps(plan.params, sort_keys=True),
             "fedmerge.weights": json.dumps(plan.weights.tolist()),
+            "fedmerge.threads": str(n_threads),
             "fedmerge.base": _describe(inputs[0]),
             "fedmerge.experts": json.dumps([_describe(p) for p in inputs[1 : 1 + k]]),
         }
@@ -351,17 +440,19 @@ def merge_checkpoints(
         sum(math.prod(s.shape) for s in plan.out_specs.values()),
         [*writer.files, *([writer.index_path] if writer.index_path else [])],
         time.perf_counter() - start,
+        n_threads,
     )
 
 
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of returning it to the OS (process-wide).
 
-    Every key allocates tensors of up to K × (largest tensor) bytes; by default
-    glibc serves such blocks with fresh ``mmap`` s whose first touch costs a
-    page fault per 4 KiB, which made a merge 2-5× slower than its arithmetic.
-    The CLI calls this once; the cost is that freed memory stays with the
-    process (bounded by the per-key peak). Returns False where not glibc.
+    Every block allocates tensors of K × ``chunk_elements`` and every key one
+    output tensor; by default glibc serves such blocks with fresh ``mmap`` s
+    whose first touch costs a page fault per 4 KiB, which made a merge 2-5×
+    slower than its arithmetic. The CLI calls this once; the cost is that freed
+    memory stays with the process (bounded by the per-key peak). Returns False
+    where not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -3,7 +3,9 @@
 Every kernel maps the reference tensor ``base`` ``(n,)``, the stacked task
 vectors ``tau`` ``(K, n)`` (τ_k = θ_k − θ_ref, float32 or float64; kernels may
 modify ``tau`` in place) and the per-expert weights ``w`` ``(K,)`` to the
-merged tensor ``(n,)``. Names and definitions follow mergekit; defaults follow
+merged tensor ``(n,)``; n may be one block of a bigger tensor (then a
+``tensor_pass`` supplies what the kernel needs of the whole, see
+:mod:`fedmerge.merging.tensorpass`). Names and definitions follow mergekit; defaults follow
 the papers where mergekit has none (see the README's method table).
 
 >>> import torch
@@ -22,12 +24,16 @@ import torch
 from fedmerge.merging.globalk import GlobalThreshold
 from fedmerge.merging.registry import Param, register
 from fedmerge.merging.sparsify import (
+    Kth,
     drop_random,
     elect_and_combine,
     keep_by_threshold,
+    magnitude_rank,
+    outlier_ranks,
     trim_magnitude,
     trim_outliers,
 )
+from fedmerge.merging.tensorpass import DropNorms, KthMagnitudes
 
 Params = dict[str, Any]
 
@@ -38,14 +44,21 @@ class KeyContext:
 
     ``generators[k]``: expert k's random stream for this key (seeded from the
     ``seed`` parameter, the key name and k, so results do not depend on key
-    order); ``fisher``: ``(K, n)`` Fisher diagonals; ``thresholds``: ``(K,)``
-    global magnitude thresholds from a pre-pass.
+    order; a kernel called block by block continues the stream); ``fisher``:
+    ``(K, n)`` Fisher diagonals of the block; ``thresholds``: ``(K,)`` global
+    magnitude thresholds from a pre-pass. When the kernel sees a block of the
+    key, ``numel`` is the whole tensor's element count and a tensor pass (see
+    :mod:`fedmerge.merging.tensorpass`) has filled ``kth`` (rank -> ``(K,)``
+    k-th smallest |τ_k|) or ``norms`` (L1 norms before/after DARE's drop).
     """
 
     key: str
     generators: list[torch.Generator] = field(default_factory=list)
     fisher: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
+    numel: int | None = None
+    kth: Kth | None = None
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _lam(p: Params) -> Param:
@@ -119,6 +132,13 @@ def _ties_prepass(p: Params, n_experts: int) -> GlobalThreshold | None:
     return None
 
 
+def _ties_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.dtype):
+    rank = magnitude_rank(ctx.numel, p["density"])
+    if p["scope"] == "global" or not rank:
+        return None
+    return KthMagnitudes([rank], n_experts, dtype, ctx)
+
+
 @register(
     "ties",
     _density(0.2, "fraction of each task vector kept, by magnitude (TIES paper: top 20%)"),
@@ -134,14 +154,15 @@ def _ties_prepass(p: Params, n_experts: int) -> GlobalThreshold | None:
     ),
     reference="https://arxiv.org/abs/2306.01708",
     prepass=_ties_prepass,
+    tensor_pass=_ties_tensor_pass,
 )
 def ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """TIES-merging: trim each τ_k to its top-density magnitudes, elect the sign
     of Σ w_k τ_k per entry, average the agreeing entries (disjoint mean), scale by λ."""
-    if ctx is not None and ctx.thresholds is not None:
+    if ctx.thresholds is not None:
         keep_by_threshold(tau, ctx.thresholds.to(tau.dtype))
     else:
-        trim_magnitude(tau, p["density"])
+        trim_magnitude(tau, p["density"], ctx.numel, ctx.kth)
     merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
     return _apply(base, p["lambda"], merged)
 
@@ -154,16 +175,21 @@ _DARE_PARAMS = (
 )
 
 
+def _dare_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.dtype):
+    return DropNorms(p["density"], ctx) if p["rescale"] == "l1" and p["density"] < 1 else None
+
+
 @register(
     "dare_linear",
     *_DARE_PARAMS,
     _normalize(False),
     reference="https://arxiv.org/abs/2311.03099",
+    tensor_pass=_dare_tensor_pass,
 )
 def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 − density (seeded),
     rescale the survivors, then task arithmetic θ_ref + λ·Σ w_k τ'_k."""
-    drop_random(tau, p["density"], ctx.generators, p["rescale"])
+    drop_random(tau, p["density"], ctx.generators, p["rescale"], ctx.norms)
     return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
@@ -172,11 +198,12 @@ def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     *_DARE_PARAMS,
     _normalize(False),
     reference="https://arxiv.org/abs/2311.03099",
+    tensor_pass=_dare_tensor_pass,
 )
 def dare_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE dropping followed by TIES sign election and disjoint sum (mean with
     normalize; mergekit's default is the sum)."""
-    drop_random(tau, p["density"], ctx.generators, p["rescale"])
+    drop_random(tau, p["density"], ctx.generators, p["rescale"], ctx.norms)
     merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
     return _apply(base, p["lambda"], merged)
 
@@ -188,16 +215,22 @@ _BREADCRUMBS_PARAMS = (
 )
 
 
+def _breadcrumbs_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.dtype):
+    ranks = [r for r in outlier_ranks(ctx.numel, p["density"], p["gamma"]) or () if r > 0]
+    return KthMagnitudes(ranks, n_experts, dtype, ctx) if ranks else None
+
+
 @register(
     "breadcrumbs",
     *_BREADCRUMBS_PARAMS,
     _normalize(False),
     reference="https://arxiv.org/abs/2312.06795",
+    tensor_pass=_breadcrumbs_tensor_pass,
 )
 def breadcrumbs(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Model Breadcrumbs: drop the top gamma fraction and the smallest entries
     of each τ_k so that density remains, then θ_ref + λ·Σ w_k τ'_k."""
-    trim_outliers(tau, p["density"], p["gamma"])
+    trim_outliers(tau, p["density"], p["gamma"], ctx.numel, ctx.kth)
     return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
@@ -206,10 +239,11 @@ def breadcrumbs(base, tau, w, ctx, p: Params) -> torch.Tensor:
     *_BREADCRUMBS_PARAMS,
     _normalize(False),
     reference="https://arxiv.org/abs/2312.06795",
+    tensor_pass=_breadcrumbs_tensor_pass,
 )
 def breadcrumbs_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Breadcrumbs trimming followed by TIES sign election and disjoint sum."""
-    trim_outliers(tau, p["density"], p["gamma"])
+    trim_outliers(tau, p["density"], p["gamma"], ctx.numel, ctx.kth)
     merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
     return _apply(base, p["lambda"], merged)
 

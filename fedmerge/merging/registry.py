@@ -37,6 +37,7 @@ class Method(Entry):
     needs_fisher: bool = False
     nonnegative_weights: bool = False
     prepass: Callable[[Mapping[str, Any], int], Any] | None = None  # (params, K) -> pass | None
+    tensor_pass: Callable[..., Any] | None = None  # (params, ctx, K, dtype): see tensorpass.py
 
     @property
     def kernel(self) -> Callable[..., Any]:

@@ -29,10 +29,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedmerge.errors import ConfigError
 from fedmerge.topology.graphs import GENERATORS, GRAPH_FILE_SUFFIXES, generator
+from fedmerge.yamlio import parse_yaml, read_yaml
 
 SPEC_FIELDS = (
     "name",
@@ -82,10 +81,7 @@ def preset_path(name: str) -> Path | None:
 
 def load_yaml_spec(path: Path) -> dict[str, Any]:
     """Read a spec file; a relative graph ``path`` inside it is taken relative to the file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read topology spec {path}: {exc}") from exc
+    data = read_yaml(path, "topology spec")
     if not isinstance(data, dict):
         raise ConfigError(f"topology spec {path} must be a mapping of fields, got {type(data)}")
     if isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
@@ -152,10 +148,7 @@ def _parse_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dic
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value (e.g. n=16)")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        out[key.strip()] = parse_yaml(raw, f"override {item!r}") if raw.strip() else None
     return out
 
 

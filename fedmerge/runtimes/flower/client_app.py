@@ -61,6 +61,8 @@ def node_step(msg: Message, partition: int, run_id: int, state_root: str | None)
                           ("global_acc", agent.evaluate(fed.test_x, fed.test_y))):  # fmt: skip
             if acc is not None:
                 metrics[name] = acc
+        if agent.experts is not None:
+            metrics["experts"] = agent.experts
         arrays["flat"] = blob_array(st_save({"flat": flat_state(agent.state())}))
     if instr["train"]:
         agent.train()
@@ -77,7 +79,7 @@ def merge_inbox(agent: Agent, msg: Message, setup: Setup, r: int) -> int:
     them as every runtime does; the rejected count."""
     instr = msg.content.config_records["step"]
     blobs = msg.content.array_records.get("inbox", ArrayRecord())
-    limit = agent.validation.max_bytes or None
+    limit = agent.byte_limit()
     deliveries = []
     for key, w in zip(instr["senders"], instr["weights"], strict=True):
         try:

@@ -88,6 +88,7 @@ class Simulator:
                 bytes_received=int(traffic.received[i]),
                 rejected=int(traffic.rejected[i]),
                 byzantine=i in self.byzantine,
+                experts=self.agents[i].experts if self.agents else None,
                 wall_s=wall,
             )  # fmt: skip
             for i in range(n)

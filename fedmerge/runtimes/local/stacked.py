@@ -49,6 +49,8 @@ def why_not_stacked(setup: Setup) -> str | None:
         return per_agent[0]
     if cfg.protocol.aggregation != "mean":
         return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
+    if cfg.protocol.codec != "none":
+        return f"protocol.codec {cfg.protocol.codec!r}: payloads are encoded per agent"
     if cfg.train.loss != "cross_entropy":
         return "a custom train.loss"
     model = setup.model(0)
