@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
+from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.decentralized.payload import Payload
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.runtimes import torchdist
@@ -45,7 +46,7 @@ def assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"wall_s"}:
+        for key in a.keys() - {"wall_s", *IN_PROCESS_ONLY}:
             if isinstance(b[key], float):
                 assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
             else:
@@ -161,6 +162,15 @@ def test_compressed_gossip_two_agents_per_rank_matches_simulator():
 
 def test_dimat_two_agents_per_rank_matches_simulator():
     cfg = load_config(None, [*RING4, "protocol.name=dimat", "distributed.agents_per_rank=2"])
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+
+
+@pytest.mark.slow
+def test_lora_agents_two_per_rank_match_simulator():
+    pytest.importorskip("peft")
+    cfg = load_config(None, [*RING4, "model.name=hf", "peft.r=2", "peft.lora_merge=product",
+                             "train.steps=2", "distributed.agents_per_rank=2"])  # fmt: skip
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
 
