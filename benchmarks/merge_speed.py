@@ -244,7 +244,8 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
     floor_out = folder / "floor.bin"
     jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
              [floor_out], env)]  # fmt: skip
-    other = {**env, "MERGE_SPEED_TREE": args.compare_with or ""}
+    tree = str(args.compare_with)
+    other = {**env, "MERGE_SPEED_TREE": tree, "PYTHONPATH": tree}
     for m in args.methods.split(","):
         out = folder / f"fm_{m}.safetensors"
         mine = (f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)], [], env)
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     args.size = "quick" if args.quick else "huge" if args.huge else "llm"
     if args.huge:
         args.dtype = "bfloat16"
+    if args.compare_with and not (Path(args.compare_with) / "fedmerge" / "__init__.py").is_file():
+        raise SystemExit(f"--compare-with {args.compare_with}: no fedmerge package there")
 
     import torch
     from rich.console import Console

@@ -131,6 +131,8 @@ class CompressedCheckpoint(Checkpoint):
         self._specs = self.base.specs()
         self.metadata = dict(header.metadata)
 
+    get_rows = None  # τ̂ decodes a whole key at a time: the merge engine reads this expert whole
+
     def get(self, key: str) -> torch.Tensor:
         base = self.base.get(key)
         if key not in self.layout.specs:
