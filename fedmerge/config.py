@@ -23,13 +23,13 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from fedmerge.errors import ConfigError
-from fedmerge.yamlio import parse_yaml, read_yaml
+from fedmerge.registry import registry_at
+from fedmerge.yamlio import parse_yaml, read_mapping
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 Check = tuple[Callable[[Any], bool], str]
@@ -57,9 +57,25 @@ RUN_NAME_CHECK: Check = (is_run_name, "must be a plain name of ≤ 128 character
                                       "'\\', control characters, '.' or '..'")  # fmt: skip
 
 
-def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, check=None):
-    """A config field with its default, one-line meaning, allowed values and range check."""
-    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check}
+def option(
+    default: Any,
+    doc: str,
+    *,
+    choices: Iterable[str] | None = None,
+    check: Check | None = None,
+    registry: str | None = None,
+    params: str | None = None,
+    open_names: bool = False,
+):
+    """A config field with its default, one-line meaning, allowed values and range check.
+
+    ``registry`` (``"module:NAME"``, imported when first needed) names the
+    :class:`~fedmerge.registry.Registry` whose entries are the allowed values;
+    ``params`` names the sibling field holding the chosen entry's parameters (validated
+    against its declaration); ``open_names`` also allows a user's ``"pkg.mod:fn"``.
+    """
+    meta = {"doc": doc, "choices": tuple(choices) if choices else None, "check": check,
+            "registry": registry, "params": params, "open": open_names}  # fmt: skip
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -67,9 +83,11 @@ def option(default: Any, doc: str, *, choices: Iterable[str] | None = None, chec
 
 @dataclass
 class DataConfig:
-    name: str = option("digits", "dataset: digits, synthetic, torchvision, hf or pkg.mod:fn "
-                       "(trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
-    options: dict = option({}, "keyword arguments of the dataset (e.g. samples, seed)")
+    name: str = option("digits", "dataset: a registered name or pkg.mod:fn returning (x, y) "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)",
+                       registry="fedmerge.data.datasets:DATASETS", params="options",
+                       open_names=True)  # fmt: skip
+    options: dict = option({}, "parameters of the dataset (e.g. samples, seed)")
     partition: str = option(
         "shards", "how data is split over agents", choices=("iid", "dirichlet", "shards")
     )
@@ -82,11 +100,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("mlp", "model: mlp, cnn, resnet20 or pkg.mod:fn returning an nn.Module "
-                       "(trusted code: FEDMERGE_TRUSTED_MODULES)")  # fmt: skip
+    name: str = option("mlp", "model: a registered name or pkg.mod:fn returning an nn.Module "
+                       "(trusted code: FEDMERGE_TRUSTED_MODULES)",
+                       registry="fedmerge.models:MODELS", params="options",
+                       open_names=True)  # fmt: skip
     options: dict = option(
         {"hidden": [64]},
-        "keyword arguments of the model (hidden, channels, width …); the default is the mlp's: "
+        "parameters of the model (hidden, channels, width …); the default is the mlp's: "
         "a config naming another model without options gets {}",
     )
     init: str = option(
@@ -95,6 +115,22 @@ class ModelConfig:
         "(payloads carry full weights)",
         choices=("same", "different"),
     )
+
+
+@dataclass
+class PeftConfig:
+    r: int = option(0, "LoRA rank; agents train and share only a LoRA adapter (0: full weights)",
+                    check=NON_NEGATIVE)  # fmt: skip
+    alpha: float = option(8.0, "LoRA alpha (scaling alpha / r)", check=POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout", check=PROBABILITY)
+    target_modules: list = option(
+        [], "layers that get LoRA (name suffixes; []: the attention query and value projections)"
+    )
+    modules_to_save: list = option(["classifier"], "layers trained and shared in full")
+    lora_merge: str = option(
+        "factors", "factors: average A and B separately; product: average B@A, then SVD to r",
+        choices=("factors", "product"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -114,10 +150,24 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
+    no phase by default."""
+
+    epochs: int = option(
+        0, "pre-training epochs before round 1, each agent alone on its own data from its own "
+        "init (0: no pre-training)", check=between(0, 10_000),
+    )  # fmt: skip
+    steps: int = option(0, "if > 0: this many pre-training minibatch steps instead of epochs",
+                        check=between(0, 10**7))  # fmt: skip
+
+
+@dataclass
 class ProtocolConfig:
     name: str = option(
-        "gossip", "gossip, local, centralized, single_global_merge, dimat or dimat_wm"
-    )
+        "gossip", "how each agent combines its model with its neighbours' every round",
+        registry="fedmerge.decentralized.protocols:PROTOCOLS",
+    )  # fmt: skip
     calibration: str = option(
         "local",
         "DIMAT calibration data: the agent's own training data, or shared (the union of all "
@@ -125,10 +175,15 @@ class ProtocolConfig:
         choices=("local", "shared"),
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=between(1, 10**6))
+    broadcast: bool = option(
+        False,
+        "DIMAT: in a round where every node hears every node with equal weights (within "
+        "1e-9), align to the lowest-id node, as the DIMAT code merges once and broadcasts",
+    )
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
         "fedmerge.decentralized.robust",
-        choices=("mean", "clip", "median", "trimmed_mean", "krum"),
+        registry="fedmerge.decentralized.robust:RULES",
     )  # fmt: skip
     clip_tau: float = option(
         1.0, "clip: radius = clip_tau × lower median of neighbour distances", check=POSITIVE
@@ -139,6 +194,23 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
+    continual: str = option(
+        "opcm", "disseminate: the continual merge every node runs",
+        registry="fedmerge.continual.methods:CONTINUAL_METHODS",
+    )  # fmt: skip
+    forward: str = option(
+        "once", "disseminate: forward each expert once (the round after it is first held) or "
+        "always", choices=("once", "always"),
+    )  # fmt: skip
+    codec: str = option(
+        "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
+        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+    )  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
+    consensus_step: float = option(
+        1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
+        check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
 
 
 @dataclass
@@ -207,15 +279,26 @@ class DistributedConfig:
 
 
 @dataclass
+class MetricsConfig:
+    aligned_consensus: str = option(
+        "auto", "consensus_aligned: ‖θ_i − θ̄‖ after weight-matching every agent to agent 0 "
+        "(auto: with model.init: different)", choices=("auto", "always", "never"),
+    )  # fmt: skip
+    disagreement: bool = option(
+        True, "disagreement: share of global-test predictions that differ between agents"
+    )
+
+
+@dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
-        0.0, "flower: seconds to wait for every SuperNode to connect (0: 30 + 2 per node)",
+        0.0, "flower: seconds to wait for every SuperNode to connect (0: 120 + 5 per node)",
         check=between(0, 7 * 86400),
     )  # fmt: skip
 
     def connect_timeout(self, nodes: int) -> float:
         """The connect timeout for ``nodes`` SuperNodes (the default scales with them)."""
-        return self.connect_timeout_s or 30.0 + 2.0 * nodes
+        return self.connect_timeout_s or 120.0 + 5.0 * nodes
 
 
 @dataclass
@@ -227,13 +310,13 @@ class SimConfig:
     rounds: int = option(50, "communication rounds", check=between(1, 10**6))
     agents: int = option(0, "number of agents (0: the topology's node count)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
-    topology: Union[str, dict] = option(  # noqa: UP007 - get_type_hints needs it on 3.10
+    topology: str | dict = option(
         "ring-8", "topology spec: preset, generator, YAML file or mapping (fedmerge topology)"
     )
     runtime: str = option(
         "local",
         "where agents run (fedmerge simulate --runtime)",
-        choices=("local", "flower", "torchdist"),
+        registry="fedmerge.runtimes:RUNTIMES",
     )
     vectorize: str = option(
         "auto", "stacked-parameter path for same-architecture gossip/local",
@@ -241,11 +324,14 @@ class SimConfig:
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,10 +350,7 @@ def load_config(
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        path = Path(source)
-        data = read_yaml(path, "config") or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping of fields")
+        data = read_mapping(source, "config")
     for item in overrides or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
@@ -331,19 +414,35 @@ def _build(cls: type, data: Any, prefix: str):
             values[name] = _build(kind, data[name], dotted + ".")
         else:
             values[name] = _check_value(dotted, data[name], kind, f.metadata)
-    return cls(**values)
+    out = cls(**values)
+    for f in fields.values():
+        if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
+            registry = registry_at(f.metadata["registry"])
+            try:
+                registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}{f.metadata['params']}: {exc}") from None
+    return out
+
+
+def _registered(meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The allowed names of a field: its ``choices``, or its registry's names."""
+    if meta.get("registry"):
+        return tuple(registry_at(meta["registry"]))
+    return meta.get("choices") or ()
 
 
 def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) -> Any:
-    allowed = (
-        typing.get_args(kind)
-        if isinstance(kind, types.UnionType) or (typing.get_origin(kind) is Union)
-        else (kind,)
-    )
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     raw, value = value, _coerce(dotted, value, allowed)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+    choices = _registered(meta)
+    user_factory = meta.get("open") and ":" in str(value)
+    if choices and value not in choices and not user_factory:
+        if not meta.get("registry"):
+            raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
+        names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
+        kind = registry_at(meta["registry"]).kind
+        raise ConfigError(f"{dotted}: unknown {kind} {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")
@@ -387,9 +486,9 @@ def field_docs(cls: type = SimConfig, prefix: str = "") -> list[tuple[str, Any, 
             out += field_docs(kind, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            doc = f.metadata["doc"]
-            if f.metadata.get("choices"):
-                doc += f" ({' | '.join(f.metadata['choices'])})"
+            doc, choices = f.metadata["doc"], _registered(f.metadata)
+            if choices:
+                doc += f" ({' | '.join(choices)})"
             out.append((prefix + f.name, default, doc))
     return out
 

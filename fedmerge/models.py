@@ -23,16 +23,16 @@ torch.Size([5, 10])
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fedmerge.errors import ConfigError
 from fedmerge.factory import import_factory
+from fedmerge.registry import Entry, Param, Registry
 
 
 class MLP(nn.Sequential):
@@ -120,29 +120,50 @@ class ResNet20(nn.Module):
         return self.head(out.mean(dim=(2, 3)))
 
 
-def _mlp(
-    *, in_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (128, 64)
-) -> nn.Module:
-    return MLP(math.prod(in_shape), num_classes, _positive_ints("hidden", hidden, allow_empty=True))
+MODELS: Registry[Entry] = Registry("model", field="model.name", options_field="model.options")
+"""Built-in model builders by name (parameters: the config's ``model.options``);
+:func:`build_model` also accepts ``"package.module:function"``."""
 
 
-def _cnn(
-    *, in_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (32, 64)
-) -> nn.Module:
+@MODELS.register(
+    "mlp", Param("hidden", tuple, (128, 64), "hidden layer widths ([]: a linear model)", low=1)
+)
+def _mlp(*, in_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]) -> nn.Module:
+    """Flatten → [Linear → ReLU] per hidden width → Linear head; any input shape."""
+    return MLP(math.prod(in_shape), num_classes, hidden)
+
+
+@MODELS.register(
+    "cnn", Param("channels", tuple, (32, 64), "output channels of each conv block", low=1)
+)
+def _cnn(*, in_shape: tuple[int, ...], num_classes: int, channels: Sequence[int]) -> nn.Module:
+    """[Conv3×3 → BatchNorm → ReLU (→ MaxPool2)] per block → global average pool → Linear;
+    inputs (C, H, W) with H, W ≥ 2^(blocks−1)."""
     if len(in_shape) != 3:
         raise ConfigError(f"model 'cnn' needs in_shape (C, H, W), got {tuple(in_shape)}")
-    return CNN(in_shape[0], num_classes, _positive_ints("channels", channels))
+    if not channels:
+        raise ConfigError("model 'cnn': parameter 'channels' must list at least one block")
+    return CNN(in_shape[0], num_classes, channels)
 
 
-def _resnet20(*, in_shape: tuple[int, ...], num_classes: int, width: int = 1) -> nn.Module:
+@MODELS.register("resnet20", Param("width", int, 1, "width multiplier (16·w, 32·w, 64·w)", low=1))
+def _resnet20(*, in_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
+    """CIFAR ResNet-20 (He et al.): 3 stages × 3 BatchNorm basic blocks; inputs (C, H, W)."""
     if len(in_shape) != 3:
         raise ConfigError(f"model 'resnet20' needs in_shape (C, H, W), got {tuple(in_shape)}")
-    (width,) = _positive_ints("width", (width,))
     return ResNet20(in_shape[0], num_classes, width)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "resnet20": _resnet20}
-"""Built-in model builders by name; ``build_model`` also accepts ``"package.module:function"``."""
+@MODELS.register(
+    "hf",
+    Param("path", str, "", "a local Hugging Face image-classifier directory ('': from config)"),
+    Param("config", dict, {}, "offline config: model_type + fields (default a tiny ViT)"),
+)
+def _hf(*, in_shape: tuple[int, ...], num_classes: int, path: str, config: dict) -> nn.Module:
+    """A Hugging Face image classifier (transformers), e.g. for LoRA agents (peft)."""
+    from fedmerge.hf.lora import build_hf
+
+    return build_hf(in_shape=in_shape, num_classes=num_classes, path=path, config=config)
 
 
 def build_model(
@@ -156,32 +177,15 @@ def build_model(
     in_shape = tuple(int(d) for d in in_shape)
     if not in_shape or min(in_shape) < 1 or int(num_classes) < 1:
         raise ConfigError(f"model {name!r}: bad in_shape {in_shape} or num_classes {num_classes}")
-    builder = MODELS.get(name) or import_factory(name, "model.name", sorted(MODELS))
+    shape = {"in_shape": in_shape, "num_classes": int(num_classes)}
     if name in MODELS:
-        _check_kwargs(name, builder, kwargs)
+        builder, args = MODELS[name].target, {**shape, **MODELS[name].resolve(kwargs)}
+    else:
+        builder = import_factory(name, "model.name", sorted(MODELS))
+        args = {**shape, **kwargs, "seed": seed}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        args = {"in_shape": in_shape, "num_classes": int(num_classes), **kwargs}
-        model = builder(**args) if name in MODELS else builder(**args, seed=seed)
+        model = builder(**args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not nn.Module")
     return model
-
-
-def _check_kwargs(name: str, builder: Callable[..., nn.Module], kwargs: dict) -> None:
-    allowed = set(inspect.signature(builder).parameters) - {"in_shape", "num_classes"}
-    for key in kwargs:
-        if key not in allowed:
-            raise ConfigError(
-                f"model {name!r}: unknown option {key!r} (options: {sorted(allowed)})"
-            )
-
-
-def _positive_ints(field: str, values: Sequence[int], allow_empty: bool = False) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model option {field!r} must be a list of integers") from exc
-    if (not out and not allow_empty) or any(v < 1 for v in out):
-        raise ConfigError(f"model option {field!r} must hold positive integers, got {list(values)}")
-    return out

@@ -28,6 +28,7 @@ fedmerge.errors.ConfigError: shape 'square': parameter 'side' must be in (0, inf
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,10 @@ def _convert(value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             raise ValueError(value)
         return float(value)
+    if kind is dict:  # a nested mapping (e.g. a model's offline config), passed as is
+        if not isinstance(value, Mapping):
+            raise TypeError(value)
+        return dict(value)
     return str(value)
 
 
@@ -134,11 +139,14 @@ class Entry:
     params: tuple[Param, ...] = ()
     doc: str = ""
     kind: str = "entry"
+    options_field: str = ""
 
     @property
     def owner(self) -> str:
-        """How errors name this entry: ``"merge method 'ties'"``."""
-        return f"{self.kind} {self.name!r}"
+        """How errors name this entry: ``"merge method 'ties'"``, or with the config field
+        holding its parameters, ``"model.options: model 'mlp'"``."""
+        where = f"{self.options_field}: " if self.options_field else ""
+        return f"{where}{self.kind} {self.name!r}"
 
     def resolve(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults overlaid with ``given`` (parsed and range-checked), in declared order."""
@@ -164,12 +172,21 @@ E = TypeVar("E", bound=Entry)
 class Registry(Mapping[str, E], Generic[E]):
     """Named entries of one kind; a read-only mapping ``name -> entry`` in registration order.
 
-    ``kind`` names the entries in messages; ``field`` (e.g. ``"protocol.name"``) is
-    the config field that selects one, prefixed to the unknown-name error.
+    ``kind`` names the entries in messages; ``field`` (e.g. ``"model.name"``) is the
+    config field that selects one, prefixed to the unknown-name error, and
+    ``options_field`` (``"model.options"``) the one holding its parameters.
     """
 
-    def __init__(self, kind: str, *, field: str = "", entry: type[E] = Entry) -> None:  # type: ignore[assignment]
-        self.kind, self.field, self.entry_type = kind, field, entry
+    def __init__(
+        self,
+        kind: str,
+        *,
+        field: str = "",
+        options_field: str = "",
+        entry: type[E] = Entry,  # type: ignore[assignment]
+    ) -> None:
+        self.kind, self.field, self.options_field = kind, field, options_field
+        self.entry_type = entry
         self._entries: dict[str, E] = {}
 
     def __getitem__(self, name: str) -> E:
@@ -197,6 +214,7 @@ class Registry(Mapping[str, E], Generic[E]):
             params=tuple(params),
             doc=doc or first_paragraph(getattr(target, "__doc__", None)),
             kind=self.kind,
+            options_field=self.options_field,
             **fields,
         )
         self._entries[name] = entry
@@ -230,6 +248,16 @@ class Registry(Mapping[str, E], Generic[E]):
         """Call entry ``name``'s target with ``*args`` and its resolved parameters."""
         entry = self.lookup(name)
         return entry.target(*args, **entry.resolve(given))
+
+
+def registry_at(path: str) -> Mapping[str, Any] | Sequence[str]:
+    """The registry named by ``"module:NAME"``, imported on first use.
+
+    Config fields name the registry of their allowed values this way, so the
+    foundation layer (config) never imports the layers that register entries.
+    """
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def first_paragraph(doc: str | None) -> str:

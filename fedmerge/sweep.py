@@ -11,6 +11,7 @@ A sweep file is YAML::
     cells:                 # ... and explicit cells
       - {label: lossy, set: [faults.message_loss=0.3]}
     seeds: [0, 1, 2]
+    report: dimat/compare.py   # optional: a script whose report(out_dir) runs after the sweep
 
 Each cell runs once per seed on its runtime (:func:`fedmerge.runtimes.run`); the table holds
 the mean ± std over seeds of the final and best mean global accuracy, the final consensus
@@ -37,10 +38,10 @@ from typing import Any
 from fedmerge.atomic import atomic_write_text
 from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import csv_text, per_round, summarize
-from fedmerge.yamlio import read_yaml
+from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
+from fedmerge.yamlio import read_mapping
 
-SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds"}
+SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds", "report"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,7 @@ class Cell:
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file (unknown top-level keys are errors naming the key)."""
-    spec = read_yaml(path, "sweep")
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep {path}: must be a mapping")
+    spec = read_mapping(path, "sweep")
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(
@@ -65,16 +64,18 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
+    if spec.get("report") is not None:
+        spec["report"] = str(Path(path).parent / str(spec["report"]))
     return spec
 
 
 def is_sweep_file(path: str | Path) -> bool:
     """Whether ``path`` reads as a sweep file (a mapping with ``base``, ``grid`` or ``cells``)."""
     try:
-        spec = read_yaml(path, "sweep")
+        spec = read_mapping(path, "sweep")
     except ConfigError:
         return False
-    return isinstance(spec, dict) and bool({"base", "grid", "cells"} & set(spec))
+    return bool({"base", "grid", "cells"} & set(spec))
 
 
 def _as_value(value: Any) -> str:
@@ -122,8 +123,6 @@ def run_sweep(
             record = _saved_run(path)
             resumed = record is not None
             if record is None:
-                from fedmerge.runtimes import run  # heavy (torch): only when a run is due
-
                 rows, details = run(cfg)
                 record = {
                     "seed": seed, "summary": summarize(rows, details), "curve": per_round(rows)
@@ -208,28 +207,20 @@ def write_sweep(out: str | Path, name: str, results: list[dict[str, Any]]) -> li
     rows = sweep_rows(results)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "table.csv", csv_text(rows))
-    md = [
-        "| cell | final global acc | best global acc | consensus | MB/agent |",
-        "|---|---|---|---|---|",
-    ]
-    md += [
-        f"| {r['cell']} | {r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f} | "
-        f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f} | {r['consensus']:.3g} | "
-        f"{r['mb_sent_per_agent']:.2f} |"
+    cells = [
+        [r["cell"], f"{r['final_global_acc']:.3f} ± {r['final_global_acc_std']:.3f}",
+         f"{r['best_global_acc']:.3f} ± {r['best_global_acc_std']:.3f}", f"{r['consensus']:.3g}",
+         f"{r['mb_sent_per_agent']:.2f}"]
         for r in rows
-    ]
-    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    ]  # fmt: skip
+    headers = ["cell", "final global acc", "best global acc", "consensus", "MB/agent"]
+    atomic_write_text(out / "table.md", markdown(headers, cells))
     _plot(out / "accuracy.png", name, results)
     return rows
 
 
 def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for res in results:
         curves = [[p["global_acc"] for p in run["curve"]] for run in res["runs"]]
         mean = [statistics.fmean(v) for v in zip(*curves, strict=False)]
@@ -239,5 +230,16 @@ def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def run_report(spec: Mapping[str, Any], out: str | Path) -> dict[str, Path]:
+    """Run the sweep's ``report`` script (its ``report(out_dir)``) on the written results."""
+    if not spec.get("report"):
+        return {}
+    from fedmerge.recipe import load_script
+
+    report = getattr(load_script(spec["report"]), "report", None)
+    if not callable(report):
+        raise ConfigError(f"sweep report {spec['report']}: defines no report(out_dir) function")
+    return report(Path(out))

@@ -58,6 +58,16 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     return parse_yaml(text, f"{what} {path}")
 
 
+def read_mapping(path: str | os.PathLike[str], what: str = "config") -> dict[str, Any]:
+    """The mapping in YAML file ``path`` (an empty file: ``{}``); ConfigError naming the file."""
+    data = read_yaml(path, what)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of fields")
+    return data
+
+
 def parse_yaml(text: str, what: str, *, max_nodes: int = MAX_NODES) -> Any:
     """Parse YAML ``text``; a ConfigError naming ``what`` if it breaks a limit or the syntax."""
     if len(text) > MAX_BYTES:

@@ -151,7 +151,7 @@ def test_delta_payloads_are_task_vectors_against_the_reference():
 
 def test_batch_plan_epochs_and_steps():
     gen = torch.Generator().manual_seed(0)
-    plan = batch_plan(10, TrainConfig(epochs=2, batch_size=4), gen)
+    plan = batch_plan(10, TrainConfig(epochs=2, steps=0, batch_size=4), gen)
     assert [len(b) for b in plan] == [4, 4, 2, 4, 4, 2]
     assert sorted(torch.cat(plan[:3]).tolist()) == list(range(10))
     steps = batch_plan(10, TrainConfig(steps=5, batch_size=4), gen)

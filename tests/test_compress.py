@@ -10,11 +10,11 @@ from fedmerge.checkpoint import load_state_dict, save_state_dict
 from fedmerge.cli import main as cli
 from fedmerge.codecs.expert import compress_checkpoint, open_expert
 from fedmerge.continual import make_merger
+from fedmerge.continual.experts import evaluate, prepare
 from fedmerge.continual.store import ContinualStore
 from fedmerge.errors import ValidationError
-from fedmerge.experiments.continual_config import load_config
-from fedmerge.experiments.continual_tasks import evaluate, prepare, task_orders
-from fedmerge.merging import merge
+from fedmerge.merging import merge, merge_checkpoints
+from fedmerge.recipe import load_script
 
 
 @pytest.fixture
@@ -68,6 +68,12 @@ def test_merge_and_continual_add_read_compressed_experts(files, capsys):
     got = load_state_dict(d / "m.safetensors")
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6), key
+    # the block-wise engine reads rows of the decoded tensors (3 rows of 8 per block)
+    merge_checkpoints("ties", d / "base.safetensors", [d / "c0.safetensors", d / "c1.safetensors"],
+                      d / "m_rows.safetensors", chunk_elements=24)  # fmt: skip
+    got = load_state_dict(d / "m_rows.safetensors")
+    for key in want:
+        assert torch.allclose(got[key], want[key], atol=1e-6), key
 
     store = ContinualStore.init(d / "store", d / "base.safetensors", "opcm", {})
     for i in range(2):
@@ -100,7 +106,8 @@ def test_compeft_experts_folded_by_opcm_match_the_uncompressed_fold(tmp_path, on
     in 3 task orders: the final average accuracy is not more than 1 point below the
     uncompressed fold's, from files at least 8× smaller. (Measured: 0.841 vs 0.774, 22×:
     sparsifying the task vectors also reduces their interference, as TIES and ComPEFT found.)"""
-    cfg = load_config("simulations/continual_digits.yaml", ["orders=3"])
+    recipe = load_script("simulations/continual/run.py")
+    cfg = recipe.RECIPE.load("simulations/continual/digits.yaml", ["orders=3"])
     setup = prepare(cfg)
     save_state_dict(setup.base, tmp_path / "base.safetensors")
     compressed, ratios = [], []
@@ -113,7 +120,7 @@ def test_compeft_experts_folded_by_opcm_match_the_uncompressed_fold(tmp_path, on
         with open_expert(small, base=tmp_path / "base.safetensors") as ck:
             compressed.append(ck.load())
     finals = {"dense": [], "compeft": []}
-    for order in task_orders(len(cfg.tasks), cfg.orders, cfg.seed):
+    for order in recipe.task_orders(len(cfg.tasks), cfg.orders, cfg.seed):
         for name, experts in (("dense", setup.experts), ("compeft", compressed)):
             merger = make_merger("opcm", setup.base, projectable=setup.projectable, alpha=0.5)
             for k in order:
@@ -121,3 +128,15 @@ def test_compeft_experts_folded_by_opcm_match_the_uncompressed_fold(tmp_path, on
             finals[name].append(evaluate(setup, merger.merged()).mean())
     assert min(ratios) >= 8
     assert np.mean(finals["compeft"]) >= np.mean(finals["dense"]) - 0.01, finals
+
+
+def test_compress_list_names_every_codec_and_its_parameters(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli(["compress", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(x) for x in lines) <= 80
+    for name in ("none", "topk", "quantize", "ternary", "lowrank"):
+        assert any(x.startswith(f"│ {name} ") for x in lines)
+    assert cli(["compress", "--list", "quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "block" in out and "[2, 8]" in out

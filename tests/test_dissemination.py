@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -13,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.continual import ContinualMerger
+from fedmerge.decentralized.dissemination import Arrival, disseminate, fold_directly
 from fedmerge.decentralized.payload import Payload
-from fedmerge.dissemination import Arrival, disseminate, fold_directly
 from fedmerge.errors import ConfigError
 from fedmerge.topology import build_topology
 
@@ -189,10 +190,13 @@ TINY = [
 ]
 
 
-def test_runner_end_to_end(tmp_path, capsys):
-    from fedmerge.experiments.dissemination import main
+RECIPE_DIR = Path(__file__).parents[1] / "simulations" / "dissemination"
 
-    argv = ["--config", "simulations/dissemination_ring.yaml", "--out", str(tmp_path)]
+
+def test_recipe_end_to_end_through_fedmerge_sweep(tmp_path, capsys):
+    from fedmerge.cli import main
+
+    argv = ["sweep", str(RECIPE_DIR / "ring.yaml"), "--out", str(tmp_path)]
     assert main(argv + [x for item in TINY for x in ("--set", item)]) == 0
     out = capsys.readouterr().out
     assert "Continual dissemination (opcm) on ring-4" in out
@@ -208,16 +212,17 @@ def test_runner_end_to_end(tmp_path, capsys):
     assert (tmp_path / "dissemination.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_runner_config_errors(capsys):
-    from fedmerge.experiments.dissemination import main
+def test_recipe_config_errors(capsys):
+    from fedmerge.recipe import load_script
 
+    main = load_script(RECIPE_DIR / "run.py").RECIPE.main
     assert main(["--set", "experts.orders=3"]) == 2
-    assert "experts.orders: not used" in capsys.readouterr().err
+    assert "experts.orders: unknown field" in capsys.readouterr().err
     assert main(["--set", "arrivals={rot90: {node: 0}}"]) == 2
     assert "arrivals.rot90: expected {node: N, round: R}" in capsys.readouterr().err
     assert main(["--set", "method=nope"]) == 2
-    assert "method: must be one of" in capsys.readouterr().err
+    assert "method: unknown continual method 'nope'; use one of opcm," in capsys.readouterr().err
     assert main(["--set", "method=running_average", "--set", "params={alpha: 0.5}"]) == 2
-    assert "params: running_average: unknown parameter 'alpha'" in capsys.readouterr().err
+    assert "method 'running_average' has no parameter 'alpha'" in capsys.readouterr().err
     assert main(["--set", "experts.model.hidden=oops"]) == 2
     assert "experts.model.hidden" in capsys.readouterr().err

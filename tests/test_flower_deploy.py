@@ -58,7 +58,7 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     from cryptography.x509.oid import NameOID
 
     def cert(subject: str, key, issuer: str, signer, ca: bool) -> x509.Certificate:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         b = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

@@ -62,6 +62,7 @@ def _install_factory_module(monkeypatch):
     mod.not_a_model = lambda **kw: "nope"
     mod.value = 3
     monkeypatch.setitem(sys.modules, "fm_user_models", mod)
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "fm_user_models,no_such_pkg_xyz")
 
 
 def test_factory_gets_kwargs_and_is_seeded(monkeypatch):
@@ -80,10 +81,15 @@ def test_factory_gets_kwargs_and_is_seeded(monkeypatch):
         ("fm_user_models:missing", {}, "no callable 'missing'"),
         ("fm_user_models:value", {}, "no callable 'value'"),
         ("fm_user_models:not_a_model", {}, "returned str, not nn.Module"),
-        ("mlp", {"hiden": (3,)}, "unknown option 'hiden'"),
-        ("mlp", {"hidden": (3, 0)}, "'hidden' must hold positive"),
-        ("cnn", {"channels": "ab"}, "'channels' must be a list of integers"),
-        ("resnet20", {"width": 0}, "'width' must hold positive"),
+        (
+            "mlp",
+            {"hiden": (3,)},
+            "model.options: model 'mlp' has no parameter 'hiden' \\(parameters: hidden",
+        ),
+        ("mlp", {"hidden": (3, 0)}, r"'hidden' must be in \[1, inf\), got 0"),
+        ("cnn", {"channels": "ab"}, "'channels' must be a list of int"),
+        ("cnn", {"channels": []}, "'channels' must list at least one block"),
+        ("resnet20", {"width": 0}, r"'width' must be in \[1, inf\), got 0"),
     ],
 )
 def test_errors_name_the_problem(monkeypatch, name, kwargs, match):

@@ -72,3 +72,24 @@ def test_range_text_and_assignments() -> None:
     assert parse_assignments(["a=1", " b = x=y "]) == {"a": "1", "b": "x=y"}
     with pytest.raises(ConfigError, match="--param expects key=value"):
         parse_assignments(["a"])
+
+
+def test_config_names_and_options_come_from_the_registries() -> None:
+    from fedmerge.config import field_docs, load_config
+    from fedmerge.continual import CONTINUAL_METHODS
+    from fedmerge.data.datasets import DATASETS
+    from fedmerge.models import MODELS
+
+    docs = {name: doc for name, _, doc in field_docs()}
+    assert docs["model.name"].endswith(f"({' | '.join(MODELS)})")
+    assert docs["data.name"].endswith(f"({' | '.join(DATASETS)})")
+    assert list(CONTINUAL_METHODS) == [
+        "opcm", "continual_task_arithmetic", "running_average", "continual_ties", "magmax"
+    ]  # fmt: skip
+    assert load_config(None, ["model.name=pkg.mod:fn"]).model.name == "pkg.mod:fn"
+    with pytest.raises(ConfigError, match=r"model.options: model 'mlp': parameter 'hidden' must"):
+        load_config(None, ["model.options={hidden: [0]}"])
+    with pytest.raises(ConfigError, match="data.options: dataset 'synthetic' has no parameter"):
+        load_config(None, ["data.name=synthetic", "data.options={sample: 3}"])
+    with pytest.raises(ConfigError, match="model.name: unknown model 'mpl'; use one of mlp, cnn"):
+        load_config(None, ["model.name=mpl"])

@@ -36,11 +36,16 @@ def test_every_runtime_is_registered_with_the_faults_it_runs():
     [("faults.duplicate=0.1", "faults.duplicate"), ("faults.byzantine.count=1",
      "faults.byzantine"), ("faults.rejoin=initial", "faults.rejoin")],
 )  # fmt: skip
-def test_unsupported_faults_are_refused_by_name_before_anything_starts(runtime, fault, field):
+def test_unsupported_faults_are_refused_by_name_before_anything_starts(
+    runtime, fault, field, monkeypatch
+):
+    def never(name):  # the runtime's module is not even imported
+        raise AssertionError(f"imported {name}")
+
     cfg = load_config(None, [*SMALL, f"runtime={runtime}", fault])
+    monkeypatch.setattr("fedmerge.runtimes.importlib.import_module", never)
     with pytest.raises(ConfigError, match=rf"^{field}: not supported by runtime '{runtime}'"):
         run(cfg)
-    assert "flwr" not in sys.modules or runtime == "torchdist"  # refused before importing Flower
 
 
 def test_options_a_runtime_does_not_take_are_errors():
@@ -102,3 +107,14 @@ def test_the_layering_contract_holds():
     out = subprocess.run([str(exe)], cwd=root, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-2000:]
     assert "2 kept, 0 broken" in out.stdout
+
+
+def test_engines_and_runners_implement_the_declared_interfaces():
+    from fedmerge.decentralized.engine import Engine, RoundRunner
+    from fedmerge.runtimes.torchdist import RankRunner
+
+    for vectorize, name in (("always", "vectorized"), ("never", "per-agent")):
+        sim = Simulator(load_config(None, [*SMALL, f"vectorize={vectorize}"]))
+        assert isinstance(sim.engine, Engine) and sim.engine.name == name
+        assert isinstance(sim, RoundRunner)
+    assert callable(RankRunner.round)  # torch.distributed ranks drive rounds the same way

@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 
 from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
+from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.runtimes import torchdist
 from fedmerge.runtimes.local.simulator import Simulator
@@ -45,7 +47,7 @@ def assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"wall_s"}:
+        for key in a.keys() - {"wall_s", *IN_PROCESS_ONLY}:
             if isinstance(b[key], float):
                 assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
             else:
@@ -148,11 +150,30 @@ def test_gossip_four_ranks_matches_simulator():
     rows = torchdist.run(cfg, procs=4, threads=1, on_round=seen.append)
     assert [r[0]["round"] for r in seen] == [1, 2, 3] and sum(seen, []) == rows
     assert_same_rows(rows, simulate_one_thread(cfg))
-    assert all(r["bytes_received"] == r["bytes_sent"] == 2 * 68904 for r in rows)
+    model = build_setup(cfg).model(0)  # every agent sends τ (float32) to its 2 neighbours
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    assert all(r["bytes_received"] == r["bytes_sent"] == 2 * nbytes for r in rows)
+
+
+def test_compressed_gossip_two_agents_per_rank_matches_simulator():
+    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
+                             "distributed.agents_per_rank=2"])  # fmt: skip
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
 
 
 def test_dimat_two_agents_per_rank_matches_simulator():
     cfg = load_config(None, [*RING4, "protocol.name=dimat", "distributed.agents_per_rank=2"])
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+
+
+@pytest.mark.slow
+def test_lora_agents_two_per_rank_match_simulator():
+    pytest.importorskip("peft")
+    cfg = load_config(None, [*RING4, "model.name=hf", "peft.r=2", "peft.lora_merge=product",
+                             "train.steps=2", "distributed.agents_per_rank=2"])  # fmt: skip
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
 
@@ -174,6 +195,20 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert any(not r["active"] for r in rows)  # the faults did something
     one = max(r["bytes_sent"] for r in rows)  # a matching: one payload per agent at most
     assert {r["bytes_received"] for r in rows} <= {0, one}
+
+
+def test_disseminate_through_simulate_matches_in_process(tmp_path):
+    """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
+    agents per rank: bundles cross ranks and stay within them): the same per-node folded
+    experts (in order) and accuracies as in process."""
+    sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
+            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+    argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
+    assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_rows(rows, simulate_one_thread(load_config(tmp_path / "config.yaml")))
+    assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
+    assert json.loads((tmp_path / "summary.json").read_text())["runtime"] == "torchdist"
 
 
 def test_oversized_payloads_refused_before_transfer_like_the_simulator():

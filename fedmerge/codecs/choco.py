@@ -40,6 +40,7 @@ from fedmerge.codecs.wire import Encoded
 
 StateDict = dict[str, torch.Tensor]
 Heard = tuple[int, Mapping[str, torch.Tensor], float]  # (sender j, q_j, w_ij)
+PREFIX = "__choco__"
 
 
 class ChocoGossip:
@@ -79,3 +80,24 @@ class ChocoGossip:
             for k, v in self.copies[j].items():
                 out[k] += self.gamma * w * (v - own[k])
         return out
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Everything needed to resume exactly (copies, codec sender state, call count) as
+        named tensors under :data:`PREFIX` plus string metadata (for an agent-state file)."""
+        out = {f"{PREFIX}/copy/{j}/{k}": v for j, c in self.copies.items() for k, v in c.items()}
+        for key, state in self.encoder.state.items():
+            out |= {f"{PREFIX}/codec/{name}/{key}": v for name, v in state.items()}
+        return out, {"choco_calls": str(self.encoder.calls)}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+        """Restore what :meth:`to_tensors` saved (``tensors`` may hold other keys too)."""
+        self.copies, self.encoder.state = {}, {}
+        for name, v in tensors.items():
+            root, kind, owner, key = (name.split("/", 3) + ["", "", ""])[:4]
+            if root != PREFIX:
+                continue
+            if kind == "copy":
+                self.copies.setdefault(int(owner), {})[key] = v
+            else:
+                self.encoder.state.setdefault(key, {})[owner] = v
+        self.encoder.calls = int(meta.get("choco_calls", "0"))

@@ -48,8 +48,8 @@ def open_expert(
     path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
 ) -> Checkpoint:
     """An expert checkpoint: a compressed file (read over ``base``) or anything
-    :func:`~fedmerge.checkpoint.open_checkpoint` reads."""
-    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path)
+    :func:`~fedmerge.checkpoint.open_checkpoint` reads (a LoRA adapter, over ``base`` too)."""
+    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path, base)
 
 
 def is_compressed(path: str | os.PathLike) -> bool:
@@ -130,6 +130,7 @@ class CompressedCheckpoint(Checkpoint):
         self._handles: dict[Path, object] = {}
         self._specs = self.base.specs()
         self.metadata = dict(header.metadata)
+        self._decoded: tuple[str | None, torch.Tensor | None] = (None, None)
 
     get_rows = None  # τ̂ decodes a whole key at a time: the merge engine reads this expert whole
 
@@ -143,8 +144,16 @@ class CompressedCheckpoint(Checkpoint):
         tau = decode_key(layout.codec, layout.params, layout.specs[key], parts, key, str(self.path))
         return base + tau
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the decoded ``key``: a compressed tensor decodes whole
+        (indices and scales span it), so the last decoded tensor is kept for the next block."""
+        if self._decoded[0] != key:
+            self._decoded = (key, self.get(key))
+        return self._decoded[1][start:stop]
+
     def close(self) -> None:
         self._handles.clear()
+        self._decoded = (None, None)
         if self._own_base:
             self.base.close()
 

@@ -8,6 +8,7 @@ quantize, lowrank, none (see --list).
 
 examples:
   fedmerge compress --list
+  fedmerge compress --list ternary
   fedmerge compress expert.safetensors --base base.safetensors -o expert.ternary.safetensors
   fedmerge compress expert/ --base base/ -o e.safetensors --codec ternary --param density=0.05
   fedmerge compress expert.safetensors --base base.safetensors -o e.q4.safetensors \\
@@ -22,6 +23,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from fedmerge.commands.merge import registry_table
 from fedmerge.errors import ConfigError
 
 NAME = "compress"
@@ -30,7 +32,8 @@ HELP = "compress an expert's task vector (ComPEFT ternary, top-k, quantize, low 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("expert", nargs="?", help="fine-tuned checkpoint (file or sharded dir)")
-    parser.add_argument("--list", action="store_true", help="list codecs and parameters, exit")
+    parser.add_argument("--list", nargs="?", const="", metavar="CODEC",
+                        help="list codecs (or one codec's parameters), exit")  # fmt: skip
     parser.add_argument("--base", metavar="REF", help="reference checkpoint θ_base")
     parser.add_argument("-o", "--out", metavar="OUT", help="output .safetensors file")
     parser.add_argument("--codec", default="ternary", help="codec (default ternary; see --list)")
@@ -40,26 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random codec choices")
 
 
-def codec_table() -> Table:
-    """One section per codec: its definition, then one row per parameter."""
+def codec_table(codec: str | None = None) -> Table:
+    """Every codec with its parameters' defaults, or one codec's parameters in full."""
     from fedmerge.codecs import CODECS
 
-    table = Table(title="fedmerge codecs")
-    for col in ("codec", "parameter", "default", "range", "meaning"):
-        table.add_column(col, overflow="fold")
-    for name in sorted(CODECS):
-        c = CODECS[name]
-        table.add_row(f"[bold]{name}[/]", "", "", "", f"{c.doc} [dim]{c.reference}[/]")
-        for p in c.params:
-            table.add_row("", p.name, repr(p.default), p.range_text(), p.doc)
-        table.add_section()
-    return table
+    hint = "fedmerge compress --list CODEC: its parameters in full"
+    return registry_table(CODECS, codec, "codec", title="fedmerge codecs", caption=hint)
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
-    if args.list:
-        console.print(codec_table())
+    if args.list is not None:
+        console.print(codec_table(args.list or None))
         return 0
     given = {"EXPERT": args.expert, "--base": args.base, "-o/--out": args.out}
     missing = [flag for flag, value in given.items() if not value]

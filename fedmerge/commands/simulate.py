@@ -26,7 +26,8 @@ summary.json, accuracy.png and consensus.png. A sweep file goes to 'fedmerge swe
 
 Protocols: gossip (mixing-weighted averaging, D-PSGD), local (no communication),
 centralized (one model on the union of the data), single_global_merge (sparse gossip, one
-complete merge at the end), dimat / dimat_wm (align neighbours, then average).
+complete merge at the end), dimat / dimat_wm (align neighbours, then average), disseminate
+(each agent's expert floods the graph; every node folds each one once, OPCM by default).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from fedmerge import report
 from fedmerge.config import SimConfig, dump_config, field_docs, load_config
 from fedmerge.errors import ConfigError
-from fedmerge.report import per_round, round_table, summary_table, write_run
+from fedmerge.report import Tick, per_round, round_table, summary_table, write_run
 from fedmerge.runs import new_run_dir, run_name
 from fedmerge.sweep import is_sweep_file
 
@@ -56,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="K=V",
                         help="override a field, repeatable (e.g. --set train.lr=0.05)")  # fmt: skip
     parser.add_argument("--out", help="output directory (default: a new runs/<name>-<time>)")
-    parser.add_argument("--runtime", choices=("local", "flower", "torchdist"),
-                        help="where agents run (default: the config's runtime, local)")  # fmt: skip
+    parser.add_argument("--runtime", help="where agents run: a registered runtime (see --fields; "
+                        "default: the config's runtime, local)")  # fmt: skip
     parser.add_argument("--procs", type=int, default=0,
                         help="torchdist: local processes (default: one per agent)")  # fmt: skip
     parser.add_argument("--show-config", action="store_true",
@@ -122,41 +124,15 @@ def simulate(
     options: dict[str, Any] = {"procs": procs} if cfg.runtime == "torchdist" and procs else {}
     if cfg.runtime == "flower" and verbose:
         options["verbose"] = True
-    with _progress(cfg, progress) as on_round:
-        return run(cfg, on_round=on_round, **options)
+    with report.progress(cfg.rounds, cfg.name, enabled=progress, status=True) as tick:
+        return run(cfg, on_round=_round_status(tick), **options)
 
 
-class _progress:
-    """A rich progress bar over rounds on stderr, showing the latest mean accuracy."""
+def _round_status(tick: Tick) -> Callable[[list[dict[str, Any]]], None]:
+    """An ``on_round`` callback advancing the bar and showing the latest mean accuracy."""
 
-    def __init__(self, cfg: SimConfig, enabled: bool) -> None:
-        self.cfg, self.enabled, self.bar = cfg, enabled, None
+    def on_round(rows: list[dict[str, Any]]) -> None:
+        acc = per_round(rows)[-1]["global_acc"]
+        tick(status="" if acc is None else f"global acc {acc:.3f}")
 
-    def __enter__(self) -> Callable[[list[dict[str, Any]]], None]:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[acc]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
-            )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task(escape(self.cfg.name), total=self.cfg.rounds, acc="")
-        return self.on_round
-
-    def on_round(self, rows: list[dict[str, Any]]) -> None:
-        if self.bar is not None:
-            acc = per_round(rows)[-1]["global_acc"]
-            text = "" if acc is None else f"global acc {acc:.3f}"
-            self.bar.update(self.task, advance=1, acc=text)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+    return on_round

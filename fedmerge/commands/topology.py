@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
         plan = topo.round(args.round, total_rounds=args.total_rounds)
         report["round"] = _plan_summary(plan)
     if args.plot:
-        report["plot"] = str(topo.draw(args.plot, plan=plan))
+        from fedmerge.report import draw_topology
+
+        report["plot"] = str(draw_topology(topo, args.plot, plan=plan))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

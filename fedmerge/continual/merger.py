@@ -191,12 +191,10 @@ def make_merger(
     :func:`~fedmerge.continual.linear.default_projectable` of the base.
     ``params`` override the method's defaults (e.g. ``alpha=0.5``).
     """
-    if method not in CONTINUAL_METHODS:
-        known = ", ".join(sorted(CONTINUAL_METHODS))
-        raise ConfigError(f"unknown continual method {method!r} (known: {known})")
+    cls = CONTINUAL_METHODS.lookup(method).target
     source = Source.of(base, "base")
     keys = default_projectable(source.specs) if projectable is None else set(projectable)
     missing = sorted(k for k in keys if k not in source.specs or len(source.specs[k].shape) != 2)
     if missing:
         raise ConfigError(f"projectable key {missing[0]!r} is not a 2-D tensor of the base")
-    return ContinualMerger(CONTINUAL_METHODS[method](keys, **params), base)
+    return ContinualMerger(cls(keys, **params), base)

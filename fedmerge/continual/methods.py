@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from fedmerge.errors import ConfigError
+from fedmerge.registry import Entry, Param, Registry
 
 TauGetter = Callable[[str], torch.Tensor]
 AccGetter = Callable[[str], torch.Tensor]
@@ -81,29 +81,24 @@ def orthogonal_projection(
 # ----------------------------------------------------------------------------- methods
 
 
+CONTINUAL_METHODS: Registry[Entry] = Registry("continual method")
+"""Every continual method by name; an entry's ``target`` is its :class:`ContinualMethod` class."""
+
+
 class ContinualMethod:
     """One continual merge rule: declared parameters, a per-key fold and a scale.
 
-    Subclasses set ``name`` and ``defaults`` and implement :meth:`fold`;
-    :meth:`prepare` is the optional global first pass (needed by TIES' global
-    top-k) and :meth:`scale` gives ``scale_t`` from the step scalars.
+    Subclasses set ``name``, register with :func:`continual_method` (declaring their
+    parameters) and implement :meth:`fold`; :meth:`prepare` is the optional global
+    first pass (needed by TIES' global top-k) and :meth:`scale` gives ``scale_t``
+    from the step scalars.
     """
 
     name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, projectable: Iterable[str] = (), **params: Any):
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "none"
-            raise ConfigError(f"{self.name}: unknown parameter {unknown[0]!r} (allowed: {allowed})")
-        self.params = {**self.defaults, **{k: _coerce(self.name, k, v, self.defaults[k])
-                                           for k, v in params.items()}}  # fmt: skip
+        self.params = CONTINUAL_METHODS.resolve(self.name, params)
         self.projectable = frozenset(projectable)
-        self.check()
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` for out-of-range parameters."""
 
     def prepare(self, keys: Sequence[str], step: int, acc: AccGetter, tau: TauGetter) -> None:
         """Global quantities for step ``step`` (1-based) before any :meth:`fold`."""
@@ -119,35 +114,36 @@ class ContinualMethod:
         return 1.0
 
 
-def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
-    """Parse a parameter to the type of its default (CLI values arrive as strings)."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if isinstance(default, (int, float)):
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-            return out
-        return str(value)
-    except (TypeError, ValueError):
-        kind = type(default).__name__
-        raise ConfigError(f"{method}: parameter {key!r} must be a {kind}, got {value!r}") from None
+M = TypeVar("M", bound=type[ContinualMethod])
 
 
+def continual_method(*params: Param) -> Callable[[M], M]:
+    """Class decorator: register a :class:`ContinualMethod` under its ``name`` with ``params``."""
+
+    def deco(cls: M) -> M:
+        CONTINUAL_METHODS.add(cls.name, cls, *params)
+        return cls
+
+    return deco
+
+
+def _scaling(default: float) -> Param:
+    return Param("scaling_factor", float, default, "s: the merge is θ_0 + s·acc")
+
+
+@continual_method(
+    Param("alpha", float, 0.5, "share of Σs whose singular directions τ is kept out of", low=0.0),
+    Param("zero_diagonal", bool, True, "also drop τ along every (u_i, v_i) pair (false: the "
+          "paper's first code release)"),
+)  # fmt: skip
 class OPCM(ContinualMethod):
-    """Orthogonal-projection continual merging (see the module docstring)."""
+    """Orthogonal-projection continual merging (Tang et al. 2025): fold τ_t with its parts
+    along the merge's leading singular directions removed, then rescale the merge's
+    distance from θ_0 to the mean ‖τ_i‖.
+
+    See the module docstring for the algorithm."""
 
     name = "opcm"
-    defaults = {"alpha": 0.5, "zero_diagonal": True}
-
-    def check(self) -> None:
-        if self.params["alpha"] < 0:
-            raise ConfigError(f"opcm: alpha must be ≥ 0, got {self.params['alpha']}")
 
     def fold(self, key, step, acc, tau):
         if acc is None:
@@ -163,11 +159,11 @@ class OPCM(ContinualMethod):
         return mean / acc_norm if acc_norm > 0 else 1.0
 
 
+@continual_method(_scaling(0.3))
 class ContinualTaskArithmetic(ContinualMethod):
     """θ_0 + s·Σ_i τ_i (FusionBench ``ContinualTaskArithmeticForCLIP``)."""
 
     name = "continual_task_arithmetic"
-    defaults = {"scaling_factor": 0.3}
 
     def fold(self, key, step, acc, tau):
         return tau.clone() if acc is None else acc + tau
@@ -176,6 +172,7 @@ class ContinualTaskArithmetic(ContinualMethod):
         return self.params["scaling_factor"]
 
 
+@continual_method()
 class RunningAverage(ContinualMethod):
     """Running weight average ((t−1)·θ^(t−1) + θ_t)/t (FusionBench ``ContinualWeightAverage``)."""
 
@@ -185,21 +182,15 @@ class RunningAverage(ContinualMethod):
         return tau.clone() if acc is None else (acc * (step - 1) + tau) / step
 
 
-class MagMax(ContinualMethod):
-    """θ_0 + s·τ_max, τ_max the elementwise max-|τ| (a later expert wins ties, as in MagMax)."""
-
-    name = "magmax"
-    defaults = {"scaling_factor": 0.5}
-
-    def fold(self, key, step, acc, tau):
-        return tau.clone() if acc is None else torch.where(tau.abs() >= acc.abs(), tau, acc)
-
-    def scale(self, tau_norms, acc_norm):
-        return self.params["scaling_factor"]
-
-
+@continual_method(
+    _scaling(0.5),
+    Param("threshold", float, 20.0, "percent of each row's entries kept, by magnitude",
+          low=0.0, high=100.0, low_open=True),
+    Param("merge_func", str, "sum", "how agreeing entries combine", choices=("sum", "mean", "max")),
+)  # fmt: skip
 class ContinualTies(ContinualMethod):
-    """FusionBench's ``ContinualTiesMergingForCLIP``.
+    """TIES between the running merge and each new τ (FusionBench's
+    ``ContinualTiesMergingForCLIP``).
 
     Step 1: acc = s·τ_1. Step t: TIES over the two rows (acc_{t−1}, τ_t): each
     row keeps its global top ``threshold``% entries by magnitude (ties at the
@@ -211,13 +202,6 @@ class ContinualTies(ContinualMethod):
     """
 
     name = "continual_ties"
-    defaults = {"scaling_factor": 0.5, "threshold": 20.0, "merge_func": "sum"}
-
-    def check(self) -> None:
-        if self.params["merge_func"] not in ("sum", "mean", "max"):
-            raise ConfigError("continual_ties: merge_func must be sum, mean or max")
-        if not 0 < self.params["threshold"] <= 100:
-            raise ConfigError("continual_ties: threshold must be in (0, 100] (percent kept)")
 
     def prepare(self, keys, step, acc, tau):
         if step == 1:
@@ -251,6 +235,19 @@ class ContinualTies(ContinualMethod):
         return acc + s * merged
 
 
+@continual_method(_scaling(0.5))
+class MagMax(ContinualMethod):
+    """θ_0 + s·τ_max, τ_max the elementwise max-|τ| (a later expert wins ties, as in MagMax)."""
+
+    name = "magmax"
+
+    def fold(self, key, step, acc, tau):
+        return tau.clone() if acc is None else torch.where(tau.abs() >= acc.abs(), tau, acc)
+
+    def scale(self, tau_norms, acc_norm):
+        return self.params["scaling_factor"]
+
+
 def _kth_magnitude(keys: Sequence[str], get: AccGetter, threshold: float) -> float:
     """The magnitude at the cut that keeps the top ``threshold``% of all entries of a row.
 
@@ -261,8 +258,3 @@ def _kth_magnitude(keys: Sequence[str], get: AccGetter, threshold: float) -> flo
     d = flat.numel()
     k = d - int(d * (threshold / 100 if threshold > 1 else threshold))
     return float(flat.kthvalue(max(k, 1)).values)
-
-
-CONTINUAL_METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (OPCM, ContinualTaskArithmetic, RunningAverage, ContinualTies, MagMax)
-}

@@ -29,6 +29,7 @@ import torch
 
 from fedmerge.errors import ConfigError
 from fedmerge.factory import import_factory
+from fedmerge.registry import Entry, Param, Registry
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
 
+DATASETS: Registry[Entry] = Registry("dataset", field="data.name", options_field="data.options")
+"""Datasets by name (parameters: the config's ``data.options``); :func:`load_dataset` also
+takes ``"package.module:function"``."""
+
+
+@DATASETS.register("digits")
 def digits() -> Dataset:
     """scikit-learn's bundled digits as (N, 1, 8, 8) float32 in [0, 1]."""
     from sklearn.datasets import load_digits
@@ -68,12 +75,18 @@ def digits() -> Dataset:
     return Dataset("digits", x, torch.tensor(y, dtype=torch.int64))
 
 
-def synthetic(
-    samples: int = 2000, features: int = 20, classes: int = 10, noise: float = 1.0, seed: int = 0
-) -> Dataset:
+@DATASETS.register(
+    "synthetic",
+    Param("samples", int, 2000, "number of examples (≥ classes)", low=1),
+    Param("features", int, 20, "input dimension", low=1),
+    Param("classes", int, 10, "number of classes", low=1),
+    Param("noise", float, 1.0, "standard deviation around each class mean", low=0.0),
+    Param("seed", int, 0, "seed of the means, labels and noise"),
+)
+def synthetic(samples: int, features: int, classes: int, noise: float, seed: int) -> Dataset:
     """Gaussian clusters: class means μ_c ~ N(0, I); x = μ_y + noise·N(0, I); balanced y."""
-    if min(samples, features, classes) < 1 or samples < classes or noise < 0:
-        raise ConfigError("data.options: synthetic needs samples ≥ classes ≥ 1, features ≥ 1")
+    if samples < classes:
+        raise ConfigError("data.options: synthetic needs samples ≥ classes")
     rng = np.random.default_rng(seed)
     means = rng.normal(0.0, 1.0, (classes, features))
     y = np.arange(samples) % classes
@@ -86,7 +99,13 @@ def synthetic(
     )
 
 
-def torchvision_dataset(name: str = "MNIST", root: str = "data", train: bool = True) -> Dataset:
+@DATASETS.register(
+    "torchvision",
+    Param("name", str, "MNIST", "class name in torchvision.datasets"),
+    Param("root", str, "data", "directory the dataset already lies in"),
+    Param("train", bool, True, "the training split (false: the test split)"),
+)
+def torchvision_dataset(name: str, root: str, train: bool) -> Dataset:
     """A torchvision dataset already on disk under ``root`` (never downloaded here)."""
     try:
         datasets = importlib.import_module("torchvision.datasets")
@@ -104,9 +123,14 @@ def torchvision_dataset(name: str = "MNIST", root: str = "data", train: bool = T
     return Dataset(name, x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
 
 
-def hf_dataset(
-    path: str = "mnist", split: str = "train", image: str = "image", label: str = "label"
-) -> Dataset:
+@DATASETS.register(
+    "hf",
+    Param("path", str, "mnist", "dataset name or path in the local Hugging Face cache"),
+    Param("split", str, "train", "split to load"),
+    Param("image", str, "image", "column holding the inputs"),
+    Param("label", str, "label", "column holding the labels"),
+)
+def hf_dataset(path: str, split: str, image: str, label: str) -> Dataset:
     """A Hugging Face ``datasets`` dataset from the local cache (offline)."""
     try:
         hf = importlib.import_module("datasets")
@@ -122,18 +146,22 @@ def hf_dataset(
     return Dataset(path, x, torch.as_tensor(np.asarray(ds[label]), dtype=torch.int64))
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": digits,
-    "synthetic": synthetic,
-    "torchvision": torchvision_dataset,
-    "hf": hf_dataset,
-}
-"""Datasets by name; :func:`load_dataset` also takes ``"package.module:function"``."""
-
-
 def load_dataset(name: str, **options: Any) -> Dataset:
     """The dataset ``name`` built with ``options`` (the config's ``data.options``)."""
-    factory = DATASETS.get(name) or import_factory(name, "data.name", list(DATASETS))
+    if name in DATASETS:
+        out = DATASETS.build(name, options)
+    else:
+        out = _call_factory(name, import_factory(name, "data.name", list(DATASETS)), options)
+    if isinstance(out, Dataset):
+        return out
+    if isinstance(out, tuple) and len(out) == 2:
+        x, y = (torch.as_tensor(np.asarray(v)) for v in out)
+        return Dataset(name, x.float(), y.long())
+    raise ConfigError(f"data.name: factory {name!r} returned {type(out).__name__}, not (x, y)")
+
+
+def _call_factory(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> Any:
+    """A user's ``pkg.mod:fn`` called with ``options``, checked against its signature."""
     params = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         for key in options:
@@ -142,10 +170,4 @@ def load_dataset(name: str, **options: Any) -> Dataset:
                     f"data.options.{key}: dataset {name!r} takes no such option "
                     f"(options: {sorted(params)})"
                 )
-    out = factory(**options)
-    if isinstance(out, Dataset):
-        return out
-    if isinstance(out, tuple) and len(out) == 2:
-        x, y = (torch.as_tensor(np.asarray(v)) for v in out)
-        return Dataset(name, x.float(), y.long())
-    raise ConfigError(f"data.name: factory {name!r} returned {type(out).__name__}, not (x, y)")
+    return factory(**options)

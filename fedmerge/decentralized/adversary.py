@@ -115,7 +115,8 @@ def freshest(
             why = "duplicate" if newest == p.round else f"stale: round {newest} also arrived"
             reasons.append(f"{who}: {why}")
         elif p.round <= last_round.get(p.sender, -1):
-            reasons.append(f"{who}: replayed, round {last_round[p.sender]} already accepted")
+            last = last_round.get(p.sender)
+            reasons.append(f"{who}: replayed, round {last} already accepted")
         else:
             kept.append((p, w))
     return kept, reasons

@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedmerge.codecs import pack_tensors
+from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.config import TrainConfig, ValidationConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized.adversary import freshest
 from fedmerge.decentralized.delivery import Delivery
-from fedmerge.decentralized.payload import Payload, validate_payload
+from fedmerge.decentralized.payload import Payload, decode_payload, validate_payload
 from fedmerge.errors import ValidationError
 from fedmerge.factory import import_factory
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
@@ -63,16 +65,20 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 
 class Agent:
     """Agent ``id``: ``model`` trained on ``data``; ``reference`` is the shared base its
-    payloads are task vectors against, or None (payloads carry full weights)."""
+    payloads are task vectors against, or None (payloads carry full weights). ``choco``:
+    its CHOCO-Gossip state when payloads are compressed (``protocol.codec``). ``shared``
+    names the entries it publishes (None: every floating entry; a LoRA agent: its adapter)."""
 
     def __init__(
         self, id: int, model: nn.Module, data: AgentData, *, train: TrainConfig,
         validation: ValidationConfig, seed: int, reference: StateDict | None = None,
-        loss: Loss = nn.functional.cross_entropy,
+        loss: Loss = nn.functional.cross_entropy, choco: ChocoGossip | None = None,
+        shared: set[str] | None = None,
     ) -> None:  # fmt: skip
         self.id, self.model, self.data = id, model, data
+        self.choco = choco
         self.train_cfg, self.validation, self.loss = train, validation, loss
-        self.reference = reference
+        self.reference, self.shared = reference, shared
         self.generator = agent_generator(seed, id)
         self.rejected: list[str] = []  # reasons, "agent j: why", in arrival order
         self.last_round: dict[int, int] = {}  # sender → round of its last accepted payload
@@ -89,7 +95,8 @@ class Agent:
         batches = batch_plan(self.data.samples, self.train_cfg, self.generator)
         if not batches:
             return 0
-        opt = make_optimizer(self.model.parameters(), self.train_cfg)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.train_cfg)
         self.model.train()
         for idx in batches:
             opt.zero_grad()
@@ -99,16 +106,22 @@ class Agent:
         return len(batches)
 
     def tensors(self) -> StateDict:
-        """What this agent shares: τ = θ − θ_ref, or θ, over the floating entries."""
+        """What this agent shares: τ = θ − θ_ref, or θ, over the floating (shared) entries."""
         state = self.state()
-        ref = self.reference
+        ref, shared = self.reference, self.shared
         return {
-            k: v - ref[k] if ref is not None else v for k, v in state.items() if is_mergeable(v)
+            k: v - ref[k] if ref is not None else v
+            for k, v in state.items()
+            if is_mergeable(v) and (shared is None or k in shared)
         }
 
     def publish(self, round: int) -> Payload:
+        """τ (or θ); with a codec, the packed encoding of q_i = C(x_i − x̂_i) (CHOCO)."""
+        tensors = self.tensors()
+        if self.choco is not None:
+            tensors = pack_tensors(self.choco.publish(tensors)[0])
         return Payload.make(
-            self.tensors(), sender=self.id, round=round, samples=self.data.samples, kind=self.kind
+            tensors, sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
 
     def byte_limit(self) -> int:
@@ -117,29 +130,45 @@ class Agent:
         own = self.tensors().values()
         return self.validation.max_bytes or 2 * sum(t.numel() * t.element_size() for t in own)
 
-    def receive(self, deliveries: Sequence[Delivery]) -> list[tuple[Payload, float]]:
-        """The (payload, π_ij) pairs that pass validation; the others are dropped, counted
-        in :attr:`rejected` and logged with the sender and the reason. State is untouched.
-        A payload must name the sender the transport says it came from (``source``). Of
-        valid payloads, one per sender is kept, the newest, and only if newer than the last
-        accepted from it (:attr:`last_round`; duplicates, stale and replayed ones are
-        rejected)."""
-        own = self.tensors()
-        specs, own_norm = specs_of(own), global_norm(self.state())
-        limit = self.byte_limit()
+    def tensor_limit(self) -> int:
+        """The most tensors a payload to this agent may carry: its own count."""
+        return len(self.tensors())
+
+    def validate(self, delivery: Delivery) -> Payload:
+        """The usable payload of ``delivery`` (decoded, if a codec compressed it), or a
+        :class:`ValidationError` naming the sender: it must name the sender the transport says
+        it came from (``source``), decode within this agent's specs and byte bound, and match
+        this agent's own tensors (:func:`validate_payload`). The hook a protocol with other
+        payloads overrides."""
+        payload = delivery.item
+        if payload.sender != delivery.source:
+            raise ValidationError(
+                f"payload from agent {payload.sender} (round {payload.round}): "
+                f"arrived from agent {delivery.source}"
+            )
+        specs, limit = specs_of(self.tensors()), self.byte_limit()
+        payload = decode_payload(payload, specs, limit)
+        validate_payload(
+            payload, kind=self.kind, specs=specs, own_norm=global_norm(self.state()),
+            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
+        )  # fmt: skip
+        return payload
+
+    def receive(
+        self, deliveries: Sequence[Delivery], round: int | None = None
+    ) -> list[tuple[Payload, float]]:
+        """The (payload, π_ij) pairs that pass :meth:`validate`; the others are dropped,
+        counted in :attr:`rejected` and logged with the sender and the reason. State is
+        untouched. Of valid payloads, one per sender is kept, the newest, and only if newer
+        than the last accepted from it (:attr:`last_round`; duplicates, stale and replayed
+        ones are rejected). A negative round, or one after ``round`` (the current round, when
+        given), is rejected first: a forged far-future round must not make its sender's real
+        payloads look stale."""
         accepted = []
         for d in deliveries:
-            payload = d.item
             try:
-                if payload.sender != d.source:
-                    raise ValidationError(
-                        f"payload from agent {payload.sender} (round {payload.round}): "
-                        f"arrived from agent {d.source}"
-                    )
-                validate_payload(
-                    payload, kind=self.kind, specs=specs, own_norm=own_norm,
-                    max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
-                )  # fmt: skip
+                _check_round(d.item, round)
+                payload = self.validate(d)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
@@ -151,6 +180,21 @@ class Agent:
             log.info("agent %d dropped a payload: %s", self.id, reason)
         self.last_round.update((p.sender, p.round) for p, _ in accepted)
         return accepted
+
+    @property
+    def experts(self) -> list[int] | None:
+        """The origins of the experts this agent folded, in order (None: it folds none)."""
+        return None
+
+    def extra_state(self) -> tuple[StateDict, dict]:
+        """(tensors, JSON-able meta) a subclass keeps besides its model, generator and
+        freshness state; :mod:`~fedmerge.decentralized.persist` saves and restores them."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: StateDict, meta: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+        if tensors or meta:
+            raise ValidationError(f"agent {self.id}: state file carries unexpected extra state")
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Set the model from shared-form tensors (τ or θ); other entries stay as they are."""
@@ -166,3 +210,11 @@ class Agent:
             return None
         self.model.eval()
         return float((self.model(x).argmax(1) == y).double().mean())
+
+
+def _check_round(payload: Payload, now: int | None) -> None:
+    """A payload's round must be ≥ 0 and, when the current round ``now`` is known, ≤ it."""
+    if payload.round < 0 or (now is not None and payload.round > now):
+        when = "is negative" if payload.round < 0 else f"is from the future ({now})"
+        who = f"payload from agent {payload.sender} (round {payload.round})"
+        raise ValidationError(f"{who}: the round {when}")

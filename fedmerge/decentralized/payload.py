@@ -5,6 +5,11 @@ reference) or ``"full"`` (the weights θ themselves, when agents share no refere
 DIMAT). Only floating entries travel; integer buffers stay with each agent. ``expert`` names
 the expert a payload carries when it is one (continual dissemination); None otherwise.
 
+A compressed payload (``protocol.codec``) carries the codec's packed tensors
+(:func:`fedmerge.codecs.pack_tensors`: the encoded parts plus the codec metadata), so every
+transport moves it unchanged and :attr:`Payload.nbytes` counts the encoded bytes; the
+receiver turns it back into tensors with :func:`decode_payload` before validating it.
+
 On the wire (Flower, torch.distributed) a payload is one safetensors blob with the metadata
 in its header, so nothing is ever unpickled:
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedmerge.checkpoint import TensorSpec
+from fedmerge.codecs import is_packed, unpack_tensors
 from fedmerge.errors import ValidationError
 from fedmerge.statedict import check_finite, check_same_specs, global_norm, specs_of, state_hash
 from fedmerge.stheader import parse_header
@@ -94,6 +100,25 @@ class Payload:
         if state_hash(p.tensors) != p.hash:
             raise ValidationError(f"payload from agent {p.sender}: content hash mismatch")
         return p
+
+
+def decode_payload(p: Payload, specs: Mapping[str, TensorSpec], max_bytes: int) -> Payload:
+    """``p`` with its compressed tensors decoded (``p`` itself when it is not compressed).
+
+    Checks the encoded size and content hash first, then decodes with every check of
+    :func:`fedmerge.codecs.unpack_tensors` (decoded specs against ``specs`` before any
+    allocation); a :class:`ValidationError` names the sender. The decoded payload's hash
+    is that of the decoded tensors."""
+    if not is_packed(p.tensors):
+        return p
+    who = f"payload from agent {p.sender} (round {p.round})"
+    if p.nbytes > max_bytes:
+        raise ValidationError(f"{who}: {p.nbytes} bytes exceeds the {max_bytes} limit")
+    if state_hash(p.tensors) != p.hash:
+        raise ValidationError(f"{who}: content hash mismatch")
+    limit = sum(s.nbytes for s in specs.values())
+    tensors = unpack_tensors(p.tensors, specs, source=who, max_decoded_bytes=limit)
+    return replace(p, tensors=tensors, hash=state_hash(tensors))
 
 
 def validate_payload(

@@ -16,36 +16,29 @@ arrived) plus a few declared facts the simulator reads:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
+from torch import nn
 
 from fedmerge.config import SimConfig
-from fedmerge.decentralized.agent import Agent
+from fedmerge.data.partition import AgentData
+from fedmerge.decentralized.agent import Agent, Loss
+from fedmerge.decentralized.context import MergeContext
+from fedmerge.decentralized.continual_agent import continual_agent, fold_experts
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
-from fedmerge.dimat import dimat_merge
+from fedmerge.dimat import dimat_merge, uniform_over
+from fedmerge.hf.lora import product_gossip
 from fedmerge.registry import Entry, Registry
-
-
-@dataclass
-class MergeContext:
-    """What a merge may need besides the agent: the round, the config, shared calibration."""
-
-    round: int
-    config: SimConfig
-    shared_calibration: list[torch.Tensor] | None = None
-
-    def calibration(self, agent: Agent) -> list[torch.Tensor]:
-        """DIMAT's calibration batches: shared when configured, else the agent's own inputs."""
-        if self.shared_calibration is not None:
-            return self.shared_calibration
-        return list(agent.data.train_x.split(self.config.protocol.calibration_batch))
-
+from fedmerge.statedict import StateDict
 
 Received = Sequence[tuple[Payload, float]]
 MergeFn = Callable[[Agent, Received, float, MergeContext], None]
+AgentFactory = Callable[[int, nn.Module, AgentData, SimConfig, StateDict | None, Loss, int], Agent]
+"""(node i, its initial model, its data, the config, the shared reference, the loss, the
+number of nodes) → agent"""
 
 
 @dataclass(frozen=True)
@@ -54,13 +47,15 @@ class Protocol(Entry):
     communicate). ``full_weights``: payloads carry θ even with a shared init.
     ``vectorizable``: the stacked path computes the same merge as a W product.
     ``schedule``: the topology schedule the protocol imposes; ``pool_data``: one agent on
-    the union of all data; ``options``: fixed settings of the merge function."""
+    the union of all data; ``options``: fixed settings of the merge function; ``agent``:
+    the factory of the protocol's own kind of agent (:data:`AgentFactory`)."""
 
     full_weights: bool = False
     vectorizable: bool = False
     schedule: str | None = None
     pool_data: bool = False
     options: dict = field(default_factory=dict)
+    agent: AgentFactory | None = None  # builds node i's agent; None: a plain Agent
 
     @property
     def merge(self) -> MergeFn | None:
@@ -69,7 +64,19 @@ class Protocol(Entry):
 
 def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
-    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`)."""
+    rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`). With a codec
+    the payloads are compressed differences and the step is CHOCO-Gossip's
+    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π). LoRA agents with
+    ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
+    if agent.choco is not None:
+        heard = [(p.sender, p.tensors, w) for p, w in received]
+        agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        return
+    if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
+        others = [(p.tensors, w) for p, w in received]
+        agent.load_tensors(product_gossip(agent.tensors(), others, self_weight, agent.reference,
+                                          ctx.config.peft.r))  # fmt: skip
+        return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
         others = [(p.tensors, w) for p, w in received]
@@ -84,14 +91,26 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
 
 
 def dimat(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
-    """θ_i ← Σ_j π_ij P_j(θ_j) with BN resets, by :func:`fedmerge.dimat.dimat_merge`."""
+    """θ_i ← Σ_j π_ij P_j(θ_j) with BN resets, by :func:`fedmerge.dimat.dimat_merge`.
+
+    With ``protocol.broadcast`` and a round where this node hears all ``ctx.nodes`` nodes
+    with equal weights (:func:`fedmerge.dimat.uniform_over`), the neighbours are aligned to
+    the lowest-id node instead of to this one: the merge the DIMAT code computes once at
+    agent 0 and broadcasts (identical on every node when calibration is shared)."""
     if not received:  # nobody to align with: DIMAT's merge is then the identity
         return
     own = agent.state()
-    neighbours = [({**own, **p.tensors}, w) for p, w in received]
+    states = {agent.id: own, **{p.sender: {**own, **p.tensors} for p, _ in received}}
+    weights = {agent.id: self_weight, **{p.sender: w for p, w in received}}
+    anchor, model = agent.id, agent.model
+    if ctx.config.protocol.broadcast and uniform_over(list(weights.values()), ctx.nodes):
+        anchor = min(states)  # everyone takes the merge aligned to the lowest id
+        model = copy.deepcopy(agent.model)
+        model.load_state_dict(states[anchor])
+    neighbours = [(s, weights[j]) for j, s in sorted(states.items()) if j != anchor]
     method = PROTOCOLS[ctx.config.protocol.name].options["method"]
     merged = dimat_merge(
-        agent.model, neighbours, self_weight, ctx.calibration(agent), method,
+        model, neighbours, weights[anchor], ctx.calibration(agent), method,
         seed=ctx.config.seed + ctx.round, aggregate=as_state_merge(make_rule(ctx.config.protocol)),
     )  # fmt: skip
     agent.model.load_state_dict(merged)
@@ -110,6 +129,9 @@ PROTOCOLS.add("dimat", dimat, full_weights=True, options={"method": "activation"
               doc="DIMAT: align neighbours by activation matching, average, train")
 PROTOCOLS.add("dimat_wm", dimat, full_weights=True, options={"method": "weight"},
               doc="DIMAT with weight matching instead of activation matching")
+PROTOCOLS.add("disseminate", fold_experts, agent=continual_agent,
+              doc="continual dissemination: each agent's expert floods the graph and every "
+                  "node folds each one once (protocol.continual, e.g. OPCM)")
 # fmt: on
 
 

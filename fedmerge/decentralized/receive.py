@@ -39,7 +39,7 @@ def receive_and_merge(
         if isinstance(d.item, Refused):
             agent.rejected.append(d.item.reason)
             log.warning("agent %d dropped a payload: %s", agent.id, d.item.reason)
-    accepted = agent.receive([d for d in deliveries if d.payload is not None])
+    accepted = agent.receive([d for d in deliveries if d.payload is not None], ctx.round)
     if accepted and protocol.merge is not None:
         protocol.merge(agent, accepted, self_weight, ctx)
     return Receipt(sum(d.nbytes for d in deliveries), len(agent.rejected) - before)

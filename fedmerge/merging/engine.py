@@ -49,6 +49,7 @@ from fedmerge.checkpoint import (
 )
 from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
@@ -412,7 +413,8 @@ def merge_checkpoints(
     check_output(out, named | {f"fisher {i + 1}": p for i, p in enumerate(fisher_paths)})
     with ExitStack() as stack:
         n_threads = stack.enter_context(torch_threads(threads))
-        cks = [stack.enter_context(open_checkpoint(inputs[0]))]  # experts may be compressed:
+        # experts may be compressed files or LoRA adapter directories, read over the base:
+        cks = [stack.enter_context(open_checkpoint(inputs[0]))]
         cks += [stack.enter_context(open_expert(p, base=cks[0])) for p in inputs[1:]]
         k = len(expert_paths)
         plan = plan_merge(
@@ -420,6 +422,7 @@ def merge_checkpoints(
             cks[1 + k :], dtype, chunk_elements,
         )  # fmt: skip
         metadata = {
+            "format": "pt",  # what transformers expects of a safetensors file
             "fedmerge.method": method,
             "fedmerge.params": json.dumps(plan.params, sort_keys=True),
             "fedmerge.weights": json.dumps(plan.weights.tolist()),
@@ -433,6 +436,8 @@ def merge_checkpoints(
         with writer:
             for key, tensor in run_plan(plan, progress):
                 writer.write(key, tensor)
+    if is_model_dir(inputs[0]) and writes_directory(out):  # a directory transformers loads
+        copy_model_files(inputs[0], out)
     return MergeReport(
         method,
         plan.params,

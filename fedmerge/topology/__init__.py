@@ -10,7 +10,7 @@
 
 Modules: :mod:`.graphs` (generators, files, checks), :mod:`.mixing` (rules → W),
 :mod:`.schedules` (time-varying rounds, churn), :mod:`.analysis` (spectral gap,
-diameter), :mod:`.specs` (presets, YAML, overrides), :mod:`.draw` (PNG).
+diameter), :mod:`.specs` (presets, YAML, overrides); drawing: :func:`fedmerge.report.draw_topology`.
 """
 
 from fedmerge.lazy import lazy_exports

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -133,12 +132,6 @@ class Topology:
             for r in range(rounds)
         )
         return analysis.measured_contraction(mixings, self.n, seed)
-
-    def draw(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Write a PNG of the graph with node labels (and weights when n ≤ 40); see :mod:`.draw`."""
-        from fedmerge.topology.draw import draw_topology
-
-        return draw_topology(self, path, **kwargs)
 
 
 def build_topology(

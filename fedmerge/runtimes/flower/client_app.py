@@ -61,6 +61,8 @@ def node_step(msg: Message, partition: int, run_id: int, state_root: str | None)
                           ("global_acc", agent.evaluate(fed.test_x, fed.test_y))):  # fmt: skip
             if acc is not None:
                 metrics[name] = acc
+        if agent.experts is not None:
+            metrics["experts"] = agent.experts
         arrays["flat"] = blob_array(st_save({"flat": flat_state(agent.state())}))
     if instr["train"]:
         agent.train()

@@ -256,5 +256,6 @@ def round_rows(r: int, rnd: Round, replies: Mapping[int, RecordDict], n: int) ->
             local_acc=m.get("local_acc"), global_acc=m.get("global_acc"),
             consensus=dist.get(i), bytes_sent=int(sent[i]), bytes_received=int(received[i]),
             rejected=int(m.get("rejected", 0)),
+            experts=list(m["experts"]) if "experts" in m else None,
         ))  # fmt: skip
     return rows

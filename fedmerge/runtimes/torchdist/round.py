@@ -65,10 +65,9 @@ class RankRunner:
         loss = make_loss(cfg.train.loss)
         self.agents = {i: self.setup.agent(i, loss) for i in self.layout.nodes_of(rank)}
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
-        own = next(iter(self.agents.values())).tensors()
-        own_bytes = sum(t.numel() * t.element_size() for t in own.values())
-        max_table = 4096 + 1024 * len(own)  # JSON table + 8-byte padding per tensor
-        max_data = cfg.validation.max_bytes or 2 * own_bytes
+        keys = max(a.tensor_limit() for a in self.agents.values())
+        max_table = 4096 + 1024 * keys  # JSON table + 8-byte padding per tensor
+        max_data = max(a.byte_limit() for a in self.agents.values())
         self.exchange = Exchange(self.members, self.device, max_data, max_table)
         self.calibration = self.setup.calibration()
 
@@ -96,7 +95,7 @@ class RankRunner:
                 r + 1, i, active=bool(active[i]), trained=bool(trains[i]),
                 local_acc=a.evaluate(a.data.test_x, a.data.test_y),
                 global_acc=a.evaluate(fed.test_x, fed.test_y), bytes_sent=traffic[i][0],
-                bytes_received=traffic[i][1], rejected=traffic[i][2],
+                bytes_received=traffic[i][1], rejected=traffic[i][2], experts=a.experts,
             ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start

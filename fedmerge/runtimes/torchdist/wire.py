@@ -25,13 +25,14 @@ import math
 
 import torch
 
-from fedmerge.checkpoint import dtype_from_name
+from fedmerge.checkpoint import DTYPES
 from fedmerge.decentralized.payload import KINDS, Payload
 from fedmerge.errors import ValidationError
 
 MAGIC, VERSION = 0x666D7764, 1  # "fmwd"
 HEADER_LEN = 9  # [magic, version, sender, round, samples, kind, table, data, tensor bytes]
 ALIGN = 8
+WIRE_DTYPES = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # "uint8" -> torch.uint8
 
 
 def _aligned(n: int) -> int:
@@ -101,15 +102,37 @@ def unpack(header: torch.Tensor, body: torch.Tensor) -> Payload:
         raise ValidationError(f"{where}: body of {body.numel()} bytes, header says otherwise")
     try:
         table = json.loads(bytes(body[:table_len].numpy()).rstrip(b"\0"))
-        digest, entries = str(table["hash"]), table["tensors"]
-        tensors = {}
-        for key, dtype_name, shape, off in entries:
-            dtype = dtype_from_name(dtype_name)
-            size = math.prod(shape) * dtype.itemsize
-            if off % ALIGN or off < 0 or off + size > data_len or min(shape, default=0) < 0:
-                raise ValidationError(f"{where}: key {key!r} lies outside the buffer")
-            raw = body[table_len + off : table_len + off + size]
-            tensors[str(key)] = raw.view(dtype).reshape(shape)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValidationError(f"{where}: unreadable tensor table: {exc}") from exc
-    return Payload(tensors, sender, round_, samples, KINDS[kind], digest)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, nesting too deep
+        raise ValidationError(f"{where}: unreadable tensor table: {str(exc)[:100]}") from None
+    if not (isinstance(table, dict) and isinstance(table.get("hash"), str)
+            and isinstance(table.get("tensors"), list)):  # fmt: skip
+        raise ValidationError(f"{where}: the tensor table must be {{hash: str, tensors: [...]}}")
+    tensors = {}
+    for item in table["tensors"]:
+        key, dtype, shape, off = _entry(item, where)
+        size = math.prod(shape) * dtype.itemsize
+        if off % ALIGN or off + size > data_len:
+            raise ValidationError(f"{where}: key {key!r} lies outside the buffer")
+        raw = body[table_len + off : table_len + off + size]
+        tensors[key] = raw.view(dtype).reshape(shape)
+    return Payload(tensors, sender, round_, samples, KINDS[kind], table["hash"])
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry(item: object, where: str) -> tuple[str, torch.dtype, list[int], int]:
+    """One checked table entry ``[name, dtype name, shape, offset]`` (types, ≤ 8 dims)."""
+    ok = isinstance(item, list) and len(item) == 4
+    if ok:
+        key, dtype_name, shape, off = item
+        ok = isinstance(key, str) and isinstance(dtype_name, str) and _count(off)
+        ok = ok and isinstance(shape, list) and len(shape) <= 8 and all(map(_count, shape))
+    if not ok:
+        raise ValidationError(f"{where}: a tensor table entry must be [name, dtype, shape, "
+                              f"offset], got {str(item)[:80]}")  # fmt: skip
+    dtype = WIRE_DTYPES.get(dtype_name)
+    if dtype is None:  # compressed payloads carry uint8 parts too
+        raise ValidationError(f"{where}: key {key!r} has unknown dtype {dtype_name!r}")
+    return key, dtype, shape, off

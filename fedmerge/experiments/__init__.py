@@ -1,1 +1,0 @@
-"""Offline experiments that reproduce the papers' claims (each runnable with ``python -m``)."""
