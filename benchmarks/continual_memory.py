@@ -9,6 +9,10 @@ and folds experts in one by one
 the 20th add each run in a fresh subprocess that reports its own peak RSS
 (``getrusage``) and wall time; the fill-up adds in between run in this process.
 OPCM's state is constant-size, so both peaks should agree within 10%.
+Then a PEFT LoRA adapter of the same base (rank ``--adapter-rank`` on every
+projected Linear weight) is added the same way, and its peak RSS is compared
+with the last dense add: an adapter is read as θ = θ_0 + B@A·scaling one key
+at a time, so its peak should not exceed the dense expert's by more than 10%.
 
 With ``--fusionbench-python`` (a venv with fusion-bench installed) the same
 base and two experts are also merged by FusionBench's ``OPCM`` in memory and
@@ -37,7 +41,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedmerge.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  # noqa: E402
+from fedmerge.checkpoint import (  # noqa: E402
+    CheckpointWriter,
+    TensorSpec,
+    open_checkpoint,
+    save_state_dict,
+)
 from fedmerge.continual.store import ContinualStore  # noqa: E402
 
 
@@ -65,6 +74,24 @@ def write_model(path: Path, specs: dict[str, TensorSpec], seed: int, base: Path 
         for key, spec in specs.items():
             noise = torch.randn(spec.shape, generator=g)
             w.write(key, noise * 0.02 if ref is None else ref.get(key) + noise * 0.002)
+
+
+def write_adapter(
+    folder: Path, specs: dict[str, TensorSpec], projected: list[str], rank: int
+) -> None:
+    """A LoRA adapter (PEFT layout) with N(0, 0.01²) factors on every ``projected`` weight."""
+    g = torch.Generator().manual_seed(1234)
+    tensors = {}
+    for key in projected:
+        out, inp = specs[key].shape
+        module = f"base_model.model.{key.removesuffix('.weight')}"
+        tensors[f"{module}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.01
+        tensors[f"{module}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.01
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": sorted({k.split(".")[-2] for k in projected})}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_state_dict(tensors, folder / "adapter_model.safetensors")
 
 
 def peak_rss_kib() -> int:
@@ -175,6 +202,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--vocab", type=int, default=150000)
+    p.add_argument("--adapter-rank", type=int, default=16, help="rank of the LoRA adapter added")
     p.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
     p.add_argument("--repeats", type=int, default=2, help="timings of the in-memory step")
     p.add_argument("--workdir", help="where to put the store and experts (default: a temp dir)")
@@ -211,6 +239,10 @@ def main() -> None:
                 kept[i] = expert
             else:
                 expert.unlink()
+        status.update(f"LoRA adapter, rank {args.adapter_rank}")
+        projected = ContinualStore(store).manifest()["projectable"]
+        write_adapter(work / "adapter", specs, projected, args.adapter_rank)
+        rows["adapter"] = measured_add(store, work / "adapter")
     table = Table(title=f"fedmerge continual add, opcm, {n_params / 1e6:.1f}M float32 parameters")
     for col in ("expert", "wall time (s)", "peak RSS (MiB)", "RSS after imports (MiB)"):
         table.add_column(col, justify="right")
@@ -223,6 +255,10 @@ def main() -> None:
     console.print(table)
     model_mib = n_params * 4 / 2**20
     console.print(f"model size {model_mib:.0f} MiB; peaks within 10%: {abs(ratio - 1) <= 0.10}")
+    lora = rows["adapter"]["peak_kib"] / b["peak_kib"]
+    console.print(f"LoRA adapter (rank {args.adapter_rank}, step {args.experts + 1}) / dense "
+                  f"expert (step {args.experts}) peak RSS = {lora:.3f}; "
+                  f"within 10%: {lora <= 1.10}")  # fmt: skip
     # alternate the two implementations and keep each one's best: the machine may be shared
     ours, theirs = [], []
     for _ in range(args.repeats):

@@ -118,6 +118,22 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    r: int = option(0, "LoRA rank; agents train and share only a LoRA adapter (0: full weights)",
+                    check=NON_NEGATIVE)  # fmt: skip
+    alpha: float = option(8.0, "LoRA alpha (scaling alpha / r)", check=POSITIVE)
+    dropout: float = option(0.0, "LoRA dropout", check=PROBABILITY)
+    target_modules: list = option(
+        [], "layers that get LoRA (name suffixes; []: the attention query and value projections)"
+    )
+    modules_to_save: list = option(["classifier"], "layers trained and shared in full")
+    lora_merge: str = option(
+        "factors", "factors: average A and B separately; product: average B@A, then SVD to r",
+        choices=("factors", "product"),
+    )  # fmt: skip
+
+
+@dataclass
 class TrainConfig:
     optimizer: str = option("sgd", "local optimizer (fresh every round)", choices=("sgd", "adam"))
     lr: float = option(0.5, "learning rate", check=POSITIVE)
@@ -134,6 +150,21 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
+    no phase by default."""
+
+    optimizer: str = option("sgd", "pre-training optimizer (one for the whole phase)",
+                            choices=("sgd", "adam"))  # fmt: skip
+    epochs: int = option(
+        0, "pre-training epochs before round 1, each agent alone on its own data from its own "
+        "init (0: no pre-training)", check=between(0, 10_000),
+    )  # fmt: skip
+    steps: int = option(0, "if > 0: this many pre-training minibatch steps instead of epochs",
+                        check=between(0, 10**7))  # fmt: skip
+
+
+@dataclass
 class ProtocolConfig:
     name: str = option(
         "gossip", "how each agent combines its model with its neighbours' every round",
@@ -146,6 +177,11 @@ class ProtocolConfig:
         choices=("local", "shared"),
     )
     calibration_batch: int = option(256, "DIMAT calibration batch size", check=between(1, 10**6))
+    broadcast: bool = option(
+        False,
+        "DIMAT: in a round where every node hears every node with equal weights (within "
+        "1e-9), align to the lowest-id node, as the DIMAT code merges once and broadcasts",
+    )
     aggregation: str = option(
         "mean", "how a node combines itself and its neighbours (gossip, DIMAT): "
         "fedmerge.decentralized.robust",
@@ -160,8 +196,10 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
-    continual: str = option("opcm", "disseminate: the continual merge every node runs "
-                                    "(fedmerge continual methods, e.g. opcm)")  # fmt: skip
+    continual: str = option(
+        "opcm", "disseminate: the continual merge every node runs",
+        registry="fedmerge.continual.methods:CONTINUAL_METHODS",
+    )  # fmt: skip
     forward: str = option(
         "once", "disseminate: forward each expert once (the round after it is first held) or "
         "always", choices=("once", "always"),
@@ -188,7 +226,8 @@ class ByzantineConfig:
     nodes: list = option([], "the Byzantine node ids for placement: list")
     attack: str = option(
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
-        "entries = scale", choices=("sign_flip", "noise", "constant"),
+        "entries = scale; ipm: −scale·mean of its honest neighbours' x; alie: their mean − "
+        "scale·std per entry", choices=("sign_flip", "noise", "constant", "ipm", "alie"),
     )  # fmt: skip
     scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 
@@ -243,6 +282,17 @@ class DistributedConfig:
 
 
 @dataclass
+class MetricsConfig:
+    aligned_consensus: str = option(
+        "auto", "consensus_aligned: ‖θ_i − θ̄‖ after weight-matching every agent to agent 0 "
+        "(auto: with model.init: different)", choices=("auto", "always", "never"),
+    )  # fmt: skip
+    disagreement: bool = option(
+        True, "disagreement: share of global-test predictions that differ between agents"
+    )
+
+
+@dataclass
 class FlowerConfig:
     connect_timeout_s: float = option(
         0.0, "flower: seconds to wait for every SuperNode to connect (0: 120 + 5 per node)",
@@ -277,11 +327,14 @@ class SimConfig:
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,7 +421,10 @@ def _build(cls: type, data: Any, prefix: str):
     for f in fields.values():
         if f.metadata.get("params") and getattr(out, f.name) in _registered(f.metadata):
             registry = registry_at(f.metadata["registry"])
-            registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            try:
+                registry.resolve(getattr(out, f.name), getattr(out, f.metadata["params"]))
+            except ConfigError as exc:
+                raise ConfigError(f"{prefix}{f.metadata['params']}: {exc}") from None
     return out
 
 
@@ -388,7 +444,8 @@ def _check_value(dotted: str, value: Any, kind: Any, meta: Mapping[str, Any]) ->
         if not meta.get("registry"):
             raise ConfigError(f"{dotted}: must be one of {', '.join(choices)}, got {raw!r}")
         names = ", ".join(choices) + (" or pkg.module:function" if meta.get("open") else "")
-        raise ConfigError(f"{dotted}: unknown {raw!r}; use one of {names}")
+        kind = registry_at(meta["registry"]).kind
+        raise ConfigError(f"{dotted}: unknown {kind} {raw!r}; use one of {names}")
     check = meta.get("check")
     if check and not check[0](value):
         raise ConfigError(f"{dotted}: {check[1]}, got {raw!r}")

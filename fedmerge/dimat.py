@@ -37,6 +37,23 @@ from fedmerge.statedict import StateDict, check_same_specs, is_mergeable, specs_
 
 METHODS = ("activation", "weight")
 PROTOCOLS = {"dimat": "activation", "dimat_wm": "weight", "average": None, "local": None}
+BROADCAST_ATOL = 1e-9
+"""Mixing weights closer than this count as equal for the complete-graph broadcast
+(Metropolis–Hastings rows differ in the last bit: 1 − 4·0.2 = 0.19999999999999996)."""
+
+
+def broadcasts(mixing: torch.Tensor, atol: float = BROADCAST_ATOL) -> bool:
+    """True when every row of the (K, K) mixing matrix π equals the first within ``atol``:
+    every agent then merges the same models with the same weights, and the DIMAT code
+    computes that merge once (aligned to agent 0) and sends it to every agent."""
+    return bool(torch.allclose(mixing, mixing[0].expand_as(mixing), rtol=0.0, atol=atol))
+
+
+def uniform_over(weights: Sequence[float], nodes: int, atol: float = BROADCAST_ATOL) -> bool:
+    """True when a node's closed-neighbourhood ``weights`` cover all ``nodes`` of the round
+    and are equal within ``atol``: its row of π is uniform over everyone, so (π being
+    row-stochastic) every row is, and :func:`broadcasts` holds for the round."""
+    return len(weights) == nodes > 1 and max(weights) - min(weights) <= atol
 
 
 def dimat_merge(
@@ -159,6 +176,7 @@ def run_reference(
     batch_size: int = 32,
     calib: Sequence[Batch] | None = None,
     seed: int = 0,
+    broadcast: bool = True,
     progress: Callable[[RoundRecord], None] | None = None,
 ) -> list[RoundRecord]:
     """Run ``rounds`` rounds of train-then-merge over K agents (models trained in place).
@@ -168,6 +186,9 @@ def run_reference(
     matching), ``average`` (plain weighted averaging, the gossip / D-PSGD baseline) or
     ``local`` (no communication). Calibration for DIMAT is each agent's own training data
     in batches of 256, or the shared ``calib`` batches for every agent when given.
+    ``broadcast``: when all rows of π are equal (:func:`broadcasts`), merge once at agent 0
+    and give every agent that merge, as the DIMAT code does; False: every agent aligns the
+    others to itself.
     """
     k = len(models)
     if protocol not in PROTOCOLS:
@@ -185,7 +206,7 @@ def run_reference(
             )  # fmt: skip
         mid = time.perf_counter()
         if protocol != "local":
-            _merge_all(models, mixing, data, protocol, calib, seed + r)
+            _merge_all(models, mixing, data, protocol, calib, seed + r, broadcast)
         end = time.perf_counter()
         record = RoundRecord(r, [accuracy(m, *test) for m in models], mid - start, end - mid)
         history.append(record)
@@ -194,15 +215,16 @@ def run_reference(
     return history
 
 
-def _merge_all(models, mixing, data, protocol, calib, seed) -> None:
+def _merge_all(models, mixing, data, protocol, calib, seed, broadcast) -> None:
     """Synchronous merge: every agent merges the states all agents had before this merge.
 
-    When every row of π is the same (a complete graph with uniform weights) all agents merge
-    the same models with the same weights; as in the DIMAT reference code, the merge is then
-    computed once, at agent 0, and every agent receives it.
+    When every row of π is the same within :data:`BROADCAST_ATOL` (a complete graph with
+    uniform weights) and ``broadcast`` is set, all agents merge the same models with the
+    same weights; as in the DIMAT reference code, the merge is then computed once, at
+    agent 0, and every agent receives it.
     """
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
-    shared = bool((mixing == mixing[0]).all())
+    shared = broadcast and broadcasts(mixing)
     new = []
     for i, model in enumerate(models):
         if shared and i:

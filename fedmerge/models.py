@@ -154,6 +154,18 @@ def _resnet20(*, in_shape: tuple[int, ...], num_classes: int, width: int) -> nn.
     return ResNet20(in_shape[0], num_classes, width)
 
 
+@MODELS.register(
+    "hf",
+    Param("path", str, "", "a local Hugging Face image-classifier directory ('': from config)"),
+    Param("config", dict, {}, "offline config: model_type + fields (default a tiny ViT)"),
+)
+def _hf(*, in_shape: tuple[int, ...], num_classes: int, path: str, config: dict) -> nn.Module:
+    """A Hugging Face image classifier (transformers), e.g. for LoRA agents (peft)."""
+    from fedmerge.hf.lora import build_hf
+
+    return build_hf(in_shape=in_shape, num_classes=num_classes, path=path, config=config)
+
+
 def build_model(
     name: str, *, in_shape: tuple[int, ...], num_classes: int, seed: int, **kwargs
 ) -> nn.Module:

@@ -118,6 +118,10 @@ def _convert(value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             raise ValueError(value)
         return float(value)
+    if kind is dict:  # a nested mapping (e.g. a model's offline config), passed as is
+        if not isinstance(value, Mapping):
+            raise TypeError(value)
+        return dict(value)
     return str(value)
 
 

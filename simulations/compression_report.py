@@ -14,10 +14,7 @@ import csv
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedmerge.report import pyplot, save_png
 
 SETTINGS = ["torus-4x4-iid", "ring-16-iid", "torus-4x4-dirichlet", "ring-16-dirichlet"]
 
@@ -69,7 +66,7 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (setting, cells) in zip(axes[0], results.items(), strict=True):
         for label, c in cells.items():
             if c["mb"] == 0:  # local only: a horizontal reference line
@@ -83,7 +80,7 @@ def plot(results: dict, path: Path) -> None:
     axes[0][0].set_ylabel("final mean global accuracy")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def main(folder: str) -> int:

@@ -65,6 +65,7 @@ def test_dataset_factory_and_errors(monkeypatch, tmp_path):
     mod = types.ModuleType("fm_user_data")
     mod.pairs = lambda n=30: (np.ones((n, 3)), np.arange(n) % 3)
     monkeypatch.setitem(sys.modules, "fm_user_data", mod)
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "fm_user_data")
     assert load_dataset("fm_user_data:pairs", n=12).x.shape == (12, 3)
     with pytest.raises(
         ConfigError, match="data.options: dataset .digits. has no parameter .bogus."

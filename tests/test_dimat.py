@@ -6,8 +6,19 @@ from sklearn.datasets import load_digits
 
 from fedmerge import ConfigError, ValidationError
 from fedmerge.alignment import apply_permutation, permutation_spec, random_perms, reset_bn_stats
-from fedmerge.dimat import accuracy, dimat_merge, run_reference, train_epochs, weighted_average
+from fedmerge.config import load_config
+from fedmerge.dimat import (
+    accuracy,
+    broadcasts,
+    dimat_merge,
+    run_reference,
+    train_epochs,
+    uniform_over,
+    weighted_average,
+)
 from fedmerge.models import build_model
+from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.topology import build_topology
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,3 +147,45 @@ def test_reference_loop_rejects_bad_arguments(digits):
         )
     with pytest.raises(ValidationError, match=r"mixing is \(3, 3\)"):
         run_reference(models, torch.eye(3), _shards(digits, 2), digits[1], rounds=1)
+
+
+def _mh_complete(k):
+    """Metropolis–Hastings weights of the complete graph on k nodes, as the topology builds them."""
+    plan = build_topology({"graph": "complete", "n": k}).round(0)
+    return torch.tensor(plan.mixing.toarray())
+
+
+def test_mh_complete_rows_differ_in_the_last_bit_but_count_as_equal():
+    w = _mh_complete(5)
+    assert w[0, 0] != w[1, 0]  # 0.19999999999999996 vs 0.2
+    assert not bool((w == w[0]).all())
+    assert broadcasts(w) and not broadcasts(w, atol=0.0)
+    ring = torch.tensor(build_topology("ring-8").round(0).mixing.toarray())
+    assert not broadcasts(ring)
+    assert uniform_over(w[0].tolist(), 5) and not uniform_over(w[0, :4].tolist(), 5)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_broadcast_fires_on_a_metropolis_hastings_complete_graph(digits, broadcast):
+    k = 3
+    models = [build_model("mlp", in_shape=(1, 8, 8), num_classes=10, seed=i) for i in range(k)]
+    run_reference(
+        models, _mh_complete(k), _shards(digits, k), digits[1], rounds=1, broadcast=broadcast
+    )
+    states = [m.state_dict() for m in models]
+    same = [all(torch.equal(s[key], states[0][key]) for key in s) for s in states[1:]]
+    # each agent aligns to itself on its own shard unless the merge is broadcast
+    assert same == [broadcast] * (k - 1)
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_simulator_dimat_broadcast_on_a_complete_graph(broadcast):
+    cfg = load_config(None, [
+        "protocol.name=dimat", "protocol.calibration=shared", f"protocol.broadcast={broadcast}",
+        "model.init=different", "model.options.hidden=[16]", "rounds=1",
+        "topology={graph: complete, n: 4}", "train.steps=2",
+    ])  # fmt: skip
+    sim = Simulator(cfg)
+    sim.run()
+    flat = sim.engine.flat()
+    assert bool((flat == flat[0]).all()) is broadcast

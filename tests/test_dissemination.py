@@ -221,7 +221,7 @@ def test_recipe_config_errors(capsys):
     assert main(["--set", "arrivals={rot90: {node: 0}}"]) == 2
     assert "arrivals.rot90: expected {node: N, round: R}" in capsys.readouterr().err
     assert main(["--set", "method=nope"]) == 2
-    assert "method: unknown 'nope'; use one of opcm," in capsys.readouterr().err
+    assert "method: unknown continual method 'nope'; use one of opcm," in capsys.readouterr().err
     assert main(["--set", "method=running_average", "--set", "params={alpha: 0.5}"]) == 2
     assert "method 'running_average' has no parameter 'alpha'" in capsys.readouterr().err
     assert main(["--set", "experts.model.hidden=oops"]) == 2

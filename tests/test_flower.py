@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmerge.config import default_config, load_config
+from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes.flower.client_app import app as client_app
 from fedmerge.runtimes.flower.relay import FlowerTimeout, RelayOptions, relay
@@ -95,7 +96,7 @@ def assert_same_rows(ref: list[dict], rows: list[dict], tol: float = 1e-6) -> No
     for a, b in zip(ref, rows, strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            if key == "wall_s":
+            if key == "wall_s" or key in IN_PROCESS_ONLY:
                 continue
             if isinstance(a[key], float):
                 assert b[key] == pytest.approx(a[key], abs=tol), (a["round"], a["agent"], key)
@@ -107,6 +108,14 @@ def test_gossip_matches_the_simulator(tmp_path):
     ref, rows = run_both([], tmp_path)
     assert_same_rows(ref, rows)
     assert all(r["bytes_received"] > 0 for r in rows)  # payloads did travel
+
+
+def test_lora_agents_match_the_simulator(tmp_path):
+    pytest.importorskip("peft")
+    lora = ["model.name=hf", "model.options={}", "peft.r=2", "peft.lora_merge=product"]
+    ref, rows = run_both(lora, tmp_path)
+    assert_same_rows(ref, rows)
+    assert rows[0]["bytes_sent"] < 20_000  # the adapter only (full weights: ~146 kB)
 
 
 @pytest.mark.parametrize("codec", ["topk", "lowrank"])
@@ -204,6 +213,17 @@ def test_connect_timeout_scales_with_nodes_and_names_what_was_seen(tmp_path):
     msg = r"after 0.5 s, 3 of the 4 SuperNodes .* \(Flower node ids \[1000, 1001, 1002\]\)"
     with pytest.raises(FlowerTimeout, match=msg):
         relay(LoopbackGrid(3), cfg, opts, None)
+
+
+def test_the_flower_app_has_a_static_version_equal_to_the_package():
+    """``flwr run .`` refuses a pyproject.toml without ``[project] version``."""
+    import tomllib
+    from pathlib import Path
+
+    import fedmerge
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == fedmerge.__version__ and "dynamic" not in project
 
 
 def test_run_config_names_config_overrides_and_output(tmp_path):

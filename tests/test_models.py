@@ -62,6 +62,7 @@ def _install_factory_module(monkeypatch):
     mod.not_a_model = lambda **kw: "nope"
     mod.value = 3
     monkeypatch.setitem(sys.modules, "fm_user_models", mod)
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "fm_user_models,no_such_pkg_xyz")
 
 
 def test_factory_gets_kwargs_and_is_seeded(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 
 from fedmerge.cli import main as fedmerge_main
 from fedmerge.config import load_config
-from fedmerge.continual.experts import evaluate, prepare
+from fedmerge.continual.experts import evaluate, multitask_state, prepare, task_vector_cosines
 from fedmerge.continual.metrics import avg_seen, backward_transfer, mean_std
 from fedmerge.errors import ConfigError
 from fedmerge.recipe import load_script
@@ -137,7 +137,7 @@ def test_quick_run_writes_well_formed_outputs(quick_run, capsys):
     out, code = quick_run
     assert code == 0
     rows = list(csv.DictReader((out / "steps.csv").open()))
-    methods = ["individual", "pretrained", "opcm", "continual_task_arithmetic",
+    methods = ["individual", "pretrained", "multitask", "opcm", "continual_task_arithmetic",
                "running_average", "continual_ties", "magmax"]  # fmt: skip
     assert len(rows) == len(methods) * 2 * 3
     assert list(dict.fromkeys(r["method"] for r in rows)) == methods
@@ -196,7 +196,48 @@ def test_run_in_process_matches_units():
     ticks = []
     result = recipe.run(cfg, ticks.append)
     assert len(ticks) == recipe.units(cfg)
-    assert [r.method for r in result.runs] == ["individual", "pretrained", "running_average"]
+    assert [r.method for r in result.runs] == [
+        "individual", "pretrained", "multitask", "running_average"
+    ]  # fmt: skip
+    # task arithmetic's grid: θ₀ + λ·Στ over all tasks, recomputed by hand
+    setup = prepare(cfg)
+    for lam in (0.3, 1.0):
+        state = {k: setup.base[k] + lam * sum(e[k] - setup.base[k] for e in setup.experts)
+                 for k in setup.base}  # fmt: skip
+        np.testing.assert_allclose(result.ta_grid[lam], evaluate(setup, state), atol=1e-6)
+    assert list(result.ta_grid) == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    np.testing.assert_allclose(result.cosines, task_vector_cosines(setup), atol=1e-9)
+
+
+def test_task_vector_cosines_by_hand(setup):
+    cos = task_vector_cosines(setup)
+    flat = [torch.cat([(e[k] - setup.base[k]).double().flatten() for k in sorted(setup.base)])
+            for e in setup.experts]  # fmt: skip
+    want = float(flat[0] @ flat[2] / (flat[0].norm() * flat[2].norm()))
+    assert cos[0, 2] == pytest.approx(want, abs=1e-9) and cos[2, 0] == pytest.approx(want)
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-12)
+
+
+def test_multitask_reference_beats_the_pretrained_body(setup):
+    cfg = config_from_mapping(SMALL)
+    base = evaluate(setup, setup.base).mean()
+    multi = evaluate(setup, multitask_state(setup, cfg.finetune, cfg.seed)).mean()
+    assert multi > base + 0.05, (multi, base)
+
+
+def test_shared_head_mode_uses_the_frozen_pretraining_head_for_every_task():
+    cfg = config_from_mapping({**SMALL, "heads": "shared", "data": {"augment": 1}})
+    shared = prepare(cfg)
+    first = shared.heads[0].state_dict()
+    for head in shared.heads[1:]:
+        assert all(torch.equal(first[k], v) for k, v in head.state_dict().items())
+    family = shared.family  # the pretraining head was trained on the pool plus 1 distorted copy
+    assert first["weight"].shape == (10, SMALL["model"]["features"])
+    X, _ = family.pretraining_data(1, cfg.seed)
+    assert len(X) == 2 * len(family.y_pretrain)
+    base, experts = evaluate(shared, shared.base), [evaluate(shared, e) for e in shared.experts]
+    for k, acc in enumerate(experts):  # only the body adapts, and it does
+        assert acc[k] > base[k] + 0.1, (family.names[k], acc[k], base[k])
 
 
 # --- configuration and errors -----------------------------------------------------------------

@@ -91,5 +91,5 @@ def test_config_names_and_options_come_from_the_registries() -> None:
         load_config(None, ["model.options={hidden: [0]}"])
     with pytest.raises(ConfigError, match="data.options: dataset 'synthetic' has no parameter"):
         load_config(None, ["data.name=synthetic", "data.options={sample: 3}"])
-    with pytest.raises(ConfigError, match="model.name: unknown 'mpl'; use one of mlp, cnn"):
+    with pytest.raises(ConfigError, match="model.name: unknown model 'mpl'; use one of mlp, cnn"):
         load_config(None, ["model.name=mpl"])

@@ -52,7 +52,7 @@ def test_config_file_and_overrides(tmp_path, capsys):
         (["faults.message_loss=1.5"], r"faults.message_loss: must be in \[0, 1\)"),
         (["protocol.name=fedavg"], "protocol.name: unknown protocol 'fedavg'"),
         (["topology=no-such-preset"], "topology"),
-        (["model.name=transformer"], "model.name: unknown 'transformer'"),
+        (["model.name=transformer"], "model.name: unknown model 'transformer'"),
         (["train"], "use key=value"),
     ],
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, make_task_family
+from fedmerge.data.tasks import TASK_NAMES, Task, TaskFamily, augment, make_task_family
 from fedmerge.errors import ConfigError
 
 GEOMETRIC = {  # independent numpy definitions of the image tasks
@@ -133,3 +133,28 @@ def test_permutations_differ_between_tasks(family):
 def test_bad_arguments_name_the_culprit(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         make_task_family(**kwargs)
+
+
+def test_augment_is_seeded_bounded_and_the_identity_with_zero_strength(family):
+    images = family.X_pretrain[:50].reshape(-1, 8, 8)
+    same = augment(images, torch.Generator().manual_seed(0), 0.0, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(same, images, rtol=0, atol=1e-6)
+    a = augment(images, torch.Generator().manual_seed(1))
+    b = augment(images, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert float((a - images).abs().mean()) > 0.02  # distorted, not copied
+
+
+def test_pretraining_and_multitask_data(family):
+    P = len(family.y_pretrain)
+    X, y = family.pretraining_data(copies=2, seed=0)
+    assert X.shape == (3 * P, 64) and torch.equal(y, family.y_pretrain.repeat(3))
+    assert torch.equal(X[:P], family.X_pretrain)  # the originals come first
+    assert torch.equal(family.pretraining_data(0)[0], family.X_pretrain)
+    X, y, task = family.multitask_data()
+    sizes = [len(t.y_train) for t in family.tasks]
+    assert X.shape == (sum(sizes), 64) and len(y) == len(task) == sum(sizes)
+    assert torch.bincount(task).tolist() == sizes
+    k = family.names.index("rot90")
+    assert torch.equal(X[task == k], family.tasks[k].X_train)

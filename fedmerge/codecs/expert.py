@@ -48,8 +48,8 @@ def open_expert(
     path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
 ) -> Checkpoint:
     """An expert checkpoint: a compressed file (read over ``base``) or anything
-    :func:`~fedmerge.checkpoint.open_checkpoint` reads."""
-    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path)
+    :func:`~fedmerge.checkpoint.open_checkpoint` reads (a LoRA adapter, over ``base`` too)."""
+    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path, base)
 
 
 def is_compressed(path: str | os.PathLike) -> bool:

@@ -16,6 +16,14 @@ examples:
   fedmerge continual status runs/store
   fedmerge continual export runs/store --out merged.safetensors --dtype bfloat16
 
+Over a Hugging Face model directory (docs/peft.md), experts may be PEFT LoRA
+adapter directories, export -o DIR writes a directory transformers loads, and
+export --as-adapter --rank R writes a LoRA adapter (truncated SVD):
+  fedmerge continual init runs/store --base base/
+  fedmerge continual add runs/store adapter_1/
+  fedmerge continual export runs/store -o merged/
+  fedmerge continual export runs/store -o merged_lora/ --as-adapter --rank 8
+
 OPCM projects the weights of Linear layers only. In a bare checkpoint these
 are the 2-D floating tensors whose name does not match
 'embed|wte|wpe|lm_head|tok_|position'; --project REGEX replaces that rule
@@ -32,6 +40,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedmerge.commands.merge import adapter_rank, add_adapter_arguments, svd_table
 from fedmerge.registry import parse_assignments
 
 NAME = "continual"
@@ -51,13 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--no-project", metavar="REGEX", help="never project keys matching REGEX")
     add = sub.add_parser("add", help="fold one expert checkpoint into the store")
     add.add_argument("store")
-    add.add_argument("expert", help="expert checkpoint (file or sharded dir)")
+    add.add_argument("expert", help="expert checkpoint (file, sharded dir or LoRA adapter dir)")
     add.add_argument("--id", help="name recorded in the manifest (default: file name)")
     export = sub.add_parser("export", help="write the current merge as safetensors")
     export.add_argument("store")
     export.add_argument("-o", "--out", "--output", dest="out", required=True,
                         help="OUT.safetensors or a directory (as merge -o/--out)")  # fmt: skip
     export.add_argument("--dtype", help="cast floating tensors (float32, bfloat16, ...)")
+    add_adapter_arguments(export)
     status = sub.add_parser("status", help="show steps, experts, norms and λ")
     status.add_argument("store")
     status.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -82,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"step {rec['step']}: added {escape(repr(rec['id']))} "
                       f"(‖τ‖={rec['tau_norm']:.4g}, "
                       f"‖θ−θ0‖={rec['merged_norm']:.4g}{lam})")  # fmt: skip
+    elif args.action == "export" and adapter_rank(args) is not None:
+        report = ContinualStore(args.store).export_adapter(args.out, args.rank, args.svd)
+        console.print(svd_table(report))
+        console.print(f"wrote {escape(args.out)} (adapter_config.json, adapter_model.safetensors)")
     elif args.action == "export":
         dtype = dtype_from_name(args.dtype) if args.dtype else None
         m = ContinualStore(args.store).export(args.out, dtype)

@@ -19,6 +19,15 @@ examples:
       --param density=0.3 --param seed=7
   fedmerge merge fisher --base ref.safetensors a.safetensors b.safetensors \\
       --fisher fa.safetensors fb.safetensors -o out.safetensors
+
+Hugging Face and PEFT (docs/peft.md): with --base a model directory (config.json +
+safetensors), experts may be LoRA adapter directories (adapter_config.json +
+adapter_model.safetensors, read as base + B@A·scaling) and -o DIR writes a model
+directory transformers loads (config and tokenizer files copied from the base);
+--as-adapter --rank R writes a PEFT LoRA adapter instead (truncated SVD):
+  fedmerge merge ties --base base/ adapter_1/ adapter_2/ -o merged/
+  fedmerge merge task_arithmetic --base base/ adapter_1/ adapter_2/ -o merged_lora/ \\
+      --as-adapter --rank 8
 """
 
 from __future__ import annotations
@@ -26,12 +35,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from functools import partial
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from fedmerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedmerge.hf.refactor import AdapterReport
 
 NAME = "merge"
 EXTRA_POSITIONALS = "experts"  # experts may also follow the options
@@ -85,6 +99,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads (default: physical cores; 1 is often fastest on "
                         "a busy machine)")  # fmt: skip
+    add_adapter_arguments(parser)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--as-adapter --rank R --svd exact|lowrank`` (merge and continual export)."""
+    parser.add_argument("--as-adapter", action="store_true",
+                        help="write a PEFT LoRA adapter (base: an HF model directory)")  # fmt: skip
+    parser.add_argument("--rank", type=int, metavar="R", help="LoRA rank of --as-adapter")
+    parser.add_argument("--svd", choices=("exact", "lowrank"), default="exact",
+                        help="exact, or randomized torch.svd_lowrank (big layers)")  # fmt: skip
+
+
+def adapter_rank(args: argparse.Namespace) -> int | None:
+    """The rank asked for with --as-adapter (None without it); --rank alone is an error."""
+    if args.as_adapter and args.rank is None:
+        raise ConfigError("--as-adapter needs --rank R")
+    if args.rank is not None and not args.as_adapter:
+        raise ConfigError("--rank only applies with --as-adapter")
+    return args.rank if args.as_adapter else None
+
+
+def svd_table(report: AdapterReport) -> Table:
+    """One row per LoRA module: shape, rank and relative Frobenius error of the SVD."""
+    table = Table(title=f"LoRA adapter: {len(report.rows)} modules (relative error ‖ΔW − BA‖/‖ΔW‖)")
+    for col in ("module", "ΔW shape", "rank", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for module, shape, rank, err in report.rows:
+        table.add_row(escape(module), "×".join(map(str, shape)), str(rank), f"{err:.2e}")
+    if report.modules_to_save:
+        saved = escape(", ".join(report.modules_to_save))
+        table.caption = f"stored in full (modules_to_save): {saved}"
+    return table
 
 
 def method_table(method: str | None = None) -> Table:
@@ -138,9 +184,22 @@ def run(args: argparse.Namespace) -> int:
     from fedmerge.merging import merge_checkpoints
     from fedmerge.merging.engine import keep_freed_memory
     from fedmerge.registry import parse_assignments
+    from fedmerge.report import progress
 
     keep_freed_memory()
     shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
+    rank = adapter_rank(args)
+    bar = None if args.no_progress else partial(progress, percent=True)
+    if rank is not None:
+        from fedmerge.hf.merge import merge_to_adapter
+
+        made = merge_to_adapter(
+            args.method, args.base, args.experts, args.out, rank, args.svd,
+            parse_weights(args.weights), parse_assignments(args.param), bar,
+        )  # fmt: skip
+        console.print(svd_table(made))
+        console.print(f"wrote {escape(args.out)} (adapter_config.json, adapter_model.safetensors)")
+        return 0
     report = merge_checkpoints(
         args.method,
         args.base,
@@ -151,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         fisher_paths=args.fisher,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         max_shard_bytes=shard,
-        progress=not args.no_progress,
+        progress=bar,
         threads=args.threads,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)

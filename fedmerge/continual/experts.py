@@ -5,16 +5,20 @@ vision encoder, one fine-tuned encoder per task, each task with its own
 classification head; only the encoders are merged):
 
 1. **Pretrain** the body on the pretraining pool (upright digits, disjoint from
-   the tasks' data) through a temporary head that is then thrown away — the
-   analog of CLIP's pretraining.
-2. **Head per task**: a linear probe fitted on the frozen pretrained body's
-   features — the analog of CLIP's zero-shot head. The pretrained body with
+   the tasks' data; optionally with randomly distorted copies, ``data.augment``)
+   through a linear head — the analog of CLIP's pretraining.
+2. **Heads** (``heads``): ``probe``, a linear probe per task fitted on the frozen
+   pretrained body's features; or ``shared``, the pretraining head itself, frozen,
+   for every task (like CLIP's one text-derived head: only the body can adapt, so a
+   merge that stays near θ₀ cannot win on the heads alone). The pretrained body with
    these heads is the *lower* reference.
 3. **Expert per task**: the body fine-tuned on the task from the pretrained
    weights, with the task's head frozen (as in task arithmetic / FusionBench's
    CLIP experts) or, with ``train_head=True``, fine-tuned together.
 
 Everything is seeded and runs on CPU in well under a second per expert.
+:func:`multitask_state` is the multi-task reference (one body trained on all tasks)
+and :func:`task_vector_cosines` the pairwise cosines of the experts' task vectors.
 :func:`prepare` builds the whole set from an :class:`ExpertsConfig` (the recipes in
 ``simulations/continual`` and ``simulations/dissemination`` share it) and
 :func:`evaluate` scores body weights with every task's head.
@@ -82,6 +86,8 @@ class TaskDataConfig:
                                   check=(lambda v: 0 < v < 1, "must be in (0, 1)"))  # fmt: skip
     pretrain_fraction: float = option(0.3, "of all 1797 digits, held out to pretrain the body",
                                       check=(lambda v: 0 < v < 1, "must be in (0, 1)"))  # fmt: skip
+    augment: int = option(0, "randomly distorted copies of the pretraining pool added to it "
+                          "(data.tasks.augment)", check=NON_NEGATIVE)  # fmt: skip
 
 
 @dataclass
@@ -101,6 +107,11 @@ class ExpertsConfig:
     tasks: list = option(list(DEFAULT_TASKS), f"digits tasks, at least 2 ({', '.join(TASK_NAMES)})",
                          check=(lambda v: len(v) >= 2 and all(isinstance(t, str) for t in v),
                                 "need at least 2 task names"))  # fmt: skip
+    heads: str = option(
+        "probe", "probe: one linear probe per task on the frozen pretrained body; shared: the "
+        "pretraining head, frozen, for every task (CLIP-like: one head, the body must adapt)",
+        choices=("probe", "shared"),
+    )  # fmt: skip
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
     model: BodyConfig = field(default_factory=BodyConfig)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
@@ -127,12 +138,15 @@ def prepare(cfg: ExpertsConfig, tick: Tick = lambda *_: None) -> Setup:
     )
     torch.manual_seed(cfg.seed)
     body = make_body(64, cfg.model.hidden, cfg.model.features, cfg.model.layernorm)
-    pretrain_body(body, family.X_pretrain, family.y_pretrain, cfg.pretrain, cfg.seed)
+    X, y = family.pretraining_data(cfg.data.augment, cfg.seed)
+    shared = pretrain_body(body, X, y, cfg.pretrain, cfg.seed).requires_grad_(False)
     tick("pretrained body")
     experts, heads = [], []
     for task in family.tasks:
         seed = cfg.seed * 1000 + TASK_NAMES.index(task.name) + 1  # same expert in any task list
-        head = fit_probe(body, task.X_train, task.y_train, cfg.probe, seed)
+        head = shared if cfg.heads == "shared" else fit_probe(
+            body, task.X_train, task.y_train, cfg.probe, seed
+        )  # fmt: skip
         expert, head = finetune_expert(
             body, head, task.X_train, task.y_train, cfg.finetune, seed, cfg.finetune.train_head
         )
@@ -151,6 +165,41 @@ def evaluate(setup: Setup, state: StateDict) -> np.ndarray:
             for task, head in zip(setup.family.tasks, setup.heads, strict=True)
         ]
     )
+
+
+def multitask_state(setup: Setup, spec: TrainSpec, seed: int) -> StateDict:
+    """The multi-task reference: the pretrained body fine-tuned on every task's training
+    data at once (``spec.steps`` × T Adam steps, each sample through its own task's frozen
+    head), the upper line a merge of the experts aims at."""
+    X, y, task = setup.family.multitask_data()
+    body = copy.deepcopy(setup.body)
+    body.load_state_dict(setup.base)
+    heads = nn.ModuleList(setup.heads).requires_grad_(False)
+
+    def routed(features: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([h(features) for h in heads])  # (T, B, classes)
+        return logits[which, torch.arange(len(which))]
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(body.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    body.train()
+    for _ in range(spec.steps * len(heads)):
+        idx = torch.randint(len(y), (min(spec.batch_size, len(y)),), generator=gen)
+        loss = nn.functional.cross_entropy(routed(body(X[idx]), task[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return clone_state(body)
+
+
+def task_vector_cosines(setup: Setup) -> np.ndarray:
+    """(T, T) cosine similarity of the experts' task vectors τ_t = θ_t − θ_0 (whole body)."""
+    taus = torch.stack([
+        torch.cat([(e[k] - setup.base[k]).double().flatten() for k in setup.base])
+        for e in setup.experts
+    ])  # fmt: skip
+    unit = taus / taus.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (unit @ unit.T).numpy()
 
 
 def make_body(
@@ -200,11 +249,13 @@ def train_classifier(
 
 def pretrain_body(
     body: nn.Module, X: torch.Tensor, y: torch.Tensor, spec: TrainSpec, seed: int
-) -> None:
-    """Train ``body`` (in place) through a throw-away linear head on ``(X, y)``."""
+) -> nn.Linear:
+    """Train ``body`` (in place) through a new linear head on ``(X, y)``; return the head
+    (thrown away with probe heads, every task's frozen head with ``heads: shared``)."""
     torch.manual_seed(seed)
     head = nn.Linear(_out_features(body), int(y.max()) + 1)
     train_classifier(body, head, X, y, spec, [*body.parameters(), *head.parameters()], seed)
+    return head.eval()
 
 
 def fit_probe(

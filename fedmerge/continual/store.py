@@ -74,10 +74,13 @@ from fedmerge.continual.manifest import (
 from fedmerge.continual.merger import Source, Tensors, fold_step, make_merger, mergeable_keys
 from fedmerge.continual.methods import CONTINUAL_METHODS
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
+from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
+from fedmerge.hf.refactor import AdapterReport, write_adapter
 from fedmerge.statedict import StateDict, check_same_specs, content_hash, update_hash
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+HF_DIR = "hf"  # config/tokenizer files of a Hugging Face base, carried into exports
 
 
 def _now() -> str:
@@ -88,7 +91,8 @@ def _now() -> str:
 def _open(tensors: Tensors | str | os.PathLike, base: Path | None = None) -> Iterator[Tensors]:
     """A path is opened lazily (and closed after); a mapping/checkpoint is used as is.
 
-    A compressed expert file opens over ``base`` (see :func:`open_expert`).
+    A compressed expert file or a LoRA adapter directory opens over ``base``
+    (see :func:`open_expert`).
     """
     if isinstance(tensors, (str, os.PathLike)):
         with open_expert(tensors, base) as ck:
@@ -209,6 +213,8 @@ class ContinualStore:
         """Copy the base in (hashing it on the way), then commit with the first manifest."""
         if (self.path / MANIFEST).exists():
             raise ConfigError(f"{self.path}: a continual store already exists here")
+        if isinstance(base, (str, os.PathLike)) and is_model_dir(base):
+            copy_model_files(base, self.path / HF_DIR)
         h = hashlib.sha256()
         with CheckpointWriter(self.path / BASE_FILE, source.specs, {"format": FORMAT}) as w:
             for key in sorted(source.specs):
@@ -364,7 +370,8 @@ class ContinualStore:
         check_output(out, {"continual store": self.path})
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         with self._merged_items() as (manifest, specs, items):
-            meta = {"format": "fedmerge-continual-merge", "method": manifest["method"],
+            meta = {"format": "pt", "fedmerge.format": "fedmerge-continual-merge",
+                    "method": manifest["method"],
                     "step": str(manifest["step"]),
                     "experts": ",".join(r["id"] for r in manifest["experts"])}  # fmt: skip
             if dtype is not None:
@@ -373,7 +380,29 @@ class ContinualStore:
             with CheckpointWriter(out, specs, meta, **kwargs) as writer:
                 for key, tensor in items:
                     writer.write(key, tensor.to(specs[key].dtype))
+        if (self.path / HF_DIR).is_dir() and writes_directory(out):  # transformers loads it
+            copy_model_files(self.path / HF_DIR, out)
         return manifest
+
+    def export_adapter(
+        self, out: str | os.PathLike, rank: int, svd: str = "exact"
+    ) -> AdapterReport:
+        """Write θ^(t) − θ_0 as a PEFT LoRA adapter of rank ≤ ``rank`` (Hugging Face bases)."""
+        check_output(out, {"continual store": self.path})
+        if not (self.path / HF_DIR).is_dir():
+            raise ConfigError(
+                f"{self.path}: an adapter needs a store made over an HF model directory"
+            )
+        with (
+            self._merged_items() as (manifest, _, items),
+            open_checkpoint(self.path / BASE_FILE) as base,
+        ):
+            meta = {
+                "fedmerge.method": manifest["method"],
+                "fedmerge.step": str(manifest["step"]),
+            }
+            source = manifest["base"]["source"]
+            return write_adapter(out, base, items, self.path / HF_DIR, rank, svd, source, meta)
 
 
 def _lambda(method: str, scale: float) -> float | None:

@@ -15,6 +15,11 @@ a *task pool* (the rest). Every task uses the whole task pool, transformed, and
 splits it into train/test (stratified, seeded per task); ``train_index`` and
 ``test_index`` are positions in the task pool, disjoint, and together cover it.
 
+For pretraining a body that is a good starting point for every task (as CLIP is for
+the OPCM paper's tasks), :meth:`TaskFamily.pretraining_data` adds randomly distorted
+copies of the pretraining pool (:func:`augment`); :meth:`TaskFamily.multitask_data`
+is the union of the tasks' training sets, for a multi-task reference.
+
 Shapes: ``X`` is ``(N, 64)`` float32 in ``[0, 1]`` (row-major flattening of the
 8×8 image, pixel value / 16); ``y`` is ``(N,)`` int64 in ``0..9``.
 
@@ -103,6 +108,42 @@ class TaskFamily:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    def pretraining_data(self, copies: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pretraining pool plus ``copies`` augmented copies of it (:func:`augment`):
+        ``X`` ((1 + copies)·P, 64), ``y`` ((1 + copies)·P,). Augmentation gives the body
+        the broad, transform-tolerant features a CLIP-like pretrained encoder has."""
+        images = self.X_pretrain.reshape(-1, 8, 8)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 11)
+        extra = [augment(images, gen) for _ in range(copies)]
+        X = torch.cat([images, *extra]).reshape(-1, 64)
+        return X, self.y_pretrain.repeat(1 + copies)
+
+    def multitask_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every task's training set concatenated (the multi-task reference trains on it):
+        ``X`` (ΣN_t, 64), ``y`` (ΣN_t,), ``task`` (ΣN_t,) int64, the index of the sample's task."""
+        X = torch.cat([t.X_train for t in self.tasks])
+        y = torch.cat([t.y_train for t in self.tasks])
+        task = torch.cat([torch.full_like(t.y_train, k) for k, t in enumerate(self.tasks)])
+        return X, y, task
+
+
+def augment(
+    images: torch.Tensor, gen: torch.Generator, degrees: float = 15.0, shift: float = 1.0,
+    scale: float = 0.1, noise: float = 0.05,
+) -> torch.Tensor:  # fmt: skip
+    """A random small affine distortion of every image (N, 8, 8) in [0, 1]: rotation in
+    ±``degrees``, zoom in 1 ± ``scale``, translation in ±``shift`` pixels (bilinear, zero
+    outside), then Gaussian noise of std ``noise``, clamped to [0, 1]. Seeded by ``gen``."""
+    n = images.shape[0]
+    u = lambda: 2 * torch.rand(n, generator=gen) - 1  # noqa: E731 - uniform in [-1, 1]
+    angle, zoom = u() * degrees * torch.pi / 180, 1 + u() * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = u() * shift * 2 / 8, u() * shift * 2 / 8  # pixels → normalized coordinates
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, (n, 1, 8, 8), align_corners=False)
+    out = torch.nn.functional.grid_sample(images[:, None], grid, align_corners=False)[:, 0]
+    return (out + noise * torch.randn(out.shape, generator=gen)).clamp(0.0, 1.0)
 
 
 def _task_seed(seed: int, name: str) -> int:

@@ -66,17 +66,19 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
 class Agent:
     """Agent ``id``: ``model`` trained on ``data``; ``reference`` is the shared base its
     payloads are task vectors against, or None (payloads carry full weights). ``choco``:
-    its CHOCO-Gossip state when payloads are compressed (``protocol.codec``)."""
+    its CHOCO-Gossip state when payloads are compressed (``protocol.codec``). ``shared``
+    names the entries it publishes (None: every floating entry; a LoRA agent: its adapter)."""
 
     def __init__(
         self, id: int, model: nn.Module, data: AgentData, *, train: TrainConfig,
         validation: ValidationConfig, seed: int, reference: StateDict | None = None,
         loss: Loss = nn.functional.cross_entropy, choco: ChocoGossip | None = None,
+        shared: set[str] | None = None,
     ) -> None:  # fmt: skip
         self.id, self.model, self.data = id, model, data
         self.choco = choco
         self.train_cfg, self.validation, self.loss = train, validation, loss
-        self.reference = reference
+        self.reference, self.shared = reference, shared
         self.generator = agent_generator(seed, id)
         self.rejected: list[str] = []  # reasons, "agent j: why", in arrival order
         self.last_round: dict[int, int] = {}  # sender → round of its last accepted payload
@@ -93,7 +95,8 @@ class Agent:
         batches = batch_plan(self.data.samples, self.train_cfg, self.generator)
         if not batches:
             return 0
-        opt = make_optimizer(self.model.parameters(), self.train_cfg)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.train_cfg)
         self.model.train()
         for idx in batches:
             opt.zero_grad()
@@ -103,11 +106,13 @@ class Agent:
         return len(batches)
 
     def tensors(self) -> StateDict:
-        """What this agent shares: τ = θ − θ_ref, or θ, over the floating entries."""
+        """What this agent shares: τ = θ − θ_ref, or θ, over the floating (shared) entries."""
         state = self.state()
-        ref = self.reference
+        ref, shared = self.reference, self.shared
         return {
-            k: v - ref[k] if ref is not None else v for k, v in state.items() if is_mergeable(v)
+            k: v - ref[k] if ref is not None else v
+            for k, v in state.items()
+            if is_mergeable(v) and (shared is None or k in shared)
         }
 
     def publish(self, round: int) -> Payload:

@@ -17,6 +17,7 @@ class MergeContext:
     round: int
     config: SimConfig
     shared_calibration: list[torch.Tensor] | None = None
+    nodes: int = 0  # nodes taking part in the round (0: unknown; DIMAT's broadcast needs it)
 
     def calibration(self, agent: Agent) -> list[torch.Tensor]:
         """DIMAT's calibration batches: shared when configured, else the agent's own inputs."""

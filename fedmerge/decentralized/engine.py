@@ -2,8 +2,9 @@
 
 An :class:`Engine` holds all of a process's agents and does one round's work on them:
 train, communicate (publish → deliver → receive and merge), evaluate, flatten for the
-consensus distance. The in-process runtime has two (per-agent and stacked); a runner
-(:class:`RoundRunner`) drives rounds: faults, plan, the engine's steps, the metrics rows.
+consensus distance, states and test predictions for the other consensus measures. The
+in-process runtime has two (per-agent and stacked); a runner (:class:`RoundRunner`)
+drives rounds: faults, plan, the engine's steps, the metrics rows.
 Both are structural (``typing.Protocol``): implement the methods, no base class needed.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from fedmerge.decentralized.traffic import Traffic
+from fedmerge.statedict import StateDict
 from fedmerge.topology import RoundPlan
 
 Row = dict[str, Any]
@@ -40,6 +42,12 @@ class Engine(Protocol):
 
     def flat(self) -> torch.Tensor:
         """(n, P) float64: every agent's floating state, flattened (consensus distance)."""
+
+    def states(self) -> list[StateDict]:
+        """Every agent's state (the aligned consensus distance reads them)."""
+
+    def predictions(self) -> torch.Tensor:
+        """(n, N) int64: every agent's predicted class on the global test set."""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ arrived) plus a few declared facts the simulator reads:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +29,8 @@ from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.continual_agent import continual_agent, fold_experts
 from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.robust import as_state_merge, make_rule
-from fedmerge.dimat import dimat_merge
+from fedmerge.dimat import dimat_merge, uniform_over
+from fedmerge.hf.lora import product_gossip
 from fedmerge.registry import Entry, Registry
 from fedmerge.statedict import StateDict
 
@@ -64,10 +66,16 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
     """θ_i ← (π_ii θ_i + Σ_j π_ij θ_j) / (π_ii + Σ_j π_ij), on τ or θ alike; or the robust
     rule ``protocol.aggregation`` names (:mod:`fedmerge.decentralized.robust`). With a codec
     the payloads are compressed differences and the step is CHOCO-Gossip's
-    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π)."""
+    (:mod:`fedmerge.codecs.choco`: x_i += γ Σ_j π_ij (x̂_j − x̂_i), raw π). LoRA agents with
+    ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
     if agent.choco is not None:
         heard = [(p.sender, p.tensors, w) for p, w in received]
         agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        return
+    if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
+        others = [(p.tensors, w) for p, w in received]
+        agent.load_tensors(product_gossip(agent.tensors(), others, self_weight, agent.reference,
+                                          ctx.config.peft.r))  # fmt: skip
         return
     if ctx.config is not None and ctx.config.protocol.aggregation != "mean":
         rule = make_rule(ctx.config.protocol)
@@ -83,14 +91,26 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
 
 
 def dimat(agent: Agent, received: Received, self_weight: float, ctx: MergeContext) -> None:
-    """θ_i ← Σ_j π_ij P_j(θ_j) with BN resets, by :func:`fedmerge.dimat.dimat_merge`."""
+    """θ_i ← Σ_j π_ij P_j(θ_j) with BN resets, by :func:`fedmerge.dimat.dimat_merge`.
+
+    With ``protocol.broadcast`` and a round where this node hears all ``ctx.nodes`` nodes
+    with equal weights (:func:`fedmerge.dimat.uniform_over`), the neighbours are aligned to
+    the lowest-id node instead of to this one: the merge the DIMAT code computes once at
+    agent 0 and broadcasts (identical on every node when calibration is shared)."""
     if not received:  # nobody to align with: DIMAT's merge is then the identity
         return
     own = agent.state()
-    neighbours = [({**own, **p.tensors}, w) for p, w in received]
+    states = {agent.id: own, **{p.sender: {**own, **p.tensors} for p, _ in received}}
+    weights = {agent.id: self_weight, **{p.sender: w for p, w in received}}
+    anchor, model = agent.id, agent.model
+    if ctx.config.protocol.broadcast and uniform_over(list(weights.values()), ctx.nodes):
+        anchor = min(states)  # everyone takes the merge aligned to the lowest id
+        model = copy.deepcopy(agent.model)
+        model.load_state_dict(states[anchor])
+    neighbours = [(s, weights[j]) for j, s in sorted(states.items()) if j != anchor]
     method = PROTOCOLS[ctx.config.protocol.name].options["method"]
     merged = dimat_merge(
-        agent.model, neighbours, self_weight, ctx.calibration(agent), method,
+        model, neighbours, weights[anchor], ctx.calibration(agent), method,
         seed=ctx.config.seed + ctx.round, aggregate=as_state_merge(make_rule(ctx.config.protocol)),
     )  # fmt: skip
     agent.model.load_state_dict(merged)

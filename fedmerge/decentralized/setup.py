@@ -8,7 +8,7 @@ same config and gets the same setup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -19,8 +19,10 @@ from fedmerge.config import SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.decentralized.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.pretrain import pretrain, pretrains
 from fedmerge.decentralized.protocols import Protocol, get_protocol, gossip
 from fedmerge.errors import ConfigError
+from fedmerge.hf.lora import apply_lora, trainable_keys
 from fedmerge.models import build_model
 from fedmerge.statedict import StateDict, is_mergeable
 from fedmerge.topology import Topology, build_topology
@@ -35,24 +37,33 @@ class Setup:
     data: FederatedData
     topology: Topology
     reference: StateDict | None  # the shared base payloads are τ against; None: full θ
+    pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
 
     @property
     def n(self) -> int:
         return self.topology.n
 
-    def model(self, agent: int) -> nn.Module:
-        """Agent ``agent``'s initial model (one shared seed with ``model.init: same``)."""
+    def model(self, agent: int, pretrained: bool = True) -> nn.Module:
+        """Agent ``agent``'s model at round 0 (one shared seed with ``model.init: same``),
+        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init); with
+        ``peft.r`` > 0 its LoRA adapters are added after pre-training."""
         cfg = self.config
         offset = agent if cfg.model.init == "different" else 0
-        return build_model(
+        seed = cfg.seed * 10_007 + offset
+        model = build_model(
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
-            seed=cfg.seed * 10_007 + offset, **cfg.model.options,
+            seed=seed, **cfg.model.options,
         )  # fmt: skip
+        if pretrained and pretrains(cfg):  # the whole model, before any LoRA adapter
+            if agent not in self.pretrained:
+                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
+            model.load_state_dict(self.pretrained[agent])
+        return apply_lora(model, cfg.peft, seed) if cfg.peft.r else model
 
     def agent(self, i: int, loss: Loss | None = None) -> Agent:
         """Node i's :class:`Agent` (or the protocol's own kind): its initial model, its data
         partition, the shared reference (and its CHOCO-Gossip state when ``protocol.codec``
-        compresses payloads)."""
+        compresses payloads; a LoRA agent shares only its adapter)."""
         cfg, p = self.config, self.config.protocol
         loss = loss or make_loss(cfg.train.loss)
         if self.protocol.agent is not None:
@@ -61,9 +72,11 @@ class Setup:
         choco = None if p.codec == "none" else ChocoGossip(
             i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed
         )  # fmt: skip
+        model = self.model(i)
         return Agent(
-            i, self.model(i), self.data.agents[i], train=cfg.train, validation=cfg.validation,
+            i, model, self.data.agents[i], train=cfg.train, validation=cfg.validation,
             seed=cfg.seed, reference=self.reference, loss=loss, choco=choco,
+            shared=trainable_keys(model) if cfg.peft.r else None,
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:
@@ -77,6 +90,7 @@ class Setup:
 def build_setup(cfg: SimConfig) -> Setup:
     """Dataset, partition, topology (with the protocol's schedule) and reference weights."""
     protocol = get_protocol(cfg.protocol.name)
+    _check_peft(cfg, protocol)
     ds = load_dataset(cfg.data.name, **cfg.data.options)
     overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
     try:
@@ -96,9 +110,22 @@ def build_setup(cfg: SimConfig) -> Setup:
     check_codec(cfg, protocol, topo)
     setup = Setup(cfg, protocol, fed, topo, None)
     if cfg.model.init == "same" and not protocol.full_weights:
-        base = setup.model(0).state_dict()
+        base = setup.model(0, pretrained=False).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
+
+
+def _check_peft(cfg: SimConfig, protocol: Protocol) -> None:
+    """LoRA agents share adapters against one shared init, merged by averaging."""
+    if not cfg.peft.r:
+        return
+    if protocol.full_weights or cfg.model.init != "same":
+        raise ConfigError(
+            f"peft.r: LoRA agents need one shared base (model.init: same) and a protocol that "
+            f"averages (not {cfg.protocol.name!r} with init {cfg.model.init!r})"
+        )
+    if cfg.peft.lora_merge == "product" and cfg.protocol.aggregation != "mean":
+        raise ConfigError("peft.lora_merge: product averages B@A; use protocol.aggregation: mean")
 
 
 def check_codec(cfg: SimConfig, protocol: Protocol, topo: Topology) -> None:

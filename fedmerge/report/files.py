@@ -5,7 +5,8 @@
 ``DIR/metrics.csv``   the same rows as CSV (columns: the union of the rows' keys)
 ``DIR/summary.json``  final and best mean accuracy, consensus distance, bytes, wall time
 ``DIR/accuracy.png``  global and local test accuracy vs round (mean, and each agent faintly)
-``DIR/consensus.png`` mean ‖θ_i − θ̄‖ vs round (log scale where it spans a decade)
+``DIR/consensus.png`` mean ‖θ_i − θ̄‖ (plain and aligned, log scale) and prediction
+                      disagreement vs round
 
 >>> print(csv_text([{"a": 1, "b": 2}, {"a": 3, "c": 4}]), end="")
 a,b,c

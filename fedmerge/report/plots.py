@@ -40,12 +40,12 @@ def save_png(fig: Any, path: str | Path, dpi: int = 110, **kwargs: Any) -> Path:
 
 
 def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
-    """accuracy.png (global and local, mean bold, agents faint) and consensus.png."""
+    """accuracy.png (global and local, mean bold, agents faint; global after local training
+    dashed) and consensus.png (plain and aligned parameter distance, prediction disagreement)."""
     from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator
 
     plt = pyplot()
     rounds = per_round(rows)
-    xs = [r["round"] for r in rounds]
     agents: dict[int, list[Row]] = defaultdict(list)
     for row in rows:
         agents[int(row["agent"])].append(row)
@@ -61,6 +61,10 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
         pts = [(r["round"], r[key]) for r in rounds if r[key] is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=2.2, label="mean over agents")
+        pts = [(r["round"], r["acc_trained"]) for r in rounds if r["acc_trained"] is not None]
+        if key == "global_acc" and pts:
+            ax.plot(*zip(*pts, strict=True), "--", color="tab:orange", lw=1.6,
+                    label="mean after local training (before merging)")  # fmt: skip
         ax.set(title=f"{title}: {label} accuracy", xlabel="round", ylim=(0, 1))
         ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
         ax.grid(alpha=0.3)
@@ -68,11 +72,15 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
     axes[0].legend(loc="lower right")
     fig.tight_layout()
     save_png(fig, out / "accuracy.png")
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    cons = [max(r["consensus"] or 0.0, 1e-12) for r in rounds]
-    ax.plot(xs, cons, marker="o", ms=3)
-    log = max(cons) > 10 * min(cons)  # a log scale only where it spans more than a decade
-    ax.set(title=f"{title}: disagreement (lower: agents agree)", xlabel="round",
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    values = []
+    for key, label in (("consensus", "plain"), ("consensus_aligned", "after alignment")):
+        pts = [(r["round"], max(r[key], 1e-12)) for r in rounds if r[key] is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+            values += [v for _, v in pts]
+    log = bool(values) and max(values) > 10 * min(values)  # log only beyond a decade
+    ax.set(title=f"{title}: parameter distance (lower: agents agree)", xlabel="round",
            ylabel="mean ‖θ_i − θ̄‖" + (" (log scale)" if log else ""))  # fmt: skip
     if log:
         ax.set_yscale("log")
@@ -80,7 +88,15 @@ def plot_run(out: Path, title: str, rows: Sequence[Row]) -> None:
         ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
     else:
         ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    pts = [(r["round"], r["disagreement"]) for r in rounds if r["disagreement"] is not None]
+    if pts:
+        bx.plot(*zip(*pts, strict=True), marker="o", ms=3, color="tab:red")
+    bx.set(title=f"{title}: prediction disagreement", xlabel="round", ylim=(0, 1),
+           ylabel="share of test predictions differing")  # fmt: skip
+    bx.grid(alpha=0.3)
+    for axis in (ax, bx):
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     fig.tight_layout()
     save_png(fig, out / "consensus.png")

@@ -32,6 +32,12 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+MEANS = ("global_acc", "acc_trained", "local_acc", "consensus", "consensus_aligned",
+         "disagreement")  # fmt: skip
+"""Row fields :func:`per_round` averages over the honest agents (``global_acc`` after the
+round's merge, ``acc_trained`` after its local training)."""
+
+
 def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """One dict per round: mean accuracies and consensus over the honest agents (rows with
     ``byzantine`` set are left out), summed traffic, wall."""
@@ -44,9 +50,7 @@ def per_round(rows: Sequence[Row]) -> list[dict[str, Any]]:
         out.append(
             {
                 "round": r,
-                "global_acc": _mean(g["global_acc"] for g in group),
-                "local_acc": _mean(g["local_acc"] for g in group),
-                "consensus": _mean(g["consensus"] for g in group),
+                **{k: _mean(g.get(k) for g in group) for k in MEANS},
                 "active": sum(bool(g.get("active", True)) for g in group),
                 "bytes_sent": sum(int(g["bytes_sent"]) for g in group),
                 "rejected": sum(int(g.get("rejected", 0)) for g in group),
@@ -78,11 +82,14 @@ def summarize(rows: Sequence[Row], extra: Mapping[str, Any] | None = None) -> di
         "rounds": last["round"],
         "agents": len({row["agent"] for row in rows}),
         "final_global_acc": last["global_acc"],
+        "final_acc_trained": last["acc_trained"],
         "final_local_acc": last["local_acc"],
         "worst_global_acc": min(final) if final else None,
         "best_global_acc": best["global_acc"],
         "best_round": best["round"],
         "consensus": last["consensus"],
+        "consensus_aligned": last["consensus_aligned"],
+        "disagreement": last["disagreement"],
         "bytes_sent": sum(int(row["bytes_sent"]) for row in rows),
         "bytes_received": sum(int(row["bytes_received"]) for row in rows),
         "rejected": sum(int(row.get("rejected", 0)) for row in rows),

@@ -53,21 +53,25 @@ def round_table(rows: Sequence[Row], every: int = 1):
         for i, r in enumerate(rounds)
         if not i % max(every, 1) or i == len(rounds) - 1
     ]
-    headers = ("round", "global acc ↑", "local acc ↑", "disagree ↓", "MB sent", "rejected", "s")
+    headers = ("round", "global acc ↑", "local acc ↑", "distance ↓", "MB sent", "rejected", "s")
     shown = "all rounds" if every <= 1 else f"every {every} rounds and the last"
     return rich_table(
         f"per-round means over agents ({shown}, of {len(rounds)})", headers, cells, left=0,
-        caption="↑ higher is better, ↓ lower is better; disagree: mean ‖θ_i − θ̄‖",
+        caption="↑ higher is better, ↓ lower is better; distance: mean ‖θ_i − θ̄‖",
     )  # fmt: skip
 
 
 SUMMARY_LABELS = {
     "topology": "topology", "protocol": "protocol", "data": "data", "agents": "agents (honest)",
     "rounds": "rounds", "chance_acc": "chance accuracy (1 / classes)",
-    "final_global_acc": "final global acc ↑", "best_global_acc": "best global acc ↑",
+    "final_global_acc": "final global acc (after merging) ↑",
+    "final_acc_trained": "final global acc after local training ↑",
+    "best_global_acc": "best global acc ↑",
     "best_round": "best round", "worst_global_acc": "worst agent's final global acc ↑",
     "final_local_acc": "final local acc ↑",
-    "consensus": "final disagreement ↓", "bytes_sent": "MB sent (all agents)",
+    "consensus": "final parameter distance ↓",
+    "consensus_aligned": "final parameter distance, aligned ↓",
+    "disagreement": "final prediction disagreement ↓", "bytes_sent": "MB sent (all agents)",
     "bytes_received": "MB received (all agents)", "rejected": "payloads rejected",
     "wall_s": "round time, summed (s)", "elapsed_s": "elapsed (s)",
 }  # fmt: skip

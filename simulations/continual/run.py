@@ -32,13 +32,21 @@ from rich.console import Console
 from fedmerge.atomic import atomic_write_text
 from fedmerge.config import POSITIVE, option
 from fedmerge.continual import CONTINUAL_METHODS, make_merger
-from fedmerge.continual.experts import ExpertsConfig, Setup, evaluate, prepare
+from fedmerge.continual.experts import (
+    ExpertsConfig,
+    Setup,
+    evaluate,
+    multitask_state,
+    prepare,
+    task_vector_cosines,
+)
 from fedmerge.continual.metrics import avg_seen, backward_transfer, mean_std
 from fedmerge.errors import ConfigError
 from fedmerge.recipe import Recipe
 from fedmerge.report import Tick, csv_text, markdown, pyplot, rich_table, save_png, write_json
 
-REFERENCES = ("individual", "pretrained")  # pseudo-methods: experts (upper), base body (lower)
+REFERENCES = ("individual", "multitask", "pretrained")  # pseudo-methods: experts and the
+# multi-task body (upper), the base body (lower)
 
 
 @dataclass
@@ -49,6 +57,11 @@ class ContinualConfig(ExpertsConfig):
         {name: entry.defaults() for name, entry in CONTINUAL_METHODS.items()},
         "continual method -> its parameters ({}: the method's defaults)",
     )
+    multitask: bool = option(True, "train the multi-task reference (one body on all tasks)")
+    ta_grid: list = option(
+        [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], "task arithmetic's λ grid: θ₀ + λ·Στ over all tasks",
+        check=(lambda v: all(isinstance(x, int | float) and x > 0 for x in v), "must be > 0"),
+    )  # fmt: skip
     out: str = option("runs/continual_digits", "output directory")
 
     def __post_init__(self) -> None:
@@ -87,6 +100,8 @@ class Result:
     runs: list[Run]
     base_acc: np.ndarray  # (T,) pretrained body + task heads
     expert_acc: np.ndarray  # (T,) each expert on its own task
+    ta_grid: dict[float, np.ndarray]  # λ → (T,) accuracy of θ₀ + λ·Στ over all tasks
+    cosines: np.ndarray  # (T, T) cosines of the experts' task vectors
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,20 +133,28 @@ def run(cfg: ContinualConfig, tick: Tick) -> Result:
     expert_acc = np.array([evaluate(setup, e)[k] for k, e in enumerate(setup.experts)])
     orders = task_orders(len(cfg.tasks), cfg.orders, cfg.seed)
     T = len(cfg.tasks)
+    fixed = {"individual": expert_acc, "pretrained": base_acc}
+    if cfg.multitask:
+        fixed["multitask"] = evaluate(setup, multitask_state(setup, cfg.finetune, cfg.seed))
+        tick("multi-task reference")
+    taus = [{k: e[k] - setup.base[k] for k in setup.base} for e in setup.experts]
+    grid = {float(lam): evaluate(setup, {k: setup.base[k] + lam * sum(t[k] for t in taus)
+                                         for k in setup.base}) for lam in cfg.ta_grid}  # fmt: skip
     runs = []
     for i, order in enumerate(orders):
-        runs.append(Run("individual", i, order, np.tile(expert_acc, (T, 1))))
-        runs.append(Run("pretrained", i, order, np.tile(base_acc, (T, 1))))
+        for name, acc in fixed.items():
+            runs.append(Run(name, i, order, np.tile(acc, (T, 1))))
         for method, params in cfg.methods.items():
             acc = merge_in_order(setup, method, params or {}, order, tick)
             runs.append(Run(method, i, order, acc))
     seconds = {"prepare": t1 - t0, "merge_and_evaluate": time.perf_counter() - t1}
-    return Result(cfg, setup.family.names, orders, runs, base_acc, expert_acc, seconds)
+    return Result(cfg, setup.family.names, orders, runs, base_acc, expert_acc, grid,
+                  task_vector_cosines(setup), seconds)  # fmt: skip
 
 
 def units(cfg: ContinualConfig) -> int:
     """How many ``tick`` calls :func:`run` makes."""
-    return 1 + len(cfg.tasks) + cfg.orders * len(cfg.methods) * len(cfg.tasks)
+    return 1 + cfg.multitask + len(cfg.tasks) + cfg.orders * len(cfg.methods) * len(cfg.tasks)
 
 
 # ----------------------------------------------------------------------------- report
@@ -194,6 +217,19 @@ def table_rows(stats: dict[str, dict[str, Any]]) -> list[list[str]]:
     ]  # fmt: skip
 
 
+def grid_rows(result: Result) -> list[list[str]]:
+    """Task arithmetic over all tasks per λ: mean accuracy (%), and the best λ marked."""
+    best = max(result.ta_grid, key=lambda lam: result.ta_grid[lam].mean())
+    return [[f"{lam:g}" + (" (best)" if lam == best else ""), f"{100 * acc.mean():.1f}"]
+            for lam, acc in result.ta_grid.items()]  # fmt: skip
+
+
+def cosine_rows(result: Result) -> list[list[str]]:
+    """The (T, T) task-vector cosine matrix, one row per task."""
+    return [[name, *(f"{c:.2f}" for c in row)]
+            for name, row in zip(result.task_names, result.cosines, strict=True)]  # fmt: skip
+
+
 def markdown_tables(result: Result, stats: dict[str, dict[str, Any]]) -> str:
     """The summary table and the per-step curve as Markdown (what the docs show)."""
     steps = [
@@ -203,7 +239,17 @@ def markdown_tables(result: Result, stats: dict[str, dict[str, Any]]) -> str:
     ]  # fmt: skip
     headers = ["method"] + [f"t={t}" for t in range(1, len(result.task_names) + 1)]
     note = "Average accuracy (%) on the tasks seen so far after step t, mean ± std over orders:"
-    return markdown(HEADERS, table_rows(stats)) + f"\n{note}\n\n" + markdown(headers, steps)
+    lam = "Task arithmetic θ₀ + λ·Στ over all tasks (order-free; λ chosen on test data):"
+    cos = "Pairwise cosine of the experts' task vectors τ_t = θ_t − θ₀:"
+    return (
+        markdown(HEADERS, table_rows(stats))
+        + f"\n{note}\n\n"
+        + markdown(headers, steps)
+        + f"\n{lam}\n\n"
+        + markdown(["λ", "avg acc %"], grid_rows(result))
+        + f"\n{cos}\n\n"
+        + markdown(["task", *result.task_names], cosine_rows(result))
+    )
 
 
 def plot(result: Result, stats: dict[str, dict[str, Any]], path: Path) -> None:
@@ -240,6 +286,8 @@ def write(result: Result, out: Path) -> dict[str, Path]:
         "orders": [[names[k] for k in order] for order in result.orders],
         "pretrained_acc": dict(zip(names, result.base_acc.tolist(), strict=True)),
         "expert_acc": dict(zip(names, result.expert_acc.tolist(), strict=True)),
+        "task_arithmetic_grid": {str(k): float(v.mean()) for k, v in result.ta_grid.items()},
+        "task_vector_cosines": result.cosines.round(6).tolist(),
         "methods": stats,
         "seconds": result.seconds,
     })  # fmt: skip
@@ -253,7 +301,10 @@ def show(result: Result, console: Console) -> None:
     stats = summarize(result)
     title = (f"Continual merging of {len(result.task_names)} digits tasks, "
              f"{result.config.orders} task orders (mean ± std over orders)")  # fmt: skip
-    caption = "individual = each expert on its own task (upper); pretrained = base body (lower)"
+    caption = (
+        "individual = each expert on its own task, multitask = one body trained on all "
+        "tasks (upper); pretrained = base body (lower)"
+    )
     console.print(rich_table(title, HEADERS, table_rows(stats), caption=caption))
     curve = [
         [str(t + 1)]
@@ -263,9 +314,15 @@ def show(result: Result, console: Console) -> None:
     ]  # fmt: skip
     title = "Average accuracy (%) on the tasks seen so far, after step t"
     console.print(rich_table(title, ["t", *stats], curve, left=0))
+    console.print(rich_table("Task arithmetic θ₀ + λ·Στ, all tasks", ["λ", "avg acc %"],
+                             grid_rows(result)))  # fmt: skip
+    console.print(rich_table("Task-vector cosines", ["task", *result.task_names],
+                             cosine_rows(result)))  # fmt: skip
 
 
-RECIPE = Recipe("continual", ContinualConfig, run=run, units=units, write=write, show=show)
+RECIPE = Recipe(
+    "continual", ContinualConfig, run=run, units=units, write=write, show=show, doc=__doc__
+)
 
 if __name__ == "__main__":
     raise SystemExit(RECIPE.main())

@@ -14,6 +14,7 @@ from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import Setup
 from fedmerge.decentralized.traffic import Traffic
+from fedmerge.statedict import StateDict
 from fedmerge.topology import RoundPlan
 
 
@@ -41,7 +42,8 @@ class AgentEngine:
         t = Traffic.zeros(len(self.agents))
         for s, _ in plan.messages:
             t.sent[s] += payloads[s].nbytes
-        ctx = MergeContext(r, self.setup.config, self.shared_calibration)
+        nodes = len(self.agents) if plan.active is None else len(plan.active)
+        ctx = MergeContext(r, self.setup.config, self.shared_calibration, nodes)
         for i in np.flatnonzero(active):
             self_weight = dict(plan.neighbors[i])[i]
             got = receive_and_merge(self.agents[i], inbox.get(i, []), self_weight,
@@ -57,3 +59,12 @@ class AgentEngine:
     def flat(self) -> torch.Tensor:
         """(n, P) float64: every agent's floating state entries, flattened."""
         return torch.stack([flat_state(a.state()) for a in self.agents])
+
+    def states(self) -> list[StateDict]:
+        return [a.state() for a in self.agents]
+
+    @torch.no_grad()
+    def predictions(self) -> torch.Tensor:
+        """(n, N) int64: every agent's predicted class on the global test set."""
+        x = self.setup.data.test_x
+        return torch.stack([a.model.eval()(x).argmax(1) for a in self.agents])

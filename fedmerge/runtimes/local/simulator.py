@@ -7,7 +7,8 @@ One round (``Simulator.round``) is DESIGN.md's round as data:
     train   → local epochs/steps for every node up and not straggling
     publish → payloads;  deliver → along plan.messages minus the lost ones
     receive → validate (bad payloads dropped and counted);  merge → the protocol
-    evaluate→ local-test and global-test accuracy, ‖θ_i − θ̄‖, bytes, wall time
+    evaluate→ global-test accuracy after training (before merging) and after merging,
+              local-test accuracy, consensus measures (decentralized.consensus), bytes, wall
 
 Everything but the loop comes from the round kit (:mod:`fedmerge.decentralized`). Where
 every agent has the same buffer-free model and the protocol is a W product (gossip, local,
@@ -25,7 +26,7 @@ import numpy as np
 
 from fedmerge.config import SimConfig
 from fedmerge.decentralized.adversary import byzantine_nodes
-from fedmerge.decentralized.consensus import distances
+from fedmerge.decentralized.consensus import measures
 from fedmerge.decentralized.engine import Engine, OnRound, Row
 from fedmerge.decentralized.faults import FaultModel, Recovery
 from fedmerge.decentralized.metrics import metrics_row
@@ -49,7 +50,7 @@ class Simulator:
         self.engine: Engine = StackedEngine(self.setup) if use_stacked else AgentEngine(self.setup)
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
         self.recovery = Recovery(cfg.faults, lambda i: self.setup.model(i).state_dict())
-        # persistence and rejoin need agents, so they imply the per-agent engine
+        # the per-agent engine's agents (persistence, rejoin and folded experts need them)
         self.agents = self.engine.agents if isinstance(self.engine, AgentEngine) else []
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
@@ -68,12 +69,16 @@ class Simulator:
         self.recovery.before_round(r, self.faults.down_until, self.agents)
         self.engine.train(trains)
         traffic = Traffic.zeros(n)
+        trained = None
         if self.setup.protocol.merge is not None:
+            trained = self.engine.evaluate()[1]  # after local training, before the merge
             lost = self.faults.lost(r, len(plan.messages))
             traffic = self.engine.communicate(r, plan, active, lost)
         self.recovery.after_round(r, active, self.agents)
         local, glob = self.engine.evaluate()
-        dist = distances(self.engine.flat())
+        trained = glob if trained is None else trained
+        cons = measures(self.engine, self.setup.model(0), cfg.model.init, cfg.metrics)
+        pick = lambda key, i: None if cons[key] is None else cons[key][i]  # noqa: E731
         wall = time.perf_counter() - start
         rows = [
             metrics_row(
@@ -83,7 +88,10 @@ class Simulator:
                 trained=bool(trains[i]),
                 local_acc=local[i],
                 global_acc=glob[i],
-                consensus=dist[i],
+                acc_trained=trained[i],
+                consensus=cons["consensus"][i],
+                consensus_aligned=pick("consensus_aligned", i),
+                disagreement=pick("disagreement", i),
                 bytes_sent=int(traffic.sent[i]),
                 bytes_received=int(traffic.received[i]),
                 rejected=int(traffic.rejected[i]),

@@ -47,6 +47,8 @@ def why_not_stacked(setup: Setup) -> str | None:
     per_agent = [PER_AGENT_FAULTS[k] for k in faults_in_use(cfg.faults) if k in PER_AGENT_FAULTS]
     if per_agent:
         return per_agent[0]
+    if cfg.peft.r:
+        return "LoRA agents (peft.r > 0) train and merge adapters per agent"
     if cfg.protocol.aggregation != "mean":
         return f"protocol.aggregation {cfg.protocol.aggregation!r} is computed per agent"
     if cfg.protocol.codec != "none":
@@ -197,6 +199,18 @@ class StackedEngine:
 
     def flat(self) -> torch.Tensor:
         return self._matrix().double()
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v[i] for k, v in self.params.items()} for i in range(self.setup.n)]
+
+    @torch.no_grad()
+    def predictions(self) -> torch.Tensor:
+        """(n, N) int64: every agent's predicted class on the global test set."""
+        x = self.setup.data.test_x
+        return torch.cat([
+            self._logits({k: v[lo : lo + EVAL_CHUNK] for k, v in self.params.items()}, x).argmax(-1)
+            for lo in range(0, self.setup.n, EVAL_CHUNK)
+        ])  # fmt: skip
 
 
 class _Optimizer:
