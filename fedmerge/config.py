@@ -194,8 +194,10 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
-    continual: str = option("opcm", "disseminate: the continual merge every node runs "
-                                    "(fedmerge continual methods, e.g. opcm)")  # fmt: skip
+    continual: str = option(
+        "opcm", "disseminate: the continual merge every node runs",
+        registry="fedmerge.continual.methods:CONTINUAL_METHODS",
+    )  # fmt: skip
     forward: str = option(
         "once", "disseminate: forward each expert once (the round after it is first held) or "
         "always", choices=("once", "always"),
