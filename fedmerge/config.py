@@ -154,6 +154,8 @@ class PretrainConfig(TrainConfig):
     """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
     no phase by default."""
 
+    optimizer: str = option("sgd", "pre-training optimizer (one for the whole phase)",
+                            choices=("sgd", "adam"))  # fmt: skip
     epochs: int = option(
         0, "pre-training epochs before round 1, each agent alone on its own data from its own "
         "init (0: no pre-training)", check=between(0, 10_000),
@@ -224,7 +226,8 @@ class ByzantineConfig:
     nodes: list = option([], "the Byzantine node ids for placement: list")
     attack: str = option(
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
-        "entries = scale", choices=("sign_flip", "noise", "constant"),
+        "entries = scale; ipm: −scale·mean of its honest neighbours' x; alie: their mean − "
+        "scale·std per entry", choices=("sign_flip", "noise", "constant", "ipm", "alie"),
     )  # fmt: skip
     scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 

@@ -42,26 +42,26 @@ def claim_lines(results: dict) -> list[str]:
     for setting, cells in results.items():
         dense = cells["dense"]
         for label, c in cells.items():
-            if not label.startswith("topk") or dense["mb"] / c["mb"] < 10:
+            if not label.startswith("topk") or c["mb"] == 0 or dense["mb"] / c["mb"] < 10:
                 continue
             gap = 100 * (dense["acc"] - c["acc"])
             verdict = "holds" if gap <= 1.0 else "FAILS"
+            side = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
             lines.append(f"{setting}: {label} sends {dense['mb'] / c['mb']:.1f}× fewer bytes, "
-                         f"{gap:+.2f} points below dense: {verdict}")  # fmt: skip
+                         f"{side} dense: {verdict}")  # fmt: skip
     return lines
 
 
 def table(results: dict) -> str:
-    labels = list(next(iter(results.values())))
+    labels = list(dict.fromkeys(label for cells in results.values() for label in cells))
     head = "| codec | " + " | ".join(f"{s} acc | MB" for s in results) + " |"
     rule = "| --- |" + " --- | --- |" * len(results)
-    rows = [
-        f"| {label} | " + " | ".join(
-            f"{c[label]['acc']:.3f} ± {c[label]['std']:.3f} | {c[label]['mb']:.3f}"
-            for c in results.values()
-        ) + " |"
-        for label in labels
-    ]  # fmt: skip
+
+    def cell(c: dict | None) -> str:
+        return "– | –" if c is None else f"{c['acc']:.3f} ± {c['std']:.3f} | {c['mb']:.3f}"
+
+    rows = [f"| {label} | " + " | ".join(cell(c.get(label)) for c in results.values()) + " |"
+            for label in labels]  # fmt: skip
     return "\n".join([head, rule, *rows])
 
 
@@ -69,6 +69,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = pyplot().subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (setting, cells) in zip(axes[0], results.items(), strict=True):
         for label, c in cells.items():
+            if c["mb"] == 0:  # local only: a horizontal reference line
+                ax.axhline(c["acc"], color="gray", linestyle=":", label=label)
+                continue
             ax.errorbar(c["mb"], c["acc"], yerr=c["std"], fmt="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_title(setting)

@@ -44,7 +44,8 @@ def load(results_dir: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]
             key, _, value = item.partition("=")
             fields[key] = yaml.safe_load(value)
         curves = {
-            key: np.array([[p[key] or np.nan for p in run["curve"]] for run in cell["runs"]])
+            key: np.array([[np.nan if p[key] is None else p[key] for p in run["curve"]]
+                         for run in cell["runs"]])
             for key in ("global_acc", "acc_trained", "consensus", "consensus_aligned",
                         "disagreement")
         }  # fmt: skip
