@@ -50,7 +50,7 @@ def test_config_file_and_overrides(tmp_path, capsys):
         (["rounds=2.5"], "rounds: must be an integer"),
         (["data.partition=random"], "data.partition: must be one of iid, dirichlet, shards"),
         (["faults.message_loss=1.5"], r"faults.message_loss: must be in \[0, 1\)"),
-        (["protocol.name=fedavg"], "protocol.name: unknown 'fedavg'"),
+        (["protocol.name=fedavg"], "protocol.name: unknown protocol 'fedavg'"),
         (["topology=no-such-preset"], "topology"),
         (["model.name=transformer"], "model.name: unknown model 'transformer'"),
         (["train"], "use key=value"),
