@@ -32,22 +32,21 @@ EXTRA_KINDS = (
     ("continual-methods", "Continual methods", "fedmerge.continual.methods:CONTINUAL_METHODS",
      "`fedmerge continual init STORE --method NAME --param k=v`, `make_merger`, the "
      "recipes' `methods` / `method` + `params`, `protocol.continual` (disseminate)"),
-    ("codecs", "Codecs", "fedmerge.codecs:CODECS",
-     "`fedmerge compress EXPERT --codec NAME --param k=v`"),
 )  # fmt: skip
 """Registries with uses beyond a simulation config field: (page, title, registry, where
 used)."""
 
 FIELD_PAGES = {
-    "data.name": ("datasets", "Datasets"),
-    "model.name": ("models", "Models"),
-    "protocol.name": ("protocols", "Protocols"),
-    "protocol.aggregation": ("aggregation-rules", "Aggregation rules"),
-    "runtime": ("runtimes", "Runtimes"),
-    "protocol.continual": ("continual-methods", "Continual methods"),
+    "data.name": ("datasets", "Datasets", ""),
+    "model.name": ("models", "Models", ""),
+    "protocol.name": ("protocols", "Protocols", ""),
+    "protocol.aggregation": ("aggregation-rules", "Aggregation rules", ""),
+    "protocol.codec": ("codecs", "Codecs", "; `fedmerge compress EXPERT --codec NAME -p k=v`"),
+    "runtime": ("runtimes", "Runtimes", ""),
+    "protocol.continual": ("continual-methods", "Continual methods", ""),
 }
-"""Page and title of the registry a simulation config field selects from (others: the
-field's dotted name)."""
+"""Page, title and other uses of the registry a simulation config field selects from
+(others: the field's dotted name)."""
 
 CONFIGS = (
     ("config.md", "Simulation config", SimConfig,
@@ -135,9 +134,9 @@ def render_all() -> dict[str, str]:
         pages[page] = config_page(title, cls, used)
     kinds = [*EXTRA_KINDS]
     for dotted, path in registry_fields().items():
-        page, title = FIELD_PAGES.get(dotted, (dotted, f"`{dotted}` values"))
+        page, title, also = FIELD_PAGES.get(dotted, (dotted, f"`{dotted}` values", ""))
         if page not in {k[0] for k in EXTRA_KINDS}:  # those pages name every use already
-            kinds.append((page, title, path, f"`{dotted}` in a simulation config"))
+            kinds.append((page, title, path, f"`{dotted}` in a simulation config{also}"))
     for page, title, path, used in kinds:
         pages[f"{page}.md"] = registry_page(title, registry_at(path), used)
     pages["index.md"] = _index(pages)
