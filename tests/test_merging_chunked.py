@@ -199,3 +199,19 @@ def test_experts_that_cannot_read_rows_are_read_whole(tmp_path):
     want = merge("ties", base, [decoded, expert])
     with open_checkpoint(out) as ck:
         assert torch.equal(ck.get("emb"), want["emb"])
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
+def test_output_does_not_depend_on_the_thread_count(method):
+    """Tensors above torch's parallel grain (32k elements), merged whole and in blocks, on
+    1 and 2 threads: the same bits."""
+    from fedmerge.threads import torch_threads
+
+    gen = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(300, 200, generator=gen)}
+    experts = [{"w": base["w"] + torch.randn(300, 200, generator=gen)} for _ in range(3)]
+    outs = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            outs += [run(method, base, experts, [], {}, chunk)["w"] for chunk in (WHOLE, 40_000)]
+    assert all(torch.equal(bits(o), bits(outs[0])) for o in outs[1:])
