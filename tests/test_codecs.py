@@ -128,7 +128,8 @@ def test_lowrank_at_full_rank_is_exact(m, n, seed, rank_deficient):
     if rank_deficient and min(m, n) > 1:
         x = torch.randn(m, 1, generator=g) @ torch.randn(1, n, generator=g)
     y = roundtrip({"w": x, "b": torch.randn(n, generator=g)}, "lowrank", {"rank": min(m, n)})
-    assert float((y["w"] - x).abs().max()) <= 1e-5 * max(1.0, float(x.abs().max()))
+    # exact up to float32 rounding of the QR/projection (grows with the condition number)
+    assert float((y["w"] - x).abs().max()) <= 1e-4 * max(1.0, float(x.abs().max()))
 
 
 def test_lowrank_warm_start_converges_to_the_best_rank_r_approximation():
