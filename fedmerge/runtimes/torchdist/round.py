@@ -30,9 +30,12 @@ from fedmerge.decentralized.consensus import distances, flat_state
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
+from fedmerge.decentralized.node import NodeSources
+from fedmerge.decentralized.persist import save_agent
 from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import build_setup
+from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
 from fedmerge.runtimes.torchdist.exchange import Exchange
@@ -42,14 +45,24 @@ Rows = list[dict[str, Any]]
 
 
 class RankRunner:
-    """One rank of a run: its agents, its process group, its share of every round."""
+    """One rank of a run: its agents, its process group, its share of every round. A
+    deployed ``node`` hosts that one node from its own sources, and saves its agent state
+    to its ``state_dir`` (if any) after every round."""
 
-    def __init__(self, cfg: SimConfig, store: dist.Store, rank: int, world: int) -> None:
+    def __init__(
+        self, cfg: SimConfig, store: dist.Store, rank: int, world: int,
+        node: NodeSources | None = None,
+    ) -> None:  # fmt: skip
         check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
         d = cfg.distributed
-        self.cfg, self.rank = cfg, rank
-        self.setup = build_setup(cfg)
+        self.cfg, self.rank, self.node = cfg, rank, node
+        self.setup = build_setup(cfg, node)
         self.layout = make_layout(self.setup.n, world, d.agents_per_rank)
+        if node is not None and self.layout.nodes_of(rank) != [node.node]:
+            raise ConfigError(
+                f"node file names node {node.node}, but rank {rank} hosts nodes "
+                f"{self.layout.nodes_of(rank)} (one node per rank, node i on rank i)"
+            )
         self.backend = pick_backend(d.backend)
         self.device = torch.device("cpu")
         if self.backend == "nccl":
@@ -99,6 +112,9 @@ class RankRunner:
             ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
+        if self.node is not None and self.node.state_dir is not None:
+            self.node.state_dir.mkdir(parents=True, exist_ok=True)
+            save_agent(self.agents[self.node.node], self.node.state_dir, r + 1)
         ranks, values = self.members.settle(r, "rows", {}, rows)
         if not self.members.leader:
             return None
