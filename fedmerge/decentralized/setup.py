@@ -101,13 +101,7 @@ def build_setup(cfg: SimConfig, node: NodeSources | None = None) -> Setup:
     for a deployed ``node``, its own data and starting checkpoint instead of the split."""
     protocol = get_protocol(cfg.protocol.name)
     _check_peft(cfg, protocol)
-    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
-    try:
-        topo = build_topology(
-            cfg.topology, n=cfg.agents or None, seed=cfg.seed, overrides=overrides
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"topology: {exc}") from exc
+    topo = run_topology(cfg, protocol)
     if node is not None:
         _check_node(cfg, protocol)
         fed = node_data(node, topo.n)
@@ -127,6 +121,16 @@ def build_setup(cfg: SimConfig, node: NodeSources | None = None) -> Setup:
         base = setup.model(0, pretrained=False).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
+
+
+def run_topology(cfg: SimConfig, protocol: Protocol) -> Topology:
+    """The run's topology, with the schedule ``protocol`` imposes (ConfigError "topology: ...")."""
+    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
+    try:
+        return build_topology(cfg.topology, n=cfg.agents or None, seed=cfg.seed,
+                              overrides=overrides)  # fmt: skip
+    except ConfigError as exc:
+        raise ConfigError(f"topology: {exc}") from exc
 
 
 def _check_node(cfg: SimConfig, protocol: Protocol) -> None:

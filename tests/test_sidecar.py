@@ -1,0 +1,148 @@
+"""The merge sidecar: three toy external trainers (separate processes) write checkpoints;
+three sidecars on a ring (torch.distributed, gloo) gossip them; every merged checkpoint is
+W's row applied to the checkpoints the nodes took that round; a sidecar killed with SIGKILL
+and restarted with its peers resumes from its saved state and the run completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmerge.checkpoint import read_metadata, save_state_dict
+from fedmerge.config import load_config
+from fedmerge.decentralized.handoff import (
+    CKPT,
+    CheckpointModel,
+    load_checkpoint,
+    merged_file,
+    newest_checkpoint,
+    read_pointer,
+    write_merged,
+)
+from fedmerge.decentralized.protocols import get_protocol
+from fedmerge.decentralized.setup import run_topology
+from fedmerge.errors import CheckpointError, ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 6
+CONFIG = (f"topology: {{graph: ring, n: 3}}\nrounds: {ROUNDS}\nprotocol: {{name: gossip}}\n"
+          "distributed: {timeout_s: 8}\n")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_sidecars(tmp: Path, prefix: str) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    for k in range(3):
+        env = {**os.environ, "RANK": str(k), "WORLD_SIZE": "3", "LOCAL_RANK": str(k),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "FEDMERGE_TORCHDIST_PREFIX": prefix, "PYTHONPATH": str(ROOT)}  # fmt: skip
+        cmd = [sys.executable, "-m", "clients.merge_sidecar", str(tmp / "run.yaml"),
+               "--watch", str(tmp / f"node-{k}"), "--state", str(tmp / f"state-{k}"),
+               "--period-s", "0.4"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    return procs
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sidecars_gossip_trainer_checkpoints_and_survive_a_kill(tmp_path):
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    dirs = [tmp_path / f"node-{k}" for k in range(3)]
+    trainer = [sys.executable, str(ROOT / "tests" / "sidecar_trainer.py")]
+    trainers = []
+    for k, d in enumerate(dirs):
+        d.mkdir()
+        trainers.append(subprocess.Popen([*trainer, str(d), str(k), "100000", "0.05"]))
+    try:
+        first = start_sidecars(tmp_path, "first")
+        wait_for(lambda: (read_pointer(dirs[1]) or {}).get("round", 0) >= 2, 150, "round 2")
+        first[1].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=60) for p in first]
+        assert codes[1] == -signal.SIGKILL and codes[0] == codes[2] == 1, [
+            p.stderr.read()[-800:] for p in first
+        ]
+        second = start_sidecars(tmp_path, "second")
+        outs = [p.communicate(timeout=200) for p in second]
+        assert [p.returncode for p in second] == [0, 0, 0], [e[-800:] for _, e in outs]
+    finally:
+        for t in trainers:
+            t.kill()
+            t.wait()
+    resumed = {int(out.split()[1].rstrip(":")) for out, _ in outs}
+    assert len(resumed) == 1 and resumed.pop() >= 2  # all ranks resumed at one saved round
+    check_gossip(load_config(tmp_path / "run.yaml"), dirs)
+    for k, d in enumerate(dirs):
+        assert read_pointer(d)["round"] == ROUNDS
+        saved = [read_metadata(tmp_path / f"state-{k}" / g / f"agent-{k:04d}.safetensors")
+                 for g in ("g0", "g1")]  # fmt: skip
+        assert sorted(int(m["round"]) for m in saved) == [ROUNDS - 1, ROUNDS]
+
+
+def check_gossip(cfg, dirs: list[Path]) -> None:
+    """merged_i^r = Σ_j W_ij θ_j^r, θ_j^r: what node j's merge of round r names as its source
+    (a trainer checkpoint, or its own previous merge); the trainers' steps never go back."""
+    topo = run_topology(cfg, get_protocol("gossip"))
+    steps = {k: [] for k in range(len(dirs))}
+    for r in range(1, ROUNDS + 1):
+        source = {j: read_metadata(merged_file(d, r))["source"] for j, d in enumerate(dirs)}
+        theta = {j: load_checkpoint(dirs[j] / source[j]) for j in source}
+        for i, d in enumerate(dirs):
+            if m := CKPT.fullmatch(source[i]):
+                steps[i].append(int(m[1]))
+            w = dict(topo.round(r - 1, total_rounds=ROUNDS).neighbors[i])
+            merged = load_checkpoint(merged_file(d, r))
+            for key in ("w", "b"):
+                want = sum(w[j] * theta[j][key] for j in w)
+                assert torch.allclose(merged[key], want, atol=1e-6, rtol=0), (r, i, key)
+            assert torch.equal(merged["count"], theta[i]["count"])  # not merged: an int
+    assert all(s == sorted(s) and len(s) >= 2 for s in steps.values()), steps
+    first = [load_checkpoint(dirs[j] / read_metadata(merged_file(dirs[j], 1))["source"])["w"]
+             for j in range(3)]  # fmt: skip
+    assert not torch.allclose(first[0], first[1])  # the nodes' models differed
+
+
+def test_file_contract(tmp_path):
+    """Newest step above the last one taken; temp names never read; atomic merged + pointer."""
+    for name in ("ckpt-3.safetensors", "ckpt-12.safetensors", ".ckpt-40.tmp", "ckpt-x.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert newest_checkpoint(tmp_path, -1) == (12, tmp_path / "ckpt-12.safetensors")
+    assert newest_checkpoint(tmp_path, 12) is None
+    write_merged(tmp_path, 4, {"w": torch.ones(2)}, "ckpt-12.safetensors")
+    assert read_pointer(tmp_path) == {"round": 4, "file": "merged-4.safetensors",
+                                      "source": "ckpt-12.safetensors"}  # fmt: skip
+    assert read_metadata(tmp_path / "merged-4.safetensors")["source"] == "ckpt-12.safetensors"
+    (tmp_path / "merged.json").write_text('{"round": 5, "file": "../x.safetensors"}')
+    with pytest.raises(CheckpointError, match="names '../x.safetensors' for round 5"):
+        read_pointer(tmp_path)
+
+
+def test_checkpoint_model_takes_only_its_own_shapes(tmp_path):
+    model = CheckpointModel({"a.b": torch.zeros(2), "n": torch.zeros((), dtype=torch.int64)})
+    model.load_state_dict({"a.b": torch.ones(2), "n": torch.tensor(3)})
+    assert model.state_dict()["a.b"].tolist() == [1.0, 1.0] and int(model.state_dict()["n"]) == 3
+    with pytest.raises(ValidationError, match=r"differs .* \['a.b'\]"):
+        model.load_state_dict({"a.b": torch.ones(3), "n": torch.tensor(3)})
+    save_state_dict({"z": torch.ones(1)}, tmp_path / "c.safetensors")
+    with pytest.raises(ValidationError, match=r"\['a.b', 'n', 'z'\]"):
+        model.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
