@@ -5,7 +5,7 @@
 #   make test-fast    the suite without the tests marked slow
 #   make install      runtime dependencies only, with the CPU build of torch
 #   make install GPU=1   the package index's default torch build instead (CUDA on Linux)
-#   make dev          runtime + dev tools (pytest, ruff, hypothesis, transformers)
+#   make dev          runtime + dev tools (pytest, ruff, import-linter, hypothesis, transformers)
 #   make lint         ruff and the import-linter contracts (layers)
 #   make bench        a quick pass of every benchmark (small sizes; minutes)
 #   make shell        a shell with .venv activated (or run: . .venv/bin/activate)

@@ -24,6 +24,7 @@ allocates). Every child runs with ``OMP_NUM_THREADS`` = ``--threads`` and
     python benchmarks/merge_speed.py --quick      # 4 × 9M, a smoke test
     python benchmarks/merge_speed.py --huge --workdir /big/disk   # 4 × 853M bf16 (~10 GB)
     python benchmarks/merge_speed.py --mergekit-bin /path/venv/bin/mergekit-pytorch
+    python benchmarks/merge_speed.py --compare-with /path/to/older/checkout  # before vs after
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+TREE = os.environ.get("MERGE_SPEED_TREE", str(REPO))  # the fedmerge source a worker runs
+sys.path.insert(0, TREE)
 
 CHUNK = 64 << 20
 
@@ -123,17 +125,23 @@ PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"densit
 def run_worker(args: argparse.Namespace) -> None:
     """The floor, or a fedmerge merge as the CLI runs it; times the work after the imports."""
     if args.worker != "floor":
+        import inspect
+
+        import torch
+
         from fedmerge.merging import merge_checkpoints
         from fedmerge.merging.engine import keep_freed_memory
 
         keep_freed_memory()
+        torch.set_num_threads(args.threads)  # an older tree has no threads parameter
+        has_threads = "threads" in inspect.signature(merge_checkpoints).parameters
     start, cpu = time.perf_counter(), time.process_time()
     if args.worker == "floor":
         floor_worker(args.inputs, args.out)
     else:
         merge_checkpoints(args.worker, args.inputs[0], args.inputs[1:], args.out,
                           params=PARAMS[args.worker], progress=False,
-                          threads=args.threads)  # fmt: skip
+                          **({"threads": args.threads} if has_threads else {}))  # fmt: skip
     work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu}
     print(json.dumps(work))
 
@@ -211,28 +219,56 @@ def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
                       f"{r['anon'] / 2**20:.0f}")  # fmt: skip
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Do two checkpoints hold bit-identical tensors (metadata aside)?"""
+    import torch
+
+    from fedmerge.checkpoint import open_checkpoint
+
+    with open_checkpoint(a) as x, open_checkpoint(b) as y:
+        keys = x.keys()
+        return keys == y.keys() and all(
+            torch.equal(x.get(k).view(torch.uint8), y.get(k).view(torch.uint8)) for k in keys
+        )
+
+
 def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[str, dict]]:
-    """Build the checkpoints of one dtype, run every job (floor first and last), clean up."""
+    """Build the checkpoints of one dtype, run every job (floor first and last), clean up.
+
+    With ``--compare-with`` each fedmerge merge also runs on that source tree and
+    the two outputs are compared bit for bit (printed)."""
     folder.mkdir()
     with console.status(f"building {dtype} checkpoints"):
         inputs = build(folder, args.size, args.experts, dtype)
     me = [sys.executable, __file__, "--threads", str(args.threads), "--inputs", *map(str, inputs)]
     floor_out = folder / "floor.bin"
     jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
-             floor_out)]  # fmt: skip
+             [floor_out], env)]  # fmt: skip
+    tree = str(args.compare_with)
+    other = {**env, "MERGE_SPEED_TREE": tree, "PYTHONPATH": tree}
     for m in args.methods.split(","):
         out = folder / f"fm_{m}.safetensors"
-        jobs.append((f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)], out))
+        mine = (f"fedmerge {m}", [*me, "--worker", m, "--out", str(out)], [], env)
+        if args.compare_with:
+            old = folder / f"old_{m}.safetensors"
+            jobs += [mine, (f"fedmerge@other {m}", [*me, "--worker", m, "--out", str(old)],
+                            [out, old], other)]  # fmt: skip
+        else:
+            jobs.append((*mine[:2], [out], env))
         if args.mergekit_bin:
             out = folder / f"mk_{m}"
             cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
-            jobs.append((f"mergekit {m}", cmd, out))
+            jobs.append((f"mergekit {m}", cmd, [out], env))
     floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
     results = []
-    for name, cmd, out in [*jobs, jobs[0]]:  # the floor runs first and last
+    for name, cmd, done, job_env in [*jobs, jobs[0]]:  # the floor runs first and last
         with console.status(f"{dtype}: {name}"):
-            results.append((name, measure(cmd, env)))
-        shutil.rmtree(out) if out.is_dir() else out.unlink()  # keep the disk free
+            results.append((name, measure(cmd, job_env)))
+        if name.startswith("fedmerge@other"):
+            same = same_tensors(*done)
+            console.print(f"{dtype} {name.split()[-1]}: both trees' outputs bit-identical: {same}")
+        for out in done:  # keep the disk free
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
     shutil.rmtree(folder)
     return results
 
@@ -251,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-pytorch"),
                         help="mergekit-pytorch executable (default: from PATH)")  # fmt: skip
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
+    parser.add_argument("--compare-with", metavar="TREE",
+                        help="also run fedmerge from this source tree (e.g. a git worktree of an "
+                        "older commit) and compare the outputs bit for bit")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -260,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     args.size = "quick" if args.quick else "huge" if args.huge else "llm"
     if args.huge:
         args.dtype = "bfloat16"
+    if args.compare_with and not (Path(args.compare_with) / "fedmerge" / "__init__.py").is_file():
+        raise SystemExit(f"--compare-with {args.compare_with}: no fedmerge package there")
 
     import torch
     from rich.console import Console

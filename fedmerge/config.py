@@ -154,6 +154,8 @@ class PretrainConfig(TrainConfig):
     """The pre-training phase (:mod:`fedmerge.decentralized.pretrain`): ``train``'s fields,
     no phase by default."""
 
+    optimizer: str = option("sgd", "pre-training optimizer (one for the whole phase)",
+                            choices=("sgd", "adam"))  # fmt: skip
     epochs: int = option(
         0, "pre-training epochs before round 1, each agent alone on its own data from its own "
         "init (0: no pre-training)", check=between(0, 10_000),
@@ -194,8 +196,10 @@ class ProtocolConfig:
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
                          check=between(0, MAX_AGENTS))  # fmt: skip
-    continual: str = option("opcm", "disseminate: the continual merge every node runs "
-                                    "(fedmerge continual methods, e.g. opcm)")  # fmt: skip
+    continual: str = option(
+        "opcm", "disseminate: the continual merge every node runs",
+        registry="fedmerge.continual.methods:CONTINUAL_METHODS",
+    )  # fmt: skip
     forward: str = option(
         "once", "disseminate: forward each expert once (the round after it is first held) or "
         "always", choices=("once", "always"),
@@ -222,7 +226,8 @@ class ByzantineConfig:
     nodes: list = option([], "the Byzantine node ids for placement: list")
     attack: str = option(
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
-        "entries = scale", choices=("sign_flip", "noise", "constant"),
+        "entries = scale; ipm: −scale·mean of its honest neighbours' x; alie: their mean − "
+        "scale·std per entry", choices=("sign_flip", "noise", "constant", "ipm", "alie"),
     )  # fmt: skip
     scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 

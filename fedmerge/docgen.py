@@ -31,21 +31,22 @@ EXTRA_KINDS = (
      "`fedmerge merge METHOD --param k=v`, `fedmerge.merge(method, ...)`"),
     ("continual-methods", "Continual methods", "fedmerge.continual.methods:CONTINUAL_METHODS",
      "`fedmerge continual init STORE --method NAME --param k=v`, `make_merger`, the "
-     "recipes' `methods` / `method` + `params`"),
-    ("codecs", "Codecs", "fedmerge.codecs:CODECS",
-     "`fedmerge compress EXPERT --codec NAME --param k=v`"),
+     "recipes' `methods` / `method` + `params`, `protocol.continual` (disseminate)"),
 )  # fmt: skip
-"""Registries no simulation config field selects: (page, title, registry, where used)."""
+"""Registries with uses beyond a simulation config field: (page, title, registry, where
+used)."""
 
 FIELD_PAGES = {
-    "data.name": ("datasets", "Datasets"),
-    "model.name": ("models", "Models"),
-    "protocol.name": ("protocols", "Protocols"),
-    "protocol.aggregation": ("aggregation-rules", "Aggregation rules"),
-    "runtime": ("runtimes", "Runtimes"),
+    "data.name": ("datasets", "Datasets", ""),
+    "model.name": ("models", "Models", ""),
+    "protocol.name": ("protocols", "Protocols", ""),
+    "protocol.aggregation": ("aggregation-rules", "Aggregation rules", ""),
+    "protocol.codec": ("codecs", "Codecs", "; `fedmerge compress EXPERT --codec NAME -p k=v`"),
+    "runtime": ("runtimes", "Runtimes", ""),
+    "protocol.continual": ("continual-methods", "Continual methods", ""),
 }
-"""Page and title of the registry a simulation config field selects from (others: the
-field's dotted name)."""
+"""Page, title and other uses of the registry a simulation config field selects from
+(others: the field's dotted name)."""
 
 CONFIGS = (
     ("config.md", "Simulation config", SimConfig,
@@ -133,8 +134,9 @@ def render_all() -> dict[str, str]:
         pages[page] = config_page(title, cls, used)
     kinds = [*EXTRA_KINDS]
     for dotted, path in registry_fields().items():
-        page, title = FIELD_PAGES.get(dotted, (dotted, f"`{dotted}` values"))
-        kinds.append((page, title, path, f"`{dotted}` in a simulation config"))
+        page, title, also = FIELD_PAGES.get(dotted, (dotted, f"`{dotted}` values", ""))
+        if page not in {k[0] for k in EXTRA_KINDS}:  # those pages name every use already
+            kinds.append((page, title, path, f"`{dotted}` in a simulation config{also}"))
     for page, title, path, used in kinds:
         pages[f"{page}.md"] = registry_page(title, registry_at(path), used)
     pages["index.md"] = _index(pages)

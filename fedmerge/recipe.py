@@ -3,7 +3,8 @@
 A recipe script (torchtune-style: one file, a config dataclass and a few functions)
 ends with::
 
-    RECIPE = Recipe("continual", ContinualConfig, run=run, units=units, write=write, show=show)
+    RECIPE = Recipe("continual", ContinualConfig, run=run, units=units, write=write, show=show,
+                    doc=__doc__)
 
     if __name__ == "__main__":
         raise SystemExit(RECIPE.main())
@@ -47,7 +48,7 @@ class Recipe:
 
     ``run(cfg, tick)`` -> outcome, calling ``tick(label)`` ``units(cfg)`` times;
     ``write(outcome, out_dir)`` -> ``{kind: path}`` of the files written;
-    ``show(outcome, console)`` prints the tables.
+    ``show(outcome, console)`` prints the tables; ``doc`` is the ``--help`` text.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Recipe:
     units: Callable[[Any], int]
     write: Callable[[Any, Path], dict[str, Path]]
     show: Callable[[Any, Console], None]
+    doc: str = ""
 
     def load(self, path: str | Path | None, overrides: Sequence[str] = ()) -> Any:
         """The validated config: YAML ``path`` (None: the defaults) with ``a.b=c`` overrides."""
@@ -91,7 +93,8 @@ class Recipe:
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """The recipe's command line: ``--config``, ``--set`` (repeatable), ``--out``."""
-        parser = argparse.ArgumentParser(prog=f"{self.name} recipe", description=self.name)
+        raw = argparse.RawDescriptionHelpFormatter
+        parser = argparse.ArgumentParser(description=self.doc or self.name, formatter_class=raw)
         parser.add_argument("--config", help="YAML config (default: the built-in defaults)")
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config field, e.g. --set seed=1")  # fmt: skip

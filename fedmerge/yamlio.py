@@ -45,7 +45,8 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     try:
         with open(path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size > MAX_BYTES:
-                raise ConfigError(f"{what} {path}: larger than the {MAX_BYTES}-byte limit")
+                raise ConfigError(f"cannot read {what} {path}: larger than the {MAX_BYTES}-byte "
+                                  "limit")  # fmt: skip
             raw = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
@@ -53,7 +54,7 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            f"cannot read {what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
     return parse_yaml(text, f"{what} {path}")
 

@@ -14,10 +14,7 @@ import csv
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedmerge.report import pyplot, save_png
 
 SETTINGS = ["torus-4x4-iid", "ring-16-iid", "torus-4x4-dirichlet", "ring-16-dirichlet"]
 
@@ -45,33 +42,36 @@ def claim_lines(results: dict) -> list[str]:
     for setting, cells in results.items():
         dense = cells["dense"]
         for label, c in cells.items():
-            if not label.startswith("topk") or dense["mb"] / c["mb"] < 10:
+            if not label.startswith("topk") or c["mb"] == 0 or dense["mb"] / c["mb"] < 10:
                 continue
             gap = 100 * (dense["acc"] - c["acc"])
             verdict = "holds" if gap <= 1.0 else "FAILS"
+            side = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
             lines.append(f"{setting}: {label} sends {dense['mb'] / c['mb']:.1f}× fewer bytes, "
-                         f"{gap:+.2f} points below dense: {verdict}")  # fmt: skip
+                         f"{side} dense: {verdict}")  # fmt: skip
     return lines
 
 
 def table(results: dict) -> str:
-    labels = list(next(iter(results.values())))
+    labels = list(dict.fromkeys(label for cells in results.values() for label in cells))
     head = "| codec | " + " | ".join(f"{s} acc | MB" for s in results) + " |"
     rule = "| --- |" + " --- | --- |" * len(results)
-    rows = [
-        f"| {label} | " + " | ".join(
-            f"{c[label]['acc']:.3f} ± {c[label]['std']:.3f} | {c[label]['mb']:.3f}"
-            for c in results.values()
-        ) + " |"
-        for label in labels
-    ]  # fmt: skip
+
+    def cell(c: dict | None) -> str:
+        return "– | –" if c is None else f"{c['acc']:.3f} ± {c['std']:.3f} | {c['mb']:.3f}"
+
+    rows = [f"| {label} | " + " | ".join(cell(c.get(label)) for c in results.values()) + " |"
+            for label in labels]  # fmt: skip
     return "\n".join([head, rule, *rows])
 
 
 def plot(results: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, (setting, cells) in zip(axes[0], results.items(), strict=True):
         for label, c in cells.items():
+            if c["mb"] == 0:  # local only: a horizontal reference line
+                ax.axhline(c["acc"], color="gray", linestyle=":", label=label)
+                continue
             ax.errorbar(c["mb"], c["acc"], yerr=c["std"], fmt="o", capsize=3, label=label)
         ax.set_xscale("log")
         ax.set_title(setting)
@@ -80,7 +80,7 @@ def plot(results: dict, path: Path) -> None:
     axes[0][0].set_ylabel("final mean global accuracy")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def main(folder: str) -> int:

@@ -42,9 +42,9 @@ def test_encoded_bytes_are_counted(one_thread):
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["protocol.codec=zip"], "protocol.codec: unknown codec 'zip'"),
+        (["protocol.codec=zip"], "protocol.codec: unknown 'zip'"),
         (["protocol.codec=topk", "protocol.codec_params={density: 2}"],
-         "protocol.codec_params: codec 'topk': parameter 'density'"),
+         "codec 'topk': parameter 'density'"),
         (["protocol.codec=topk", "protocol.name=dimat"], "protocol.name 'dimat' is not gossip"),
         (["protocol.codec=topk", "protocol.name=single_global_merge"], "schedule"),
         (["protocol.codec=topk", "protocol.aggregation=median"], "not mean"),

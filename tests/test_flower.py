@@ -215,6 +215,17 @@ def test_connect_timeout_scales_with_nodes_and_names_what_was_seen(tmp_path):
         relay(LoopbackGrid(3), cfg, opts, None)
 
 
+def test_the_flower_app_has_a_static_version_equal_to_the_package():
+    """``flwr run .`` refuses a pyproject.toml without ``[project] version``."""
+    import tomllib
+    from pathlib import Path
+
+    import fedmerge
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == fedmerge.__version__ and "dynamic" not in project
+
+
 def test_run_config_names_config_overrides_and_output(tmp_path):
     (tmp_path / "sim.yaml").write_text("rounds: 7\ntopology: ring-4\n")
     run_config = {"config": "sim.yaml", "overrides": "seed=3 'model.options.hidden=[8, 8]'",

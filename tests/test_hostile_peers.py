@@ -96,3 +96,115 @@ def test_negative_and_future_rounds_are_counted_rejections():
     assert "from the future" in receiver.rejected[1]
     assert receiver.last_round == {}  # the real sender is not silenced
     assert len(receiver.receive([delivery(honest.publish(round=3))], round=3)) == 1
+
+
+# ----------------------------------------------------------------------------- Flower replies
+
+
+def flower_reply(node: int, *, flat=None, stype="safetensors", nbytes=10, extra=None):
+    """A Flower reply as the relay receives it (real records, a stand-in message)."""
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from safetensors.torch import save as st_save
+
+    flat = torch.zeros(6, dtype=torch.float64) if flat is None else flat
+    arrays = {"flat": Array(dtype="uint8", shape=(1,), stype="safetensors",
+                            data=st_save({"flat": flat})),
+              "payload": Array(dtype="uint8", shape=(3,), stype=stype, data=b"abc")}  # fmt: skip
+    metrics = {"rejected": 0, "global_acc": 0.5, **({} if nbytes is None else {"nbytes": nbytes})}
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    if extra:
+        content = extra(content)
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=100 + node), content=content,
+                           has_error=lambda: False)  # fmt: skip
+
+
+def test_one_malformed_flower_reply_skips_that_node_only():
+    """Wrong flat length, wrong payload stype, missing nbytes, NaN flat, no metrics: each
+    such node is skipped for the step and named; the honest node's reply is kept."""
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedmerge.runtimes.flower.relay import RelayOptions, collect
+
+    def no_metrics(content):
+        return RecordDict({"arrays": content.array_records["arrays"]})
+
+    replies = [flower_reply(0), flower_reply(1, flat=torch.zeros(7, dtype=torch.float64)),
+               flower_reply(2, stype="numpy.ndarray"), flower_reply(3, nbytes=None),
+               flower_reply(4, flat=torch.full((6,), float("nan"), dtype=torch.float64)),
+               flower_reply(5, extra=no_metrics)]  # fmt: skip
+    grid = SimpleNamespace(send_and_receive=lambda msgs, timeout: replies)
+    back = {100 + i: i for i in range(6)}
+    got = collect(grid, [], back, RelayOptions(), 0, flat_len=6)
+    assert sorted(got) == [0]
+
+
+# ----------------------------------------------------------------------------- omniscient attacks
+
+
+def test_ipm_and_alie_attacks_by_hand():
+    """IPM (Xie et al. 2020): −ε · mean of the honest neighbours' tensors. ALIE (Baruch et
+    al. 2019): mean − z · std of the honest neighbours, per coordinate (population std)."""
+    from fedmerge.config import ByzantineConfig
+    from fedmerge.decentralized.adversary import attack
+
+    own = {"w": torch.tensor([100.0, 100.0])}
+    honest = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    g = torch.Generator().manual_seed(0)
+    ipm = attack(own, ByzantineConfig(attack="ipm", scale=0.5), g, honest)
+    assert ipm["w"].tolist() == [-1.0, -2.0]  # −0.5 · [2, 4]
+    alie = attack(own, ByzantineConfig(attack="alie", scale=1.5), g, honest)
+    assert alie["w"].tolist() == [2.0 - 1.5 * 1.0, 4.0 - 1.5 * 2.0]
+    alone = attack(own, ByzantineConfig(attack="ipm", scale=1.0), g, [])
+    assert alone["w"].tolist() == [-100.0, -100.0]  # no honest neighbour: its own tensors
+
+
+def test_ipm_uses_the_attackers_honest_neighbours():
+    import networkx as nx
+
+    from fedmerge.config import load_config
+    from fedmerge.decentralized.adversary import Adversary
+
+    sets = ["placement=list", "nodes=[0, 1]", "attack=ipm", "scale=1"]
+    cfg = load_config(None, [f"faults.byzantine.{s}" for s in sets])
+    adv = Adversary(cfg, nx.path_graph(4))  # 0 - 1 - 2 - 3: node 1's honest neighbour is 2
+    payloads = {i: Payload.make({"w": torch.full((2,), float(i))}, sender=i, round=0, samples=1,
+                                kind="delta") for i in range(4)}  # fmt: skip
+    out = adv.corrupt(payloads, 0)
+    assert out[1].tensors["w"].tolist() == [-2.0, -2.0]
+    assert out[0].tensors["w"].tolist() == [-0.0, -0.0]  # no honest neighbour: −1 · its own 0
+    assert out[2] is payloads[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=9, max_size=9), st.integers(0, 16))
+def test_fuzzed_wire_headers_are_checked_or_refused(values, sender):
+    """Any 9 × int64 header: body_size returns a size within what it checked, or refuses."""
+    from fedmerge.runtimes.torchdist.wire import body_size
+
+    try:
+        size = body_size(torch.tensor(values, dtype=torch.int64), sender)
+    except ValidationError:
+        return
+    assert values[2] == sender and 0 < size == values[6] + values[7]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=64), st.sampled_from(["safetensors", "numpy.ndarray", ""]),
+       st.dictionaries(st.sampled_from(["nbytes", "rejected", "global_acc"]),
+                       st.one_of(st.integers(-5, 2**40), st.floats(allow_nan=False)),
+                       max_size=3))  # fmt: skip
+def test_fuzzed_flower_records_are_judged_not_raised(blob, stype, metrics):
+    pytest.importorskip("flwr")
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from fedmerge.runtimes.flower.relay import malformed
+
+    arrays = {k: Array(dtype="uint8", shape=(len(blob),), stype=stype, data=blob)
+              for k in ("flat", "payload")}  # fmt: skip
+    rec = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
+    assert isinstance(malformed(rec, flat_len=6), str)  # never valid, never an exception

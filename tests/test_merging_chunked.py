@@ -176,3 +176,26 @@ def test_checkpoints_merged_in_blocks_equal_in_memory_and_record_threads(tmp_pat
             for key in want:
                 assert torch.equal(ck.get(key), want[key]), (method, key)
         assert report.threads == 1 and read_metadata(out)["fedmerge.threads"] == "1"
+
+
+def test_experts_that_cannot_read_rows_are_read_whole(tmp_path):
+    """A compressed expert decodes a whole key at a time: the engine reads such an input
+    whole (the plain checkpoints beside it too) and still merges it right."""
+    from fedmerge.codecs.expert import compress_checkpoint, open_expert
+
+    gen = torch.Generator().manual_seed(1)
+    base = {"emb": torch.randn(40, 6, generator=gen)}
+    expert = {"emb": base["emb"] + torch.randn(40, 6, generator=gen)}
+    save_state_dict(base, tmp_path / "base.safetensors")
+    save_state_dict(expert, tmp_path / "e.safetensors")
+    compress_checkpoint(tmp_path / "e.safetensors", tmp_path / "base.safetensors",
+                        tmp_path / "c.safetensors", "ternary", {"density": 0.5})  # fmt: skip
+    with open_expert(tmp_path / "c.safetensors", base=tmp_path / "base.safetensors") as ck:
+        decoded = ck.load()
+    out = tmp_path / "m.safetensors"
+    merge_checkpoints("ties", tmp_path / "base.safetensors",
+                      [tmp_path / "c.safetensors", tmp_path / "e.safetensors"], out,
+                      progress=False, chunk_elements=7)  # fmt: skip
+    want = merge("ties", base, [decoded, expert])
+    with open_checkpoint(out) as ck:
+        assert torch.equal(ck.get("emb"), want["emb"])

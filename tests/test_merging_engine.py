@@ -140,11 +140,12 @@ def test_output_metadata_records_method_params_and_inputs(files, tmp_path):
 
 def test_progress_bar_on_a_terminal(files, tmp_path, monkeypatch, capsys):
     import fedmerge.merging.engine as engine
+    from fedmerge.report import progress
 
     _, _, _, paths = files
     monkeypatch.setattr(engine, "PROGRESS_MIN_ELEMENTS", 1)
     monkeypatch.setattr(engine.sys.stderr, "isatty", lambda: True, raising=False)
     out = tmp_path / "p.safetensors"
     merge_checkpoints("ties", paths["base"], [paths["e0"], paths["e2"]], out,
-                      params={"scope": "global"}, progress=True)  # fmt: skip
+                      params={"scope": "global"}, progress=progress)  # fmt: skip
     assert out.exists() and "merge ties" in capsys.readouterr().err

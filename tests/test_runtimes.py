@@ -42,8 +42,8 @@ def test_unsupported_faults_are_refused_by_name_before_anything_starts(
     def never(name):  # the runtime's module is not even imported
         raise AssertionError(f"imported {name}")
 
-    monkeypatch.setattr("fedmerge.runtimes.importlib.import_module", never)
     cfg = load_config(None, [*SMALL, f"runtime={runtime}", fault])
+    monkeypatch.setattr("fedmerge.runtimes.importlib.import_module", never)
     with pytest.raises(ConfigError, match=rf"^{field}: not supported by runtime '{runtime}'"):
         run(cfg)
 

@@ -24,6 +24,7 @@ from fedmerge.cli import main as cli_main
 from fedmerge.config import load_config
 from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.decentralized.payload import Payload
+from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.runtimes import torchdist
 from fedmerge.runtimes.local.simulator import Simulator
@@ -149,7 +150,9 @@ def test_gossip_four_ranks_matches_simulator():
     rows = torchdist.run(cfg, procs=4, threads=1, on_round=seen.append)
     assert [r[0]["round"] for r in seen] == [1, 2, 3] and sum(seen, []) == rows
     assert_same_rows(rows, simulate_one_thread(cfg))
-    assert all(r["bytes_received"] == r["bytes_sent"] == 2 * 68904 for r in rows)
+    model = build_setup(cfg).model(0)  # every agent sends τ (float32) to its 2 neighbours
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    assert all(r["bytes_received"] == r["bytes_sent"] == 2 * nbytes for r in rows)
 
 
 def test_compressed_gossip_two_agents_per_rank_matches_simulator():

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from functools import partial
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -183,16 +184,18 @@ def run(args: argparse.Namespace) -> int:
     from fedmerge.merging import merge_checkpoints
     from fedmerge.merging.engine import keep_freed_memory
     from fedmerge.registry import parse_assignments
+    from fedmerge.report import progress
 
     keep_freed_memory()
     shard = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_SHARD_BYTES
     rank = adapter_rank(args)
+    bar = None if args.no_progress else partial(progress, percent=True)
     if rank is not None:
         from fedmerge.hf.merge import merge_to_adapter
 
         made = merge_to_adapter(
             args.method, args.base, args.experts, args.out, rank, args.svd,
-            parse_weights(args.weights), parse_assignments(args.param), not args.no_progress,
+            parse_weights(args.weights), parse_assignments(args.param), bar,
         )  # fmt: skip
         console.print(svd_table(made))
         console.print(f"wrote {escape(args.out)} (adapter_config.json, adapter_model.safetensors)")
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         fisher_paths=args.fisher,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         max_shard_bytes=shard,
-        progress=not args.no_progress,
+        progress=bar,
         threads=args.threads,
     )
     table = Table(title=f"merged with {report.method}", show_header=False)

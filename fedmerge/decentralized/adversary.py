@@ -6,7 +6,11 @@ against duplicated and replayed payloads.
   of their tensors x (τ or θ), a validly hashed payload holding
 
   ``sign_flip``: −scale·x;  ``noise``: x + ε with ‖ε‖ = scale·‖x‖;  ``constant``: every entry
-  = scale.  They train and merge like everyone else (their own accuracy is not reported as
+  = scale;  and two omniscient attacks that see their honest neighbours' payloads of the
+  round: ``ipm`` (inner product manipulation, Xie et al. 2020): −scale·mean_j x_j;  ``alie``
+  (a little is enough, Baruch et al. 2019): mean_j x_j − scale·std_j x_j per entry
+  (population std), both over the attacker's honest neighbours j (its own x if it has
+  none).  They train and merge like everyone else (their own accuracy is not reported as
   honest: rows carry ``byzantine``).
 - **Duplication** (``faults.duplicate``): a delivered payload arrives twice.
 - **Reordering** (``faults.reorder``): a payload is held back one round and arrives after
@@ -51,8 +55,21 @@ def byzantine_nodes(cfg: ByzantineConfig, graph: nx.Graph, seed: int) -> frozens
     return frozenset(rng.choice(n, size=cfg.count, replace=False).tolist())
 
 
-def attack(tensors: Mapping[str, torch.Tensor], cfg: ByzantineConfig, generator: torch.Generator):
-    """What a Byzantine node sends instead of ``tensors`` (same keys, shapes, dtypes)."""
+def attack(
+    tensors: Mapping[str, torch.Tensor], cfg: ByzantineConfig, generator: torch.Generator,
+    honest: Sequence[Mapping[str, torch.Tensor]] = (),
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """What a Byzantine node sends instead of ``tensors`` (same keys, shapes, dtypes);
+    ``honest``: its honest neighbours' tensors this round (for ``ipm`` and ``alie``)."""
+    if cfg.attack in ("ipm", "alie"):
+        peers = list(honest) or [tensors]
+        out = {}
+        for k, v in tensors.items():
+            stack = torch.stack([p[k].double() for p in peers])  # (peers, *shape)
+            mean, std = stack.mean(0), stack.std(0, correction=0)
+            bad = -cfg.scale * mean if cfg.attack == "ipm" else mean - cfg.scale * std
+            out[k] = bad.to(v.dtype)
+        return out
     if cfg.attack == "sign_flip":
         return {k: -cfg.scale * v for k, v in tensors.items()}
     if cfg.attack == "constant":
@@ -67,7 +84,7 @@ class Adversary:
     """The simulator's Byzantine senders and its duplicating / reordering network."""
 
     def __init__(self, cfg: SimConfig, graph: nx.Graph) -> None:
-        self.faults, self.seed = cfg.faults, cfg.seed
+        self.faults, self.seed, self.graph = cfg.faults, cfg.seed, graph
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, graph, cfg.seed)
         self.delayed: Inbox = {}
 
@@ -77,7 +94,9 @@ class Adversary:
         for s in sorted(self.byzantine & payloads.keys()):
             p = payloads[s]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + r * 7_919 + s)
-            bad = attack(p.tensors, self.faults.byzantine, g)
+            honest = [payloads[j].tensors for j in sorted(self.graph.neighbors(s))
+                      if j in payloads and j not in self.byzantine]  # fmt: skip
+            bad = attack(p.tensors, self.faults.byzantine, g, honest)
             out[s] = Payload.make(bad, sender=s, round=p.round, samples=p.samples, kind=p.kind)
         return out
 

@@ -19,7 +19,7 @@ from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError
 from fedmerge.hf.modeldir import is_model_dir
 from fedmerge.hf.refactor import AdapterReport, write_adapter
-from fedmerge.merging.engine import plan_merge, run_plan
+from fedmerge.merging.engine import ProgressFactory, plan_merge, run_plan
 
 
 def merge_to_adapter(
@@ -31,7 +31,7 @@ def merge_to_adapter(
     svd: str = "exact",
     weights: Sequence[float] | None = None,
     params: Mapping[str, Any] | None = None,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
 ) -> AdapterReport:
     """Merge ``expert_paths`` over the model directory ``base_path``; write a LoRA adapter."""
     if not is_model_dir(base_path):

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,10 @@ from fedmerge.statedict import StateDict, check_same_specs, is_mergeable
 from fedmerge.threads import torch_threads
 
 PROGRESS_MIN_ELEMENTS = 10_000_000  # smaller merges finish before a bar is worth drawing
+
+ProgressFactory = Callable[[float, str], AbstractContextManager[Callable[..., None]]]
+"""How a caller draws progress: ``factory(total, description)`` is a context that yields
+``tick(advance=n)`` (the CLI passes :func:`fedmerge.report.progress`); None: no bar."""
 # elements per expert in one block: K × 1M float32 task vectors (16 MB for K = 4) plus a few
 # temporaries of that size; big enough that per-block overhead is small, small enough to stay lean
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -66,7 +70,8 @@ class Source(Protocol):
     """Anything with named tensors: a :class:`~fedmerge.checkpoint.Checkpoint` or a state dict.
 
     A source may also offer ``get_rows(key, start, stop)`` (rows start:stop of
-    dim 0); the engine then reads big tensors block by block, else whole.
+    dim 0); the engine then reads big tensors block by block, else whole (a
+    subclass of a row-reading source that cannot read rows sets ``get_rows = None``).
     """
 
     def specs(self) -> dict[str, TensorSpec]: ...
@@ -192,7 +197,8 @@ def blocks(plan: MergePlan, key: str) -> list[Rows]:
     row = math.prod(shape[1:])
     step = max(1, plan.chunk_elements // max(1, row))
     sources = [plan.base, *plan.experts, *plan.fishers]
-    if not shape or step >= shape[0] or not all(hasattr(s, "get_rows") for s in sources):
+    rowwise = all(getattr(s, "get_rows", None) is not None for s in sources)
+    if not shape or step >= shape[0] or not rowwise:
         return [None]
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
@@ -287,7 +293,9 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     return out.reshape(spec.shape)
 
 
-def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def run_plan(
+    plan: MergePlan, progress: ProgressFactory | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` in sorted key order, one key in memory at a time.
 
     A method with a pre-pass (``ties`` with ``scope: global``) first streams
@@ -311,23 +319,17 @@ def run_plan(plan: MergePlan, progress: bool = False) -> Iterator[tuple[str, tor
 
 @contextmanager
 def _progress_bar(
-    plan: MergePlan, enabled: bool, prepasses: int
+    plan: MergePlan, progress: ProgressFactory | None, prepasses: int
 ) -> Iterator[Callable[[str], None]]:
-    """Yield ``advance(key)``; a rich bar on stderr only for big merges on a terminal."""
+    """Yield ``advance(key)``; ``progress`` draws a bar only for big merges on a terminal."""
     numel = {k: max(1, math.prod(s.shape)) for k, s in plan.out_specs.items()}
     size = sum(numel.values())
     total = size + prepasses * sum(numel[k] for k in plan.mergeable)
-    if not (enabled and size >= PROGRESS_MIN_ELEMENTS and sys.stderr.isatty()):
+    if not (progress and size >= PROGRESS_MIN_ELEMENTS and sys.stderr.isatty()):
         yield lambda key: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn(f"merge {plan.method.name}"), BarColumn(),
-               TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("merge", total=total)
-        yield lambda key: bar.advance(task, numel[key])
+    with progress(total, f"merge {plan.method.name}") as tick:
+        yield lambda key: tick(advance=numel[key])
 
 
 # ----------------------------------------------------------------------------- public API
@@ -389,7 +391,7 @@ def merge_checkpoints(
     fisher_paths: Sequence[str | os.PathLike] = (),
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
     threads: int | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> MergeReport:
@@ -401,8 +403,8 @@ def merge_checkpoints(
     size. The output is written key by key and appears atomically, sharded
     with an index when larger than ``max_shard_bytes``. ``threads`` torch
     threads do the work (default: the physical cores; recorded in the output's
-    metadata). ``progress`` draws a bar when the merge is large and stderr is a
-    terminal.
+    metadata). ``progress`` (e.g. :func:`fedmerge.report.progress`) draws a bar when
+    the merge is large and stderr is a terminal.
     """
     start = time.perf_counter()
     inputs = [Path(base_path), *map(Path, expert_paths), *map(Path, fisher_paths)]

@@ -14,11 +14,18 @@ relabel it; ``line`` is what a log shows for this step when there is no terminal
 
 @contextlib.contextmanager
 def progress(
-    total: float, description: str, *, enabled: bool = True, status: bool = False
+    total: float,
+    description: str,
+    *,
+    enabled: bool = True,
+    status: bool = False,
+    percent: bool = False,
 ) -> Iterator[Tick]:
     """A progress bar of ``total`` units on stderr; yields ``tick``.
 
-    ``status`` adds a column showing the ``status`` field (``tick(status="acc 0.91")``).
+    ``status`` adds a column showing the ``status`` field (``tick(status="acc 0.91")``);
+    ``percent`` shows a percentage and the time left instead of done/total (for totals
+    counted in elements, such as a merge).
     Without a terminal, a tick with a ``line`` prints ``[done/total] line`` to stderr
     instead. Disabled, ``tick`` does nothing, so callers never branch on it.
     """
@@ -37,14 +44,25 @@ def progress(
         yield log
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     text = {"markup": False}  # labels are user text (run, cell, task names), never markup
-    columns = [TextColumn("{task.description}", style="bold", **text), BarColumn(),
-               MofNCompleteColumn()]  # fmt: skip
+    columns = [TextColumn("{task.description}", style="bold", **text), BarColumn()]
+    if percent:
+        columns += [TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn()]
+    else:
+        columns.append(MofNCompleteColumn())
     if status:
         columns.append(TextColumn("{task.fields[status]}", **text))
-    columns.append(TimeElapsedColumn())
+    if not percent:
+        columns.append(TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total, status="")
 

@@ -320,7 +320,9 @@ def show(result: Result, console: Console) -> None:
                              cosine_rows(result)))  # fmt: skip
 
 
-RECIPE = Recipe("continual", ContinualConfig, run=run, units=units, write=write, show=show)
+RECIPE = Recipe(
+    "continual", ContinualConfig, run=run, units=units, write=write, show=show, doc=__doc__
+)
 
 if __name__ == "__main__":
     raise SystemExit(RECIPE.main())

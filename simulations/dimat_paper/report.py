@@ -1,6 +1,6 @@
 """Tabulate and plot the dimat_paper sweep: post-merge and post-train accuracy per method.
 
-    fedmerge sweep simulations/dimat_paper/sweep.yaml --out runs/dimat_paper
+    fedmerge sweep simulations/dimat_paper/sweep.yaml --out runs/dimat_paper   # runs report()
     python simulations/dimat_paper/report.py runs/dimat_paper --out docs
 
 Reads RESULTS/results.json; writes OUT/dimat_paper.md (mean ± std over seeds of the global
@@ -13,14 +13,14 @@ dashed, mean over seeds with a ±std band).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from fedmerge.atomic import atomic_write_bytes, atomic_write_text
+from fedmerge.atomic import atomic_write_text
+from fedmerge.report import pyplot, save_png
 
 METHODS = ("dimat-shared", "dimat-local", "wa", "gossip", "local")
 
@@ -44,7 +44,8 @@ def load(results_dir: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]
             key, _, value = item.partition("=")
             fields[key] = yaml.safe_load(value)
         curves = {
-            key: np.array([[p[key] or np.nan for p in run["curve"]] for run in cell["runs"]])
+            key: np.array([[np.nan if p[key] is None else p[key] for p in run["curve"]]
+                         for run in cell["runs"]])
             for key in ("global_acc", "acc_trained", "consensus", "consensus_aligned",
                         "disagreement")
         }  # fmt: skip
@@ -75,12 +76,8 @@ def _order(item) -> tuple:
     return part, topo != "complete", topo, METHODS.index(method)
 
 
-def plot(cells) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(cells, path: Path) -> None:
+    plt = pyplot()
     parts, topos = ("iid", "shards"), ("complete", "ring")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey=True)
     for (r, part), (c, topo) in ((a, b) for a in enumerate(parts) for b in enumerate(topos)):
@@ -101,10 +98,21 @@ def plot(cells) -> bytes:
     axes[0, 0].legend(fontsize=8, title="solid: after merge; dashed: after training",
                       title_fontsize=8)  # fmt: skip
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    save_png(fig, path, dpi=90)
+
+
+def report(results: Path, out: Path | None = None) -> dict[str, Path]:
+    """Tabulate and plot the sweep in ``results`` into ``out`` (default: ``results``); print
+    the table. ``fedmerge sweep`` calls this on its output (``report:`` in sweep.yaml)."""
+    cells = load(results)
+    out = out or results
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(cells)
+    paths = {"table": out / "dimat_paper.md", "plot": out / "dimat_paper.png"}
+    atomic_write_text(paths["table"], md)
+    plot(cells, paths["plot"])
+    print(md)
+    return paths
 
 
 def main() -> None:
@@ -112,13 +120,7 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="the fedmerge sweep output directory")
     parser.add_argument("--out", type=Path, default=None, help="default: RESULTS")
     args = parser.parse_args()
-    cells = load(args.results)
-    out = args.out or args.results
-    out.mkdir(parents=True, exist_ok=True)
-    md = table(cells)
-    atomic_write_text(out / "dimat_paper.md", md)
-    atomic_write_bytes(out / "dimat_paper.png", plot(cells))
-    print(md)
+    report(args.results, args.out)
 
 
 if __name__ == "__main__":

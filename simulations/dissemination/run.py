@@ -279,7 +279,9 @@ def write(outcome: Outcome, out: Path) -> dict[str, Path]:
     return paths
 
 
-RECIPE = Recipe("dissemination", DisseminationConfig, run=run, units=units, write=write, show=show)
+RECIPE = Recipe(
+    "dissemination", DisseminationConfig, run=run, units=units, write=write, show=show, doc=__doc__
+)
 
 if __name__ == "__main__":
     raise SystemExit(RECIPE.main())

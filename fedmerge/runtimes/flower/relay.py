@@ -37,17 +37,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from fedmerge.config import SimConfig
-from fedmerge.decentralized.consensus import distances
+from fedmerge.decentralized.consensus import distances, flat_state
 from fedmerge.decentralized.engine import OnRound, Row
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.setup import Setup, build_setup
-from fedmerge.errors import ConfigError, FedmergeError
+from fedmerge.errors import ConfigError, FedmergeError, ValidationError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.flower.records import array_blob, blob_array
+from fedmerge.stheader import parse_header
 from fedmerge.topology import RoundPlan
 
 PARTITION_QUERY = "query.partition"
@@ -167,6 +169,7 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
     mapping = map_nodes(grid, n, connect)
     back = {node_id: pid for pid, node_id in mapping.items()}
     config_json = json.dumps(cfg.to_dict())
+    flat_len = flat_state(setup.model(0).state_dict()).numel()
     faults = FaultModel(cfg.faults, n, cfg.seed)
     rows: list[Row] = []
     prev: Round | None = None
@@ -174,7 +177,7 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
     for k in range(cfg.rounds + 1):
         cur = Round(*faults.nodes(k)) if k < cfg.rounds else None
         msgs = step_messages(k, config_json, mapping, prev, cur, merges, opts)
-        replies = collect(grid, msgs, back, opts, k)
+        replies = collect(grid, msgs, back, opts, k, flat_len)
         if cur is not None:
             close_round(cur, replies, setup, faults, k, merges)
         if prev is not None:
@@ -191,16 +194,22 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
 
 
 def collect(
-    grid: Grid, msgs: Sequence[Message], back: Mapping[int, int], opts: RelayOptions, k: int
-) -> dict[int, RecordDict]:
-    """Send step k and gather replies by topology node; late or failed nodes are skipped."""
+    grid: Grid, msgs: Sequence[Message], back: Mapping[int, int], opts: RelayOptions, k: int,
+    flat_len: int,
+) -> dict[int, RecordDict]:  # fmt: skip
+    """Send step k and gather replies by topology node; late, failed or malformed replies
+    (:func:`malformed`) are skipped for the step, the node named in the log."""
     replies: dict[int, RecordDict] = {}
     failed: dict[int, str] = {}
     for reply in grid.send_and_receive(msgs, timeout=opts.timeout):
-        pid = back[reply.metadata.src_node_id]
-        if reply.has_error():
-            failed[pid] = reply.error.reason
-            log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, reply.error.reason)
+        pid = back.get(reply.metadata.src_node_id)
+        why = reply.error.reason if reply.has_error() else malformed(reply.content, flat_len)
+        if pid is None:
+            log(WARNING, "fedmerge step %d: reply from unknown node %s ignored", k,
+                reply.metadata.src_node_id)  # fmt: skip
+        elif why:
+            failed[pid] = why
+            log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, why)
         else:
             replies[pid] = reply.content
     silent = sorted(set(back.values()) - set(replies) - set(failed))
@@ -211,6 +220,30 @@ def collect(
         why = "; ".join(f"node {i}: {e}" for i, e in failed.items()) or "timeout"
         raise RuntimeError(f"fedmerge step {k}: no node replied ({why})")
     return replies
+
+
+def malformed(rec: RecordDict, flat_len: int) -> str | None:
+    """Why a node's reply cannot be used, or None: records present, the payload a safetensors
+    blob with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values,
+    the metrics numbers."""
+    try:
+        arrays, metrics = rec.array_records["arrays"], rec.metric_records["metrics"]
+        if "payload" in arrays:
+            array_blob(arrays["payload"])
+            if not isinstance(metrics["nbytes"], int) or metrics["nbytes"] < 0:
+                return f"metric nbytes is {metrics['nbytes']!r}"
+        if "flat" in arrays:
+            blob = array_blob(arrays["flat"])
+            parse_header(blob, source="flat state", max_tensors=1)
+            flat = st_load(blob)["flat"]
+            if flat.shape != (flat_len,) or not bool(torch.isfinite(flat).all()):
+                return f"flat state of shape {tuple(flat.shape)}, expected ({flat_len},) finite"
+        bad = [k for k, v in metrics.items() if not isinstance(v, (int, float))]
+        if bad:
+            return f"metric {bad[0]!r} is not a number"
+    except (KeyError, TypeError, ValidationError, SafetensorError) as exc:
+        return f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
 
 
 def close_round(

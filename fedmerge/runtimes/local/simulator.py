@@ -50,7 +50,7 @@ class Simulator:
         self.engine: Engine = StackedEngine(self.setup) if use_stacked else AgentEngine(self.setup)
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
         self.recovery = Recovery(cfg.faults, lambda i: self.setup.model(i).state_dict())
-        # persistence and rejoin need agents, so they imply the per-agent engine
+        # the per-agent engine's agents (persistence, rejoin and folded experts need them)
         self.agents = self.engine.agents if isinstance(self.engine, AgentEngine) else []
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
