@@ -39,7 +39,9 @@ POINTER = "merged.json"
 
 def newest_checkpoint(folder: Path, after: int) -> tuple[int, Path] | None:
     """(step, path) of the newest ``ckpt-<step>.safetensors`` in ``folder`` with step >
-    ``after``, or None."""
+    ``after``, or None (also while ``folder`` does not exist yet)."""
+    if not folder.is_dir():
+        return None
     found = [(int(m[1]), p) for p in folder.iterdir() if (m := CKPT.fullmatch(p.name))]
     found = [(step, p) for step, p in found if step > after]
     return max(found) if found else None
@@ -71,6 +73,22 @@ def read_pointer(folder: Path) -> dict | None:
     if name != merged_file(folder, round).name:
         raise CheckpointError(f"{path}: names {name!r} for round {round}")
     return pointer
+
+
+def write_checkpoint(folder: Path, step: int, state: StateDict) -> Path:
+    """The trainer's side: ``ckpt-<step>.safetensors`` of ``state``, written atomically."""
+    path = folder / f"ckpt-{step}.safetensors"
+    save_state_dict({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def newer_merge(folder: Path, after: int) -> tuple[int, StateDict] | None:
+    """The trainer's side: (round, state) of the merge ``merged.json`` names, if its round
+    is above ``after``; else None."""
+    pointer = read_pointer(folder)
+    if pointer is None or pointer["round"] <= after:
+        return None
+    return pointer["round"], load_checkpoint(folder / pointer["file"])
 
 
 def load_checkpoint(path: Path) -> StateDict:
