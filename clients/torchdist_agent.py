@@ -14,7 +14,7 @@ Two hosts, each a deployed node with its own data and starting checkpoint (one r
 the node file names them, see docs/deployment.md)::
 
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST_A \\
-        --master-port 29400 -m clients.torchdist_agent CONFIG.yaml --node node.yaml
+        --master-port 29400 -m clients.torchdist_agent CONFIG.yaml --node-file node.yaml
 
 The leader (the lowest live rank) prints one line per round and writes the run's report
 (config.yaml, metrics.jsonl, summary.json, plots) to ``--out`` (default ``runs/<name>``).
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field (repeatable), e.g. rounds=5")  # fmt: skip
     parser.add_argument("--out", help="report directory (default runs/<name>)")
     parser.add_argument(
-        "--node",
+        "--node-file",
         default=os.environ.get(NODE_FILE_ENV),
         help="this rank's node file ({rank} and {local_rank} are filled in; "
         "default $FEDMERGE_NODE_FILE; none: every rank builds the split)",
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, [*args.sets, "runtime=torchdist"])
         start = time.perf_counter()
-        rows = run_rank(cfg, on_round=_print_round, node_file=args.node)
+        rows = run_rank(cfg, on_round=_print_round, node_file=args.node_file)
     except FedmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_now(2 if isinstance(exc, ConfigError) else 1)

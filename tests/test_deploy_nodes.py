@@ -5,6 +5,10 @@ hook), so a node reading another node's file fails the test even when run as roo
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from fedmerge.decentralized.nodedirs import export_split
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.runtimes import torchdist
-from tests.test_torchdist import assert_same_rows, simulate_one_thread
+from tests.test_torchdist import ROOT, assert_same_rows, simulate_one_thread
 
 RING3 = ["topology={graph: ring, n: 3}", "rounds=2", "vectorize=never", "train.steps=3",
          "distributed.timeout_s=30", "protocol.name=gossip"]  # fmt: skip
@@ -64,6 +68,29 @@ def test_deployed_nodes_open_only_their_own_files_and_match_simulator(tmp_path, 
         assert {"node.yaml", "data.safetensors", "start.safetensors", "eval.safetensors"} <= own
         state = nodes / f"node-{k}" / "state" / f"agent-{k:04d}.safetensors"
         assert read_metadata(state)["round"] == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_with_node_files(tmp_path):
+    """``torchrun -m clients.torchdist_agent CONFIG --node-file nodes/node-{local_rank}/node.yaml``:
+    the leader's report holds the simulator's rows."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "topology: {graph: ring, n: 3}\nrounds: 2\nvectorize: never\n"
+        "train: {steps: 3}\ndistributed: {timeout_s: 60}\nprotocol: {name: gossip}\n"
+    )
+    cfg = load_config(config)
+    export_split(cfg, tmp_path / "nodes")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3"]
+    node = str(tmp_path / "nodes" / "node-{local_rank}" / "node.yaml")
+    cmd = [*torchrun, "-m", "clients.torchdist_agent", str(config), "--node-file", node,
+           "--out", str(tmp_path / "o")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    assert_same_rows([json.loads(x) for x in lines], simulate_one_thread(cfg))
 
 
 def test_node_data_holds_only_the_own_split(tmp_path):

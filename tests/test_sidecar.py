@@ -30,7 +30,8 @@ from fedmerge.decentralized.handoff import (
 )
 from fedmerge.decentralized.protocols import get_protocol
 from fedmerge.decentralized.setup import run_topology
-from fedmerge.errors import CheckpointError, ValidationError
+from fedmerge.errors import CheckpointError, ConfigError, ValidationError
+from fedmerge.runtimes.torchdist.sidecar import Sidecar, SidecarOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 6
@@ -188,3 +189,18 @@ def test_checkpoint_model_takes_only_its_own_shapes(tmp_path):
     save_state_dict({"z": torch.ones(1)}, tmp_path / "c.safetensors")
     with pytest.raises(ValidationError, match=r"\['a.b', 'n', 'z'\]"):
         model.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["protocol.name=dimat"], "gossip-family protocols without a codec, not 'dimat'"),
+        (["protocol.codec=topk"], r"codec 'topk'"),
+        (["distributed.on_peer_failure=continue"], "on_peer_failure: the sidecar restarts"),
+        (["faults.dropout=0.1"], "faults.dropout: not supported by runtime 'torchdist sidecar'"),
+    ],
+)
+def test_sidecar_refuses_what_it_cannot_run(tmp_path, sets, match):
+    cfg = load_config(None, ["topology={graph: ring, n: 3}", *sets])
+    with pytest.raises(ConfigError, match=match):
+        Sidecar(cfg, None, 0, 3, SidecarOptions(tmp_path, tmp_path / "state"))

@@ -13,8 +13,8 @@ and a **node file** naming what is its own::
 Relative paths are resolved against the node file's directory. A samples file holds the
 tensor pairs ``train_x``/``train_y`` and/or ``test_x``/``test_y`` (``x``: (n, *in_shape)
 float, ``y``: (n,) int64) and the header metadata ``num_classes``. Such a node opens only
-the files its node file names; :func:`export_split` writes one directory per node from a
-simulated split (so a deployment can be checked against the simulator).
+the files its node file names; :func:`~fedmerge.decentralized.nodedirs.export_split` writes
+one directory per node from a simulated split (to check a deployment against the simulator).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from fedmerge.data.partition import AgentData
 from fedmerge.decentralized import handoff
 from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import deliver
+from fedmerge.decentralized.faults import check_faults
 from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent, load_checkpoint
 from fedmerge.decentralized.persist import restore_agent, save_agent, state_file
 from fedmerge.decentralized.protocols import get_protocol, gossip
@@ -74,6 +75,7 @@ class Sidecar:
         if cfg.distributed.on_peer_failure != "abort":
             raise ConfigError("distributed.on_peer_failure: the sidecar restarts, it does not "
                               "continue without a peer ('abort')")  # fmt: skip
+        check_faults(cfg.faults, "torchdist sidecar", ())  # real faults only
         self.topology = run_topology(cfg, self.protocol)
         self.layout = make_layout(self.topology.n, world, 1)  # one node per rank
         first = self.wait_for_checkpoint(cfg.distributed.timeout_s)
