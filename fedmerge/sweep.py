@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.config import RUN_NAME_CHECK, is_run_name, load_config
+from fedmerge.config import load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
 from fedmerge.yamlio import read_mapping
@@ -60,13 +61,21 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"sweep {path}: unknown key(s) {sorted(unknown)}; use {sorted(SWEEP_KEYS)}"
         )
-    if "name" in spec and not (isinstance(spec["name"], str) and is_run_name(spec["name"])):
-        raise ConfigError(f"sweep {path}: name {RUN_NAME_CHECK[1]}, got {spec['name']!r}")
+    if "name" in spec and not is_folder_name(spec["name"]):
+        raise ConfigError(f"sweep {path}: name must be a plain name of ≤ 128 characters "
+                          f"without '/', '\\', control characters, '.' or '..' (it names the "
+                          f"folder runs/<name>), got {str(spec['name'])[:80]!r}")  # fmt: skip
     if isinstance(spec.get("base"), str) and spec["base"] != "default":
         spec["base"] = str(Path(path).parent / spec["base"])
     if spec.get("report") is not None:
         spec["report"] = str(Path(path).parent / str(spec["report"]))
     return spec
+
+
+def is_folder_name(name: object) -> bool:
+    """A plain name (no path separator, '..' or control character): runs/<name> stays in runs/."""
+    plain = isinstance(name, str) and re.fullmatch(r"[^/\\\x00-\x1f\x7f]{1,128}", name)
+    return bool(plain) and name.strip(".") != ""
 
 
 def is_sweep_file(path: str | Path) -> bool:

@@ -169,6 +169,15 @@ def test_dimat_two_agents_per_rank_matches_simulator():
     assert_same_rows(rows, simulate_one_thread(cfg))
 
 
+def test_dimat_broadcast_on_a_complete_graph_matches_simulator():
+    cfg = load_config(None, [*RING4, "topology={graph: complete, n: 4}", "protocol.name=dimat",
+                             "protocol.calibration=shared", "protocol.broadcast=true",
+                             "distributed.agents_per_rank=2"])  # fmt: skip
+    rows = torchdist.run(cfg, procs=2, threads=1)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert all(r["consensus"] < 1e-6 for r in rows)  # every node took the same merge
+
+
 @pytest.mark.slow
 def test_lora_agents_two_per_rank_match_simulator():
     pytest.importorskip("peft")

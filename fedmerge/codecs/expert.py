@@ -132,8 +132,6 @@ class CompressedCheckpoint(Checkpoint):
         self.metadata = dict(header.metadata)
         self._decoded: tuple[str | None, torch.Tensor | None] = (None, None)
 
-    get_rows = None  # τ̂ decodes a whole key at a time: the merge engine reads this expert whole
-
     def get(self, key: str) -> torch.Tensor:
         base = self.base.get(key)
         if key not in self.layout.specs:

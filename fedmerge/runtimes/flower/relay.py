@@ -222,10 +222,15 @@ def collect(
     return replies
 
 
+def _numbers(v: object) -> bool:
+    number = (int, float)
+    return isinstance(v, number) or (isinstance(v, list) and all(isinstance(x, number) for x in v))
+
+
 def malformed(rec: RecordDict, flat_len: int) -> str | None:
     """Why a node's reply cannot be used, or None: records present, the payload a safetensors
     blob with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values,
-    the metrics numbers."""
+    the metrics numbers or lists of numbers (``experts``)."""
     try:
         arrays, metrics = rec.array_records["arrays"], rec.metric_records["metrics"]
         if "payload" in arrays:
@@ -238,9 +243,9 @@ def malformed(rec: RecordDict, flat_len: int) -> str | None:
             flat = st_load(blob)["flat"]
             if flat.shape != (flat_len,) or not bool(torch.isfinite(flat).all()):
                 return f"flat state of shape {tuple(flat.shape)}, expected ({flat_len},) finite"
-        bad = [k for k, v in metrics.items() if not isinstance(v, (int, float))]
+        bad = [k for k, v in metrics.items() if not _numbers(v)]
         if bad:
-            return f"metric {bad[0]!r} is not a number"
+            return f"metric {bad[0]!r} is not a number or a list of numbers"
     except (KeyError, TypeError, ValidationError, SafetensorError) as exc:
         return f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
     return None

@@ -138,7 +138,8 @@ class RankRunner:
                 traffic[s][0] += payloads[s].nbytes
         remote, suspects = self.exchange.exchange(r, plan, lost, payloads)
         inbox = deliver(plan, {**payloads, **remote}, lost)
-        ctx = MergeContext(r, self.cfg, self.calibration)
+        nodes = self.setup.n if plan.active is None else len(plan.active)
+        ctx = MergeContext(r, self.cfg, self.calibration, nodes)
         for i, agent in self.agents.items():
             if active[i]:
                 self_weight = dict(plan.neighbors[i])[i]
