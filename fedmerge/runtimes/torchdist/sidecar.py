@@ -128,7 +128,7 @@ class Sidecar:
         remote, suspects = self.exchange.exchange(r, plan, lost, {i: payload})
         self.members.settle(r, "exchanged", suspects)
         inbox = deliver(plan, {i: payload, **remote}, lost)
-        ctx = MergeContext(r, self.cfg, None)
+        ctx = MergeContext(r, self.cfg, None, self.topology.n)
         got = receive_and_merge(self.agent, inbox.get(i, []), dict(plan.neighbors[i])[i],
                                 self.protocol, ctx)  # fmt: skip
         handoff.write_merged(self.opts.watch, r + 1, self.agent.state(), source)
