@@ -240,18 +240,9 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
-def open_checkpoint(
-    path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
-) -> Checkpoint:
-    """Open a checkpoint lazily (see :class:`Checkpoint`).
-
-    A PEFT LoRA adapter directory opens as θ = θ_base + ΔW over ``base``
-    (:class:`fedmerge.hf.adapter.AdapterCheckpoint`); ``base`` is ignored otherwise.
-    """
-    from fedmerge.hf.adapter import AdapterCheckpoint, is_adapter_dir
-
-    if is_adapter_dir(path):
-        return AdapterCheckpoint(path, base)
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint lazily (see :class:`Checkpoint`). Experts that open over a base
+    (LoRA adapters, compressed files) go through :func:`fedmerge.codecs.expert.open_expert`."""
     return Checkpoint(path)
 
 

@@ -18,7 +18,7 @@ because :mod:`fedmerge.alignment` declares permutation specs over them.
 >>> model(torch.zeros(5, 1, 8, 8)).shape
 torch.Size([5, 10])
 >>> sorted(MODELS)
-['cnn', 'mlp', 'resnet20']
+['cnn', 'hf', 'mlp', 'resnet20']
 """
 
 from __future__ import annotations

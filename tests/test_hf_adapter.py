@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 
 from fedmerge.checkpoint import load_state_dict, open_checkpoint, save_state_dict  # noqa: E402
 from fedmerge.cli import main as cli  # noqa: E402
+from fedmerge.codecs.expert import open_expert
 from fedmerge.continual.methods import CONTINUAL_METHODS  # noqa: E402
 from fedmerge.continual.store import ContinualStore  # noqa: E402
 from fedmerge.errors import CheckpointError, FedmergeError, ValidationError  # noqa: E402
@@ -91,21 +92,21 @@ def llama(tmp_path_factory):
 def test_adapter_reads_as_peft_merge_and_unload(model, request):
     m = request.getfixturevalue(model)
     for adapter, dense in zip(m.adapters, m.dense, strict=True):
-        with open_checkpoint(adapter, base=m.base) as ck:
+        with open_expert(adapter, base=m.base) as ck:
             assert isinstance(ck, AdapterCheckpoint)
             assert ck.adapted()  # it does change something
             assert max_diff(ck.load(), load_state_dict(dense)) <= 1e-6
 
 
 def test_patterns_rslora_and_bias_scalings(gpt2):
-    with open_checkpoint(gpt2.adapters[1], base=gpt2.base) as ck:
+    with open_expert(gpt2.adapters[1], base=gpt2.base) as ck:
         fc = ck.factors["transformer.h.0.mlp.c_fc.weight"]
         attn = ck.factors["transformer.h.0.attn.c_attn.weight"]
         assert (fc.scaling, attn.scaling) == (5 / 3, 4 / 2)  # alpha_pattern/rank_pattern
         assert fc.transpose and attn.transpose  # GPT-2 Conv1D stores (in, out)
         assert set(ck.full) == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
         assert "transformer.h.1.attn.c_proj.bias" in ck.bias_deltas
-    with open_checkpoint(gpt2.adapters[2], base=gpt2.base) as ck:
+    with open_expert(gpt2.adapters[2], base=gpt2.base) as ck:
         assert {f.scaling for f in ck.factors.values()} == {6 / math.sqrt(4)}  # rsLoRA
 
 
@@ -113,7 +114,7 @@ def test_bare_base_under_causal_lm_adapter(llama, tmp_path):
     """An adapter made on LlamaForCausalLM ('model.layers...') over a bare LlamaModel base."""
     load_base(llama.base).model.save_pretrained(tmp_path / "bare")
     dense = load_state_dict(llama.dense[0])
-    with open_checkpoint(llama.adapters[0], base=tmp_path / "bare") as ck:
+    with open_expert(llama.adapters[0], base=tmp_path / "bare") as ck:
         assert "layers.0.self_attn.q_proj.weight" in ck.factors
         got = ck.load()
     assert max_diff(got, {k: dense["model." + k] for k in got}) <= 1e-6
@@ -121,7 +122,7 @@ def test_bare_base_under_causal_lm_adapter(llama, tmp_path):
 
 def test_row_slices_match_whole_tensors(gpt2, llama):
     for m, adapter in ((gpt2, gpt2.adapters[1]), (llama, llama.adapters[1])):
-        with open_checkpoint(adapter, base=m.base) as ck:
+        with open_expert(adapter, base=m.base) as ck:
             for key in ck.adapted():
                 whole = ck.get(key)
                 rows = ck.get_rows(key, 1, 3)
@@ -147,7 +148,7 @@ def test_hand_computed_square_fan_in_fan_out(tmp_path):
     base = {"blk.w.weight": torch.zeros(2, 2), "blk.w.bias": torch.zeros(2)}
     lora = {"base_model.model.blk.w.lora_A.weight": a, "base_model.model.blk.w.lora_B.weight": b}
     base_path, folder = synthetic(tmp_path, base, lora, fan_in_fan_out=True)
-    with open_checkpoint(folder, base=base_path) as ck:
+    with open_expert(folder, base=base_path) as ck:
         assert ck.get("blk.w.weight").tolist() == [[2.0, 0.0], [4.0, 12.0]]  # 2·(B@A)ᵀ
         assert ck.get("blk.w.bias").tolist() == [0.0, 0.0]
 
@@ -284,7 +285,7 @@ def test_error_adapter_key_matches_nothing(tmp_path):
             "base_model.model.blk.nope.lora_B.weight": torch.ones(2, 2)}  # fmt: skip
     base_path, folder = synthetic(tmp_path, {"blk.w.weight": torch.zeros(2, 2)}, lora)
     with pytest.raises(ValidationError, match=r"adapter_model.safetensors.*blk\.nope.*matches no"):
-        open_checkpoint(folder, base=base_path)
+        open_expert(folder, base=base_path)
 
 
 def test_error_ambiguous_prefix(tmp_path):
@@ -293,7 +294,7 @@ def test_error_ambiguous_prefix(tmp_path):
     base = {"model.w.weight": torch.zeros(2, 2), "w.weight": torch.zeros(2, 2)}
     base_path, folder = synthetic(tmp_path, base, lora)
     with pytest.raises(ValidationError, match="ambiguous"):
-        open_checkpoint(folder, base=base_path)
+        open_expert(folder, base=base_path)
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,7 @@ def test_error_rank_and_shape(tmp_path, a, b, match):
             "base_model.model.w.lora_B.weight": torch.ones(b)}  # fmt: skip
     base_path, folder = synthetic(tmp_path, {"w.weight": torch.zeros(2, 2)}, lora)
     with pytest.raises(ValidationError, match=f"lora_.*{match}"):
-        open_checkpoint(folder, base=base_path)
+        open_expert(folder, base=base_path)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +323,7 @@ def test_error_unsupported_peft(tmp_path, config, match):
             "base_model.model.w.lora_B.weight": torch.ones(2, 2)}  # fmt: skip
     base_path, folder = synthetic(tmp_path, {"w.weight": torch.zeros(2, 2)}, lora, **config)
     with pytest.raises(ValidationError, match=f"adapter_config.json: {match}"):
-        open_checkpoint(folder, base=base_path)
+        open_expert(folder, base=base_path)
 
 
 def test_error_missing_files_and_base(gpt2, tmp_path):
@@ -331,7 +332,7 @@ def test_error_missing_files_and_base(gpt2, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (folder / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match=r"empty/adapter_model.safetensors: no such .*pickle"):
-        open_checkpoint(folder, base=gpt2.base)
+        open_expert(folder, base=gpt2.base)
     cfg = json.loads((gpt2.adapters[0] / "adapter_config.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -341,8 +342,8 @@ def test_error_missing_files_and_base(gpt2, tmp_path):
         json.dumps({**cfg, "base_model_name_or_path": "x/y"})
     )
     with pytest.raises(CheckpointError, match="give its base model"):
-        open_checkpoint(moved)
-    with open_checkpoint(gpt2.adapters[0]) as ck:  # base_model_name_or_path is a local dir
+        open_expert(moved)
+    with open_expert(gpt2.adapters[0]) as ck:  # base_model_name_or_path is a local dir
         assert ck.base.path == gpt2.base
 
 

@@ -38,6 +38,7 @@ import torch
 from fedmerge.checkpoint import Checkpoint, open_checkpoint, save_state_dict
 from fedmerge.codecs.wire import META_CODEC, SEP, decode_key, encode_state, read_layout
 from fedmerge.errors import ConfigError, ValidationError
+from fedmerge.hf.adapter import AdapterCheckpoint, is_adapter_dir
 from fedmerge.statedict import check_same_specs, is_mergeable
 from fedmerge.stheader import read_file_header
 
@@ -47,9 +48,14 @@ FORMAT = "fedmerge-compressed-task-vector"
 def open_expert(
     path: str | os.PathLike, base: Checkpoint | str | os.PathLike | None = None
 ) -> Checkpoint:
-    """An expert checkpoint: a compressed file (read over ``base``) or anything
-    :func:`~fedmerge.checkpoint.open_checkpoint` reads (a LoRA adapter, over ``base`` too)."""
-    return CompressedCheckpoint(path, base) if is_compressed(path) else open_checkpoint(path, base)
+    """An expert checkpoint: a compressed file or a PEFT LoRA adapter directory, both read
+    over ``base`` (θ = θ_base + decoded τ̂, or + ΔW:
+    :class:`fedmerge.hf.adapter.AdapterCheckpoint`), or any plain checkpoint."""
+    if is_compressed(path):
+        return CompressedCheckpoint(path, base)
+    if is_adapter_dir(path):
+        return AdapterCheckpoint(path, base)
+    return open_checkpoint(path)
 
 
 def is_compressed(path: str | os.PathLike) -> bool:

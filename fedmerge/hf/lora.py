@@ -14,7 +14,7 @@ Merging them needs care: averaging A and B separately is not averaging B @ A. Tw
 >>> b = {"m.lora_A.default.weight": torch.tensor([[0.0, 1.0]]),
 ...      "m.lora_B.default.weight": torch.tensor([[0.0], [1.0]])}
 >>> out = product_average([(a, 1.0), (b, 1.0)], rank=2)
->>> (out["m.lora_B.default.weight"] @ out["m.lora_A.default.weight"]).tolist()
+>>> (out["m.lora_B.default.weight"] @ out["m.lora_A.default.weight"]).round(decimals=6).tolist()
 [[0.5, 0.0], [0.0, 0.5]]
 """
 

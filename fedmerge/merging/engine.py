@@ -70,8 +70,7 @@ class Source(Protocol):
     """Anything with named tensors: a :class:`~fedmerge.checkpoint.Checkpoint` or a state dict.
 
     A source may also offer ``get_rows(key, start, stop)`` (rows start:stop of
-    dim 0); the engine then reads big tensors block by block, else whole (a
-    subclass of a row-reading source that cannot read rows sets ``get_rows = None``).
+    dim 0); the engine then reads big tensors block by block, else whole.
     """
 
     def specs(self) -> dict[str, TensorSpec]: ...
@@ -197,8 +196,7 @@ def blocks(plan: MergePlan, key: str) -> list[Rows]:
     row = math.prod(shape[1:])
     step = max(1, plan.chunk_elements // max(1, row))
     sources = [plan.base, *plan.experts, *plan.fishers]
-    rowwise = all(getattr(s, "get_rows", None) is not None for s in sources)
-    if not shape or step >= shape[0] or not rowwise:
+    if not shape or step >= shape[0] or not all(hasattr(s, "get_rows") for s in sources):
         return [None]
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
