@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmerge.config import NON_NEGATIVE, POSITIVE, option
+from fedmerge.config import NON_NEGATIVE, POSITIVE, PeftConfig, option
 from fedmerge.continual.linear import linear_keys_from_module
 from fedmerge.data.tasks import DEFAULT_TASKS, TASK_NAMES, TaskFamily, make_task_family
+from fedmerge.errors import ConfigError
+from fedmerge.hf.lora import apply_lora
 from fedmerge.statedict import StateDict
 
 Tick = Callable[..., None]  # progress callback: tick(label) advances by one unit of work
@@ -78,6 +80,7 @@ class FinetuneSpec(TrainSpec):
 
     lr: float = option(3e-4, "learning rate", check=POSITIVE)
     train_head: bool = option(False, "also fine-tune the task's head (false: the paper's setting)")
+    lora: PeftConfig = field(default_factory=lambda: PeftConfig(modules_to_save=[]))
 
 
 @dataclass
@@ -97,6 +100,15 @@ class BodyConfig:
                                  "must be a list of positive integers"))  # fmt: skip
     features: int = option(64, "output width of the body (the heads' input)", check=POSITIVE)
     layernorm: bool = option(True, "a LayerNorm after the last Linear (a non-Linear parameter)")
+    arch: str = option(
+        "mlp",
+        "mlp: the MLP above; vit: a transformers ViT on the 8×8 image "
+        "(ViTBody; hidden, features and layernorm unused)",
+        choices=("mlp", "vit"),
+    )
+    vit: dict = option({"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                        "intermediate_size": 192, "patch_size": 4},
+                       "transformers ViTConfig fields (arch: vit)")  # fmt: skip
 
 
 @dataclass
@@ -137,7 +149,11 @@ def prepare(cfg: ExpertsConfig, tick: Tick = lambda *_: None) -> Setup:
         cfg.tasks, cfg.seed, cfg.data.test_fraction, cfg.data.pretrain_fraction
     )
     torch.manual_seed(cfg.seed)
-    body = make_body(64, cfg.model.hidden, cfg.model.features, cfg.model.layernorm)
+    body = (
+        ViTBody(cfg.model.vit)
+        if cfg.model.arch == "vit"
+        else make_body(64, cfg.model.hidden, cfg.model.features, cfg.model.layernorm)
+    )
     X, y = family.pretraining_data(cfg.data.augment, cfg.seed)
     shared = pretrain_body(body, X, y, cfg.pretrain, cfg.seed).requires_grad_(False)
     tick("pretrained body")
@@ -221,6 +237,24 @@ def make_body(
     return nn.Sequential(*layers)
 
 
+class ViTBody(nn.Module):
+    """``(N, 64)`` flattened 8×8 digits → ``(N, hidden_size)``: the final [CLS] token of a
+    ``transformers`` ViT (no pooler) built offline from ``ViTConfig(**fields)``."""
+
+    def __init__(self, fields: dict) -> None:
+        import transformers as tf
+
+        super().__init__()
+        try:
+            config = tf.ViTConfig(image_size=8, num_channels=1, **fields)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.vit: {exc}") from None
+        self.vit = tf.ViTModel(config, add_pooling_layer=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values=x.reshape(-1, 1, 8, 8)).last_hidden_state[:, 0]
+
+
 def train_classifier(
     body: nn.Module,
     head: nn.Module,
@@ -279,15 +313,22 @@ def finetune_expert(
     seed: int,
     train_head: bool = False,
 ) -> tuple[StateDict, nn.Linear]:
-    """Fine-tune a copy of ``body`` (and of ``head`` if ``train_head``) on ``(X, y)``.
+    """Fine-tune a copy of ``body`` (and of ``head`` if ``train_head``) on ``(X, y)``; with
+    ``spec.lora.r > 0`` only a ``peft`` LoRA adapter of the body trains, and the expert is
+    its dense merge (``merge_and_unload``: W + (alpha/r)·B @ A per targeted layer).
 
-    Returns the expert body's state dict (detached clones) and its head; the inputs
-    are left untouched.
+    Returns the expert body's state dict (detached clones, the keys of ``body``) and its
+    head; the inputs are left untouched.
     """
     expert, expert_head = copy.deepcopy(body), copy.deepcopy(head)
-    params = [*expert.parameters(), *(expert_head.parameters() if train_head else [])]
+    if spec.lora.r:
+        expert = apply_lora(expert.requires_grad_(False), spec.lora, seed)
+    params = [p for p in expert.parameters() if p.requires_grad]
+    params += list(expert_head.parameters()) if train_head else []
     expert_head.requires_grad_(train_head)
     train_classifier(expert, expert_head, X, y, spec, params, seed)
+    if spec.lora.r:
+        expert = expert.merge_and_unload()
     return clone_state(expert), expert_head.eval()
 
 
