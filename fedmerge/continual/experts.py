@@ -75,12 +75,21 @@ class ProbeSpec(TrainSpec):
 
 
 @dataclass
+class LoraSpec(PeftConfig):
+    """The experts as ``peft`` LoRA adapters of the body (``lora_merge`` is unused here)."""
+
+    r: int = option(0, "LoRA rank: each expert trains only a LoRA adapter of the body, merged "
+                    "back into dense weights (0: full fine-tune)", check=NON_NEGATIVE)  # fmt: skip
+    modules_to_save: list = option([], "layers trained in full next to the adapter")
+
+
+@dataclass
 class FinetuneSpec(TrainSpec):
     """The experts: the body fine-tuned per task from the pretrained weights."""
 
     lr: float = option(3e-4, "learning rate", check=POSITIVE)
     train_head: bool = option(False, "also fine-tune the task's head (false: the paper's setting)")
-    lora: PeftConfig = field(default_factory=lambda: PeftConfig(modules_to_save=[]))
+    lora: LoraSpec = field(default_factory=LoraSpec)
 
 
 @dataclass

@@ -20,13 +20,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmerge.config import PeftConfig, option
-from fedmerge.continual.experts import BodyConfig, FinetuneSpec, PretrainSpec, TaskDataConfig
+from fedmerge.config import option
+from fedmerge.continual.experts import (
+    BodyConfig,
+    FinetuneSpec,
+    LoraSpec,
+    PretrainSpec,
+    TaskDataConfig,
+)
 from fedmerge.recipe import Recipe, load_script
 
 continual = load_script(Path(__file__).parents[1] / "continual" / "run.py")
-LORA = PeftConfig(r=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                   "fc1", "fc2"], modules_to_save=[])  # fmt: skip
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]  # every ViT Linear
 
 
 @dataclass
@@ -38,7 +43,9 @@ class TransformerConfig(continual.ContinualConfig):
     model: BodyConfig = field(default_factory=lambda: BodyConfig(arch="vit"))
     pretrain: PretrainSpec = field(default_factory=lambda: PretrainSpec(steps=800, lr=1e-3))
     finetune: FinetuneSpec = field(
-        default_factory=lambda: FinetuneSpec(steps=150, lr=3e-3, lora=LORA)
+        default_factory=lambda: FinetuneSpec(
+            steps=150, lr=3e-3, lora=LoraSpec(r=8, alpha=16.0, target_modules=list(PROJECTIONS))
+        )
     )
     out: str = option("simulations/results/continual_transformer", "output directory")
 
