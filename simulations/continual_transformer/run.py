@@ -1,4 +1,4 @@
-"""Continual merging in the transformer regime: LoRA experts of a tiny ViT, folded in orders.
+r"""Continual merging in the transformer regime: LoRA experts of a tiny ViT, folded in orders.
 
 The continual digits recipe (``simulations/continual/run.py``: the same orders, methods,
 references, metrics and outputs) with a different expert set: the body is a
@@ -9,7 +9,8 @@ distorted copies (the broad task), and each task's expert is a ``peft`` LoRA ada
 task's frozen head and merged back to a dense body with ``merge_and_unload``, so its
 task vector τ_t = θ_t − θ₀ has rank ≤ 8 per adapted layer.
 
-    cd simulations/continual_transformer && python run.py --config vit.yaml
+    python simulations/continual_transformer/run.py \
+        --config simulations/continual_transformer/vit.yaml
     fedmerge sweep simulations/continual_transformer/vit.yaml --set orders=2   # the same run
 
 Writes ``steps.csv``, ``summary.json``, ``table.md`` and ``accuracy_vs_step.png`` to ``out``.
