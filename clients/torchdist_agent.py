@@ -10,6 +10,12 @@ Two hosts, two ranks each (run on both; HOST_A:29400 reachable from both)::
         --rdzv-endpoint HOST_A:29400 --rdzv-id fedmerge-1 \\
         -m clients.torchdist_agent CONFIG.yaml --set distributed.timeout_s=60 --out runs/td
 
+Two hosts, each a deployed node with its own data and starting checkpoint (one rank each;
+the node file names them, see docs/deployment.md)::
+
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST_A \\
+        --master-port 29400 -m clients.torchdist_agent CONFIG.yaml --node-file node.yaml
+
 The leader (the lowest live rank) prints one line per round and writes the run's report
 (config.yaml, metrics.jsonl, summary.json, plots) to ``--out`` (default ``runs/<name>``).
 """
@@ -18,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from fedmerge.config import load_config
+from fedmerge.decentralized.node import NODE_FILE_ENV
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.report import per_round, write_run
 from fedmerge.runtimes.torchdist import exit_now, run_rank
@@ -45,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="K=V",
                         help="override a config field (repeatable), e.g. rounds=5")  # fmt: skip
     parser.add_argument("--out", help="report directory (default runs/<name>)")
+    parser.add_argument(
+        "--node-file",
+        default=os.environ.get(NODE_FILE_ENV),
+        help="this rank's node file ({rank} and {local_rank} are filled in; "
+        "default $FEDMERGE_NODE_FILE; none: every rank builds the split)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         cfg = load_config(args.config, [*args.sets, "runtime=torchdist"])
         start = time.perf_counter()
-        rows = run_rank(cfg, on_round=_print_round)
+        rows = run_rank(cfg, on_round=_print_round, node_file=args.node_file)
     except FedmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_now(2 if isinstance(exc, ConfigError) else 1)

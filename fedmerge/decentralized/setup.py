@@ -3,7 +3,9 @@
 Data set, partition, topology (with the protocol's schedule), the shared reference the
 payloads are task vectors against, and each agent's initial model. Every runtime (in
 process, each Flower node, each torch.distributed rank) calls :func:`build_setup` on the
-same config and gets the same setup.
+same config and gets the same setup. A deployed node passes its :class:`NodeSources`
+(:mod:`~fedmerge.decentralized.node`): the shared parts stay the same, but its data and
+starting checkpoint are its own files and nothing of the other nodes is built.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fedmerge.config import SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
 from fedmerge.decentralized.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.node import NodeSources, load_start, node_data
 from fedmerge.decentralized.pretrain import pretrain, pretrains
 from fedmerge.decentralized.protocols import Protocol, get_protocol, gossip
 from fedmerge.errors import ConfigError
@@ -38,6 +41,7 @@ class Setup:
     topology: Topology
     reference: StateDict | None  # the shared base payloads are τ against; None: full θ
     pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
+    node: NodeSources | None = None  # a deployed node's own sources (None: the whole split)
 
     @property
     def n(self) -> int:
@@ -45,8 +49,9 @@ class Setup:
 
     def model(self, agent: int, pretrained: bool = True) -> nn.Module:
         """Agent ``agent``'s model at round 0 (one shared seed with ``model.init: same``),
-        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init); with
-        ``peft.r`` > 0 its LoRA adapters are added after pre-training."""
+        after the ``pretrain`` phase unless ``pretrained`` is False (the bare init); a deployed
+        node's own starting checkpoint replaces both; with ``peft.r`` > 0 its LoRA adapters
+        are added after pre-training."""
         cfg = self.config
         offset = agent if cfg.model.init == "different" else 0
         seed = cfg.seed * 10_007 + offset
@@ -54,7 +59,10 @@ class Setup:
             cfg.model.name, in_shape=self.data.in_shape, num_classes=self.data.num_classes,
             seed=seed, **cfg.model.options,
         )  # fmt: skip
-        if pretrained and pretrains(cfg):  # the whole model, before any LoRA adapter
+        start = self.node.checkpoint if self.node and self.node.node == agent else None
+        if pretrained and start is not None:
+            model.load_state_dict(load_start(start, model.state_dict()))
+        elif pretrained and pretrains(cfg):  # the whole model, before any LoRA adapter
             if agent not in self.pretrained:
                 self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
             model.load_state_dict(self.pretrained[agent])
@@ -87,32 +95,51 @@ class Setup:
         return list(x.split(self.config.protocol.calibration_batch))
 
 
-def build_setup(cfg: SimConfig) -> Setup:
-    """Dataset, partition, topology (with the protocol's schedule) and reference weights."""
+def build_setup(cfg: SimConfig, node: NodeSources | None = None) -> Setup:
+    """Dataset, partition, topology (with the protocol's schedule) and reference weights;
+    for a deployed ``node``, its own data and starting checkpoint instead of the split."""
     protocol = get_protocol(cfg.protocol.name)
     _check_peft(cfg, protocol)
-    ds = load_dataset(cfg.data.name, **cfg.data.options)
-    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
-    try:
-        topo = build_topology(
-            cfg.topology, n=cfg.agents or None, seed=cfg.seed, overrides=overrides
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"topology: {exc}") from exc
-    d = cfg.data
-    fed = federate(
-        ds, topo.n, d.partition, alpha=d.alpha, test_fraction=d.test_fraction,
-        local_test_fraction=d.local_test_fraction, seed=cfg.seed,
-    )  # fmt: skip
+    topo = run_topology(cfg, protocol)
+    if node is not None:
+        _check_node(cfg, protocol)
+        fed = node_data(node, topo.n)
+    else:
+        d = cfg.data
+        fed = federate(
+            load_dataset(d.name, **d.options), topo.n, d.partition, alpha=d.alpha,
+            test_fraction=d.test_fraction, local_test_fraction=d.local_test_fraction,
+            seed=cfg.seed,
+        )  # fmt: skip
     if protocol.pool_data:
         fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
         topo = build_topology(nx.empty_graph(1))
     check_codec(cfg, protocol, topo)
-    setup = Setup(cfg, protocol, fed, topo, None)
+    setup = Setup(cfg, protocol, fed, topo, None, node=node)
     if cfg.model.init == "same" and not protocol.full_weights:
         base = setup.model(0, pretrained=False).state_dict()
         setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
     return setup
+
+
+def run_topology(cfg: SimConfig, protocol: Protocol) -> Topology:
+    """The run's topology, with the schedule ``protocol`` imposes (ConfigError "topology: ...")."""
+    overrides = {"schedule.kind": protocol.schedule} if protocol.schedule else None
+    try:
+        return build_topology(cfg.topology, n=cfg.agents or None, seed=cfg.seed,
+                              overrides=overrides)  # fmt: skip
+    except ConfigError as exc:
+        raise ConfigError(f"topology: {exc}") from exc
+
+
+def _check_node(cfg: SimConfig, protocol: Protocol) -> None:
+    """A deployed node sees only its own data: no pooled baseline, no shared calibration."""
+    if protocol.pool_data:
+        raise ConfigError(f"protocol.name {protocol.name!r} pools every node's data; a "
+                          "deployed node has only its own")  # fmt: skip
+    if cfg.protocol.calibration == "shared":
+        raise ConfigError("protocol.calibration: 'shared' uses every node's training inputs; "
+                          "a deployed node calibrates on its own data ('local')")  # fmt: skip
 
 
 def _check_peft(cfg: SimConfig, protocol: Protocol) -> None:

@@ -7,4 +7,5 @@ LoRA agents (docs/peft.md).
 - :mod:`fedmerge.hf.merge`: one-shot merges written as an adapter (``--as-adapter``).
 - :mod:`fedmerge.hf.lora`: the ``hf`` model source, LoRA agents, factor/product merging.
 - :mod:`fedmerge.hf.tiny`: tiny offline models and adapters for tests and demos.
+- :mod:`fedmerge.hf.callback`: a ``TrainerCallback`` on the merge sidecar's file contract.
 """

@@ -35,6 +35,13 @@ class Exchange:
         self.max_data, self.max_table = max_data, max_table
         self.buffers: dict[tuple[str, int], torch.Tensor] = {}  # warm wire buffers, per sender
 
+    @classmethod
+    def for_agents(cls, members: Membership, device: torch.device, agents) -> Exchange:
+        """An exchange whose bounds admit what the hosted ``agents`` accept."""
+        keys = max(a.tensor_limit() for a in agents)
+        max_table = 4096 + 1024 * keys  # JSON table + 8-byte padding per tensor
+        return cls(members, device, max(a.byte_limit() for a in agents), max_table)
+
     def exchange(self, r: int, plan, lost, payloads: dict[int, Payload]):
         """Move payloads to other ranks: header, ack (the receiver refuses what is too big or
         malformed), body. Returns (received {sender: Payload or Refused}, failed {peer rank:

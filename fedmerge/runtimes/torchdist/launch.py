@@ -19,6 +19,7 @@ import torch.distributed as dist
 from fedmerge.config import SimConfig, dump_config, load_config
 from fedmerge.decentralized.engine import OnRound
 from fedmerge.decentralized.faults import check_faults
+from fedmerge.decentralized.node import NODE_FILE_ENV, node_file_for, read_node_file
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.runtimes import get_runtime
@@ -50,14 +51,22 @@ def connect(timeout: float) -> tuple[dist.Store, int, int]:
     return dist.PrefixStore(f"fedmerge/{run_id}", store), rank, world
 
 
-def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
+def run_rank(
+    cfg: SimConfig, on_round: OnRound | None = None, node_file: str | None = None
+) -> Rows | None:
     """This process's rank of a run launched by torchrun (or ``run``). The leader returns
     all rows (and calls ``on_round`` after each round); other ranks return None.
+    ``node_file`` (``{rank}``/``{local_rank}`` filled in): this rank is a deployed node with
+    its own sources (:mod:`~fedmerge.decentralized.node`); None: every rank builds the split.
     A failure is also written to the store as ``error/<rank>`` for the launcher; the process
     group is then left to process exit (tearing it down can wait on a dead peer)."""
     store, rank, world = connect(cfg.distributed.timeout_s)
     try:
-        runner = RankRunner(cfg, store, rank, world)
+        node = None
+        if node_file:
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            node = read_node_file(node_file_for(node_file, rank, local))
+        runner = RankRunner(cfg, store, rank, world, node)
         for r in range(cfg.rounds):
             got = runner.round(r)
             if got is not None:
@@ -76,13 +85,14 @@ def run_rank(cfg: SimConfig, on_round: OnRound | None = None) -> Rows | None:
 
 def run(
     cfg: SimConfig, *, on_round: OnRound | None = None, procs: int = 0, threads: int = 0,
-    details: dict[str, Any] | None = None,
+    details: dict[str, Any] | None = None, node_file: str | None = None,
 ) -> Rows:  # fmt: skip
     """Run ``cfg`` on ``procs`` local worker processes (0: one per agent) over loopback and
     return the simulator's rows (one per agent per round). The parent hosts the rendezvous
     store, so it hears about every rank even when some die.
 
-    ``threads``: per worker (0: CPU cores / procs, at least 1).
+    ``threads``: per worker (0: CPU cores / procs, at least 1). ``node_file``: a template
+    (``nodes/node-{rank}/node.yaml``) giving each worker its own node file (see ``run_rank``).
     """
     check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
     procs = procs or (cfg.agents or build_setup(cfg).n)
@@ -98,7 +108,8 @@ def run(
         config = os.path.join(tmp, "config.yaml")
         with open(config, "w") as f:
             f.write(dump_config(cfg))
-        workers = [_spawn(config, k, procs, server.port, prefix, threads) for k in range(procs)]
+        workers = [_spawn(config, k, procs, server.port, prefix, threads, node_file)
+                   for k in range(procs)]  # fmt: skip
         try:
             return _collect(cfg, store, workers, on_round)
         finally:
@@ -108,9 +119,11 @@ def run(
                 w.wait()
 
 
-def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: int):
+def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: int,
+           node_file: str | None):  # fmt: skip
     path = [p for p in sys.path if p and os.path.isdir(p)]
     env = {
+        **({NODE_FILE_ENV: node_file} if node_file else {}),
         **os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True", PREFIX_ENV: prefix,
@@ -150,10 +163,11 @@ def _errors(store: dist.Store, world: int) -> list[dict]:
 
 
 def worker_main(config: str) -> None:
-    """One worker spawned by ``run``: exit status 0, 1 (peer failure) or 2 (config error)."""
+    """One worker spawned by ``run`` (its node file, if any, from ``FEDMERGE_NODE_FILE``):
+    exit status 0, 1 (peer failure) or 2 (config error)."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
-        run_rank(load_config(config))
+        run_rank(load_config(config), node_file=os.environ.get(NODE_FILE_ENV))
     except FedmergeError as exc:
         print(f"fedmerge torchdist rank {os.environ.get('RANK')}: {exc}", file=sys.stderr)
         exit_now(2 if isinstance(exc, ConfigError) else 1)

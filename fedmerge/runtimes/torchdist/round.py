@@ -30,45 +30,64 @@ from fedmerge.decentralized.consensus import distances, flat_state
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
+from fedmerge.decentralized.node import NodeSources
+from fedmerge.decentralized.persist import save_agent
 from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import build_setup
+from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
 from fedmerge.runtimes.torchdist.exchange import Exchange
-from fedmerge.runtimes.torchdist.layout import make_layout, pick_backend
+from fedmerge.runtimes.torchdist.layout import Layout, make_layout, pick_backend
 
 Rows = list[dict[str, Any]]
 
 
-class RankRunner:
-    """One rank of a run: its agents, its process group, its share of every round."""
+def join_group(
+    cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout
+) -> tuple[torch.device, Membership]:
+    """Start this rank's process group (``distributed.backend``; NCCL: the GPU LOCAL_RANK)
+    and its view of the membership; returns (the device payloads move on, membership)."""
+    d = cfg.distributed
+    backend = pick_backend(d.backend)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+        timeout=timedelta(seconds=d.timeout_s),
+    )  # fmt: skip
+    control = Control(dist.PrefixStore("ctl", store), rank, world, d.timeout_s)
+    return device, Membership(control, layout, d.on_peer_failure, d.timeout_s)
 
-    def __init__(self, cfg: SimConfig, store: dist.Store, rank: int, world: int) -> None:
+
+class RankRunner:
+    """One rank of a run: its agents, its process group, its share of every round. A
+    deployed ``node`` hosts that one node from its own sources, and saves its agent state
+    to its ``state_dir`` (if any) after every round."""
+
+    def __init__(
+        self, cfg: SimConfig, store: dist.Store, rank: int, world: int,
+        node: NodeSources | None = None,
+    ) -> None:  # fmt: skip
         check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
         d = cfg.distributed
-        self.cfg, self.rank = cfg, rank
-        self.setup = build_setup(cfg)
+        self.cfg, self.rank, self.node = cfg, rank, node
+        self.setup = build_setup(cfg, node)
         self.layout = make_layout(self.setup.n, world, d.agents_per_rank)
-        self.backend = pick_backend(d.backend)
-        self.device = torch.device("cpu")
-        if self.backend == "nccl":
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(self.device)
-        self.timeout = timedelta(seconds=d.timeout_s)
-        dist.init_process_group(
-            self.backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
-            timeout=self.timeout,
-        )  # fmt: skip
-        control = Control(dist.PrefixStore("ctl", store), rank, world, d.timeout_s)
-        self.members = Membership(control, self.layout, d.on_peer_failure, d.timeout_s)
+        if node is not None and self.layout.nodes_of(rank) != [node.node]:
+            raise ConfigError(
+                f"node file names node {node.node}, but rank {rank} hosts nodes "
+                f"{self.layout.nodes_of(rank)} (one node per rank, node i on rank i)"
+            )
+        self.device, self.members = join_group(cfg, store, rank, world, self.layout)
+        self.timeout = self.members.timeout
         loss = make_loss(cfg.train.loss)
         self.agents = {i: self.setup.agent(i, loss) for i in self.layout.nodes_of(rank)}
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
-        keys = max(a.tensor_limit() for a in self.agents.values())
-        max_table = 4096 + 1024 * keys  # JSON table + 8-byte padding per tensor
-        max_data = max(a.byte_limit() for a in self.agents.values())
-        self.exchange = Exchange(self.members, self.device, max_data, max_table)
+        self.exchange = Exchange.for_agents(self.members, self.device, self.agents.values())
         self.calibration = self.setup.calibration()
 
     # -- one round -----------------------------------------------------------------------
@@ -99,6 +118,9 @@ class RankRunner:
             ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
+        if self.node is not None and self.node.state_dir is not None:
+            self.node.state_dir.mkdir(parents=True, exist_ok=True)
+            save_agent(self.agents[self.node.node], self.node.state_dir, r + 1)
         ranks, values = self.members.settle(r, "rows", {}, rows)
         if not self.members.leader:
             return None

@@ -1,0 +1,149 @@
+"""A merge sidecar for an external trainer, over torch.distributed.
+
+Each host runs its own trainer (any stack) and one sidecar rank beside it; the trainer and
+the sidecar share a directory (the file contract: :mod:`fedmerge.decentralized.handoff`).
+Node i of the run config's topology is rank i. Round r on every rank::
+
+    wait      until ``period_s`` after the previous round's start
+    take      the newest new trainer checkpoint (none: keep the last merge)
+    publish   θ_i (or τ_i = θ_i − θ_ref with a reference checkpoint)
+    exchange  with the neighbours, the torch.distributed runtime's data plane
+    agree     every rank checks in (``on_peer_failure: abort``: a lost rank stops all)
+    merge     the round kit's receive_and_merge with the configured gossip protocol
+    write     merged-<r>.safetensors and merged.json; the agent state (two generations)
+
+Restart: the ranks of a restarted run (e.g. torchrun ``--max-restarts``) resume from the
+last round every rank saved. A rank saves round r only after all ranks checked in at round
+r, so the saved rounds differ by at most one; each rank keeps its last two states
+(``state/g0``, ``state/g1``) and loads the one of the agreed round, and the round after it
+is done again by everyone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fedmerge.checkpoint import read_metadata
+from fedmerge.config import SimConfig
+from fedmerge.data.partition import AgentData
+from fedmerge.decentralized import handoff
+from fedmerge.decentralized.context import MergeContext
+from fedmerge.decentralized.delivery import deliver
+from fedmerge.decentralized.faults import check_faults
+from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent, load_checkpoint
+from fedmerge.decentralized.persist import restore_agent, save_agent, state_file
+from fedmerge.decentralized.protocols import get_protocol, gossip
+from fedmerge.decentralized.receive import receive_and_merge
+from fedmerge.decentralized.setup import run_topology
+from fedmerge.errors import CheckpointError, ConfigError
+from fedmerge.runtimes.torchdist.exchange import Exchange
+from fedmerge.runtimes.torchdist.layout import make_layout
+from fedmerge.runtimes.torchdist.round import join_group
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    """``watch``: the directory shared with the trainer; ``state``: the sidecar's own state
+    directory; ``reference``: a base checkpoint (payloads are τ against it; None: θ);
+    ``period_s``: seconds between round starts."""
+
+    watch: Path
+    state: Path
+    reference: Path | None = None
+    period_s: float = 60.0
+
+
+class Sidecar:
+    """One rank's merge sidecar: its agent over the trainer's checkpoints, its share of
+    every round's exchange."""
+
+    def __init__(
+        self, cfg: SimConfig, store: dist.Store, rank: int, world: int, opts: SidecarOptions
+    ) -> None:
+        self.cfg, self.rank, self.opts = cfg, rank, opts
+        self.protocol = get_protocol(cfg.protocol.name)
+        if self.protocol.merge is not gossip or cfg.protocol.codec != "none" or cfg.peft.r:
+            raise ConfigError(
+                f"protocol: the sidecar merges with gossip-family protocols without a codec, "
+                f"not {cfg.protocol.name!r} (codec {cfg.protocol.codec!r})"
+            )
+        if cfg.distributed.on_peer_failure != "abort":
+            raise ConfigError("distributed.on_peer_failure: the sidecar restarts, it does not "
+                              "continue without a peer ('abort')")  # fmt: skip
+        check_faults(cfg.faults, "torchdist sidecar", ())  # real faults only
+        self.topology = run_topology(cfg, self.protocol)
+        self.layout = make_layout(self.topology.n, world, 1)  # one node per rank
+        first = self.wait_for_checkpoint(cfg.distributed.timeout_s)
+        ref = None if opts.reference is None else load_checkpoint(opts.reference)
+        none = torch.empty(0)
+        self.agent = SidecarAgent(
+            rank, CheckpointModel(load_checkpoint(first)), AgentData(none, none, none, none),
+            train=cfg.train, validation=cfg.validation, seed=cfg.seed, reference=ref,
+        )  # fmt: skip
+        self.start = self.resume(store, world)
+        self.device, self.members = join_group(cfg, store, rank, world, self.layout)
+        self.exchange = Exchange.for_agents(self.members, self.device, [self.agent])
+
+    def wait_for_checkpoint(self, timeout: float) -> Path:
+        """The newest trainer checkpoint, waiting up to ``timeout`` s for the first one."""
+        deadline = time.monotonic() + timeout
+        while (got := handoff.newest_checkpoint(self.opts.watch, -1)) is None:
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{self.opts.watch}: no ckpt-<step>.safetensors within "
+                                      f"{timeout:g} s")  # fmt: skip
+            time.sleep(0.05)
+        return got[1]
+
+    def generation(self, round: int) -> Path:
+        return self.opts.state / f"g{round % 2}"
+
+    def resume(self, store: dist.Store, world: int) -> int:
+        """The round to start from: the last one every rank saved (its state loaded), or 0."""
+        saved = [int(read_metadata(f)["round"]) for g in (0, 1)
+                 if (f := state_file(self.opts.state / f"g{g}", self.rank)).exists()]  # fmt: skip
+        store.set(f"resume/{self.rank}", str(max(saved, default=0)))
+        start = min(int(store.get(f"resume/{k}")) for k in range(world))
+        if start and restore_agent(self.agent, self.generation(start)) != start:
+            raise CheckpointError(f"{self.opts.state}: no saved state of round {start}")
+        return start
+
+    def take(self, r: int) -> str:
+        """Adopt the newest new trainer checkpoint; returns what the node's model now is."""
+        got = handoff.newest_checkpoint(self.opts.watch, self.agent.step)
+        if got is None:
+            return handoff.merged_file(self.opts.watch, r).name  # the trainer resumes from it
+        self.agent.take(*got)
+        return got[1].name
+
+    def round(self, r: int) -> dict:
+        """Round r (0-based): take, publish, exchange, agree, merge, write; a summary."""
+        i, source = self.rank, self.take(r)
+        plan = self.topology.round(r, total_rounds=self.cfg.rounds)
+        payload, lost = self.agent.publish(r), [False] * len(plan.messages)
+        remote, suspects = self.exchange.exchange(r, plan, lost, {i: payload})
+        self.members.settle(r, "exchanged", suspects)
+        inbox = deliver(plan, {i: payload, **remote}, lost)
+        ctx = MergeContext(r, self.cfg, None, self.topology.n)
+        got = receive_and_merge(self.agent, inbox.get(i, []), dict(plan.neighbors[i])[i],
+                                self.protocol, ctx)  # fmt: skip
+        handoff.write_merged(self.opts.watch, r + 1, self.agent.state(), source)
+        self.generation(r + 1).mkdir(parents=True, exist_ok=True)
+        save_agent(self.agent, self.generation(r + 1), r + 1)
+        return {"round": r + 1, "source": source, "received": got.received,
+                "rejected": got.rejected}  # fmt: skip
+
+    def run(self, on_round=None) -> None:
+        """Rounds ``start`` … ``rounds``−1, one every ``period_s`` seconds."""
+        next_start = time.monotonic()
+        for r in range(self.start, self.cfg.rounds):
+            time.sleep(max(0.0, next_start - time.monotonic()))
+            next_start = time.monotonic() + self.opts.period_s
+            summary = self.round(r)
+            if on_round:
+                on_round(summary)
+        dist.destroy_process_group()
