@@ -157,3 +157,5 @@ def test_local_runtime_applies_and_records_its_thread_count():
     run(cfg, on_round=lambda rows: seen.append(torch.get_num_threads()), details=details)
     assert seen == [1, 1] and details["threads"] == 1
     assert torch.get_num_threads() == before
+    run(load_config(None, [*SMALL, "rounds=1", "vectorize=never"]), details=details)
+    assert details["threads"] == 1 and details["path"] == "per-agent"  # the per-agent default
