@@ -326,9 +326,8 @@ class SimConfig:
         choices=("auto", "always", "never"),
     )  # fmt: skip
     threads: int = option(
-        0, "local runtime: torch threads for the run (0: 1 on the per-agent engine, the "
-        "physical cores this process may run on on the stacked one), recorded in summary.json",
-        check=between(0, 4096),
+        1, "local runtime: torch threads for the run (0: the physical cores this process may "
+        "run on), recorded in summary.json", check=between(0, 4096),
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -19,7 +19,6 @@ from fedmerge.decentralized.faults import FAULTS
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes import RUNTIMES, get_runtime, run
 from fedmerge.runtimes.local import Simulator
-from fedmerge.threads import physical_cores
 
 SMALL = ["topology=ring-4", "rounds=2", "model.options.hidden=[16]", "train.steps=2"]
 
@@ -59,7 +58,9 @@ def test_options_a_runtime_does_not_take_are_errors():
 
 
 @pytest.mark.parametrize("runtime", ["flower", "torchdist"])
-@pytest.mark.parametrize(("field", "value"), [("threads", 2), ("metrics.eval_every", 3)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("threads", 2), ("threads", 0), ("metrics.eval_every", 3)]
+)
 def test_local_only_fields_are_refused_by_name_elsewhere(runtime, field, value):
     cfg = load_config(None, [*SMALL, f"runtime={runtime}", f"{field}={value}"])
     with pytest.raises(ConfigError, match=rf"^{field}: only the local runtime takes it"):
@@ -69,7 +70,7 @@ def test_local_only_fields_are_refused_by_name_elsewhere(runtime, field, value):
 def test_local_run_is_the_simulator_and_names_its_path(one_thread):
     cfg = load_config(None, SMALL)
     rows, details = run(cfg)
-    assert details == {"runtime": "local", "path": "vectorized", "threads": physical_cores()}
+    assert details == {"runtime": "local", "path": "vectorized", "threads": 1}
     assert rows == [{**r, "wall_s": rows[i]["wall_s"]} for i, r in enumerate(Simulator(cfg).run())]
 
 

@@ -7,6 +7,7 @@ import torch
 
 from fedmerge.config import load_config
 from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.threads import physical_cores
 
 SMALL = ["model.options.hidden=[16]", "data.options={}", "train.batch_size=16"]
 
@@ -153,9 +154,9 @@ def test_local_runtime_applies_and_records_its_thread_count():
 
     before = torch.get_num_threads()
     seen, details = [], {}
-    cfg = load_config(None, [*SMALL, "rounds=2", "threads=1"])
+    cfg = load_config(None, [*SMALL, "rounds=2", "threads=0"])
     run(cfg, on_round=lambda rows: seen.append(torch.get_num_threads()), details=details)
-    assert seen == [1, 1] and details["threads"] == 1
+    assert seen == [physical_cores()] * 2 and details["threads"] == physical_cores()
     assert torch.get_num_threads() == before
     run(load_config(None, [*SMALL, "rounds=1", "vectorize=never"]), details=details)
-    assert details["threads"] == 1 and details["path"] == "per-agent"  # the per-agent default
+    assert details["threads"] == 1 and details["path"] == "per-agent"  # the default

@@ -74,7 +74,7 @@ def run(
         raise ConfigError(f"runtime {rt.name!r} takes no option {unknown[0]!r} "
                           f"(options: {', '.join(rt.options) or 'none'})")  # fmt: skip
     check_faults(cfg.faults, rt.name, rt.faults)
-    local_only = (("threads", cfg.threads, 0), ("metrics.eval_every", cfg.metrics.eval_every, 1))
+    local_only = (("threads", cfg.threads, 1), ("metrics.eval_every", cfg.metrics.eval_every, 1))
     for key, value, default in local_only:
         if rt.name != "local" and value != default:
             raise ConfigError(f"{key}: only the local runtime takes it (runtime {rt.name!r}); "

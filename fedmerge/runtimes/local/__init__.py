@@ -7,7 +7,6 @@ from typing import Any
 
 from fedmerge.config import SimConfig
 from fedmerge.decentralized.engine import OnRound
-from fedmerge.runtimes.local.per_agent import AgentEngine
 from fedmerge.runtimes.local.simulator import Simulator
 from fedmerge.threads import torch_threads
 
@@ -15,13 +14,11 @@ from fedmerge.threads import torch_threads
 def run(
     cfg: SimConfig, *, on_round: OnRound | None = None, details: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Run ``cfg`` in this process with ``cfg.threads`` torch threads, restored afterwards
-    (0: one on the per-agent engine, whose small per-agent tensors only pay for more; the
-    physical cores, :func:`~fedmerge.threads.physical_cores`, on the stacked one);
-    ``details["path"]`` names the engine that computed, ``details["threads"]`` the count."""
-    sim = Simulator(cfg)
-    default = 1 if sim.path == AgentEngine.name else None
-    with torch_threads(cfg.threads or default) as threads:
+    """Run ``cfg`` in this process with ``cfg.threads`` torch threads (0: the physical cores,
+    :func:`~fedmerge.threads.physical_cores`), restored afterwards; ``details["path"]``
+    names the engine that computed, ``details["threads"]`` the count."""
+    with torch_threads(cfg.threads or None) as threads:
+        sim = Simulator(cfg)
         if details is not None:
             details.update(path=sim.path, threads=threads)
         return sim.run(on_round)
