@@ -285,6 +285,10 @@ class MetricsConfig:
     disagreement: bool = option(
         True, "disagreement: share of global-test predictions that differ between agents"
     )
+    eval_every: int = option(
+        1, "local runtime: evaluate accuracies and disagreement every k rounds and on the last "
+        "(other rounds' rows carry None for them)", check=between(1, 10**6),
+    )  # fmt: skip
 
 
 @dataclass
@@ -320,6 +324,10 @@ class SimConfig:
     vectorize: str = option(
         "auto", "stacked-parameter path for same-architecture gossip/local",
         choices=("auto", "always", "never"),
+    )  # fmt: skip
+    threads: int = option(
+        1, "local runtime: torch threads for the run (0: the physical cores this process may "
+        "run on), recorded in summary.json", check=between(0, 4096),
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

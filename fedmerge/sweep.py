@@ -232,8 +232,10 @@ def _plot(path: Path, name: str, results: list[dict[str, Any]]) -> None:
     fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for res in results:
         curves = [[p["global_acc"] for p in run["curve"]] for run in res["runs"]]
-        mean = [statistics.fmean(v) for v in zip(*curves, strict=False)]
-        ax.plot(range(1, len(mean) + 1), mean, label=res["label"], lw=1.6)
+        rounds = enumerate(zip(*curves, strict=False), 1)  # eval_every's skipped rounds: None
+        pts = [(r, statistics.fmean(v)) for r, v in rounds if None not in v]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=res["label"], lw=1.6)
     ax.set(title=f"{name}: mean global test accuracy (mean over seeds)", xlabel="round",
            ylabel="accuracy", ylim=(0, 1))  # fmt: skip
     ax.grid(alpha=0.3)

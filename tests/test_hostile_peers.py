@@ -208,3 +208,45 @@ def test_fuzzed_flower_records_are_judged_not_raised(blob, stype, metrics):
               for k in ("flat", "payload")}  # fmt: skip
     rec = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
     assert isinstance(malformed(rec, flat_len=6), str)  # never valid, never an exception
+
+
+# -- a hostile rank in a real torch.distributed run (3 processes, gloo on loopback) --------
+def test_hostile_rank_in_a_real_torchdist_run_is_named_and_harmless(monkeypatch, capfd, tmp_path):
+    """Rank 2 of 3 (complete graph) sends a forged sender, a 3000-deep tensor table, a NaN
+    tensor and a forged round 10⁹, one per round (tests/torchdist_faults.py). The run
+    finishes; each honest node rejects exactly the attacker's one payload per round, the
+    logs name agent 2 for each attack, and the honest nodes' accuracies are those of a
+    clean run in which node 2 is cut off (in-process simulator on the graph 0-1, 2 alone)
+    to 1e-6: the attacker cost them its own contribution and nothing more."""
+    from fedmerge.config import load_config
+    from fedmerge.runtimes import torchdist
+    from fedmerge.runtimes.local.simulator import Simulator
+
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "tests.torchdist_faults")  # the ranks too
+    monkeypatch.setenv("FEDMERGE_TEST_EVIL_RANK", "2")
+    sets = ["rounds=4", "vectorize=never", "distributed.timeout_s=30"]
+    evil = "train.loss=tests.torchdist_faults:hostile_cross_entropy"
+    cfg = load_config(None, [*sets, "topology={graph: complete, n: 3}", evil])
+    rows = torchdist.run(cfg, procs=3, threads=1)
+    (tmp_path / "cut.adjlist").write_text("0 1\n1\n2\n")
+    graph = f"{{graph: file, path: {tmp_path}/cut.adjlist, allow_disconnected: true}}"
+    cut = load_config(None, [*sets, f"topology={graph}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clean = Simulator(cut).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(rows) == 12 and [r["rejected"] for r in rows if r["agent"] == 2] == [0] * 4
+    honest = [(r, c) for r, c in zip(rows, clean, strict=True) if r["agent"] != 2]
+    assert all(r["rejected"] == 1 for r, _ in honest)
+    for key in ("global_acc", "local_acc"):  # what the attacker did changed nothing else
+        assert all(r[key] == pytest.approx(c[key], abs=1e-6) for r, c in honest), key
+    log = capfd.readouterr().err
+    for reason in [
+        "payload from agent 2: header names sender 3",
+        "payload from agent 2 (round 1): unreadable tensor table",
+        "payload from agent 2 (round 2): 'fc0.weight' has 1 non-finite value",
+        "payload from agent 2 (round 1000000000): the round is from the future",
+    ]:
+        assert reason in log, (reason, log[-3000:])

@@ -54,7 +54,8 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path):
     # first merge: mean 0.7, sample std 0.141; last training: 0.9 ± 0.071; last merge 0.9 ± 0
     assert row.startswith("| iid | ring | dimat-shared | 0.700 ± 0.141 | 0.900 ± 0.071 |")
     assert "0.900 ± 0.000" in row
-    assert report.plot(cells)[:4] == b"\x89PNG"
+    report.plot(cells, tmp_path / "dimat_paper.png")
+    assert (tmp_path / "dimat_paper.png").read_bytes()[:4] == b"\x89PNG"
     assert cells[("iid", "ring", "dimat-shared")]["global_acc"].shape == (2, 2)
     with pytest.raises(KeyError):
         cells[("iid", "complete", "dimat-shared")]

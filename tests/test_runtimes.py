@@ -57,10 +57,20 @@ def test_options_a_runtime_does_not_take_are_errors():
         run(load_config(None, SMALL), procs=2)
 
 
+@pytest.mark.parametrize("runtime", ["flower", "torchdist"])
+@pytest.mark.parametrize(
+    ("field", "value"), [("threads", 2), ("threads", 0), ("metrics.eval_every", 3)]
+)
+def test_local_only_fields_are_refused_by_name_elsewhere(runtime, field, value):
+    cfg = load_config(None, [*SMALL, f"runtime={runtime}", f"{field}={value}"])
+    with pytest.raises(ConfigError, match=rf"^{field}: only the local runtime takes it"):
+        run(cfg)
+
+
 def test_local_run_is_the_simulator_and_names_its_path(one_thread):
     cfg = load_config(None, SMALL)
     rows, details = run(cfg)
-    assert details == {"runtime": "local", "path": "vectorized"}
+    assert details == {"runtime": "local", "path": "vectorized", "threads": 1}
     assert rows == [{**r, "wall_s": rows[i]["wall_s"]} for i, r in enumerate(Simulator(cfg).run())]
 
 

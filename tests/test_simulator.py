@@ -7,6 +7,7 @@ import torch
 
 from fedmerge.config import load_config
 from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.threads import physical_cores
 
 SMALL = ["model.options.hidden=[16]", "data.options={}", "train.batch_size=16"]
 
@@ -126,3 +127,36 @@ def test_dimat_protocol_runs_on_the_per_agent_path():
     rows = s.run()
     assert len(rows) == 8 and all(math.isfinite(r["consensus"]) for r in rows)
     assert all(r["bytes_received"] == r["bytes_sent"] > 0 for r in rows)  # 2 in, 2 out
+
+
+ACCURACIES = ("global_acc", "local_acc", "acc_trained", "disagreement")
+
+
+@pytest.mark.parametrize("vectorize", ["always", "never"])
+def test_eval_every_measures_only_its_rounds_and_changes_nothing_else(vectorize):
+    common = ["rounds=7", "protocol.name=gossip", "model.init=different", f"vectorize={vectorize}"]
+    every = strip(sim(*common).run())
+    sparse = strip(sim(*common, "metrics.eval_every=3").run())
+    measured = {r["round"] for r in sparse if r["global_acc"] is not None}
+    assert measured == {3, 6, 7}
+    for full, thin in zip(every, sparse, strict=True):
+        for key in ACCURACIES:
+            if thin["round"] in measured:
+                assert thin[key] == full[key] is not None, key
+            else:
+                assert thin[key] is None, key
+        rest = {k: v for k, v in thin.items() if k not in ACCURACIES}
+        assert rest == {k: v for k, v in full.items() if k not in ACCURACIES}
+
+
+def test_local_runtime_applies_and_records_its_thread_count():
+    from fedmerge.runtimes.local import run
+
+    before = torch.get_num_threads()
+    seen, details = [], {}
+    cfg = load_config(None, [*SMALL, "rounds=2", "threads=0"])
+    run(cfg, on_round=lambda rows: seen.append(torch.get_num_threads()), details=details)
+    assert seen == [physical_cores()] * 2 and details["threads"] == physical_cores()
+    assert torch.get_num_threads() == before
+    run(load_config(None, [*SMALL, "rounds=1", "vectorize=never"]), details=details)
+    assert details["threads"] == 1 and details["path"] == "per-agent"  # the default

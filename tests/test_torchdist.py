@@ -142,6 +142,32 @@ def test_backend_choice(monkeypatch):
             torchdist.pick_backend("nccl")
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} writes them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_local_launcher_listens_and_points_workers_at_loopback_only():
+    from fedmerge.runtimes.torchdist import launch
+
+    store = launch.loopback_store(2, 5.0)
+    assert listening_addresses(store.port) == {"0100007F"}  # 127.0.0.1, no other interface
+    env = launch.worker_env(1, 2, store.port, "p", 1, None)
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("127.0.0.1", str(store.port))
+    assert env["GLOO_SOCKET_IFNAME"] == "lo" and env["RANK"] == "1"
+    worker = torch.distributed.TCPStore("127.0.0.1", store.port, 2, is_master=False)
+    worker.set("k", "v")
+    assert store.get("k") == b"v"
+
+
 # -- multi-process runs (gloo, loopback) ---------------------------------------------------
 @pytest.mark.slow
 def test_gossip_four_ranks_matches_simulator():

@@ -66,13 +66,19 @@ def run(
 ) -> tuple[list[Row], dict[str, Any]]:
     """Run ``cfg`` on ``cfg.runtime``: (metrics rows, details for the summary, which name the
     runtime that ran). Options the runtime does not take are errors naming them; so are
-    faults it does not run."""
+    faults it does not run, and the local runtime's own fields (``threads``,
+    ``metrics.eval_every``) set elsewhere."""
     rt = get_runtime(cfg.runtime)
     unknown = sorted(set(options) - set(rt.options))
     if unknown:
         raise ConfigError(f"runtime {rt.name!r} takes no option {unknown[0]!r} "
                           f"(options: {', '.join(rt.options) or 'none'})")  # fmt: skip
     check_faults(cfg.faults, rt.name, rt.faults)
+    local_only = (("threads", cfg.threads, 1), ("metrics.eval_every", cfg.metrics.eval_every, 1))
+    for key, value, default in local_only:
+        if rt.name != "local" and value != default:
+            raise ConfigError(f"{key}: only the local runtime takes it (runtime {rt.name!r}); "
+                              f"leave it at {default}")  # fmt: skip
     details: dict[str, Any] = {"runtime": rt.name}
     rows = importlib.import_module(rt.target).run(cfg, on_round=on_round, details=details,
                                                   **options)  # fmt: skip

@@ -8,16 +8,20 @@ from typing import Any
 from fedmerge.config import SimConfig
 from fedmerge.decentralized.engine import OnRound
 from fedmerge.runtimes.local.simulator import Simulator
+from fedmerge.threads import torch_threads
 
 
 def run(
     cfg: SimConfig, *, on_round: OnRound | None = None, details: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Run ``cfg`` in this process; ``details["path"]`` names the engine that computed."""
-    sim = Simulator(cfg)
-    if details is not None:
-        details["path"] = sim.path
-    return sim.run(on_round)
+    """Run ``cfg`` in this process with ``cfg.threads`` torch threads (0: the physical cores,
+    :func:`~fedmerge.threads.physical_cores`), restored afterwards; ``details["path"]``
+    names the engine that computed, ``details["threads"]`` the count."""
+    with torch_threads(cfg.threads or None) as threads:
+        sim = Simulator(cfg)
+        if details is not None:
+            details.update(path=sim.path, threads=threads)
+        return sim.run(on_round)
 
 
 __all__ = ["Simulator", "run"]

@@ -8,7 +8,9 @@ One round (``Simulator.round``) is DESIGN.md's round as data:
     publish → payloads;  deliver → along plan.messages minus the lost ones
     receive → validate (bad payloads dropped and counted);  merge → the protocol
     evaluate→ global-test accuracy after training (before merging) and after merging,
-              local-test accuracy, consensus measures (decentralized.consensus), bytes, wall
+              local-test accuracy, consensus measures (decentralized.consensus), bytes, wall;
+              accuracies and disagreement only every ``metrics.eval_every`` rounds and on
+              the last (None in the other rounds' rows)
 
 Everything but the loop comes from the round kit (:mod:`fedmerge.decentralized`). Where
 every agent has the same buffer-free model and the protocol is a W product (gossip, local,
@@ -19,6 +21,7 @@ per_agent.AgentEngine` is the per-agent reference. Both give the same numbers fo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -59,10 +62,18 @@ class Simulator:
     def path(self) -> str:
         return self.engine.name
 
+    def evaluates(self, r: int) -> bool:
+        """Whether round r (0-based) measures accuracy: every ``metrics.eval_every``-th round
+        (``round`` = r + 1 a multiple of it) and the last."""
+        return (r + 1) % self.config.metrics.eval_every == 0 or r + 1 == self.config.rounds
+
     def round(self, r: int) -> list[dict[str, Any]]:
         """Run round r (0-based) and return its metrics rows (``round`` is r + 1)."""
         start = time.perf_counter()
         n, cfg = self.setup.n, self.config
+        full = self.evaluates(r)
+        evaluate = self.engine.evaluate if full else self._unevaluated
+        metrics = cfg.metrics if full else dataclasses.replace(cfg.metrics, disagreement=False)
         active, trains = self.faults.nodes(r)
         present = None if active.all() else np.flatnonzero(active).tolist()
         plan = self.setup.topology.round(r, active=present, total_rounds=cfg.rounds)
@@ -71,13 +82,13 @@ class Simulator:
         traffic = Traffic.zeros(n)
         trained = None
         if self.setup.protocol.merge is not None:
-            trained = self.engine.evaluate()[1]  # after local training, before the merge
+            trained = evaluate()[1]  # after local training, before the merge
             lost = self.faults.lost(r, len(plan.messages))
             traffic = self.engine.communicate(r, plan, active, lost)
         self.recovery.after_round(r, active, self.agents)
-        local, glob = self.engine.evaluate()
+        local, glob = evaluate()
         trained = glob if trained is None else trained
-        cons = measures(self.engine, self.setup.model(0), cfg.model.init, cfg.metrics)
+        cons = measures(self.engine, self.setup.model(0), cfg.model.init, metrics)
         pick = lambda key, i: None if cons[key] is None else cons[key][i]  # noqa: E731
         wall = time.perf_counter() - start
         rows = [
@@ -103,6 +114,10 @@ class Simulator:
         ]
         self.rows += rows
         return rows
+
+    def _unevaluated(self) -> tuple[list[None], list[None]]:
+        """The (local, global) accuracies of a round that does not evaluate: None each."""
+        return [None] * self.setup.n, [None] * self.setup.n
 
     def run(self, on_round: OnRound | None = None) -> list[Row]:
         for r in range(self.config.rounds):

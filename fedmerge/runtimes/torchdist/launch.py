@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from fedmerge.runtimes.torchdist.control import Excluded, PeerFailure
 from fedmerge.runtimes.torchdist.round import RankRunner, Rows
 
 PREFIX_ENV = "FEDMERGE_TORCHDIST_PREFIX"
+LOOPBACK = "127.0.0.1"
+LOOPBACK_IF = "lo" if sys.platform.startswith("linux") else "lo0"  # gloo's interface name
 
 
 def connect(timeout: float) -> tuple[dist.Store, int, int]:
@@ -100,8 +103,7 @@ def run(
         details["procs"] = procs
     threads = threads or max(1, (os.cpu_count() or 1) // procs)
     timeout = cfg.distributed.timeout_s
-    server = dist.TCPStore("127.0.0.1", 0, procs, is_master=True, wait_for_workers=False,
-                           timeout=timedelta(seconds=timeout))  # fmt: skip
+    server = loopback_store(procs, timeout)
     prefix = uuid.uuid4().hex
     store = dist.PrefixStore(f"fedmerge/{prefix}", server)
     with tempfile.TemporaryDirectory(prefix="fedmerge-torchdist-") as tmp:
@@ -119,17 +121,42 @@ def run(
                 w.wait()
 
 
-def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: int,
-           node_file: str | None):  # fmt: skip
+def loopback_store(world: int, timeout: float) -> dist.TCPStore:
+    """The rendezvous store of a local run, listening on 127.0.0.1 only. torch's own server
+    binds every interface, whatever host it is given, so the listening socket is made here
+    and handed over (``master_listen_fd``); the store owns it from then on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore(
+        LOOPBACK, port, world, is_master=True, wait_for_workers=False,
+        timeout=timedelta(seconds=timeout), master_listen_fd=sock.detach(),
+    )  # fmt: skip
+
+
+def worker_env(rank: int, world: int, port: int, prefix: str, threads: int,
+               node_file: str | None) -> dict[str, str]:  # fmt: skip
+    """The environment of local worker ``rank``: torchrun's variables with the store at
+    127.0.0.1:``port`` and gloo on the loopback interface (nothing listens elsewhere)."""
     path = [p for p in sys.path if p and os.path.isdir(p)]
-    env = {
+    return {
         **({NODE_FILE_ENV: node_file} if node_file else {}),
         **os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "TORCHELASTIC_USE_AGENT_STORE": "True", PREFIX_ENV: prefix,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(port),
+        "GLOO_SOCKET_IFNAME": LOOPBACK_IF, "TORCHELASTIC_USE_AGENT_STORE": "True",
+        PREFIX_ENV: prefix, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
         "PYTHONPATH": os.pathsep.join(path),
     }  # fmt: skip
+
+
+def _spawn(config: str, rank: int, world: int, port: int, prefix: str, threads: int,
+           node_file: str | None):  # fmt: skip
+    env = worker_env(rank, world, port, prefix, threads, node_file)
     main = "import sys; from fedmerge.runtimes.torchdist import worker_main as m; m(sys.argv[1])"
     cmd = [sys.executable, "-c", main, config]
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
