@@ -49,7 +49,7 @@ def method_params(method: str, draw) -> dict:
 def test_chunked_equals_whole_tensor(data, method, k, chunk, dtype, coarse, seed):
     """Any method, tiny chunks (a row or a few), float32/float64, with and without exact ties
     among the magnitudes: every output bit equals the one-block merge. The exception: DARE
-    ``rescale: l1`` on float64 sums float64 norms in a different order (~1 ulp)."""
+    ``rescale: l1`` on float64 sums float64 norms in a different order (a few ulps)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"emb": (17, 3), "vec": (29,), "t3": (5, 2, 3), "one": (1, 4), "s": ()}
 
@@ -66,7 +66,8 @@ def test_chunked_equals_whole_tensor(data, method, k, chunk, dtype, coarse, seed
     got = run(method, base, experts, fishers, params, chunk)
     for key in shapes:
         if params.get("rescale") == "l1" and dtype == torch.float64:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-14, atol=0)
+            # rounding of the float64 norm ratio only: a few ulps, absolute ≤ 1e-14 near zero
+            torch.testing.assert_close(got[key], want[key], rtol=1e-13, atol=1e-14)
         else:
             assert torch.equal(bits(got[key]), bits(want[key])), (key, got[key], want[key])
 

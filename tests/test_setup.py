@@ -19,8 +19,13 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 
 def make(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``make ARGS`` as a newcomer's shell runs it: no PYTHONPATH, PYTHONHOME or active venv
+    (Ray, run earlier in the same pytest process, leaves PYTHONPATH pointing into .venv, so
+    pip in a "clean" venv would see torch as installed)."""
+    leaked = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}
+    clean = {k: v for k, v in os.environ.items() if k not in leaked}
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args],
-                          capture_output=True, text=True, env={**os.environ, **env})  # fmt: skip
+                          capture_output=True, text=True, env={**clean, **env})  # fmt: skip
 
 
 @needs_make
