@@ -1,13 +1,19 @@
 """Shared fixtures."""
 
 import pytest
-import torch
+
+from fedmerge.threads import torch_threads
 
 
 @pytest.fixture
 def one_thread():
     """Tiny models train ~10× faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (its module-scoped fixtures train too)."""
+    with torch_threads(1):
+        yield

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from fedmerge.checkpoint import TensorSpec
 from fedmerge.codecs import pack_tensors
 from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.config import TrainConfig, ValidationConfig
@@ -61,6 +63,14 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
     )
+
+
+class OwnBounds(NamedTuple):
+    """A receiver's own view that payloads are validated against."""
+
+    specs: dict[str, TensorSpec]  # the shared (floating) entries
+    norm: float  # ‖θ‖ of the receiver's state (the norm bound scales it)
+    max_bytes: int  # :meth:`Agent.byte_limit`
 
 
 class Agent:
@@ -134,23 +144,19 @@ class Agent:
         """The most tensors a payload to this agent may carry: its own count."""
         return len(self.tensors())
 
-    def validate(self, delivery: Delivery) -> Payload:
+    def own_bounds(self) -> OwnBounds:
+        """What received payloads are checked against, computed once per :meth:`receive`."""
+        return OwnBounds(specs_of(self.tensors()), global_norm(self.state()), self.byte_limit())
+
+    def validate(self, delivery: Delivery, own: OwnBounds) -> Payload:
         """The usable payload of ``delivery`` (decoded, if a codec compressed it), or a
-        :class:`ValidationError` naming the sender: it must name the sender the transport says
-        it came from (``source``), decode within this agent's specs and byte bound, and match
-        this agent's own tensors (:func:`validate_payload`). The hook a protocol with other
-        payloads overrides."""
-        payload = delivery.item
-        if payload.sender != delivery.source:
-            raise ValidationError(
-                f"payload from agent {payload.sender} (round {payload.round}): "
-                f"arrived from agent {delivery.source}"
-            )
-        specs, limit = specs_of(self.tensors()), self.byte_limit()
-        payload = decode_payload(payload, specs, limit)
+        :class:`ValidationError` naming the sender: it must decode within this agent's specs
+        and byte bound and match its own tensors (:func:`validate_payload`). The hook a
+        protocol with other payloads overrides."""
+        payload = decode_payload(delivery.item, own.specs, own.max_bytes)
         validate_payload(
-            payload, kind=self.kind, specs=specs, own_norm=global_norm(self.state()),
-            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=limit,
+            payload, kind=self.kind, specs=own.specs, own_norm=own.norm,
+            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=own.max_bytes,
         )  # fmt: skip
         return payload
 
@@ -163,12 +169,14 @@ class Agent:
         than the last accepted from it (:attr:`last_round`; duplicates, stale and replayed
         ones are rejected). A negative round, or one after ``round`` (the current round, when
         given), is rejected first: a forged far-future round must not make its sender's real
-        payloads look stale."""
-        accepted = []
+        payloads look stale. Every payload must name the sender the transport says it came
+        from (``source``)."""
+        accepted, own = [], self.own_bounds()
         for d in deliveries:
             try:
                 _check_round(d.item, round)
-                payload = self.validate(d)
+                _check_origin(d)
+                payload = self.validate(d, own)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
@@ -218,3 +226,13 @@ def _check_round(payload: Payload, now: int | None) -> None:
         when = "is negative" if payload.round < 0 else f"is from the future ({now})"
         who = f"payload from agent {payload.sender} (round {payload.round})"
         raise ValidationError(f"{who}: the round {when}")
+
+
+def _check_origin(delivery: Delivery) -> None:
+    """The payload must name the sender the transport delivered it from."""
+    payload = delivery.item
+    if payload.sender != delivery.source:
+        raise ValidationError(
+            f"payload from agent {payload.sender} (round {payload.round}): "
+            f"arrived from agent {delivery.source}"
+        )

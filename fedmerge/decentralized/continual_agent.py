@@ -27,7 +27,7 @@ from torch import nn
 from fedmerge.config import SimConfig
 from fedmerge.continual import ContinualMerger, make_merger
 from fedmerge.data.partition import AgentData
-from fedmerge.decentralized.agent import Agent, Loss
+from fedmerge.decentralized.agent import Agent, Loss, OwnBounds
 from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import Delivery
 from fedmerge.decentralized.dissemination import FORWARD, Node
@@ -99,13 +99,11 @@ class ContinualAgent(Agent):
         return Payload.make(tensors, sender=self.id, round=round, samples=self.data.samples,
                             kind="delta")  # fmt: skip
 
-    def validate(self, delivery: Delivery) -> Payload:
-        """A bundle must name its transport sender, be a delta with a matching content hash
-        and have well-formed keys; each expert in it is checked when offered."""
+    def validate(self, delivery: Delivery, own: OwnBounds) -> Payload:
+        """A bundle must be a delta with a matching content hash and well-formed keys; each
+        expert in it is checked when offered (``own`` bounds single experts, not bundles)."""
         p = delivery.item
         who = f"payload from agent {p.sender} (round {p.round})"
-        if p.sender != delivery.source:
-            raise ValidationError(f"{who}: arrived from agent {delivery.source}")
         if p.kind != "delta":
             raise ValidationError(f"{who}: kind {p.kind!r}, expected 'delta'")
         if state_hash(p.tensors) != p.hash:
