@@ -68,16 +68,12 @@ class Recipe:
     def execute(
         self, cfg: Any, out: str | Path | None = None, *, bar: bool = True
     ) -> tuple[Any, dict[str, Path]]:
-        """Run ``cfg`` on one torch thread with a progress bar; write the files."""
-        import torch
+        """Run ``cfg`` on one torch thread (tiny models: extra threads only contend for the
+        cores) with a progress bar; write the files."""
+        from fedmerge.threads import torch_threads
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny models: extra threads only contend for the cores
-        try:
-            with progress(self.units(cfg), self.name, enabled=bar) as tick:
-                outcome = self.run(cfg, tick)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(1), progress(self.units(cfg), self.name, enabled=bar) as tick:
+            outcome = self.run(cfg, tick)
         return outcome, self.write(outcome, Path(out or cfg.out))
 
     def run_file(

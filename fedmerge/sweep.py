@@ -40,7 +40,7 @@ from fedmerge.atomic import atomic_write_text
 from fedmerge.config import load_config
 from fedmerge.errors import ConfigError
 from fedmerge.report import csv_text, markdown, per_round, pyplot, save_png, summarize
-from fedmerge.yamlio import read_mapping
+from fedmerge.yamlio import parse_yaml, read_mapping
 
 SWEEP_KEYS = {"name", "base", "set", "grid", "cells", "seeds", "report"}
 
@@ -169,6 +169,19 @@ def _stat(results: Mapping[str, Any], key: str) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def cell_fields(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A result cell's ``a.b=c`` sets as ``{"a.b": value}``, values parsed as ``--set`` ones.
+
+    >>> cell_fields({"sets": ["rounds=3", "protocol.name=dimat"]})
+    {'rounds': 3, 'protocol.name': 'dimat'}
+    """
+    fields = {}
+    for item in cell["sets"]:
+        key, _, value = item.partition("=")
+        fields[key] = parse_yaml(value, f"set {item!r}")
+    return fields
 
 
 def sweep_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.console import Console
 
 from fedmerge.atomic import atomic_write_text
 from fedmerge.errors import ConfigError
 from fedmerge.report import markdown, pyplot, rich_table, save_png
+from fedmerge.sweep import cell_fields
 
 SETTING = ("model.name", "data.partition", "model.init", "topology")
 
@@ -62,10 +62,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
         raise ConfigError(f"{path}: cannot read sweep results: {exc}") from exc
     runs = []
     for cell in results:
-        fields = {}
-        for item in cell["sets"]:
-            key, _, value = item.partition("=")
-            fields[key] = yaml.safe_load(value)
+        fields = cell_fields(cell)
         for run in cell["runs"]:
             curve = np.array([p["global_acc"] for p in run["curve"]], dtype=float)
             runs.append(Run(fields, run["seed"], curve, run["summary"]["bytes_sent"]))

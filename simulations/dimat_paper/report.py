@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fedmerge.atomic import atomic_write_text
 from fedmerge.report import pyplot, save_png
+from fedmerge.sweep import cell_fields
 
 METHODS = ("dimat-shared", "dimat-local", "wa", "gossip", "local")
 
@@ -39,10 +39,7 @@ def load(results_dir: Path) -> dict[tuple[str, str, str], dict[str, np.ndarray]]
     """(partition, topology, method) → per-round curves (seeds, rounds) of each measure."""
     cells = {}
     for cell in json.loads((results_dir / "results.json").read_text()):
-        fields = {}
-        for item in cell["sets"]:
-            key, _, value = item.partition("=")
-            fields[key] = yaml.safe_load(value)
+        fields = cell_fields(cell)
         curves = {
             key: np.array([[np.nan if p[key] is None else p[key] for p in run["curve"]]
                          for run in cell["runs"]])
