@@ -84,7 +84,7 @@ def measures(
     architecture (for its permutation spec); ``init`` the config's ``model.init``: with
     ``aligned_consensus: auto`` the aligned distance is computed for ``different`` only,
     and only for models that have a permutation spec."""
-    out: dict[str, list[float] | None] = {"consensus": distances(engine.flat())}
+    out: dict[str, list[float] | None] = {"consensus": engine.distances()}
     mode = cfg.aligned_consensus
     spec = None
     if mode == "always" or (mode == "auto" and init == "different"):

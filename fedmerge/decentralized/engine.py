@@ -1,10 +1,10 @@
 """The declared interfaces a runtime implements around the round kit.
 
 An :class:`Engine` holds all of a process's agents and does one round's work on them:
-train, communicate (publish → deliver → receive and merge), evaluate, flatten for the
-consensus distance, states and test predictions for the other consensus measures. The
-in-process runtime has two (per-agent and stacked); a runner (:class:`RoundRunner`)
-drives rounds: faults, plan, the engine's steps, the metrics rows.
+train, communicate (publish → deliver → receive and merge), evaluate, the consensus
+distance (and the flat states it is defined on), states and test predictions for the other
+consensus measures. The in-process runtime has two (per-agent and stacked); a runner
+(:class:`RoundRunner`) drives rounds: faults, plan, the engine's steps, the metrics rows.
 Both are structural (``typing.Protocol``): implement the methods, no base class needed.
 """
 
@@ -42,6 +42,10 @@ class Engine(Protocol):
 
     def flat(self) -> torch.Tensor:
         """(n, P) float64: every agent's floating state, flattened (consensus distance)."""
+
+    def distances(self) -> list[float]:
+        """‖θ_i − θ̄‖ per agent (the consensus distance,
+        :func:`fedmerge.decentralized.consensus.distances` of :meth:`flat`)."""
 
     def states(self) -> list[StateDict]:
         """Every agent's state (the aligned consensus distance reads them)."""

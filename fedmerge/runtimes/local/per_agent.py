@@ -8,7 +8,7 @@ import torch
 
 from fedmerge.decentralized.adversary import Adversary
 from fedmerge.decentralized.agent import make_loss
-from fedmerge.decentralized.consensus import flat_state
+from fedmerge.decentralized.consensus import distances, flat_state
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.decentralized.receive import receive_and_merge
@@ -59,6 +59,9 @@ class AgentEngine:
     def flat(self) -> torch.Tensor:
         """(n, P) float64: every agent's floating state entries, flattened."""
         return torch.stack([flat_state(a.state()) for a in self.agents])
+
+    def distances(self) -> list[float]:
+        return distances(self.flat())
 
     def states(self) -> list[StateDict]:
         return [a.state() for a in self.agents]

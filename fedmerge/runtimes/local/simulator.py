@@ -57,6 +57,7 @@ class Simulator:
         self.agents = self.engine.agents if isinstance(self.engine, AgentEngine) else []
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
+        self.template = self.setup.model(0)  # the architecture (permutation spec), built once
 
     @property
     def path(self) -> str:
@@ -88,7 +89,7 @@ class Simulator:
         self.recovery.after_round(r, active, self.agents)
         local, glob = evaluate()
         trained = glob if trained is None else trained
-        cons = measures(self.engine, self.setup.model(0), cfg.model.init, metrics)
+        cons = measures(self.engine, self.template, cfg.model.init, metrics)
         pick = lambda key, i: None if cons[key] is None else cons[key][i]  # noqa: E731
         wall = time.perf_counter() - start
         rows = [
