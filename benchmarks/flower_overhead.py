@@ -1,27 +1,38 @@
 """Seconds per round and peak memory: Flower's simulation engine (Ray) vs the in-process simulator.
 
-    python benchmarks/flower_overhead.py                               # 4 agents, 5 rounds
-    python benchmarks/flower_overhead.py --agents 4 10 100 --rounds 20 # the README numbers
-    python benchmarks/flower_overhead.py --agents 2 --rounds 2 --hidden 7000 7000  # 198 MB payloads
-    python benchmarks/flower_overhead.py --engines per-agent stacked --eval-every 5
+    python benchmarks/flower_overhead.py --suite          # issue 20's cases, ratios vs targets
+    python benchmarks/flower_overhead.py                  # 4 agents, 6 rounds
+    python benchmarks/flower_overhead.py --agents 10 100 --rounds 12 --eval-every 5
+    python benchmarks/flower_overhead.py --agents 10 --hidden 1000 1000   # a 1.08M-parameter MLP
+    python benchmarks/flower_overhead.py --agents 2 --rounds 3 --hidden 7000 7000  # 198 MB payloads
 
 Same workload on every engine: gossip on a ring of N agents, digits (IID split), an MLP
-64-128-10 (~9.6k parameters), 2 SGD steps per round. Each engine runs in a fresh child
-process; its peak memory is the largest summed RSS of the child's process tree (Ray's GCS,
-raylet and workers included), sampled every 0.1 s. Flower's seconds per round exclude Ray's
-start-up (shown separately). Seconds per round: the median over the rounds of each round's
-wall time (the simulator's ``wall_s``; for Flower as the relay measures it), which keeps the
-first round's warm-up and the noise of a shared machine out.
+64-hidden-10 (``--hidden 128``: 9,610 parameters; ``1000 1000``: 1,076,010), 2 SGD steps per
+round (batch 32). Engines:
+
+- ``per-agent``: fedmerge's in-process simulator, one Agent per node (``vectorize: never``);
+- ``auto``: the simulator as a user gets it (``vectorize: auto``; the table says which
+  engine it chose), both with ``metrics.eval_every`` = ``--eval-every`` (accuracy measured
+  every k rounds and on the last);
+- ``auto-eval1``: the same, measuring accuracies every round (``eval_every: 1``; it still
+  evaluates more than Flower: accuracy after training as well as after merging, and the
+  disagreement measure);
+- ``flower``: the same agents as Flower ClientApps on Flower's simulation engine (Ray, 2 CPUs,
+  1 per client), relayed by a ServerApp; every client evaluates every round.
+
+fedmerge's engines run through the local runtime with the config's ``threads`` (default 1).
+Each engine runs in a fresh child process; its peak memory is the largest summed RSS of the
+child's process tree (Ray's GCS, raylet and workers included), sampled every 0.1 s.
+Seconds per round: the mean wall time of rounds 2 … R−1 (round 1 warms up; Flower's last
+step only merges and evaluates), from the simulator's ``wall_s`` and, for Flower, as the
+relay measures it; Ray's start-up is shown separately.
 
 Each engine runs ``--repeats`` times (default 3), interleaved (a, b, c, a, b, c, ...) so that
 a change in machine load hits every engine alike; the table shows the median of the runs'
-seconds per round and their spread (slowest / fastest run). ``--eval-every k`` sets
-``metrics.eval_every`` for fedmerge's engines (accuracy measured every k rounds and on the
-last); Flower's runtime evaluates every round. fedmerge's engines run through the local
-runtime, so with the config's ``threads`` (default: physical cores).
-
-Ratios printed: flower / per-agent (fedmerge's reference engine, same order of operations)
-and flower / stacked (the simulator's vectorized path, its default for this workload).
+seconds per round and their spread (slowest / fastest run). The load average is printed
+before and after each case. ``--suite`` runs the cases of issue 20 (``SUITE``) and checks
+the targets: fedmerge (``auto``) ≥ 20× faster per round than Flower with the 10k-parameter
+MLP at 10, 100 and 1,000 agents, ≥ 1× with the 1M-parameter MLP, spreads ≤ 1.5×.
 """
 
 from __future__ import annotations
@@ -33,30 +44,57 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-ENGINES = ("per-agent", "stacked", "flower")
+ENGINES = ("per-agent", "auto", "auto-eval1", "flower")
+VECTORIZE = {"per-agent": "never", "auto": "auto", "auto-eval1": "auto"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the suite: ``rounds`` for fedmerge's engines, ``flower_rounds`` and
+    ``flower_repeats`` for Flower (1,000 Ray clients take about a minute per round on two
+    cores, so that case measures fewer), and the speed-up over Flower it must reach."""
+
+    agents: int
+    hidden: tuple[int, ...]
+    rounds: int
+    flower_rounds: int
+    flower_repeats: int
+    target: float
+
+
+SUITE = (
+    Case(10, (128,), 12, 12, 3, 20.0),
+    Case(100, (128,), 12, 7, 3, 20.0),
+    Case(1000, (128,), 7, 4, 1, 20.0),
+    Case(10, (1000, 1000), 12, 7, 3, 1.0),
+)
+SPREAD_TARGET = 1.5
 
 
 def workload(n: int, rounds: int, engine: str, hidden: list[int], eval_every: int):
     from fedmerge.config import default_config
 
-    vectorize = {"per-agent": "never", "stacked": "always"}.get(engine, "never")
-    local = [] if engine == "flower" else [f"metrics.eval_every={eval_every}"]
+    local = [] if engine == "flower" else [f"vectorize={VECTORIZE[engine]}"]
+    if engine != "flower":
+        local.append(f"metrics.eval_every={1 if engine == 'auto-eval1' else eval_every}")
     return default_config([
         f"agents={n}", "topology=ring", f"rounds={rounds}", "data.partition=iid",
-        f"model.options.hidden={hidden}", "train.steps=2", f"vectorize={vectorize}", *local,
+        f"model.options.hidden={hidden}", "train.steps=2", *local,
     ])  # fmt: skip
 
 
 def child(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int) -> None:
-    """Run one engine and print {"per_round", "startup", "acc", "payload_mb"} as JSON."""
+    """Run one engine; print {"per_round", "startup", "acc", "params", "path"} as JSON."""
     from fedmerge.decentralized.setup import build_setup
 
     cfg = workload(n, rounds, engine, hidden, eval_every)
+    details: dict = {"path": "flower"}
     start = time.perf_counter()
     if engine == "flower":
         from fedmerge.runtimes import flower
@@ -65,14 +103,14 @@ def child(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int) 
     else:
         from fedmerge.runtimes import local
 
-        rows = local.run(cfg)
+        rows = local.run(cfg, details=details)
     total = time.perf_counter() - start
     walls = [r["wall_s"] for r in rows if r["agent"] == 0]
     last = [r["global_acc"] for r in rows if r["round"] == rounds]
-    model = build_setup(cfg).model(0)
-    payload = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(json.dumps({"per_round": statistics.median(walls), "startup": total - sum(walls),
-                      "acc": sum(last) / len(last), "payload_mb": payload}))  # fmt: skip
+    params = sum(p.numel() for p in build_setup(cfg).model(0).parameters())
+    print(json.dumps({"per_round": statistics.mean(walls[1:-1]), "startup": total - sum(walls),
+                      "acc": sum(last) / len(last), "params": params,
+                      "path": details["path"]}))  # fmt: skip
 
 
 def tree_rss(root: int) -> int:
@@ -97,12 +135,11 @@ def tree_rss(root: int) -> int:
     return total
 
 
-def measure(engine: str, n: int, args: argparse.Namespace) -> dict:
+def measure(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int) -> dict:
     """One run of ``engine`` with ``n`` agents in a fresh child process, plus its peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     cmd = [sys.executable, __file__, "--child", engine, "--agents", str(n), "--rounds",
-           str(args.rounds), "--eval-every", str(args.eval_every),
-           "--hidden", *map(str, args.hidden)]  # fmt: skip
+           str(rounds), "--eval-every", str(eval_every), "--hidden", *map(str, hidden)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
@@ -114,59 +151,105 @@ def measure(engine: str, n: int, args: argparse.Namespace) -> dict:
     return {**json.loads(out[-1]), "peak_mb": peak / 2**20}
 
 
-def repeated(n: int, args: argparse.Namespace) -> dict[str, dict]:
-    """Every engine ``args.repeats`` times, interleaved: per engine the median seconds per
-    round over the runs, their spread (max / min) and the median run's other fields."""
-    runs: dict[str, list[dict]] = {e: [] for e in args.engines}
-    for _ in range(args.repeats):
-        for e in args.engines:
-            runs[e].append(measure(e, n, args))
+def repeated(case: Case, engines: list[str], repeats: int, eval_every: int) -> dict[str, dict]:
+    """Every engine ``repeats`` times (Flower ``case.flower_repeats`` at most), interleaved:
+    per engine the median seconds per round over the runs, their spread (max / min), the
+    number of runs and rounds, and the median run's other fields."""
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for k in range(repeats):
+        for e in engines:
+            if e == "flower" and k >= case.flower_repeats:
+                continue
+            rounds = case.flower_rounds if e == "flower" else case.rounds
+            runs[e].append(measure(e, case.agents, rounds, list(case.hidden), eval_every))
     out = {}
     for e, rs in runs.items():
         secs = sorted(r["per_round"] for r in rs)
         mid = sorted(rs, key=lambda r: r["per_round"])[len(rs) // 2]
-        out[e] = {**mid, "per_round": statistics.median(secs), "spread": secs[-1] / secs[0]}
+        rounds = case.flower_rounds if e == "flower" else case.rounds
+        out[e] = {**mid, "per_round": statistics.median(secs), "spread": secs[-1] / secs[0],
+                  "runs": len(rs), "rounds": rounds}  # fmt: skip
+    return out
+
+
+def report(cases: list[Case], engines: list[str], repeats: int, eval_every: int) -> None:
+    """Run the cases; print the table, then each case's runs and ratios against the targets."""
+    console = Console(width=160)
+    table = Table(title=f"gossip on a ring, 2 SGD steps per round, eval every {eval_every} "
+                  "(auto-eval1: every round): seconds per round, median of the runs "
+                  "(× spread: slowest / fastest run)")  # fmt: skip
+    ratio_cols = [f"flower / {e}" for e in engines if e != "flower" and "flower" in engines]
+    for col in ("agents", "params", *engines, *ratio_cols, "auto chose", "Ray start s",
+                "peak MB", "load before/after"):  # fmt: skip
+        table.add_column(col, justify="right")
+    notes = []
+    for case in cases:
+        before = os.getloadavg()[0]
+        res = repeated(case, engines, repeats, eval_every)
+        sec = {e: res[e]["per_round"] for e in engines}
+        ratios = {r: sec["flower"] / sec[r.split(" / ")[1]] for r in ratio_cols}
+        table.add_row(
+            str(case.agents), f"{res[engines[0]]['params']:,}",
+            *(f"{sec[e]:.4f} ×{res[e]['spread']:.2f}" for e in engines),
+            *(f"{v:.1f}×" for v in ratios.values()),
+            res["auto"]["path"] if "auto" in res else "-",
+            f"{res['flower']['startup']:.0f}" if "flower" in res else "-",
+            "/".join(f"{res[e]['peak_mb']:.0f}" for e in engines),
+            f"{before:.1f}/{os.getloadavg()[0]:.1f}",
+        )  # fmt: skip
+        lines = checks(case, res, ratios)
+        notes += lines
+        console.print("\n".join(lines), style="dim")  # progress, repeated below the table
+    console.print(table)
+    console.print(f"peak MB: {' / '.join(engines)}; load: 1-minute load average")
+    for line in notes:
+        console.print(line)
+
+
+def checks(case: Case, res: dict[str, dict], ratios: dict[str, float]) -> list[str]:
+    """The case's runs, accuracies, speed-up over Flower and spreads against the targets."""
+    tag = f"{case.agents} agents × {res[next(iter(res))]['params']:,} params"
+    runs = ", ".join(f"{e} {r['runs']}×{r['rounds']}" for e, r in res.items())
+    accs = ", ".join(f"{e} {r['acc']:.3f}" for e, r in res.items())
+    out = [f"{tag}: runs × rounds: {runs}; final accuracy: {accs}"]
+    if "flower / auto" in ratios:
+        got = ratios["flower / auto"]
+        ok = "met" if got >= case.target else f"MISSED by {case.target / got:.2f}×"
+        out.append(f"{tag}: flower / auto = {got:.1f}× (target ≥ {case.target:g}×): {ok}")
+    for e in ("per-agent", "auto", "auto-eval1"):
+        if e in res and res[e]["runs"] > 1:
+            s = res[e]["spread"]
+            ok = "met" if s <= SPREAD_TARGET else "MISSED"
+            out.append(f"{tag}: {e} spread {s:.2f}× (target ≤ {SPREAD_TARGET}×): {ok}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", action="store_true",
+                        help="issue 20's cases (10/100/1,000 agents × 10k params, 10 × 1M) and "
+                        "the targets; --agents/--rounds/--hidden are ignored")  # fmt: skip
     parser.add_argument("--agents", type=int, nargs="+", default=[4])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds (≥ 3) of every engine")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128], help="MLP hidden sizes")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine, interleaved")
-    parser.add_argument("--eval-every", type=int, default=1,
-                        help="metrics.eval_every for fedmerge's engines")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=5,
+                        help="metrics.eval_every of per-agent and auto")  # fmt: skip
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.repeats < 1 or args.eval_every < 1:
-        parser.error("--repeats and --eval-every must be >= 1")
+    if args.repeats < 1 or args.eval_every < 1 or args.rounds < 3:
+        parser.error("--repeats and --eval-every must be >= 1, --rounds >= 3")
     if args.child:
         child(args.child, args.agents[0], args.rounds, args.hidden, args.eval_every)
         return
-    engines = args.engines
-    title = (f"gossip on a ring, {args.rounds} rounds, MLP hidden {args.hidden}, eval every "
-             f"{args.eval_every}: median seconds per round of {args.repeats} runs (spread "
-             "max/min)")  # fmt: skip
-    table = Table(title=title)
-    ratios = [f"flower / {e}" for e in engines if e != "flower" and "flower" in engines]
-    tag = "/".join(e[0] for e in engines)
-    for col in ("agents", "payload MB", *engines, *ratios, "Ray start-up s",
-                f"peak MB ({tag})", f"final acc ({tag})"):  # fmt: skip
-        table.add_column(col, justify="right")
-    for n in args.agents:
-        res = repeated(n, args)
-        sec = {e: res[e]["per_round"] for e in engines}
-        table.add_row(
-            str(n), f"{res[engines[0]]['payload_mb']:.2f}",
-            *(f"{sec[e]:.4f} ({res[e]['spread']:.2f}×)" for e in engines),
-            *(f"{sec['flower'] / sec[r.split(' / ')[1]]:.1f}×" for r in ratios),
-            f"{res['flower']['startup']:.1f}" if "flower" in res else "-",
-            "/".join(f"{res[e]['peak_mb']:.0f}" for e in engines),
-            "/".join(f"{res[e]['acc']:.3f}" for e in engines),
-        )  # fmt: skip
-    Console(width=160).print(table)
+    cases = list(SUITE) if args.suite else [
+        Case(n, tuple(args.hidden), args.rounds, args.rounds, args.repeats,
+             20.0 if args.hidden == [128] else 1.0)
+        for n in args.agents
+    ]  # fmt: skip
+    print(f"load average at start: {os.getloadavg()}; {os.cpu_count()} CPUs")
+    report(cases, args.engines, args.repeats, args.eval_every)
 
 
 if __name__ == "__main__":
