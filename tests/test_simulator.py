@@ -160,3 +160,44 @@ def test_local_runtime_applies_and_records_its_thread_count():
     assert torch.get_num_threads() == before
     run(load_config(None, [*SMALL, "rounds=1", "vectorize=never"]), details=details)
     assert details["threads"] == 1 and details["path"] == "per-agent"  # the default
+
+
+def test_auto_picks_the_stacked_engine_where_it_applies():
+    """vectorize: auto → the stacked engine for a buffer-free MLP (it was faster per round at
+    10k and 1M parameters, benchmarks/flower_overhead.py), per-agent for BatchNorm models."""
+    assert sim("rounds=1").path == "vectorized"
+    cnn = sim("rounds=1", "model.name=cnn", "model.options={channels: [4]}")
+    assert cnn.path == "per-agent"
+
+
+def test_stacked_storage_follows_the_gradients_and_reads_back_in_parameter_order():
+    """After the first step every weight is stored in its gradient's memory order (the
+    transposed layout of a vmapped linear layer), and flat(), states() and distances()
+    still read the parameters in their own order."""
+    from fedmerge.decentralized.consensus import distances, flat_state
+
+    s = sim("rounds=2", "model.init=different", "vectorize=always")
+    s.run()
+    e = s.engine
+    weight = e.params["head.weight"]
+    assert weight.stride()[1] < weight.stride()[2]  # column-major per agent, like its gradient
+    assert e.theta.is_contiguous() and e.params["head.weight"].data_ptr() >= e.theta.data_ptr()
+    states = torch.stack([flat_state(st) for st in e.states()])
+    assert torch.equal(e.flat(), states)
+    assert e.distances() == pytest.approx(distances(e.flat()), rel=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", ["always", "never"])
+def test_a_nonfinite_agent_is_rejected_by_its_neighbours_on_both_engines(vectorize):
+    s = sim("rounds=2", "protocol.name=gossip", "topology=ring-8", f"vectorize={vectorize}")
+    if vectorize == "always":
+        s.engine.params["head.bias"][0, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            s.engine.agents[0].model.get_parameter("head.bias")[0] = float("nan")
+    rows = s.round(0)
+    # 0's two ring neighbours reject it; 0 itself accepts theirs (its own norm bound is NaN,
+    # and validate_payload rejects only a norm that exceeds the bound)
+    assert [r["rejected"] for r in rows] == [0, 1, 0, 0, 0, 0, 0, 1]
+    flat = s.engine.flat()
+    assert not torch.isfinite(flat[0]).all() and torch.isfinite(flat[1:]).all()

@@ -248,7 +248,7 @@ class StackedEngine:
         limit = v.max_bytes or 2 * nbytes
         return (
             np.isfinite(norm[senders])
-            & (norm[senders] <= v.max_norm_ratio * own[receivers])
+            & ~(norm[senders] > v.max_norm_ratio * own[receivers])  # as validate_payload
             & (nbytes <= limit)
         )
 
