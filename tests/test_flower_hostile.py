@@ -22,8 +22,9 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["topology=ring-4", "data.partition=iid", "rounds=5", "model.options.hidden=[16]", "train.steps=2",
-        "vectorize=never", "train.loss=tests.flower_faults:hostile_cross_entropy"]  # fmt: skip
+SETS = ["topology=ring-4", "data.partition=iid", "rounds=5", "model.options.hidden=[16]",
+        "train.steps=2", "vectorize=never",
+        "train.loss=tests.flower_faults:hostile_cross_entropy"]  # fmt: skip
 
 
 @pytest.fixture
@@ -71,7 +72,9 @@ def test_hostile_flower_peer_is_named_counted_and_harmless(hostile_env, tmp_path
         assert by[5, n]["global_acc"] == pytest.approx(clean[n]["global_acc"], abs=0.1), n
     dropped = "".join(p.read_text() for p in hostile_env.glob("rejected-*.log")).splitlines()
     assert len(dropped) == 4, dropped
-    forged = [d for d in dropped if "payload from agent 1 (round 2): its header names sender 3" in d]
+    forged = [
+        d for d in dropped if "payload from agent 1 (round 2): its header names sender 3" in d
+    ]
     replayed = [d for d in dropped if "payload from agent 1 (round 0): replayed" in d]
     assert len(forged) == 2 and len(replayed) == 2, dropped
     assert {d.split(" dropped")[0] for d in dropped} == {"agent 0", "agent 2"}

@@ -11,8 +11,8 @@ against duplicated and replayed payloads.
   (a little is enough, Baruch et al. 2019): mean_j x_j − scale·std_j x_j per entry
   (population std), both over the attacker's honest neighbours j (its own x if it has
   none);  ``silent``: nothing at all (the node is cut off: what perfect screening
-  would leave, the reference for the robust rules).  They train and merge like everyone else (their own accuracy is not reported as
-  honest: rows carry ``byzantine``).
+  would leave, the reference for the robust rules).  They train and merge like everyone
+  else (their own accuracy is not reported as honest: rows carry ``byzantine``).
 - **Duplication** (``faults.duplicate``): a delivered payload arrives twice.
 - **Reordering** (``faults.reorder``): a payload is held back one round and arrives after
   that round's fresh payloads.

@@ -12,7 +12,15 @@ P parameters:
 - ``clip``: self-centred clipping (ClippedGossip, He, Karimireddy & Jaggi 2022): each
   neighbour's difference d_j = x_j − x_i is scaled to norm ≤ c, then x_i + Σ π_j d_j' / Σ π.
   c = ``clip_bound`` if > 0, else ``clip_tau`` × the lower median of the ‖d_j‖ (the lower
-  one, so that on a ring one Byzantine neighbour of two cannot set the radius).   O(mP)
+  one, so that on a ring one Byzantine neighbour of two cannot set the radius; while the
+  Byzantine neighbours are fewer than half, they cannot inflate it).   O(mP)
+  With ``clip_screen`` κ > 0, a neighbour farther than κ·c is ignored (d_j' = 0: its
+  weight stays with the node): a redescending influence, where plain clipping lets every
+  far attacker (sign flip, noise, IPM) pull the node by π_j·c each round. An attacker
+  within κ·c is clipped as before. This is the acceptance test of BALANCE (Fang et al.,
+  "Byzantine-robust decentralized federated learning", CCS 2024: keep a neighbour only
+  within γ·‖θ_i‖ of the own model) made shift-equivariant, the threshold taken from the
+  neighbour distances instead of the own norm, so that it works on τ and θ alike.
 - ``median``: coordinate-wise median over the closed neighbourhood (mean of the two middle
   values when m is even); ignores π.                                            O(mP log m)
 - ``trimmed_mean``: per coordinate, drop the k = min(⌈β·m⌉, ⌊(m−1)/2⌋) smallest and largest
