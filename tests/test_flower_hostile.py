@@ -78,3 +78,20 @@ def test_hostile_flower_peer_is_named_counted_and_harmless(hostile_env, tmp_path
     replayed = [d for d in dropped if "payload from agent 1 (round 0): replayed" in d]
     assert len(forged) == 2 and len(replayed) == 2, dropped
     assert {d.split(" dropped")[0] for d in dropped} == {"agent 0", "agent 2"}
+
+
+def test_screened_clip_runs_on_the_flower_relay_as_in_the_simulator(tmp_path, monkeypatch):
+    """The rules reach every runtime through the round kit: the screened clip on the real
+    relay and ClientApp (tests/test_flower.py's loopback grid, no Ray) gives the in-process
+    simulator's rows."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower import assert_same_rows, run_both
+
+    for attr, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # as test_flower's fixture
+
+    sets = ["protocol.aggregation=clip", "protocol.clip_screen=1.5", "protocol.clip_tau=0.5"]
+    ref, rows = run_both(sets, tmp_path)
+    assert_same_rows(ref, rows)
+    plain, _ = run_both(["protocol.aggregation=clip", "protocol.clip_tau=0.5"], tmp_path / "b")
+    assert any(a["consensus"] != b["consensus"] for a, b in zip(ref, plain, strict=True))
