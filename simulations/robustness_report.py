@@ -104,7 +104,28 @@ def tables(runs: dict[Key, list[dict[str, float]]]) -> str:
                              target])  # fmt: skip
     gap_headers = ["data", "attackers", "attack", "best rule", "its acc", "clean (mean)",
                    "gap to clean", "gap, attackers cut off", "target gap"]  # fmt: skip
-    return markdown(headers, rows) + "\n" + markdown(gap_headers, gaps)
+    return "\n".join([markdown(headers, rows), markdown(gap_headers, gaps),
+                      markdown(*maximin(runs, parts, rules, counts))])  # fmt: skip
+
+
+def maximin(
+    runs: dict[Key, list[dict[str, float]]], parts: list[str], rules: list[str], counts: list[int]
+) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): per split and attacker count, the one rule whose worst attack
+    is best, and its distance to clean plain averaging under that attack."""
+    rows = []
+    for p in parts:
+        clean = _mean(runs.get((p, "clean", 0, "mean")))
+        for c in counts:
+            worst = {r: min(ATTACKS, key=lambda a, r=r: _mean(runs.get((p, a, c, r))))
+                     for r in rules}  # fmt: skip
+            best = max(rules, key=lambda r: _mean(runs.get((p, worst[r], c, r))))
+            acc = _mean(runs.get((p, worst[best], c, best)))
+            rows.append([p, str(c), best, ATTACKS[worst[best]], f"{acc:.1f}",
+                         f"{clean - acc:.1f}"])  # fmt: skip
+    headers = ["data", "attackers", "one rule for every attack", "its worst attack",
+               "its acc there", "gap to clean"]  # fmt: skip
+    return headers, rows
 
 
 def plot(runs: dict[Key, list[dict[str, float]]], path: Path) -> None:
@@ -127,9 +148,11 @@ def plot(runs: dict[Key, list[dict[str, float]]], path: Path) -> None:
         ax.set(title=f"{p}, {c} of 16 attackers", ylim=(0, 100),
                xticks=range(len(groups)), xticklabels=["clean", *ATTACKS.values()])  # fmt: skip
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("honest final global acc (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    for row in axes:
+        row[0].set_ylabel("honest final global acc (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_png(fig, path)
 
 
