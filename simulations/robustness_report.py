@@ -77,6 +77,11 @@ def cell_text(runs: list[dict[str, float]] | None) -> str:
     return f"{statistics.fmean(acc):.1f}{std} ({statistics.fmean(worst):.0f})"
 
 
+def _points(x: float) -> str:
+    """A difference in points, one decimal, never "-0.0"."""
+    return f"{round(x, 1) + 0.0:.1f}"
+
+
 def _mean(runs: list[dict[str, float]] | None) -> float:
     return statistics.fmean(_pct(runs)) if runs else float("nan")
 
@@ -100,7 +105,7 @@ def tables(runs: dict[Key, list[dict[str, float]]]) -> str:
                 best = max(scored, key=scored.__getitem__)
                 target = f"≤ {TARGET[p]:g}" if c == 1 and p in TARGET else ""
                 gaps.append([p, str(c), name, best, f"{scored[best]:.1f}", f"{clean:.1f}",
-                             f"{clean - scored[best]:.1f}", f"{clean - silent:.1f}",
+                             _points(clean - scored[best]), _points(clean - silent),
                              target])  # fmt: skip
     gap_headers = ["data", "attackers", "attack", "best rule", "its acc", "clean (mean)",
                    "gap to clean", "gap, attackers cut off", "target gap"]  # fmt: skip
@@ -122,7 +127,7 @@ def maximin(
             best = max(rules, key=lambda r: _mean(runs.get((p, worst[r], c, r))))
             acc = _mean(runs.get((p, worst[best], c, best)))
             rows.append([p, str(c), best, ATTACKS[worst[best]], f"{acc:.1f}",
-                         f"{clean - acc:.1f}"])  # fmt: skip
+                         _points(clean - acc)])  # fmt: skip
     headers = ["data", "attackers", "one rule for every attack", "its worst attack",
                "its acc there", "gap to clean"]  # fmt: skip
     return headers, rows
