@@ -88,7 +88,7 @@ def test_robustness_report_pivots_the_runs(tmp_path):
     best, best_acc = ("mean", mean) if mean >= screened else ("clip, screen 2", screened)
     gap = (
         f"| iid | 1 | sign flip | {best} | {best_acc:.1f} | {clean:.1f} | "
-        f"{clean - best_acc:.1f} | {clean - silent:.1f} | ≤ 3 |"
+        f"{round(clean - best_acc, 1) + 0.0:.1f} | {round(clean - silent, 1) + 0.0:.1f} | ≤ 3 |"
     )
     assert gap in text, text
     assert written["plot"].read_bytes()[:4] == b"\x89PNG"
