@@ -78,7 +78,9 @@ def test_clip_screen_cuts_a_far_neighbour_off(rows, direction, stretch, screen, 
     merged = [clip(own, [*honest, ({"w": own[0]["w"] + k * step}, 0.7)], tau=tau, screen=screen)
               for k in (1.0, stretch)]  # fmt: skip
     assert torch.allclose(merged[0]["w"], merged[1]["w"], atol=1e-9)
-    dist = torch.tensor([float((t["w"] - own[0]["w"]).norm()) for t, _ in honest] + [1e9])
+    dist = torch.tensor(
+        [float((t["w"] - own[0]["w"]).norm()) for t, _ in honest] + [1e9], dtype=torch.float64
+    )  # as the rule: a float32 radius moves the edge
     radius = tau * lower_median(dist)
     cut = clip(({"w": own[0]["w"]}, 1.7), honest, bound=radius, screen=screen)  # 1.7: 1 + 0.7
     assert torch.allclose(merged[0]["w"], cut["w"], atol=1e-9)
