@@ -27,8 +27,12 @@ Seconds per round: the mean wall time of rounds 2 … R−1 (round 1 warms up; F
 step only merges and evaluates), from the simulator's ``wall_s`` and, for Flower, as the
 relay measures it; Ray's start-up is shown separately.
 
+CPU seconds per round (second table): the same rounds' user + system CPU time, of the child
+process for fedmerge and of the child and all its descendants (driver, Ray's GCS, raylet,
+workers) for Flower; on a loaded machine it moves far less than wall time.
+
 Each engine runs ``--repeats`` times (default 3), interleaved (a, b, c, a, b, c, ...) so that
-a change in machine load hits every engine alike; the table shows the median of the runs'
+a change in machine load hits every engine alike; the tables show the median of the runs'
 seconds per round and their spread (slowest / fastest run). The load average is printed
 before and after each case. ``--suite`` runs the cases of issue 20 (``SUITE``) and checks
 the targets: fedmerge (``auto``) ≥ 20× faster per round than Flower with the 10k-parameter
@@ -69,10 +73,10 @@ class Case:
 
 
 SUITE = (
-    Case(10, (128,), 12, 12, 3, 20.0),
-    Case(100, (128,), 12, 7, 3, 20.0),
+    Case(10, (128,), 12, 8, 2, 20.0),
+    Case(100, (128,), 12, 6, 2, 20.0),
     Case(1000, (128,), 7, 4, 1, 20.0),
-    Case(10, (1000, 1000), 12, 7, 3, 1.0),
+    Case(10, (1000, 1000), 12, 6, 2, 1.0),
 )
 SPREAD_TARGET = 1.5
 
@@ -90,33 +94,41 @@ def workload(n: int, rounds: int, engine: str, hidden: list[int], eval_every: in
 
 
 def child(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int) -> None:
-    """Run one engine; print {"per_round", "startup", "acc", "params", "path"} as JSON."""
+    """Run one engine; print {"per_round", "cpu_round", "startup", "acc", "params", "path"}
+    as JSON. ``cpu_round``: CPU seconds per round of this process and its descendants (Ray's
+    processes for Flower), read when each round's rows arrive."""
     from fedmerge.decentralized.setup import build_setup
 
     cfg = workload(n, rounds, engine, hidden, eval_every)
     details: dict = {"path": "flower"}
+    cpu: list[float] = []
+    clock = (lambda: tree_stats(os.getpid())[1]) if engine == "flower" else time.process_time
+    on_round = lambda rows: cpu.append(clock())  # noqa: E731
     start = time.perf_counter()
     if engine == "flower":
         from fedmerge.runtimes import flower
 
-        rows = flower.run(cfg, num_cpus=2, client_cpus=1)
+        rows = flower.run(cfg, num_cpus=2, client_cpus=1, on_round=on_round)
     else:
         from fedmerge.runtimes import local
 
-        rows = local.run(cfg, details=details)
+        rows = local.run(cfg, details=details, on_round=on_round)
     total = time.perf_counter() - start
     walls = [r["wall_s"] for r in rows if r["agent"] == 0]
     last = [r["global_acc"] for r in rows if r["round"] == rounds]
     params = sum(p.numel() for p in build_setup(cfg).model(0).parameters())
-    print(json.dumps({"per_round": statistics.mean(walls[1:-1]), "startup": total - sum(walls),
-                      "acc": sum(last) / len(last), "params": params,
-                      "path": details["path"]}))  # fmt: skip
+    print(json.dumps({"per_round": statistics.mean(walls[1:-1]),
+                      "cpu_round": (cpu[-2] - cpu[0]) / (len(cpu) - 2),
+                      "startup": total - sum(walls), "acc": sum(last) / len(last),
+                      "params": params, "path": details["path"]}))  # fmt: skip
 
 
-def tree_rss(root: int) -> int:
-    """Summed RSS in bytes of ``root`` and all its descendants (from /proc)."""
+def tree_stats(root: int) -> tuple[int, float]:
+    """(summed RSS in bytes, summed user + system CPU seconds) of ``root`` and all its
+    living descendants (from /proc)."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -124,15 +136,17 @@ def tree_rss(root: int) -> int:
             stat = (entry / "stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
             parents[int(entry.name)] = int(fields[1])
-            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            stats[int(entry.name)] = (int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), cpu)
         except (OSError, ValueError, IndexError):
             continue
-    total, todo = 0, [root]
+    rss, cpu, todo = 0, 0.0, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        got = stats.get(pid, (0, 0.0))
+        rss, cpu = rss + got[0], cpu + got[1]
         todo += [c for c, p in parents.items() if p == pid]
-    return total
+    return rss, cpu
 
 
 def measure(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int) -> dict:
@@ -143,7 +157,7 @@ def measure(engine: str, n: int, rounds: int, hidden: list[int], eval_every: int
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        peak = max(peak, tree_stats(proc.pid)[0])
         time.sleep(0.1)
     out = proc.stdout.read().decode().strip().splitlines()
     if proc.returncode or not out:
@@ -165,62 +179,74 @@ def repeated(case: Case, engines: list[str], repeats: int, eval_every: int) -> d
     out = {}
     for e, rs in runs.items():
         secs = sorted(r["per_round"] for r in rs)
+        cpus = sorted(r["cpu_round"] for r in rs)
         mid = sorted(rs, key=lambda r: r["per_round"])[len(rs) // 2]
         rounds = case.flower_rounds if e == "flower" else case.rounds
         out[e] = {**mid, "per_round": statistics.median(secs), "spread": secs[-1] / secs[0],
+                  "cpu_round": statistics.median(cpus), "cpu_spread": cpus[-1] / cpus[0],
                   "runs": len(rs), "rounds": rounds}  # fmt: skip
     return out
 
 
 def report(cases: list[Case], engines: list[str], repeats: int, eval_every: int) -> None:
-    """Run the cases; print the table, then each case's runs and ratios against the targets."""
+    """Run the cases; print the wall-time and CPU-time tables, then each case's runs and
+    ratios against the targets."""
     console = Console(width=160)
-    table = Table(title=f"gossip on a ring, 2 SGD steps per round, eval every {eval_every} "
-                  "(auto-eval1: every round): seconds per round, median of the runs "
-                  "(× spread: slowest / fastest run)")  # fmt: skip
-    ratio_cols = [f"flower / {e}" for e in engines if e != "flower" and "flower" in engines]
-    for col in ("agents", "params", *engines, *ratio_cols, "auto chose", "Ray start s",
-                "peak MB", "load before/after"):  # fmt: skip
-        table.add_column(col, justify="right")
-    notes = []
+    results = []
     for case in cases:
         before = os.getloadavg()[0]
         res = repeated(case, engines, repeats, eval_every)
-        sec = {e: res[e]["per_round"] for e in engines}
-        ratios = {r: sec["flower"] / sec[r.split(" / ")[1]] for r in ratio_cols}
+        results.append((case, res, f"{before:.1f}/{os.getloadavg()[0]:.1f}"))
+        console.print("\n".join(checks(case, res)), style="dim")  # progress, repeated below
+    for metric, spread, what in (("per_round", "spread", "wall seconds"),
+                                 ("cpu_round", "cpu_spread", "CPU seconds")):  # fmt: skip
+        console.print(cost_table(results, engines, eval_every, metric, spread, what))
+    console.print(f"peak MB: {' / '.join(engines)}; load: 1-minute load average before/after")
+    for case, res, _ in results:
+        console.print("\n".join(checks(case, res)))
+
+
+def cost_table(results, engines: list[str], eval_every: int, metric: str, spread: str,
+               what: str) -> Table:  # fmt: skip
+    """One table of ``metric`` per round (median of the runs × their spread) and ratios."""
+    table = Table(title=f"gossip on a ring, 2 SGD steps per round, eval every {eval_every} "
+                  f"(auto-eval1: every round): {what} per round, median of the runs "
+                  "(× spread: slowest / fastest run)")  # fmt: skip
+    ratio_cols = [f"flower / {e}" for e in engines if e != "flower" and "flower" in engines]
+    for col in ("agents", "params", *engines, *ratio_cols, "auto chose", "Ray start s",
+                "peak MB", "load"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for case, res, load in results:
+        sec = {e: res[e][metric] for e in engines}
         table.add_row(
             str(case.agents), f"{res[engines[0]]['params']:,}",
-            *(f"{sec[e]:.4f} ×{res[e]['spread']:.2f}" for e in engines),
-            *(f"{v:.1f}×" for v in ratios.values()),
+            *(f"{sec[e]:.4f} ×{res[e][spread]:.2f}" for e in engines),
+            *(f"{sec['flower'] / sec[r.split(' / ')[1]]:.1f}×" for r in ratio_cols),
             res["auto"]["path"] if "auto" in res else "-",
             f"{res['flower']['startup']:.0f}" if "flower" in res else "-",
-            "/".join(f"{res[e]['peak_mb']:.0f}" for e in engines),
-            f"{before:.1f}/{os.getloadavg()[0]:.1f}",
+            "/".join(f"{res[e]['peak_mb']:.0f}" for e in engines), load,
         )  # fmt: skip
-        lines = checks(case, res, ratios)
-        notes += lines
-        console.print("\n".join(lines), style="dim")  # progress, repeated below the table
-    console.print(table)
-    console.print(f"peak MB: {' / '.join(engines)}; load: 1-minute load average")
-    for line in notes:
-        console.print(line)
+    return table
 
 
-def checks(case: Case, res: dict[str, dict], ratios: dict[str, float]) -> list[str]:
+def checks(case: Case, res: dict[str, dict]) -> list[str]:
     """The case's runs, accuracies, speed-up over Flower and spreads against the targets."""
     tag = f"{case.agents} agents × {res[next(iter(res))]['params']:,} params"
     runs = ", ".join(f"{e} {r['runs']}×{r['rounds']}" for e, r in res.items())
     accs = ", ".join(f"{e} {r['acc']:.3f}" for e, r in res.items())
     out = [f"{tag}: runs × rounds: {runs}; final accuracy: {accs}"]
-    if "flower / auto" in ratios:
-        got = ratios["flower / auto"]
-        ok = "met" if got >= case.target else f"MISSED by {case.target / got:.2f}×"
-        out.append(f"{tag}: flower / auto = {got:.1f}× (target ≥ {case.target:g}×): {ok}")
-    for e in ("per-agent", "auto", "auto-eval1"):
-        if e in res and res[e]["runs"] > 1:
-            s = res[e]["spread"]
-            ok = "met" if s <= SPREAD_TARGET else "MISSED"
-            out.append(f"{tag}: {e} spread {s:.2f}× (target ≤ {SPREAD_TARGET}×): {ok}")
+    for metric, spread, what in (("per_round", "spread", "wall"), ("cpu_round", "cpu_spread",
+                                                                   "CPU")):  # fmt: skip
+        if "flower" in res and "auto" in res:
+            got = res["flower"][metric] / res["auto"][metric]
+            ok = "met" if got >= case.target else f"MISSED by {case.target / got:.2f}×"
+            out.append(f"{tag}: {what} flower / auto = {got:.1f}× (target ≥ {case.target:g}×)"
+                       f": {ok}")  # fmt: skip
+        for e in ("per-agent", "auto", "auto-eval1"):
+            if e in res and res[e]["runs"] > 1:
+                s = res[e][spread]
+                ok = "met" if s <= SPREAD_TARGET else "MISSED"
+                out.append(f"{tag}: {what} {e} spread {s:.2f}× (target ≤ {SPREAD_TARGET}×): {ok}")
     return out
 
 
