@@ -191,7 +191,7 @@ def repeated(case: Case, engines: list[str], repeats: int, eval_every: int) -> d
 def report(cases: list[Case], engines: list[str], repeats: int, eval_every: int) -> None:
     """Run the cases; print the wall-time and CPU-time tables, then each case's runs and
     ratios against the targets."""
-    console = Console(width=160)
+    console = Console(width=220)
     results = []
     for case in cases:
         before = os.getloadavg()[0]
