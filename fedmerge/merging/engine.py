@@ -222,8 +222,14 @@ def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, t
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` has no NaN/Inf; min/max propagate NaN and are ~10× cheaper than isfinite."""
-    if t.numel() == 0:
+    """True if ``t`` has no NaN/Inf.
+
+    A NaN or Inf makes the sum non-finite, so a finite sum proves every value
+    finite (a sum is ~3× cheaper than min/max, ~30× than isfinite); only a
+    non-finite sum (which finite values can reach by overflow) needs min/max,
+    which propagate NaN.
+    """
+    if t.numel() == 0 or math.isfinite(t.sum()):
         return True
     lo, hi = torch.aminmax(t)
     return math.isfinite(lo) and math.isfinite(hi)

@@ -7,11 +7,15 @@ value), 16 bits per pass:
 
 * pass 1 counts the top 16 bits of every value into a 2^16-bin histogram per
   row, which names the bin holding the k-th smallest value;
-* each further pass counts the next 16 bits of the values whose higher bits
-  equal the prefix found so far (float32: 2 passes; float64: 4 passes).
+* the second pass keeps the values that fall in that bin (a bin spans 1/128
+  of an octave in float32: a fraction of a percent of the values) and
+  ``kthvalue`` picks the answer among them: 2 passes in all;
+* when the named bins hold too many values (heavy ties), each further pass
+  instead counts the next 16 bits of the values whose higher bits equal the
+  prefix found so far (float32: 2 passes; float64: 4 passes).
 
-Memory is one small histogram per row and rank; each pass reads every input
-once. We chose this over sorting (needs all of |τ|) and over a one-pass
+Memory is one small histogram per row and rank (plus the few kept values);
+each pass reads every input once. We chose this over sorting (needs all of |τ|) and over a one-pass
 histogram (exact only to ~1%). :class:`RadixSelect` serves the per-tensor
 thresholds of a key too big for one block (TIES, breadcrumbs) and
 :class:`GlobalThreshold`, the official TIES code's one threshold per expert
@@ -54,50 +58,103 @@ class RadixSelect:
 
     ``ranks(totals)`` maps the per-row element counts ``(K,)`` seen in the
     first pass to the 1-based ranks wanted per row ``(K, R)`` (R ranks per
-    row). Feed every block ``(K, m)`` to :meth:`observe` in each of the
-    ``passes`` passes, calling :meth:`end_pass` after each; then ``values``
-    ``(K, R)`` holds the selected values in ``dtype`` (float32 or float64).
+    row). Feed every block ``(K, m)`` to :meth:`observe` in each pass, calling
+    :meth:`end_pass` after each, while the pass index is below ``passes``
+    (which :meth:`end_pass` may lower); then ``values`` ``(K, R)`` holds the
+    selected values in ``dtype`` (float32 or float64).
+
+    After the first pass (a histogram of the top 16 bits) the wanted value of
+    each (row, rank) lies in one bin. When those bins hold at most
+    ``gather_limit`` values in all (the usual case: a bin spans 1/128 of an
+    octave in float32, 1/16 in float64), the second and last pass keeps the values falling in them and
+    ``kthvalue`` picks the answer from these few; otherwise each further pass
+    counts the next 16 bits under the prefix found so far (float32: 2 passes,
+    float64: 4).
     """
 
     def __init__(
-        self, n_rows: int, dtype: torch.dtype, ranks: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        n_rows: int,
+        dtype: torch.dtype,
+        ranks: Callable[[torch.Tensor], torch.Tensor],
+        gather_limit: int = 1 << 22,
     ):
         self.dtype, self.int = dtype, _INT[dtype]
         self.passes = torch.finfo(dtype).bits // _DIGIT
-        self.ranks = ranks
+        self.top_shift = torch.finfo(dtype).bits - _DIGIT
+        self.ranks, self.gather_limit = ranks, gather_limit
         self.hist = torch.zeros(n_rows, _BINS, dtype=torch.int64)
         self.prefix: torch.Tensor | None = None  # (K, R) bits found so far
         self.rank: torch.Tensor | None = None  # (K, R) rank inside the current prefix
+        self.kept: list[list[list[torch.Tensor]]] | None = None  # [k][r]: values in its bin
         self.values: torch.Tensor | None = None
 
     def _shift(self, pass_index: int) -> int:
         return _DIGIT * (self.passes - 1 - pass_index)
 
     def observe(self, pass_index: int, block: torch.Tensor) -> None:
-        """Count one block ``(K, m)`` of non-negative values (``dtype``)."""
+        """Count (or, in the gather pass, keep) one block ``(K, m)`` of non-negative values."""
+        if pass_index == 0 or self.kept is not None:
+            top = block.view(self.int) >> self.top_shift
+            return self._count_top(top) if pass_index == 0 else self._keep(block, top)
         top = block.view(self.int) >> self._shift(pass_index)  # the bits down to this digit
         for k in range(top.shape[0]):
-            if pass_index == 0:
-                self.hist[k] += torch.bincount(top[k], minlength=_BINS)
-                continue
             for r, prefix in enumerate(self.prefix[k].tolist()):
                 # digits under the prefix land in 1.._BINS, the rest in 0 or _BINS + 1
                 d = (top[k] - ((prefix << _DIGIT) - 1)).clamp_(0, _BINS + 1)
                 self.hist[k, r] += torch.bincount(d, minlength=_BINS + 2)[1:-1]
 
+    def _count_top(self, top: torch.Tensor) -> None:
+        """Pass 0: histogram of the top 16 bits ``top`` ``(K, m)`` of a block."""
+        for k in range(top.shape[0]):
+            self.hist[k] += torch.bincount(top[k], minlength=_BINS)
+
+    def _keep(self, block: torch.Tensor, top: torch.Tensor) -> None:
+        """The gather pass: keep the values of ``block`` in each (row, rank)'s bin."""
+        for k, row in enumerate(self.kept):
+            for r, prefix in enumerate(self.prefix[k].tolist()):
+                row[r].append(block[k][top[k] == prefix])
+
     def end_pass(self, pass_index: int) -> None:
+        if self.kept is not None:  # the gather pass: pick the answer among the kept values
+            self.values = torch.tensor(
+                [[float(torch.cat(vals).kthvalue(rank).values) for vals, rank in zip(row, ranks)]
+                 for row, ranks in zip(self.kept, self.rank.tolist())], dtype=self.dtype,
+            )  # fmt: skip
+            self.passes, self.kept = 2, None
+            return
         if pass_index == 0:
             self.rank = self.ranks(self.hist.sum(dim=1))
             self.prefix = torch.zeros_like(self.rank)
             self.hist = self.hist[:, None, :].expand(*self.rank.shape, _BINS)
         k, r = self.rank.shape
-        digit, self.rank = _first_reaching(self.hist.reshape(k * r, _BINS), self.rank.reshape(-1))
-        self.rank = self.rank.view(k, r)
+        hist = self.hist.reshape(k * r, _BINS)
+        digit, rank = _first_reaching(hist, self.rank.reshape(-1))
+        self.rank = rank.view(k, r)
         self.prefix = (self.prefix << _DIGIT) | digit.view(k, r)
-        if pass_index + 1 < self.passes:
+        in_bins = int(hist.gather(1, digit[:, None]).sum())
+        if pass_index == 0 and in_bins <= self.gather_limit:
+            self.kept, self.passes = [[[] for _ in range(r)] for _ in range(k)], 2
+        elif pass_index + 1 < self.passes:
             self.hist = torch.zeros(k, r, _BINS, dtype=torch.int64)
         else:
             self.values = self.prefix.to(self.int).view(self.dtype)
+
+
+def select(a: torch.Tensor, ranks: torch.Tensor, gather_limit: int = 1 << 22) -> torch.Tensor:
+    """The exact ``ranks[k, r]``-th smallest of every row of ``a`` ``(K, n)`` (non-negative
+    float32/float64), all in memory: :class:`RadixSelect` over one block -> ``(K, R)``."""
+    sel = RadixSelect(a.shape[0], a.dtype, lambda total: ranks, gather_limit)
+    top = a.view(sel.int) >> sel.top_shift  # computed once for both passes
+    sel._count_top(top)
+    sel.end_pass(0)
+    if sel.kept is not None:
+        sel._keep(a, top)
+        sel.end_pass(1)
+    for p in range(1, sel.passes if sel.values is None else 0):
+        sel.observe(p, a)
+        sel.end_pass(p)
+    return sel.values
 
 
 class GlobalThreshold(RadixSelect):
