@@ -205,16 +205,24 @@ def _read(src: Source, key: str, rows: Rows) -> torch.Tensor:
     return src.get(key) if rows is None else src.get_rows(key, *rows)
 
 
-def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``."""
+def _load(
+    plan: MergePlan, key: str, rows: Rows = None, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``.
+
+    ``check``: raise on non-finite values (the pre-passes skip it: the merge
+    pass reads the same values and checks them before anything is written).
+    """
     raw = _read(plan.base, key, rows)
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
-    _finite(raw, key, plan.names[0])
+    if check:
+        _finite(raw, key, plan.names[0])
     base = raw.reshape(-1).to(work)
     tau = torch.empty(len(plan.experts), base.numel(), dtype=work)
     for i, src in enumerate(plan.experts):
-        torch.sub(_read(src, key, rows).reshape(-1), base, out=tau[i])
-    if not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
+        tau[i].copy_(_read(src, key, rows).reshape(-1))
+    tau.sub_(base)  # one broadcast subtraction: cheaper than K mixed-dtype ones
+    if check and not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
         for i, src in enumerate(plan.experts):
             _finite(_read(src, key, rows), key, plan.names[1 + i])
         raise ValidationError(f"{key!r}: task vector overflows {work} (θ − θ_ref is too large)")
@@ -282,7 +290,7 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     for p in range(tensor_pass.passes if tensor_pass else 0):
         _renew_generators(plan, ctx)
         for rows in parts:
-            tensor_pass.observe(p, _load(plan, key, rows)[1])
+            tensor_pass.observe(p, _load(plan, key, rows, check=False)[1])
         tensor_pass.end_pass(p)
     _renew_generators(plan, ctx)
     out = torch.empty(numel, dtype=spec.dtype)
@@ -312,7 +320,7 @@ def run_plan(
         for p in range(n_passes):
             for key in plan.mergeable:
                 for rows in blocks(plan, key):
-                    prepass.observe(p, _load(plan, key, rows)[1])
+                    prepass.observe(p, _load(plan, key, rows, check=False)[1])
                 bar(key)
             prepass.end_pass(p)
         thresholds = prepass.thresholds if prepass else None

@@ -15,7 +15,10 @@ Definitions follow mergekit (``mergekit/sparsify.py``,
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from fedmerge.merging.globalk import select
 
@@ -43,10 +46,17 @@ def keep_by_threshold(
 ) -> torch.Tensor:
     """Zero the entries of ``tau`` ``(K, n)`` with ``|tau| < threshold[k]`` (in place).
 
-    ``magnitude`` is ``tau.abs()`` when the caller already has it.
+    ``magnitude`` is ``tau.abs()`` when the caller already has it (it is
+    overwritten). Computed as ``copysign(threshold(|τ|), τ)``, which gives the
+    same bits as ``τ × (|τ| ≥ t)`` (±0 where dropped) for finite τ at half the
+    cost of a comparison and a masked multiply.
     """
     a = tau.abs() if magnitude is None else magnitude
-    return tau.mul_(_as_factor(a >= threshold[:, None]))
+    # F.threshold keeps x > th: th is the float just below t, so x > th ⇔ x ≥ t
+    below = torch.nextafter(threshold.to(tau.dtype), torch.tensor(-math.inf, dtype=tau.dtype))
+    for row, th in zip(a, below.tolist(), strict=True):
+        F.threshold_(row, th, 0.0)
+    return torch.copysign(a, tau, out=tau)
 
 
 def _as_factor(keep: torch.Tensor) -> torch.Tensor:
@@ -231,6 +241,19 @@ def sum_rows(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _nonzero_divisor(divisor: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``divisor`` ``(n,)`` with its zeros (no expert contributes) set to 1, in place.
+
+    With positive weights a nonzero divisor is at least min(w) and the merged
+    value over a zero divisor is ±0, so raising to min(w) gives the same bits
+    as 1 (one cheap clamp instead of a masked fill).
+    """
+    low = float(w.min())
+    if low > 0:
+        return divisor.clamp_(min=low)
+    return divisor.add_((divisor == 0).view(torch.uint8))  # x + 1 where x == 0: exactly 1
+
+
 def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
     """TIES sign election and disjoint merge of ``weighted`` = w_k·τ_k ``(K, n)`` -> ``(n,)``.
 
@@ -247,7 +270,5 @@ def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) 
     agreeing = weighted.mul_(elected).clamp_(min=0)  # |w_k τ_k| where the sign agrees, else 0
     merged = sum_rows(agreeing)
     if normalize:
-        divisor = w.to(weighted.dtype) @ agreeing.sign_()
-        # 0 -> 1 by adding (divisor == 0): exact, and much cheaper than masked_fill_ on CPU
-        merged.div_(divisor.add_((divisor == 0).view(torch.uint8)))
+        merged.div_(_nonzero_divisor(w.to(weighted.dtype) @ agreeing.sign_(), w))
     return merged.mul_(elected)
