@@ -287,11 +287,13 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     work = torch.float64 if plan.in_specs[key].dtype == torch.float64 else torch.float32
     tensor_pass = make_pass(plan.params, ctx, len(plan.experts), work) if (
         make_pass and len(parts) > 1) else None  # fmt: skip
-    for p in range(tensor_pass.passes if tensor_pass else 0):
+    p = 0
+    while tensor_pass and p < tensor_pass.passes:  # a pass may lower ``passes``
         _renew_generators(plan, ctx)
         for rows in parts:
             tensor_pass.observe(p, _load(plan, key, rows, check=False)[1])
         tensor_pass.end_pass(p)
+        p += 1
     _renew_generators(plan, ctx)
     out = torch.empty(numel, dtype=spec.dtype)
     start = 0
@@ -317,12 +319,14 @@ def run_plan(
     prepass = plan.method.prepass(plan.params, len(plan.experts)) if plan.method.prepass else None
     n_passes = prepass.passes if prepass else 0
     with _progress_bar(plan, progress, n_passes) as bar:
-        for p in range(n_passes):
+        p = 0
+        while p < (prepass.passes if prepass else 0):  # a pass may lower ``passes``
             for key in plan.mergeable:
                 for rows in blocks(plan, key):
                     prepass.observe(p, _load(plan, key, rows, check=False)[1])
                 bar(key)
             prepass.end_pass(p)
+            p += 1
         thresholds = prepass.thresholds if prepass else None
         for key in keys:
             yield key, merge_key(plan, key, thresholds)

@@ -66,10 +66,10 @@ class RadixSelect:
     After the first pass (a histogram of the top 16 bits) the wanted value of
     each (row, rank) lies in one bin. When those bins hold at most
     ``gather_limit`` values in all (the usual case: a bin spans 1/128 of an
-    octave in float32, 1/16 in float64), the second and last pass keeps the values falling in them and
-    ``kthvalue`` picks the answer from these few; otherwise each further pass
-    counts the next 16 bits under the prefix found so far (float32: 2 passes,
-    float64: 4).
+    octave in float32, 1/16 in float64), the second and last pass keeps the
+    values falling in them and ``kthvalue`` picks the answer from these few;
+    otherwise each further pass counts the next 16 bits under the prefix found
+    so far (float32: 2 passes, float64: 4).
     """
 
     def __init__(
@@ -117,10 +117,10 @@ class RadixSelect:
 
     def end_pass(self, pass_index: int) -> None:
         if self.kept is not None:  # the gather pass: pick the answer among the kept values
-            self.values = torch.tensor(
-                [[float(torch.cat(vals).kthvalue(rank).values) for vals, rank in zip(row, ranks)]
-                 for row, ranks in zip(self.kept, self.rank.tolist())], dtype=self.dtype,
-            )  # fmt: skip
+            pick = [[float(torch.cat(vals).kthvalue(r).values)
+                     for vals, r in zip(row, ranks, strict=True)]
+                    for row, ranks in zip(self.kept, self.rank.tolist(), strict=True)]  # fmt: skip
+            self.values = torch.tensor(pick, dtype=self.dtype)
             self.passes, self.kept = 2, None
             return
         if pass_index == 0:
