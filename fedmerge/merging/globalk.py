@@ -28,7 +28,7 @@ is that float32 value).
 >>> chunks = [torch.tensor([[1.0, -4.0]]), torch.tensor([[3.0, 2.0, -0.5]])]
 >>> for p in range(g.passes):
 ...     for t in chunks:
-...         g.observe(p, t)
+...         g.observe(p, t.clone())   # observe may overwrite its block
 ...     g.end_pass(p)
 >>> g.thresholds.tolist()   # N=5, k = 5 - int(2.5) = 3rd smallest |τ| = 2
 [2.0]
@@ -58,7 +58,8 @@ class RadixSelect:
 
     ``ranks(totals)`` maps the per-row element counts ``(K,)`` seen in the
     first pass to the 1-based ranks wanted per row ``(K, R)`` (R ranks per
-    row). Feed every block ``(K, m)`` to :meth:`observe` in each pass, calling
+    row). Feed every block ``(K, m)`` (read anew: :meth:`observe` may
+    overwrite it) to :meth:`observe` in each pass, calling
     :meth:`end_pass` after each, while the pass index is below ``passes``
     (which :meth:`end_pass` may lower); then ``values`` ``(K, R)`` holds the
     selected values in ``dtype`` (float32 or float64).
@@ -93,10 +94,13 @@ class RadixSelect:
         return _DIGIT * (self.passes - 1 - pass_index)
 
     def observe(self, pass_index: int, block: torch.Tensor) -> None:
-        """Count (or, in the gather pass, keep) one block ``(K, m)`` of non-negative values."""
-        if pass_index == 0 or self.kept is not None:
-            top = block.view(self.int) >> self.top_shift
-            return self._count_top(top) if pass_index == 0 else self._keep(block, top)
+        """Count (or, in the gather pass, keep) one block ``(K, m)`` of non-negative values.
+
+        The first pass overwrites ``block`` (its top bits are computed in place)."""
+        if pass_index == 0:
+            return self._count_top(block.view(self.int).bitwise_right_shift_(self.top_shift))
+        if self.kept is not None:
+            return self._keep(block, block.view(self.int) >> self.top_shift)
         top = block.view(self.int) >> self._shift(pass_index)  # the bits down to this digit
         for k in range(top.shape[0]):
             for r, prefix in enumerate(self.prefix[k].tolist()):
@@ -172,7 +176,8 @@ class GlobalThreshold(RadixSelect):
         self.thresholds: torch.Tensor | None = None
 
     def observe(self, pass_index: int, tau: torch.Tensor) -> None:
-        super().observe(pass_index, tau.abs().to(torch.float32))
+        """One block of task vectors ``(K, m)``; overwritten (the engine reads each block anew)."""
+        super().observe(pass_index, tau.abs_().to(torch.float32))
 
     def end_pass(self, pass_index: int) -> None:
         super().end_pass(pass_index)

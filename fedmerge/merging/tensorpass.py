@@ -50,7 +50,8 @@ class KthMagnitudes:
         return self.select.passes  # 2 once the first pass finds the bins small enough
 
     def observe(self, pass_index: int, tau: torch.Tensor) -> None:
-        self.select.observe(pass_index, tau.abs())
+        """One block of task vectors ``(K, m)``; overwritten (the engine reads each block anew)."""
+        self.select.observe(pass_index, tau.abs_())
 
     def end_pass(self, pass_index: int) -> None:
         self.select.end_pass(pass_index)
