@@ -28,7 +28,7 @@ is that float32 value).
 >>> chunks = [torch.tensor([[1.0, -4.0]]), torch.tensor([[3.0, 2.0, -0.5]])]
 >>> for p in range(g.passes):
 ...     for t in chunks:
-...         g.observe(p, t.clone())   # observe may overwrite its block
+...         g.observe(p, t)
 ...     g.end_pass(p)
 >>> g.thresholds.tolist()   # N=5, k = 5 - int(2.5) = 3rd smallest |τ| = 2
 [2.0]
@@ -176,8 +176,8 @@ class GlobalThreshold(RadixSelect):
         self.thresholds: torch.Tensor | None = None
 
     def observe(self, pass_index: int, tau: torch.Tensor) -> None:
-        """One block of task vectors ``(K, m)``; overwritten (the engine reads each block anew)."""
-        super().observe(pass_index, tau.abs_().to(torch.float32))
+        """One block ``(K, m)`` of task vectors (or of a payload's tensors: left as they are)."""
+        super().observe(pass_index, tau.abs().to(torch.float32))
 
     def end_pass(self, pass_index: int) -> None:
         super().end_pass(pass_index)
