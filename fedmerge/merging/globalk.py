@@ -66,11 +66,12 @@ class RadixSelect:
 
     After the first pass (a histogram of the top 16 bits) the wanted value of
     each (row, rank) lies in one bin. When those bins hold at most
-    ``gather_limit`` values in all (the usual case: a bin spans 1/128 of an
-    octave in float32, 1/16 in float64), the second and last pass keeps the
-    values falling in them and ``kthvalue`` picks the answer from these few;
-    otherwise each further pass counts the next 16 bits under the prefix found
-    so far (float32: 2 passes, float64: 4).
+    ``gather_limit`` values in all and at most 1/16 of the values seen (the
+    usual case: a bin spans 1/128 of an octave in float32, 1/16 in float64),
+    the second and last pass keeps the values falling in them and
+    ``kthvalue`` picks the answer from these few; otherwise (heavy exact ties,
+    e.g. zeros) each further pass counts the next 16 bits under the prefix
+    found so far (float32: 2 passes, float64: 4).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class RadixSelect:
         self.rank: torch.Tensor | None = None  # (K, R) rank inside the current prefix
         self.kept: list[list[list[torch.Tensor]]] | None = None  # [k][r]: values in its bin
         self.values: torch.Tensor | None = None
+        self.seen = 0  # values counted in the first pass
 
     def _shift(self, pass_index: int) -> int:
         return _DIGIT * (self.passes - 1 - pass_index)
@@ -128,7 +130,8 @@ class RadixSelect:
             self.passes, self.kept = 2, None
             return
         if pass_index == 0:
-            self.rank = self.ranks(self.hist.sum(dim=1))
+            totals = self.hist.sum(dim=1)
+            self.rank, self.seen = self.ranks(totals), int(totals.sum())
             self.prefix = torch.zeros_like(self.rank)
             self.hist = self.hist[:, None, :].expand(*self.rank.shape, _BINS)
         k, r = self.rank.shape
@@ -137,7 +140,8 @@ class RadixSelect:
         self.rank = rank.view(k, r)
         self.prefix = (self.prefix << _DIGIT) | digit.view(k, r)
         in_bins = int(hist.gather(1, digit[:, None]).sum())
-        if pass_index == 0 and in_bins <= self.gather_limit:
+        # gather a few values; a bin holding many (exact ties, e.g. zeros) is cheaper to count
+        if pass_index == 0 and in_bins <= min(self.gather_limit, max(self.seen // 16, 1 << 12)):
             self.kept, self.passes = [[[] for _ in range(r)] for _ in range(k)], 2
         elif pass_index + 1 < self.passes:
             self.hist = torch.zeros(k, r, _BINS, dtype=torch.int64)
