@@ -88,7 +88,8 @@ class RadixSelect:
         self.hist = torch.zeros(n_rows, _BINS, dtype=torch.int64)
         self.prefix: torch.Tensor | None = None  # (K, R) bits found so far
         self.rank: torch.Tensor | None = None  # (K, R) rank inside the current prefix
-        self.kept: list[list[list[torch.Tensor]]] | None = None  # [k][r]: values in its bin
+        self.kept: list[list[torch.Tensor]] | None = None  # [k][r]: the values in its bin
+        self.filled: list[list[int]] = []  # [k][r]: how many of them the gather pass has found
         self.values: torch.Tensor | None = None
         self.seen = 0  # values counted in the first pass
 
@@ -116,18 +117,21 @@ class RadixSelect:
             self.hist[k] += torch.bincount(top[k], minlength=_BINS)
 
     def _keep(self, block: torch.Tensor, top: torch.Tensor) -> None:
-        """The gather pass: keep the values of ``block`` in each (row, rank)'s bin."""
+        """The gather pass: copy the values of ``block`` in each (row, rank)'s bin into the
+        buffers sized by the histogram (allocated before the pass: no small allocation
+        outlives a block, which would fragment the heap between the blocks' big ones)."""
         m = block.shape[1]
         mask = torch.zeros(-(-m // _LANES.numel()) * _LANES.numel(), dtype=torch.bool)
-        for k, row in enumerate(self.kept):
+        for k, (row, filled) in enumerate(zip(self.kept, self.filled, strict=True)):
             for r, prefix in enumerate(self.prefix[k].tolist()):
                 torch.eq(top[k], prefix, out=mask[:m])
-                row[r].append(block[k][_sparse_nonzero(mask)])
+                idx = _sparse_nonzero(mask)
+                start, filled[r] = filled[r], filled[r] + idx.numel()
+                torch.index_select(block[k], 0, idx, out=row[r][start : filled[r]])
 
     def end_pass(self, pass_index: int) -> None:
         if self.kept is not None:  # the gather pass: pick the answer among the kept values
-            pick = [[float(torch.cat(vals).kthvalue(r).values)
-                     for vals, r in zip(row, ranks, strict=True)]
+            pick = [[float(vals.kthvalue(r).values) for vals, r in zip(row, ranks, strict=True)]
                     for row, ranks in zip(self.kept, self.rank.tolist(), strict=True)]  # fmt: skip
             self.values = torch.tensor(pick, dtype=self.dtype)
             self.passes, self.kept = 2, None
@@ -142,10 +146,12 @@ class RadixSelect:
         digit, rank = _first_reaching(hist, self.rank.reshape(-1))
         self.rank = rank.view(k, r)
         self.prefix = (self.prefix << _DIGIT) | digit.view(k, r)
-        in_bins = int(hist.gather(1, digit[:, None]).sum())
+        counts = hist.gather(1, digit[:, None]).view(k, r).tolist()
         # gather a few values; a bin holding many (exact ties, e.g. zeros) is cheaper to count
-        if pass_index == 0 and in_bins <= min(self.gather_limit, max(self.seen // 16, 1 << 12)):
-            self.kept, self.passes = [[[] for _ in range(r)] for _ in range(k)], 2
+        limit = min(self.gather_limit, max(self.seen // 16, 1 << 12))
+        if pass_index == 0 and sum(map(sum, counts)) <= limit:
+            self.kept = [[torch.empty(c, dtype=self.dtype) for c in row] for row in counts]
+            self.filled, self.passes = [[0] * r for _ in range(k)], 2
         elif pass_index + 1 < self.passes:
             self.hist = torch.zeros(k, r, _BINS, dtype=torch.int64)
         else:
