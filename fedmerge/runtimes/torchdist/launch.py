@@ -3,6 +3,7 @@ local launcher that starts N worker processes itself (laptops, tests)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,13 @@ def connect(timeout: float) -> tuple[dist.Store, int, int]:
     return dist.PrefixStore(f"fedmerge/{run_id}", store), rank, world
 
 
+def run_identity(cfg: SimConfig) -> str:
+    """What a state directory must have been saved by to be resumed: the same config and,
+    under torchrun, the same ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``)."""
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{digest}"
+
+
 def run_rank(
     cfg: SimConfig, on_round: OnRound | None = None, node_file: str | None = None
 ) -> Rows | None:
@@ -69,8 +77,11 @@ def run_rank(
         if node_file:
             local = int(os.environ.get("LOCAL_RANK", rank))
             node = read_node_file(node_file_for(node_file, rank, local))
-        runner = RankRunner(cfg, store, rank, world, node)
-        for r in range(cfg.rounds):
+        runner = RankRunner(cfg, store, rank, world, node, run_identity(cfg))
+        if runner.members.leader:  # the rounds before a resumed run's start
+            for r, rows in enumerate(runner.history):
+                store.set(f"result/{r}", json.dumps(rows))
+        for r in range(runner.start, cfg.rounds):
             got = runner.round(r)
             if got is not None:
                 store.set(f"result/{r}", json.dumps(got))

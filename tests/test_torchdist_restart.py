@@ -1,0 +1,119 @@
+"""Restart and resume of deployed torch.distributed nodes (real processes, gloo on loopback).
+
+A node is SIGKILLed mid-run (mid-write of its state file, or mid-training); what is on disk
+right after is checked (every complete saved round loads, the interrupted one is ignored);
+the run is started again (by hand, or by ``torchrun --max-restarts``), every rank resumes
+at the newest round all of them saved, and the run's rows equal those of an uninterrupted
+in-process run, to 1e-6. The kill comes from ``tests.torchdist_faults:sigkill_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmerge.config import load_config
+from fedmerge.decentralized.agent import make_loss
+from fedmerge.decentralized.node import read_node_file
+from fedmerge.decentralized.nodedirs import export_split
+from fedmerge.decentralized.setup import build_setup
+from fedmerge.runtimes import torchdist
+from fedmerge.runtimes.torchdist.launch import run_identity
+from fedmerge.runtimes.torchdist.resume import Generations
+from tests.test_torchdist import ROOT, assert_same_rows, simulate_one_thread
+
+RING3 = ["topology={graph: ring, n: 3}", "rounds=5", "vectorize=never", "train.steps=3",
+         "protocol.name=gossip", "train.loss=tests.torchdist_faults:sigkill_cross_entropy"]  # fmt: skip
+
+
+def arm_kill(monkeypatch, tmp: Path, rank: int, step: int, in_save: bool) -> Path:
+    """Make rank ``rank`` SIGKILL itself once at training step ``step`` (3 steps a round)
+    or in the save after it; returns the marker file it writes first."""
+    mark = tmp / "killed.json"
+    monkeypatch.setenv("FEDMERGE_TRUSTED_MODULES", "tests")
+    monkeypatch.setenv("FEDMERGE_TEST_KILL_MARK", str(mark))
+    monkeypatch.setenv("FEDMERGE_TEST_KILL_RANK", str(rank))
+    monkeypatch.setenv("FEDMERGE_TEST_KILL_STEP", str(step))
+    monkeypatch.setenv("FEDMERGE_TEST_KILL_IN_SAVE", "1" if in_save else "0")
+    return mark
+
+
+def saved(cfg, nodes: Path, k: int) -> Generations:
+    return Generations(nodes / f"node-{k}" / "state", run_identity(cfg))
+
+
+def check_saved_rounds_load(cfg, nodes: Path, k: int) -> list[int]:
+    """Node k's complete saved rounds (newest first), each restored into a fresh agent."""
+    gens, node = saved(cfg, nodes, k), read_node_file(nodes / f"node-{k}" / "node.yaml")
+    held = gens.held()
+    for r in held:
+        agent = build_setup(cfg, node).agent(k, make_loss(cfg.train.loss))
+        rows = gens.restore({k: agent}, r)
+        assert [row["round"] for row in rows] == list(range(1, r + 1))
+    return held
+
+
+def assert_clean(cfg, nodes: Path) -> None:
+    """After the run: every node holds the last two rounds, and no temp file is left."""
+    for k in range(3):
+        assert check_saved_rounds_load(cfg, nodes, k) == [cfg.rounds, cfg.rounds - 1]
+    assert not [p for p in nodes.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_node_killed_mid_write_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Rank 1 dies while writing its round-3 state (``abort``: the others stop too); on
+    disk its round-3 generation is a lone temp file; started again, all resume after
+    round 2 and finish with the uninterrupted run's numbers."""
+    cfg = load_config(None, [*RING3, "distributed.timeout_s=30"])
+    nodes = tmp_path / "nodes"
+    export_split(cfg, nodes)
+    mark = arm_kill(monkeypatch, tmp_path, rank=1, step=7, in_save=True)
+    template = str(nodes / "node-{rank}" / "node.yaml")
+    with pytest.raises(torchdist.PeerFailure, match=r"round 3: rank 1 \(node 1\) stopped"):
+        torchdist.run(cfg, procs=3, threads=1, node_file=template)
+    temp = Path(json.loads(mark.read_text())["temp"])
+    assert temp.exists() and temp.parent == saved(cfg, nodes, 1).dir(3)
+    assert not (temp.parent / "round.json").exists()
+    assert check_saved_rounds_load(cfg, nodes, 1) == [2, 1]
+    for k in (0, 2):  # they stopped in round 3, before or after saving it
+        assert check_saved_rounds_load(cfg, nodes, k) in ([2, 1], [3, 2])
+    rows = torchdist.run(cfg, procs=3, threads=1, node_file=template)
+    assert_same_rows(rows, simulate_one_thread(cfg))
+    assert_clean(cfg, nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("policy", ["abort", "continue"])
+def test_torchrun_restarts_a_killed_node_and_the_run_completes(tmp_path, monkeypatch, policy):
+    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed in round 4's training; torchrun
+    stops the other ranks and starts all three again; they resume after the last round all
+    saved (with ``continue`` the survivors may have gone on without rank 1 first) and the
+    report equals the uninterrupted run's."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "topology: {graph: ring, n: 3}\nrounds: 5\nvectorize: never\ntrain: {steps: 3, "
+        "loss: 'tests.torchdist_faults:sigkill_cross_entropy'}\nprotocol: {name: gossip}\n"
+        f"distributed: {{timeout_s: 60, on_peer_failure: {policy}}}\n"
+    )
+    mark = arm_kill(monkeypatch, tmp_path, rank=1, step=10, in_save=False)
+    cfg = load_config(config, ["runtime=torchdist"])
+    export_split(cfg, tmp_path / "nodes")
+    node = str(tmp_path / "nodes" / "node-{local_rank}" / "node.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
+           "--max-restarts", "1", "-m", "clients.torchdist_agent", str(config),
+           "--node-file", node, "--out", str(tmp_path / "o")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert mark.exists() and "resumed after round 3" in done.stderr, done.stderr[-3000:]
+    lines = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    assert_same_rows([json.loads(x) for x in lines], simulate_one_thread(cfg))
+    assert_clean(cfg, tmp_path / "nodes")
