@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,13 +134,44 @@ def test_layout_blocks_and_errors():
         torchdist.make_layout(4, 6, 0)
 
 
+def gpus(monkeypatch, count: int) -> None:
+    """Pretend this host has ``count`` CUDA devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
 def test_backend_choice(monkeypatch):
+    """``auto``: nccl when every local rank has its own GPU under a launcher (LOCAL_RANK),
+    gloo otherwise; a forced nccl without CUDA is a config error naming the field."""
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert torchdist.pick_backend("gloo") == "gloo"
-    if not torch.cuda.is_available():
-        assert torchdist.pick_backend("auto") == "gloo"
-        with pytest.raises(ConfigError, match="nccl needs CUDA"):
-            torchdist.pick_backend("nccl")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    gpus(monkeypatch, 0)
+    assert torchdist.pick_backend("gloo") == torchdist.pick_backend("auto") == "gloo"
+    with pytest.raises(ConfigError, match="distributed.backend: nccl needs CUDA"):
+        torchdist.pick_backend("nccl")
+    gpus(monkeypatch, 1)  # one GPU for two local ranks
+    assert torchdist.pick_backend("auto") == "gloo" and torchdist.pick_backend("nccl") == "nccl"
+    gpus(monkeypatch, 2)
+    assert torchdist.pick_backend("auto") == "nccl" and torchdist.pick_backend("gloo") == "gloo"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert torchdist.pick_backend("auto") == "gloo"
+
+
+def test_every_rank_agrees_on_one_backend_and_nccl_moves_payloads_on_its_gpu(monkeypatch):
+    """A host without enough GPUs makes ``auto`` gloo on every rank (one process group, one
+    backend); with NCCL the wire buffers live on ``cuda:LOCAL_RANK``."""
+    from fedmerge.runtimes.torchdist.layout import agree_backend, wire_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    gpus(monkeypatch, 2)
+    store = dist.HashStore()
+    store.set("backend/1", "nccl")
+    assert agree_backend(store, 0, 2, "auto") == "nccl"
+    store.set("backend/1", "gloo")
+    assert agree_backend(store, 0, 2, "auto") == "gloo"
+    assert agree_backend(store, 0, 2, "nccl") == "nccl"  # forced: nothing to agree on
+    assert wire_device("nccl") == torch.device("cuda", 1)
+    assert wire_device("gloo") == torch.device("cpu")
 
 
 def listening_addresses(port: int) -> set[str]:

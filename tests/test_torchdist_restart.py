@@ -16,19 +16,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from fedmerge.config import load_config
 from fedmerge.decentralized.agent import make_loss
 from fedmerge.decentralized.node import read_node_file
 from fedmerge.decentralized.nodedirs import export_split
 from fedmerge.decentralized.setup import build_setup
+from fedmerge.errors import CheckpointError
 from fedmerge.runtimes import torchdist
-from fedmerge.runtimes.torchdist.launch import run_identity
-from fedmerge.runtimes.torchdist.resume import Generations
+from fedmerge.runtimes.torchdist.resume import Generations, agree_round, run_identity
 from tests.test_torchdist import ROOT, assert_same_rows, simulate_one_thread
 
+KILLING_LOSS = "train.loss=tests.torchdist_faults:sigkill_cross_entropy"
 RING3 = ["topology={graph: ring, n: 3}", "rounds=5", "vectorize=never", "train.steps=3",
-         "protocol.name=gossip", "train.loss=tests.torchdist_faults:sigkill_cross_entropy"]  # fmt: skip
+         "protocol.name=gossip", KILLING_LOSS]  # fmt: skip
 
 
 def arm_kill(monkeypatch, tmp: Path, rank: int, step: int, in_save: bool) -> Path:
@@ -44,7 +47,13 @@ def arm_kill(monkeypatch, tmp: Path, rank: int, step: int, in_save: bool) -> Pat
 
 
 def saved(cfg, nodes: Path, k: int) -> Generations:
-    return Generations(nodes / f"node-{k}" / "state", run_identity(cfg))
+    """Node k's saved rounds of the run: this config, saved outside torchrun (no run id)
+    or by torchrun (whatever run id its marks name, with this config's digest)."""
+    state = nodes / f"node-{k}" / "state"
+    runs = {json.loads(m.read_text())["run"] for m in state.glob("round-*/round.json")}
+    digest = run_identity(cfg).split("/")[1]
+    assert all(r.endswith("/" + digest) for r in runs) and len(runs) <= 1, runs
+    return Generations(state, runs.pop() if runs else run_identity(cfg))
 
 
 def check_saved_rounds_load(cfg, nodes: Path, k: int) -> list[int]:
@@ -117,3 +126,68 @@ def test_torchrun_restarts_a_killed_node_and_the_run_completes(tmp_path, monkeyp
     lines = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
     assert_same_rows([json.loads(x) for x in lines], simulate_one_thread(cfg))
     assert_clean(cfg, tmp_path / "nodes")
+
+
+# -- the saved rounds and the agreement, in process ------------------------------------------
+def agents_of(cfg, ids=(0, 1)) -> dict:
+    setup = build_setup(cfg)
+    return {i: setup.agent(i, make_loss(cfg.train.loss)) for i in ids}
+
+
+def test_generations_keep_two_newest_and_newest_full_and_ignore_the_rest(tmp_path):
+    cfg = load_config(None, RING3[:-1])
+    agents, gens = agents_of(cfg), Generations(tmp_path, "run-a")
+    for r, full in [(1, True), (2, True), (3, False), (4, False)]:
+        gens.save(agents, r, [{"round": r}], full)
+    assert gens.held() == [4, 3, 2]  # 2: the last round saved with every rank alive
+    gens.save(agents, 5, [], False)
+    assert gens.held() == [5, 4, 2]
+    gens.save(agents, 3, [], True)  # resumed after round 2: 3 … 5 are done again
+    assert gens.held() == [3, 2] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-000002", "round-000003"]  # fmt: skip
+    (gens.dir(3) / "round.json").unlink()  # killed before the mark: round 3 is not held
+    assert gens.held() == [2] and Generations(tmp_path, "run-b").held() == []
+    (gens.dir(2) / "round.json").write_text("{not json")
+    assert gens.held() == []
+
+
+def test_generations_restore_the_saved_agents_and_rows(tmp_path):
+    cfg = load_config(None, RING3[:-1])
+    agents, gens = agents_of(cfg), Generations(tmp_path, "run")
+    for a in agents.values():
+        a.train()
+        a.last_round = {2: 1}
+    gens.save(agents, 1, [{"round": 1, "agent": 0}], True)
+    fresh = agents_of(cfg)
+    assert gens.restore(fresh, 1) == [{"round": 1, "agent": 0}]
+    for i, a in agents.items():
+        assert all(torch.equal(v, fresh[i].state()[k]) for k, v in a.state().items())
+        assert fresh[i].last_round == {2: 1}
+        assert torch.equal(fresh[i].generator.get_state(), a.generator.get_state())
+    with pytest.raises(CheckpointError, match="no complete saved round 2"):
+        gens.restore(fresh, 2)
+    other = agents_of(cfg, ids=(2,))
+    with pytest.raises(CheckpointError, match="round-000001: agent 2: no state file"):
+        Generations(tmp_path, "run").restore(other, 1)
+
+
+@pytest.mark.parametrize(
+    ("held", "want"),
+    [([[4, 3], [4, 3], [3, 2]], 3), ([[5, 4, 2], [2, 1], [5, 4, 2]], 2),
+     ([[3, 2], [], [3, 2]], 0), ([[6, 5], [2, 1], [6, 5]], 0)],
+)  # fmt: skip
+def test_agree_round_is_the_newest_round_every_rank_holds(held, want, caplog):
+    store = dist.HashStore()
+    for k in (1, 2):
+        store.set(f"resume/{k}", json.dumps(held[k]))
+    assert agree_round(store, 0, 3, held[0]) == want
+    far = max((max(h) for h in held if h), default=0) > want + 1
+    assert ("the newest every rank holds" in caplog.text) == far
+
+
+def test_run_identity_is_the_config_and_the_torchrun_run_id(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    a, b = load_config(None, RING3[:-1]), load_config(None, [*RING3[:-1], "seed=1"])
+    assert run_identity(a) == run_identity(load_config(None, RING3[:-1])) != run_identity(b)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert run_identity(a).startswith("job-7/")

@@ -55,12 +55,12 @@ def sigkill_cross_entropy(logits, target):
     _steps += 1
     mark = os.environ.get("FEDMERGE_TEST_KILL_MARK", "")
     chosen = os.environ.get("RANK") == os.environ.get("FEDMERGE_TEST_KILL_RANK")
-    if chosen and mark and not os.path.exists(mark):
-        if _steps == int(os.environ.get("FEDMERGE_TEST_KILL_STEP", "0")):
-            if os.environ.get("FEDMERGE_TEST_KILL_IN_SAVE") == "1":
-                atomic.TempFile.commit = _killing_commit
-            else:
-                _sigkill(mark, None)
+    at_step = _steps == int(os.environ.get("FEDMERGE_TEST_KILL_STEP", "0"))
+    if chosen and at_step and mark and not os.path.exists(mark):
+        if os.environ.get("FEDMERGE_TEST_KILL_IN_SAVE") == "1":
+            atomic.TempFile.commit = _killing_commit
+        else:
+            _sigkill(mark, None)
     return nn.functional.cross_entropy(logits, target)
 
 

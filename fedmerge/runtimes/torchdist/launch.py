@@ -3,7 +3,6 @@ local launcher that starts N worker processes itself (laptops, tests)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.torchdist.control import Excluded, PeerFailure
+from fedmerge.runtimes.torchdist.resume import run_identity
 from fedmerge.runtimes.torchdist.round import RankRunner, Rows
 
 PREFIX_ENV = "FEDMERGE_TORCHDIST_PREFIX"
@@ -53,13 +53,6 @@ def connect(timeout: float) -> tuple[dist.Store, int, int]:
     )
     run_id = os.environ.get(PREFIX_ENV) or "/".join(elastic)
     return dist.PrefixStore(f"fedmerge/{run_id}", store), rank, world
-
-
-def run_identity(cfg: SimConfig) -> str:
-    """What a state directory must have been saved by to be resumed: the same config and,
-    under torchrun, the same ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``)."""
-    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
-    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{digest}"
 
 
 def run_rank(

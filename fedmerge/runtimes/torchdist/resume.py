@@ -22,8 +22,10 @@ one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import Any
 import torch.distributed as dist
 
 from fedmerge.atomic import atomic_write_text
+from fedmerge.config import SimConfig, dump_config
 from fedmerge.decentralized.agent import Agent
 from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.persist import restore_agent, save_agent
@@ -100,9 +103,18 @@ class Generations:
         if mark is None:
             raise CheckpointError(f"{self.dir(round)}: no complete saved round {round}")
         for agent in agents.values():
-            if restore_agent(agent, self.dir(round)) != round:
-                raise CheckpointError(f"{self.dir(round)}: agent {agent.id} saved another round")
+            got = restore_agent(agent, self.dir(round))
+            if got != round:
+                why = "no state file" if got is None else f"its state file is of round {got}"
+                raise CheckpointError(f"{self.dir(round)}: agent {agent.id}: {why}")
         return mark["rows"]
+
+
+def run_identity(cfg: SimConfig) -> str:
+    """What a state directory must have been saved by to be resumed: the same config and,
+    under torchrun, the same run id (``--rdzv-id``, ``TORCHELASTIC_RUN_ID``)."""
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{digest}"
 
 
 def agree_round(store: dist.Store, rank: int, world: int, held: list[int]) -> int:

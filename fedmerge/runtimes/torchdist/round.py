@@ -16,7 +16,6 @@ fault model, so every rank computes the same plan; each hosts a block of nodes
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -39,7 +38,7 @@ from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
 from fedmerge.runtimes.torchdist.exchange import Exchange
-from fedmerge.runtimes.torchdist.layout import Layout, make_layout, pick_backend
+from fedmerge.runtimes.torchdist.layout import Layout, agree_backend, make_layout, wire_device
 from fedmerge.runtimes.torchdist.resume import Generations, agree_round, share_history
 
 Rows = list[dict[str, Any]]
@@ -49,13 +48,13 @@ log = logging.getLogger("fedmerge.torchdist")
 def join_group(
     cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout
 ) -> tuple[torch.device, Membership]:
-    """Start this rank's process group (``distributed.backend``; NCCL: the GPU LOCAL_RANK)
-    and its view of the membership; returns (the device payloads move on, membership)."""
+    """Start this rank's process group (``distributed.backend``, agreed by every rank; NCCL:
+    the GPU LOCAL_RANK) and its view of the membership; returns (the device payloads move
+    on, membership)."""
     d = cfg.distributed
-    backend = pick_backend(d.backend)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    backend = agree_backend(store, rank, world, d.backend)
+    device = wire_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
@@ -106,8 +105,8 @@ class RankRunner:
         if not start:
             return 0, [], []
         rows = self.saved.restore(self.agents, start)
-        log.warning("rank %d: resumed after round %d from %s", self.rank, start,
-                    self.saved.dir(start))  # fmt: skip
+        log.warning("rank %d: resumed after round %d (its newest saved round: %d) from %s",
+                    self.rank, start, held[0], self.saved.dir(start))  # fmt: skip
         return start, rows, share_history(store, self.rank, world, start, rows, self.setup.n)
 
     # -- one round -----------------------------------------------------------------------
