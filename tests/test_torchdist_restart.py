@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,12 @@ def arm_kill(monkeypatch, tmp: Path, rank: int, step: int, in_save: bool) -> Pat
     monkeypatch.setenv("FEDMERGE_TEST_KILL_STEP", str(step))
     monkeypatch.setenv("FEDMERGE_TEST_KILL_IN_SAVE", "1" if in_save else "0")
     return mark
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def saved(cfg, nodes: Path, k: int) -> Generations:
@@ -98,14 +105,35 @@ def test_node_killed_mid_write_resumes_and_matches_an_uninterrupted_run(tmp_path
     assert_clean(cfg, nodes)
 
 
+def torchrun(config: Path, nodes: Path, out: Path, hosts: int) -> list[subprocess.Popen]:
+    """``torchrun --max-restarts 1`` of 3 ranks: one agent with 3 workers (one host), or
+    3 agents with 1 worker each (three hosts: static rendezvous, ``--node-rank``)."""
+    per_host = 3 // hosts
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_host),
+            "--max-restarts", "1"]  # fmt: skip
+    if hosts > 1:
+        base += ["--nnodes", str(hosts), "--master-addr", "127.0.0.1",
+                 "--master-port", str(free_port())]  # fmt: skip
+    agent = ["-m", "clients.torchdist_agent", str(config), "--out", str(out),
+             "--node-file", str(nodes / "node-{rank}" / "node.yaml")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ranks = [["--node-rank", str(k)] if hosts > 1 else [] for k in range(hosts)]
+    return [subprocess.Popen([*base, *rank, *agent], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for rank in ranks]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("policy", ["abort", "continue"])
-def test_torchrun_restarts_a_killed_node_and_the_run_completes(tmp_path, monkeypatch, policy):
-    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed in round 4's training; torchrun
-    stops the other ranks and starts all three again; they resume after the last round all
-    saved (with ``continue`` the survivors may have gone on without rank 1 first) and the
-    report equals the uninterrupted run's."""
+@pytest.mark.parametrize(("hosts", "policy"), [(1, "continue"), (3, "abort")],
+                         ids=["one-host-continue", "three-hosts-abort"])  # fmt: skip
+def test_torchrun_restarts_a_killed_node_and_the_run_completes(tmp_path, monkeypatch, hosts,
+                                                               policy):  # fmt: skip
+    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed in round 4's training. One host:
+    torchrun stops the other ranks and starts all three again (with ``continue`` the
+    survivors may first go on without rank 1). Three hosts (one torchrun each): the others
+    lose rank 1 (``abort``) and each torchrun restarts its rank. All resume after round 3,
+    the newest round every rank saved, and the report equals the uninterrupted run's."""
     config = tmp_path / "run.yaml"
     config.write_text(
         "topology: {graph: ring, n: 3}\nrounds: 5\nvectorize: never\ntrain: {steps: 3, "
@@ -115,14 +143,11 @@ def test_torchrun_restarts_a_killed_node_and_the_run_completes(tmp_path, monkeyp
     mark = arm_kill(monkeypatch, tmp_path, rank=1, step=10, in_save=False)
     cfg = load_config(config, ["runtime=torchdist"])
     export_split(cfg, tmp_path / "nodes")
-    node = str(tmp_path / "nodes" / "node-{local_rank}" / "node.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
-           "--max-restarts", "1", "-m", "clients.torchdist_agent", str(config),
-           "--node-file", node, "--out", str(tmp_path / "o")]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert mark.exists() and "resumed after round 3" in done.stderr, done.stderr[-3000:]
+    procs = torchrun(config, tmp_path / "nodes", tmp_path / "o", hosts)
+    outs = [p.communicate(timeout=380) for p in procs]
+    errors = "".join(err for _, err in outs)
+    assert [p.returncode for p in procs] == [0] * hosts, errors[-3000:]
+    assert mark.exists() and errors.count("resumed after round 3") == 3, errors[-3000:]
     lines = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
     assert_same_rows([json.loads(x) for x in lines], simulate_one_thread(cfg))
     assert_clean(cfg, tmp_path / "nodes")

@@ -62,7 +62,8 @@ class Generations:
         except (OSError, ValueError):
             return None
         ok = isinstance(mark, dict) and mark.get("run") == self.run and mark.get("round") == round
-        return mark if ok and isinstance(mark.get("rows"), list) else None
+        ok = ok and isinstance(mark.get("full"), bool) and isinstance(mark.get("rows"), list)
+        return mark if ok else None
 
     def held(self) -> list[int]:
         """The rounds of this run saved completely, newest first."""
