@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,11 @@ def test_run_identity_is_the_config_and_the_torchrun_run_id(monkeypatch):
     assert run_identity(a) == run_identity(load_config(None, RING3[:-1])) != run_identity(b)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     assert run_identity(a).startswith("job-7/")
+
+
+def test_agree_round_names_the_timeout_when_a_rank_never_starts():
+    store = dist.HashStore()
+    store.set_timeout(timedelta(milliseconds=50))
+    store.set("resume/1", "[]")
+    with pytest.raises(torchdist.PeerFailure, match="rank 0: not every rank started within"):
+        agree_round(store, 0, 3, [2, 1])
