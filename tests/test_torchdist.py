@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,8 @@ def test_backend_choice(monkeypatch):
 def test_every_rank_agrees_on_one_backend_and_nccl_moves_payloads_on_its_gpu(monkeypatch):
     """A host without enough GPUs makes ``auto`` gloo on every rank (one process group, one
     backend); with NCCL the wire buffers live on ``cuda:LOCAL_RANK``."""
-    from fedmerge.runtimes.torchdist.layout import agree_backend, wire_device
+    from fedmerge.runtimes.torchdist.control import agree_backend
+    from fedmerge.runtimes.torchdist.layout import wire_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     gpus(monkeypatch, 2)
@@ -172,6 +174,9 @@ def test_every_rank_agrees_on_one_backend_and_nccl_moves_payloads_on_its_gpu(mon
     assert agree_backend(store, 0, 2, "nccl") == "nccl"  # forced: nothing to agree on
     assert wire_device("nccl") == torch.device("cuda", 1)
     assert wire_device("gloo") == torch.device("cpu")
+    store.set_timeout(timedelta(milliseconds=50))  # a rank that never starts
+    with pytest.raises(torchdist.PeerFailure, match="rank 2: not every rank .* the backend"):
+        agree_backend(store, 2, 4, "auto")  # rank 3 never checks in
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from fedmerge.errors import ConfigError
 
@@ -58,17 +57,6 @@ def pick_backend(choice: str) -> str:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     fits = cuda and torch.cuda.device_count() >= local_world
     return "nccl" if fits and "LOCAL_RANK" in os.environ else "gloo"
-
-
-def agree_backend(store: dist.Store, rank: int, world: int, choice: str) -> str:
-    """The backend of every rank: ``auto`` is nccl only if every rank picks nccl (a host
-    without enough GPUs makes it gloo everywhere: one process group needs one backend)."""
-    mine = pick_backend(choice)
-    if choice != "auto":
-        return mine
-    store.set(f"backend/{rank}", mine)
-    every = {store.get(f"backend/{k}").decode() for k in range(world)}
-    return "nccl" if every == {"nccl"} else "gloo"
 
 
 def wire_device(backend: str) -> torch.device:

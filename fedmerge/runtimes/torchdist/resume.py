@@ -39,7 +39,7 @@ from fedmerge.decentralized.agent import Agent
 from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.persist import restore_agent, save_agent
 from fedmerge.errors import CheckpointError
-from fedmerge.runtimes.torchdist.control import PeerFailure, short_error
+from fedmerge.runtimes.torchdist.control import gather
 
 log = logging.getLogger("fedmerge.torchdist")
 Rows = list[dict[str, Any]]
@@ -122,14 +122,8 @@ def run_identity(cfg: SimConfig) -> str:
 def agree_round(store: dist.Store, rank: int, world: int, held: list[int]) -> int:
     """The round every rank resumes at: the newest that every rank ``held``, or 0. Each rank
     publishes its rounds on ``store`` and reads everyone's (waiting for them)."""
-    store.set(f"resume/{rank}", json.dumps(held))
-    try:
-        each = [set(json.loads(store.get(f"resume/{k}"))) for k in range(world)]
-    except (RuntimeError, dist.DistStoreError) as exc:  # the store's timeout
-        raise PeerFailure(
-            f"rank {rank}: not every rank started within the store's timeout "
-            f"(distributed.timeout_s) to agree where to resume: {short_error(exc)}"
-        ) from exc
+    published = gather(store, rank, world, "resume", json.dumps(held), "where to resume")
+    each = [set(json.loads(v)) for v in published]
     start = max(set.intersection(*each), default=0)
     newest = max((max(s) for s in each if s), default=0)
     if newest > start + 1:

@@ -36,9 +36,15 @@ from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
-from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
+from fedmerge.runtimes.torchdist.control import (
+    Control,
+    Membership,
+    PeerFailure,
+    agree_backend,
+    short_error,
+)
 from fedmerge.runtimes.torchdist.exchange import Exchange
-from fedmerge.runtimes.torchdist.layout import Layout, agree_backend, make_layout, wire_device
+from fedmerge.runtimes.torchdist.layout import Layout, make_layout, wire_device
 from fedmerge.runtimes.torchdist.resume import Generations, agree_round, share_history
 
 Rows = list[dict[str, Any]]
