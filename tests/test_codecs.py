@@ -95,6 +95,36 @@ def test_topk_keeps_exactly_the_selected_entries(x, density):
 
 
 @PROPS
+@given(x=tensors(dtypes=(torch.float32, torch.float64)), density=st.floats(0.01, 1.0),
+       bits=st.sampled_from([16, 8]), block=st.integers(1, 20))  # fmt: skip
+def test_quantized_topk_keeps_the_selected_entries_within_half_a_step(x, density, bits, block):
+    params = {"density": density, "bits": bits, "block": block}
+    y = roundtrip({"w": x}, "topk", params)["w"].reshape(-1)
+    if x.numel() == 0:
+        return
+    flat, mask = x.reshape(-1), _topk_mask(x, density)
+    kept = flat[mask]  # in index order, as the codec blocks them
+    pad = (-kept.numel()) % block
+    scales = torch.cat([kept.abs(), kept.new_zeros(pad)]).view(-1, block).amax(1)
+    bound = scales.repeat_interleave(block)[: kept.numel()] / (2 * (2 ** (bits - 1) - 1))
+    assert bool(((y[mask] - kept).abs() <= bound * (1 + 1e-5) + 1e-12).all())
+    assert not bool(y[~mask].any())  # nothing outside the selection; a kept entry may round to 0
+    assert bool((y[mask] * kept >= 0).all())  # never a flipped sign
+
+
+def test_quantized_topk_by_hand_and_its_size():
+    x = torch.tensor([0.0, 1.0, -0.5, 0.01, 0.25, 0.0, -2.0, 0.0])
+    p = {"density": 0.5, "bits": 8, "block": 2}
+    enc = encode_state({"w": x}, "topk", p)
+    assert enc.parts["w#codes"].tolist() == [127, -64, 16, -127]  # blocks (1, -0.5), (0.25, -2)
+    assert enc.parts["w#scales"].tolist() == [1.0, 2.0]
+    assert enc.nbytes == 4 + 4 + 2 * 4  # 4 one-byte gaps, 4 codes, 2 float32 scales
+    y = roundtrip({"w": x}, "topk", p)["w"]
+    assert torch.allclose(y, torch.tensor([0, 1, -64 / 127, 0, 32 / 127, 0, -2, 0]))
+    assert encode_state({"w": x}, "topk", {**p, "bits": 16}).parts["w#codes"].dtype == torch.int16
+
+
+@PROPS
 @given(x=tensors(), density=st.floats(0.01, 1.0))
 def test_ternary_is_sign_times_mean_kept_magnitude(x, density):
     y = roundtrip({"w": x}, "ternary", {"density": density})["w"].reshape(-1)
@@ -253,11 +283,36 @@ HOSTILE = {
         _set("b#values", torch.tensor([1.0, math.nan])),
         "'b'.*non-finite",
     ),
+    "8-bit top-k code -128": (
+        "topk",
+        {"density": 0.4, "bits": 8},
+        _set("b#codes", torch.tensor([1, -128], dtype=torch.int8)),
+        "'b'.*code -128 is outside",
+    ),
+    "top-k scales of the wrong count": (
+        "topk",
+        {"density": 0.4, "bits": 16, "block": 1},
+        _set("b#scales", torch.ones(1)),
+        "'b'.*'scales' has shape",
+    ),
+    "top-k codes of the wrong width": (
+        "topk",
+        {"density": 0.4, "bits": 16},
+        _set("b#codes", torch.ones(2, dtype=torch.int8)),
+        "'b'.*'codes' is I8, expected I16",
+    ),
+    "top-k codes past numel": (
+        "topk",
+        {"density": 0.4, "bits": 8},
+        _set("b#codes", torch.ones(6, dtype=torch.int8)),
+        "'b'.*at most 5",
+    ),
+    "top-k bits not a choice": ("topk", {}, _meta("codec_params", '{"bits": 12}'), "'bits'"),
     "code out of range": (
         "quantize",
         {"bits": 8},
         _set("b#codes", u8(0, 1, 2, 255, 3)),
-        "'b'.*code 255",
+        "'b'.*code 128 is outside",
     ),
     "negative scale": (
         "quantize",

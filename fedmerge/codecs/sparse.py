@@ -5,7 +5,11 @@ Both select the entries with ``|x| ≥ t`` (and ``x ≠ 0``): per tensor, ``t`` 
 k-th largest ``|x|`` with ``k = ceil(density · n)``; with ``scope: global`` one ``t``
 for the whole payload, the exact TIES global threshold (``kthvalue(|τ|, N −
 int(N·density))``, :mod:`fedmerge.merging.globalk`). Ties at ``t`` are all kept.
-Indices travel as varint gaps (:mod:`fedmerge.codecs.bits`).
+Indices travel as varint gaps (:mod:`fedmerge.codecs.bits`). Top-k's kept values
+travel exact (``bits: 32``, the tensor's own dtype) or as 16- or 8-bit signed codes with
+one absmax scale per ``block`` kept values (:func:`fedmerge.codecs.quantize.absmax_encode`,
+deterministic rounding: error ≤ scale / (2L), L = 2^(b−1) − 1), so a kept entry costs
+about 2 bytes instead of 5 at 8 bits.
 
 Ternary (Yadav et al., ComPEFT, 2023) sends one sign bit per kept entry and one scale:
 ``scale: mean`` (default) uses the mean kept magnitude, the least-squares scale for
@@ -36,6 +40,7 @@ from fedmerge.codecs.bits import (
     pack_bits,
     unpack_bits,
 )
+from fedmerge.codecs.quantize import absmax_decode, absmax_encode
 from fedmerge.codecs.registry import (
     KeyContext,
     Malformed,
@@ -97,29 +102,63 @@ def _check_gaps(entries: dict, count_max: int, count_min: int) -> None:
         raise Malformed(f"{shape[0]} index bytes cannot hold {count_min}..{count_max} indices")
 
 
+_CODE_DTYPES = {8: torch.int8, 16: torch.int16}
+
+
+def _quantized(params: Params) -> bool:
+    return params["bits"] != 32
+
+
 def check_topk(entries: dict, spec: TensorSpec, params: Params) -> None:
-    """``gaps`` (U8, varint) and ``values`` ``(k,)`` in the tensor's dtype, k ≤ numel."""
-    expect(entries, ("gaps", "values"), {}, {"values": spec.dtype})
-    vshape = entries["values"].shape
+    """``gaps`` (U8, varint) and either ``values`` ``(k,)`` in the tensor's dtype
+    (``bits: 32``) or ``codes`` ``(k,)`` (I8/I16) with ``scales`` ``(ceil(k / block),)``;
+    k ≤ numel."""
+    if _quantized(params):
+        names, dtypes = ("gaps", "codes", "scales"), {
+            "codes": _CODE_DTYPES[params["bits"]], "scales": real_dtype(spec.dtype)}  # fmt: skip
+    else:
+        names, dtypes = ("gaps", "values"), {"values": spec.dtype}
+    expect(entries, names, {}, dtypes)
+    vshape = entries[names[1]].shape
     if len(vshape) != 1 or vshape[0] > math.prod(spec.shape):
-        raise Malformed(f"part 'values' has shape {list(vshape)}; at most {math.prod(spec.shape)}")
+        raise Malformed(
+            f"part {names[1]!r} has shape {list(vshape)}; at most {math.prod(spec.shape)}"
+        )
+    if _quantized(params):
+        expect(entries, names, {"scales": (-(-vshape[0] // params["block"]),)}, {})
     _check_gaps(entries, vshape[0], vshape[0])
 
 
 def decode_topk(parts: dict[str, torch.Tensor], spec: TensorSpec, params: Params) -> torch.Tensor:
-    values = parts["values"]
-    check_finite_part(values, "values")
+    if _quantized(params):
+        values = absmax_decode(parts["codes"].to(torch.int64), parts["scales"], params)
+    else:
+        values = parts["values"]
+        check_finite_part(values, "values")
     n = math.prod(spec.shape)
     idx = decode_gaps(parts["gaps"], values.numel(), n)
-    return torch.zeros(n, dtype=spec.dtype).index_put_((idx,), values).view(spec.shape)
+    return (
+        torch.zeros(n, dtype=spec.dtype).index_put_((idx,), values.to(spec.dtype)).view(spec.shape)
+    )
 
 
-@register("topk", _DENSITY, _SCOPE, check=check_topk, decode=decode_topk, prepass=global_threshold)
+@register(
+    "topk", _DENSITY, _SCOPE,
+    Param("bits", int, 32, "32: kept values in the tensor's dtype (exact); 16 or 8: signed "
+          "codes with one absmax scale per block of kept values (deterministic rounding)",
+          choices=(32, 16, 8)),
+    Param("block", int, 64, "kept values sharing one scale when bits < 32", low=1, high=2**20),
+    check=check_topk, decode=decode_topk, prepass=global_threshold,
+)  # fmt: skip
 def encode_topk(x: torch.Tensor, ctx: KeyContext, params: Params) -> dict[str, torch.Tensor]:
     """Top-k sparsification: the largest-magnitude entries (per tensor or global) with
-    their exact values; indices as varint gaps."""
+    their values (exact, or 16/8-bit codes with block absmax scales); indices as varint
+    gaps."""
     idx, values = select(x, ctx, params)
-    return {"gaps": encode_gaps(idx), "values": values.contiguous()}
+    if not _quantized(params):
+        return {"gaps": encode_gaps(idx), "values": values.contiguous()}
+    q, scales = absmax_encode(values, params)
+    return {"gaps": encode_gaps(idx), "codes": q.to(_CODE_DTYPES[params["bits"]]), "scales": scales}
 
 
 def check_ternary(entries: dict, spec: TensorSpec, params: Params) -> None:
