@@ -96,7 +96,7 @@ def test_topk_keeps_exactly_the_selected_entries(x, density):
 
 @PROPS
 @given(x=tensors(dtypes=(torch.float32, torch.float64)), density=st.floats(0.01, 1.0),
-       bits=st.sampled_from([16, 8]), block=st.integers(1, 20))  # fmt: skip
+       bits=st.sampled_from([16, 8, 4]), block=st.integers(1, 20))  # fmt: skip
 def test_quantized_topk_keeps_the_selected_entries_within_half_a_step(x, density, bits, block):
     params = {"density": density, "bits": bits, "block": block}
     y = roundtrip({"w": x}, "topk", params)["w"].reshape(-1)
@@ -116,12 +116,15 @@ def test_quantized_topk_by_hand_and_its_size():
     x = torch.tensor([0.0, 1.0, -0.5, 0.01, 0.25, 0.0, -2.0, 0.0])
     p = {"density": 0.5, "bits": 8, "block": 2}
     enc = encode_state({"w": x}, "topk", p)
-    assert enc.parts["w#codes"].tolist() == [127, -64, 16, -127]  # blocks (1, -0.5), (0.25, -2)
+    # blocks (1, -0.5), (0.25, -2); codes travel as q + 127
+    assert enc.parts["w#codes"].tolist() == [254, 63, 143, 0]
     assert enc.parts["w#scales"].tolist() == [1.0, 2.0]
     assert enc.nbytes == 4 + 4 + 2 * 4  # 4 one-byte gaps, 4 codes, 2 float32 scales
     y = roundtrip({"w": x}, "topk", p)["w"]
     assert torch.allclose(y, torch.tensor([0, 1, -64 / 127, 0, 32 / 127, 0, -2, 0]))
     assert encode_state({"w": x}, "topk", {**p, "bits": 16}).parts["w#codes"].dtype == torch.int16
+    four = encode_state({"w": x}, "topk", {**p, "bits": 4})  # q = 7, −4 (−3.5 to even), 1, −7
+    assert four.parts["w#codes"].tolist() == [(7 + 7) | (3 << 4), (1 + 7) | (0 << 4)]
 
 
 @PROPS
@@ -283,11 +286,11 @@ HOSTILE = {
         _set("b#values", torch.tensor([1.0, math.nan])),
         "'b'.*non-finite",
     ),
-    "8-bit top-k code -128": (
+    "8-bit top-k code out of range": (
         "topk",
         {"density": 0.4, "bits": 8},
-        _set("b#codes", torch.tensor([1, -128], dtype=torch.int8)),
-        "'b'.*code -128 is outside",
+        _set("b#codes", u8(128, 255)),
+        "'b'.*code 128 is outside",
     ),
     "top-k scales of the wrong count": (
         "topk",
@@ -295,16 +298,22 @@ HOSTILE = {
         _set("b#scales", torch.ones(1)),
         "'b'.*'scales' has shape",
     ),
+    "4-bit top-k codes for fewer indices": (
+        "topk",
+        {"density": 0.4, "bits": 4},
+        _set("b#codes", u8(0x77, 0x07)),
+        "'b'.*2 index bytes cannot hold 3..4",
+    ),
     "top-k codes of the wrong width": (
         "topk",
         {"density": 0.4, "bits": 16},
-        _set("b#codes", torch.ones(2, dtype=torch.int8)),
-        "'b'.*'codes' is I8, expected I16",
+        _set("b#codes", torch.ones(2, dtype=torch.uint8)),
+        "'b'.*'codes' is U8, expected I16",
     ),
     "top-k codes past numel": (
         "topk",
         {"density": 0.4, "bits": 8},
-        _set("b#codes", torch.ones(6, dtype=torch.int8)),
+        _set("b#codes", torch.ones(6, dtype=torch.uint8)),
         "'b'.*at most 5",
     ),
     "top-k bits not a choice": ("topk", {}, _meta("codec_params", '{"bits": 12}'), "'bits'"),

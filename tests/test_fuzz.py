@@ -254,7 +254,7 @@ def codec_choices(draw):
         "topk": {
             "density": draw(st.floats(0.05, 1.0)),
             "scope": draw(st.sampled_from(["tensor", "global"])),
-            "bits": draw(st.sampled_from([32, 16, 8])),
+            "bits": draw(st.sampled_from([32, 16, 8, 4])),
             "block": draw(st.integers(1, 8)),
         },
         "ternary": {"density": draw(st.floats(0.05, 1.0))},

@@ -50,11 +50,37 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, pad]).view(-1, block)
 
 
+def code_width(bits: int, n: int) -> int:
+    """Length of the ``codes`` part for ``n`` codes: two per byte for b ≤ 4, one byte
+    each for 5–8, one int16 each for 9–16."""
+    return (n + 1) // 2 if bits <= 4 else n
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    return torch.int16 if bits > 8 else torch.uint8
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``(n,)`` in ``[−L, L]`` to the ``codes`` part: ``q + L`` as nibbles or
+    bytes for b ≤ 8, ``q`` itself as int16 above."""
+    if bits > 8:
+        return q.to(torch.int16)
+    u = (q + levels_of(bits)).to(torch.uint8)
+    return pack_nibbles(u) if bits <= 4 else u
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` -> int64 ``(n,)`` (range checked by absmax_decode)."""
+    if bits > 8:
+        return codes.to(torch.int64)
+    u = unpack_nibbles(codes, n) if bits <= 4 else codes
+    return u.to(torch.int64) - levels_of(bits)
+
+
 def check_quantize(entries: dict, spec: TensorSpec, params: Params) -> None:
     """``codes`` (U8, n or ceil(n/2) bytes) and ``scales`` ``(ceil(n / block),)``."""
     n = math.prod(spec.shape)
-    width = n if params["bits"] > 4 else (n + 1) // 2
-    shapes = {"codes": (width,), "scales": (-(-n // params["block"]),)}
+    shapes = {"codes": (code_width(params["bits"], n),), "scales": (-(-n // params["block"]),)}
     expect(entries, ("codes", "scales"), shapes,
            {"codes": torch.uint8, "scales": real_dtype(spec.dtype)})  # fmt: skip
 
@@ -62,11 +88,8 @@ def check_quantize(entries: dict, spec: TensorSpec, params: Params) -> None:
 def decode_quantize(
     parts: dict[str, torch.Tensor], spec: TensorSpec, params: Params
 ) -> torch.Tensor:
-    n, levels = math.prod(spec.shape), levels_of(params["bits"])
-    codes = parts["codes"]
-    q = codes if params["bits"] > 4 else unpack_nibbles(codes, n)
-    values = absmax_decode(q.to(torch.int64) - levels, parts["scales"], params)
-    return values.to(spec.dtype).view(spec.shape)
+    q = unpack_codes(parts["codes"], params["bits"], math.prod(spec.shape))
+    return absmax_decode(q, parts["scales"], params).to(spec.dtype).view(spec.shape)
 
 
 def absmax_encode(
@@ -91,6 +114,8 @@ def absmax_decode(q: torch.Tensor, scales: torch.Tensor, params: Params) -> torc
     check_finite_part(scales, "scales")
     if scales.numel() and float(scales.min()) < 0:
         raise Malformed("part 'scales' has negative values")
+    if scales.numel() != -(-q.numel() // params["block"]):
+        raise Malformed(f"part 'scales' has {scales.numel()} entries for {q.numel()} codes")
     levels = levels_of(params["bits"])
     if q.numel() and int(q.abs().max()) > levels:
         code = int(q[q.abs().argmax()])
@@ -110,5 +135,4 @@ def encode_quantize(x: torch.Tensor, ctx: KeyContext, params: Params) -> dict[st
     """Block-wise absmax quantization to 2–8 bits, deterministic or stochastic rounding."""
     generator = ctx.generator if params["stochastic"] else None
     q, scales = absmax_encode(x.reshape(-1), params, generator)
-    q = q.add_(levels_of(params["bits"])).to(torch.uint8)
-    return {"codes": q if params["bits"] > 4 else pack_nibbles(q), "scales": scales}
+    return {"codes": pack_codes(q, params["bits"]), "scales": scales}
