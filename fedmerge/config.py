@@ -201,7 +201,8 @@ class ProtocolConfig:
     )  # fmt: skip
     codec: str = option(
         "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
-        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+        "differences (disseminate: each expert is encoded once)",
+        registry="fedmerge.codecs.registry:CODECS", params="codec_params",
     )  # fmt: skip
     codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
     consensus_step: float = option(

@@ -150,10 +150,13 @@ def test_faults_follow_the_simulators_fault_model(tmp_path):
     assert not all(r["active"] for r in rows) and not all(r["trained"] for r in rows)
 
 
-def test_disseminate_matches_the_simulator(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "ternary"])
+def test_disseminate_matches_the_simulator(tmp_path, codec):
     """Continual dissemination: each node's agent (its continual merge, held and fresh
-    experts) lives in its state file between steps; same folded experts and accuracies."""
-    ref, rows = run_both(["protocol.name=disseminate", "rounds=3"], tmp_path)
+    experts, encoded ones with a codec) lives in its state file between steps; same folded
+    experts, accuracies and (encoded) bytes."""
+    sets = ["protocol.name=disseminate", "rounds=3", f"protocol.codec={codec}"]
+    ref, rows = run_both(sets, tmp_path)
     assert_same_rows(ref, rows)
     assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
 

@@ -232,12 +232,13 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert {r["bytes_received"] for r in rows} <= {0, one}
 
 
-def test_disseminate_through_simulate_matches_in_process(tmp_path):
+@pytest.mark.parametrize("codec", ["none", pytest.param("ternary", marks=pytest.mark.slow)])
+def test_disseminate_through_simulate_matches_in_process(tmp_path, codec):
     """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
     agents per rank: bundles cross ranks and stay within them): the same per-node folded
-    experts (in order) and accuracies as in process."""
+    experts (in order), accuracies and bytes (encoded ones with a codec) as in process."""
     sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
-            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+            "protocol.name=disseminate", "name=dis", f"protocol.codec={codec}"]  # fmt: skip
     argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
     assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
