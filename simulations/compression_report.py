@@ -27,6 +27,8 @@ import numpy as np
 from fedmerge.report import pyplot, save_png
 
 SETTINGS = ["torus-4x4-iid", "ring-16-iid", "torus-4x4-dirichlet", "ring-16-dirichlet"]
+EXPERT_CODECS = {"dense": "float32 τ", "ternary10": "ternary (ComPEFT) 10%",
+                 "topk10-8bit": "top-k 10%, 8-bit values"}  # fmt: skip
 
 
 def read(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -106,7 +108,8 @@ def read_dissemination(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
             continue
         d = json.loads(path.read_text())
         mb = d["bytes_sent_total"] / d["nodes"] / 1e6
-        runs.setdefault(m[1], {}).setdefault(m[2], []).append((d["final_acc_mean"], mb))
+        label = EXPERT_CODECS.get(m[2], m[2])
+        runs.setdefault(m[1], {}).setdefault(label, []).append((d["final_acc_mean"], mb))
     return {
         recipe: {label: {"acc": float(np.mean([a for a, _ in v])),
                          "std": float(np.std([a for a, _ in v])),
