@@ -135,16 +135,19 @@ def dissemination_table(results: dict) -> str:
 
 
 def plot_dissemination(results: dict, path: Path) -> None:
+    from matplotlib import ticker
+
     fig, axes = pyplot().subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
     for ax, (recipe, cells) in zip(axes[0], results.items(), strict=True):
         for label, c in cells.items():
             ax.errorbar(c["mb"], c["acc"], yerr=c["std"], fmt="o", capsize=3, label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # within a decade they collide
         ax.set_title(f"dissemination: {recipe}")
         ax.set_xlabel("MB sent per node (whole run)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final mean accuracy (OPCM merge)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
     save_png(fig, path, dpi=120)
 
