@@ -209,6 +209,11 @@ class ProtocolConfig:
         1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
         check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
     )  # fmt: skip
+    choco_resync: int = option(
+        0, "CHOCO-Gossip key frames: every K rounds each payload is an 8-bit snapshot of x_i "
+        "that resets every holder's copy (copies a lost message left behind catch up); "
+        "0: never", check=between(0, 10**9),
+    )  # fmt: skip
 
 
 @dataclass

@@ -406,21 +406,21 @@ def test_blob_size_limit_and_truncation():
 # ----------------------------------------------------------------------------- CHOCO
 
 
-def choco_rounds(n, codec, params, gamma, rounds, seed=0):
-    """CHOCO-Gossip on a ring of n (Metropolis–Hastings: 1/3 to each side) -> (x0, x)."""
+def choco_rounds(n, codec, params, gamma, rounds, seed=0, resync=0, lost=()):
+    """CHOCO-Gossip on a ring of n (Metropolis–Hastings: 1/3 to each side) -> (x0, x, agents,
+    mean after every round). ``lost``: (round, sender, receiver) messages that never arrive."""
     g = torch.Generator().manual_seed(seed)
     x0 = [{"w": torch.randn(40, generator=g), "b": torch.randn(3, generator=g)} for _ in range(n)]
-    agents = [ChocoGossip(i, codec, params, gamma) for i in range(n)]
-    x = x0
-    for _ in range(rounds):
-        q = [a.publish(xi)[1] for a, xi in zip(agents, x, strict=True)]
-        x = [
-            a.merge(
-                x[i], [((i - 1) % n, q[(i - 1) % n], 1 / 3), ((i + 1) % n, q[(i + 1) % n], 1 / 3)]
-            )
-            for i, a in enumerate(agents)
-        ]
-    return x0, x
+    agents = [ChocoGossip(i, codec, params, gamma, resync=resync) for i in range(n)]
+    x, means = x0, []
+    for r in range(1, rounds + 1):  # the engines count rounds from 0: round r publishes r − 1
+        q = [a.publish(xi, r - 1)[1] for a, xi in zip(agents, x, strict=True)]
+        heard = [[(j, q[j], 1 / 3) for j in ((i - 1) % n, (i + 1) % n) if (r, j, i) not in lost]
+                 for i in range(n)]  # fmt: skip
+        x = [a.merge(x[i], heard[i], {j for j, _, _ in heard[i] if a.is_keyframe(r - 1)})
+             for i, a in enumerate(agents)]  # fmt: skip
+        means.append(_mean(x, "w"))
+    return x0, x, agents, means
 
 
 def _mean(xs, key):
@@ -433,14 +433,35 @@ def _mean(xs, key):
     codec=st.sampled_from([("topk", {"density": 0.2}), ("ternary", {"density": 0.3}),
                            ("quantize", {"bits": 2}), ("lowrank", {"rank": 1})]),
     gamma=st.floats(0.05, 1.0), rounds=st.integers(1, 8), seed=st.integers(0, 1000),
+    resync=st.sampled_from([0, 2, 3]),
 )  # fmt: skip
-def test_choco_gossip_keeps_the_network_average_exactly(n, codec, gamma, rounds, seed):
-    x0, x = choco_rounds(n, *codec, gamma, rounds, seed)
+def test_choco_gossip_keeps_the_network_average_exactly(n, codec, gamma, rounds, seed, resync):
+    x0, x, _, _ = choco_rounds(n, *codec, gamma, rounds, seed, resync)
     for key in ("w", "b"):
         assert torch.allclose(_mean(x, key), _mean(x0, key), atol=1e-5)
 
 
+def test_key_frames_resync_copies_a_lost_message_left_behind():
+    """Messages lost in rounds 2 and 3: without key frames the receivers' copies stay
+    behind for good and the average keeps drifting; with a key frame every 4 rounds every
+    copy equals its owner's after round 4, and from then on the average is kept exactly."""
+    lost = {(2, 0, 1), (3, 2, 1), (3, 4, 3)}  # (round, sender, receiver)
+    args = (6, "topk", {"density": 0.2}, 0.4, 12)
+
+    def behind(agents):
+        return max(float((a.copies[j]["w"] - agents[j].copies[j]["w"]).abs().max())
+                   for a in agents for j in a.copies)  # fmt: skip
+
+    _, _, plain, plain_means = choco_rounds(*args, lost=lost)
+    _, _, synced, synced_means = choco_rounds(*args, resync=4, lost=lost)
+    assert behind(plain) > 1e-3 and behind(synced) == 0.0
+    assert float((plain_means[-1] - plain_means[4]).abs().max()) > 1e-4  # still drifting
+    for m in synced_means[4:]:  # kept exactly from the key frame of round 4 on
+        assert torch.allclose(m, synced_means[3], atol=1e-6)
+    assert not torch.allclose(synced_means[3], synced_means[0], atol=1e-6)  # the loss did drift
+
+
 def test_choco_gossip_with_topk_reaches_consensus():
-    x0, x = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
+    x0, x, _, _ = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
     spread = [sum(float((xi["w"] - _mean(xs, "w")).norm() ** 2) for xi in xs) for xs in (x0, x)]
     assert spread[1] < 1e-4 * spread[0]

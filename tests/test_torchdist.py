@@ -182,11 +182,15 @@ def test_gossip_four_ranks_matches_simulator():
 
 
 def test_compressed_gossip_two_agents_per_rank_matches_simulator():
-    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
-                             "distributed.agents_per_rank=2"])  # fmt: skip
+    """Top-k CHOCO-Gossip with a key frame (8-bit snapshot) in round 2 of 3."""
+    sets = ["protocol.codec=topk", "protocol.consensus_step=0.5", "protocol.choco_resync=2",
+            "distributed.agents_per_rank=2"]  # fmt: skip
+    cfg = load_config(None, [*RING4, *sets])
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
     assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
+    sent = {r["round"]: r["bytes_sent"] for r in rows}
+    assert sent[2] > 1.5 * max(sent[1], sent[3])
 
 
 def test_dimat_two_agents_per_rank_matches_simulator():

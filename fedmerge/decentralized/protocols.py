@@ -73,7 +73,8 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
     ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
     if agent.choco is not None:
         heard = [(p.sender, p.tensors, w) for p, w in received]
-        agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        keyframes = {p.sender for p, _ in received if agent.choco.is_keyframe(p.round)}
+        agent.load_tensors(agent.choco.merge(agent.tensors(), heard, keyframes))
         return
     if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
         others = [(p.tensors, w) for p, w in received]

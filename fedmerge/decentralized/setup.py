@@ -78,7 +78,7 @@ class Setup:
             return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
                                        loss, self.n)  # fmt: skip
         choco = None if p.codec == "none" else ChocoGossip(
-            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed
+            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed, resync=p.choco_resync
         )  # fmt: skip
         model = self.model(i)
         return Agent(
