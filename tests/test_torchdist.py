@@ -219,11 +219,15 @@ def test_gossip_four_ranks_matches_simulator():
 
 
 def test_compressed_gossip_two_agents_per_rank_matches_simulator():
-    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
-                             "distributed.agents_per_rank=2"])  # fmt: skip
+    """Top-k CHOCO-Gossip with a key frame (8-bit snapshot) in round 2 of 3."""
+    sets = ["protocol.codec=topk", "protocol.consensus_step=0.5", "protocol.choco_resync=2",
+            "distributed.agents_per_rank=2"]  # fmt: skip
+    cfg = load_config(None, [*RING4, *sets])
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
     assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
+    sent = {r["round"]: r["bytes_sent"] for r in rows}
+    assert sent[2] > 1.5 * max(sent[1], sent[3])
 
 
 def test_dimat_two_agents_per_rank_matches_simulator():
@@ -269,12 +273,13 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert {r["bytes_received"] for r in rows} <= {0, one}
 
 
-def test_disseminate_through_simulate_matches_in_process(tmp_path):
+@pytest.mark.parametrize("codec", ["none", pytest.param("ternary", marks=pytest.mark.slow)])
+def test_disseminate_through_simulate_matches_in_process(tmp_path, codec):
     """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
     agents per rank: bundles cross ranks and stay within them): the same per-node folded
-    experts (in order) and accuracies as in process."""
+    experts (in order), accuracies and bytes (encoded ones with a codec) as in process."""
     sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
-            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+            "protocol.name=disseminate", "name=dis", f"protocol.codec={codec}"]  # fmt: skip
     argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
     assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
