@@ -152,7 +152,7 @@ def draw_keep(generators: list[torch.Generator], m: int, density: float) -> torc
     The mask is ``torch.rand(m, generator=g) < density``, computed from the
     same 32-bit draws without forming the floats: ``rand`` maps a draw r to
     ``(r mod 2^24)·2^-24``, which ``random_(0, 2^24)`` yields as the integer
-    ``r mod 2^24`` (~2-3× faster); the float comparison becomes an integer one.
+    ``r mod 2^24``; the float comparison becomes an integer one.
     Drawing m1 then m2 values from a generator gives the same values as
     drawing m1 + m2 at once, so a tensor's mask is the same whole or in blocks.
     """
