@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 BIN = Path(sys.executable).parent
+SOURCE = Path(__file__).resolve().parents[3]  # the fedmerge the workers import: this one
 INSECURE = ("--insecure",)
 
 
@@ -58,7 +59,10 @@ class Loopback:
         self.env = {
             **os.environ, "FLWR_HOME": str(home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **self.env,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE),
+                                                        os.environ.get("PYTHONPATH")])),
+            **self.env,
         }  # fmt: skip
 
     def start(self, timeout: float = 90) -> None:
@@ -73,18 +77,20 @@ class Loopback:
                    "--database", str(self.folder / "link.db"))  # fmt: skip
         self.wait_for_port(port, "superlink", timeout)
 
-    def add_node(self, name: str, node_config: str, *extra: str) -> None:
-        """Start SuperNode ``name`` with ``--node-config node_config`` (and its worker)."""
+    def add_node(self, name: str, node_config: str, *extra: str,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Start SuperNode ``name`` with ``--node-config node_config`` (and its worker),
+        ``env`` added to their environment."""
         if name not in self.ports:
             (self.ports[name],) = free_ports(1)
         port, link = self.ports[name], self.ports["superlink"]
         isolation = ["--isolation", "process"] if self.workers else []
         self.spawn(name, "flower-supernode", *self.node_args, "--superlink",
                    f"127.0.0.1:{link}", "--port", str(port), "--node-config", node_config,
-                   *isolation, *extra)  # fmt: skip
+                   *isolation, *extra, env=env)  # fmt: skip
         if self.workers:
             self.spawn(f"{name}-worker", sys.executable, "-m", "fedmerge.runtimes.flower.worker",
-                       "--runtime-api-address", f"127.0.0.1:{port}")  # fmt: skip
+                       "--runtime-api-address", f"127.0.0.1:{port}", env=env)  # fmt: skip
 
     def kill_node(self, name: str) -> None:
         """SIGKILL SuperNode ``name`` and its worker (a crash: nothing gets to clean up)."""
@@ -107,11 +113,12 @@ class Loopback:
                    run_config, "--stream", cwd=app)  # fmt: skip
         return self.procs["run"][0]
 
-    def spawn(self, name: str, program: str, *args: str, cwd: Path | None = None) -> None:
+    def spawn(self, name: str, program: str, *args: str, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> None:  # fmt: skip
         exe = program if os.sep in program else str(BIN / program)
         out = open(self.logs / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([exe, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=cwd or self.folder)  # fmt: skip
+        proc = subprocess.Popen([exe, *args], env={**self.env, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd or self.folder)  # fmt: skip
         self.procs[name] = (proc, out)
 
     def wait_for_port(self, port: int, name: str, limit: float) -> None:
