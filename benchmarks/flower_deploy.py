@@ -1,7 +1,7 @@
 """Seconds per round: in process vs a real Flower deployment on loopback (SuperLink + 3 SuperNodes).
 
-    nice -n 10 python benchmarks/flower_deploy.py                  # worker path, 4 rounds
-    nice -n 10 python benchmarks/flower_deploy.py --paths worker clientapp --rounds 3
+    nice -n 10 python benchmarks/flower_deploy.py                     # the two worker paths
+    nice -n 10 python benchmarks/flower_deploy.py --paths clientapp --rounds 3   # before
 
 The same work everywhere: gossip on a ring of 3, digits (IID), an MLP 64-1000-1000-10
 (1.07M parameters, 4.3 MB payloads), ``train.steps`` SGD steps per round, torch on one
@@ -12,6 +12,9 @@ process. The deployment paths start a fresh SuperLink and three SuperNodes, then
 - ``worker`` (now): each SuperNode runs with ``--isolation process`` beside a long-lived
   agent worker (``python -m fedmerge.runtimes.flower.worker``) that keeps torch imported and
   the node's setup and agent in memory between messages;
+- ``worker+poll``: the same, the SuperNodes started through
+  ``python -m fedmerge.runtimes.flower.supernode --poll-s 0.2`` (Flower's SuperNode polling
+  its SuperLink every 0.2 s instead of 3 s while idle);
 - ``clientapp`` (before): Flower's default ``--isolation subprocess``, one ``flwr-clientapp``
   process per message (imports torch and fedmerge, rebuilds the setup, reloads the agent).
 
@@ -38,7 +41,7 @@ from fedmerge.report.tables import markdown  # noqa: E402
 from fedmerge.runtimes.flower.loopback import Loopback  # noqa: E402
 from fedmerge.runtimes.local.simulator import Simulator  # noqa: E402
 
-PATHS = ("in-process", "worker", "clientapp")
+PATHS = ("in-process", "worker+poll", "worker", "clientapp")
 
 
 def overrides(rounds: int, steps: int, hidden: str) -> list[str]:
@@ -57,10 +60,12 @@ def in_process(sets: list[str]) -> tuple[float, float, list[dict]]:
     return per_round(rows), rows[0]["wall_s"], rows
 
 
-def deployed(sets: list[str], workers: bool, timeout: float) -> tuple[float, float, list[dict]]:
+def deployed(sets: list[str], path: str, timeout: float) -> tuple[float, float, list[dict]]:
     """(s/round, round 1's s, rows) of one fresh loopback deployment."""
-    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-") as tmp, \
-            Loopback(Path(tmp), workers=workers, env={"OMP_NUM_THREADS": "1"}) as dep:  # fmt: skip
+    workers, poll = path != "clientapp", 0.2 if path == "worker+poll" else None
+    with tempfile.TemporaryDirectory(prefix="fedmerge-bench-") as tmp, Loopback(
+        Path(tmp), workers=workers, poll_s=poll, env={"OMP_NUM_THREADS": "1"}
+    ) as dep:  # fmt: skip
         dep.start()
         for i in range(3):
             dep.add_node(f"node-{i}", f"partition-id={i} num-partitions=3 state-dir='{tmp}/state'")
@@ -77,7 +82,7 @@ def deployed(sets: list[str], workers: bool, timeout: float) -> tuple[float, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--paths", nargs="+", choices=PATHS[1:], default=["worker"])
+    ap.add_argument("--paths", nargs="+", choices=PATHS[1:], default=["worker+poll", "worker"])
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (≥ 2)")
     ap.add_argument("--steps", type=int, default=2, help="SGD steps per round")
     ap.add_argument("--hidden", default="[1000,1000]", help="MLP hidden sizes")
@@ -87,7 +92,7 @@ def main() -> None:
     sets = overrides(args.rounds, args.steps, args.hidden)
     results = {"in-process": in_process(sets)}
     for path in args.paths:
-        results[path] = deployed(sets, path == "worker", args.timeout)
+        results[path] = deployed(sets, path, args.timeout)
     base = results["in-process"][0]
     ref = results["in-process"][2]
     table = []

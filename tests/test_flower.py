@@ -72,7 +72,7 @@ class LoopbackGrid(Grid):
             ctx = self.contexts[msg.metadata.dst_node_id]
             if msg.metadata.message_type == "train.step":
                 step = int(msg.content.config_records["step"]["step"])
-                msg = self.hook(step, int(ctx.node_config["partition-id"]), msg)
+                msg = self.hook(step, int(ctx.node_config.get("partition-id", -1)), msg)
                 if msg is None:
                     continue
             try:

@@ -41,13 +41,15 @@ class Loopback:
     (TLS files, ``--enable-supernode-auth``); ``connection``: the security line of the
     ``[superlink.loopback]`` connection in ``$FLWR_HOME/config.toml``; ``workers``: run each
     SuperNode with ``--isolation process`` beside a long-lived agent worker (False: Flower's
-    default, one ``flwr-clientapp`` process per message)."""
+    default, one ``flwr-clientapp`` process per message); ``poll_s``: start the SuperNodes
+    through :mod:`.supernode` with that poll (None: ``flower-supernode`` itself)."""
 
     folder: Path
     link_args: Sequence[str] = INSECURE
     node_args: Sequence[str] = INSECURE
     connection: str = "insecure = true"
     workers: bool = True
+    poll_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, tuple[subprocess.Popen, IO]] = field(default_factory=dict, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
@@ -85,7 +87,10 @@ class Loopback:
             (self.ports[name],) = free_ports(1)
         port, link = self.ports[name], self.ports["superlink"]
         isolation = ["--isolation", "process"] if self.workers else []
-        self.spawn(name, "flower-supernode", *self.node_args, "--superlink",
+        supernode = ["flower-supernode"] if self.poll_s is None else [
+            sys.executable, "-m", "fedmerge.runtimes.flower.supernode", f"--poll-s={self.poll_s}"
+        ]  # fmt: skip
+        self.spawn(name, *supernode, *self.node_args, "--superlink",
                    f"127.0.0.1:{link}", "--port", str(port), "--node-config", node_config,
                    *isolation, *extra, env=env)  # fmt: skip
         if self.workers:

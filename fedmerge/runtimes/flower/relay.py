@@ -162,8 +162,10 @@ def rejoin(grid: Grid, mapping: dict[int, int], config_json: str, timeout: float
 
 def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None) -> list[Message]:
     """Push ``msgs`` and pull their replies every :data:`POLL_S` seconds until all are in or
-    ``timeout`` seconds passed (None: no limit)."""
+    ``timeout`` seconds passed (None: no limit). Logs the push and the wait."""
+    start = time.perf_counter()
     waiting = set(grid.push_messages(msgs))
+    pushed = time.perf_counter()
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
@@ -173,6 +175,8 @@ def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None) -> list
         if not waiting or (end is not None and time.monotonic() >= end):
             break
         time.sleep(POLL_S)
+    log(INFO, "fedmerge: %d messages pushed in %.2f s, %d replies %.2f s later", len(msgs),
+        pushed - start, len(replies), time.perf_counter() - pushed)  # fmt: skip
     return replies
 
 

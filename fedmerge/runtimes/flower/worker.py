@@ -18,6 +18,7 @@ installed here, never code from the run's FAB: the node decides what it executes
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from logging import ERROR, INFO, WARNING
 
@@ -55,9 +56,12 @@ def run_task(address: str, certificates: bytes | None, token: str) -> None:
     heartbeat.start()
     message = context = reply = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    clock = [time.perf_counter()]
     try:
         message, context, _, _ = pull_task_input(client)
+        clock.append(time.perf_counter())
         reply = app(message=message, context=context)
+        clock.append(time.perf_counter())
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - reported to the ServerApp, as flwr-clientapp does
         log(ERROR, "fedmerge worker: the ClientApp raised", exc_info=exc)
@@ -70,6 +74,11 @@ def run_task(address: str, certificates: bytes | None, token: str) -> None:
             if reply is not None and context is not None:
                 push_message(client, reply, context)
             push_task_output(client, context, status, details)
+            clock.append(time.perf_counter())
+            if len(clock) == 4:  # where a step's time goes, on the node
+                log(INFO, "fedmerge worker: %s in %.2f s (pull %.2f, app %.2f, push %.2f)",
+                    message.metadata.message_type, clock[3] - clock[0],
+                    *(b - a for a, b in itertools.pairwise(clock)))  # fmt: skip
         finally:
             heartbeat.stop()
             client.close()

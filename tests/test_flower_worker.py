@@ -1,0 +1,76 @@
+"""The pieces behind a fast Flower deployment, in process: nodes with their own files answer
+the relay with the simulator's rows, an agent kept in memory equals one restored from its
+state file, and the SuperNode poll launcher changes only what it should."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from types import ModuleType
+
+import pytest
+
+from fedmerge.config import load_config
+from fedmerge.decentralized.nodedirs import export_split
+from fedmerge.runtimes.flower.relay import RelayOptions, relay
+from fedmerge.runtimes.flower.supernode import CappedSleep, cap_sleeps, split_poll
+from fedmerge.runtimes.local.simulator import Simulator
+from tests.test_flower import RING4, LoopbackGrid, assert_same_rows, server_identity  # noqa: F401
+
+# the module (the package's attribute of that name is the ClientApp object)
+client_app = importlib.import_module("fedmerge.runtimes.flower.client_app")
+
+
+@pytest.mark.parametrize("init", ["same", "different"])
+def test_nodes_with_their_own_files_give_the_simulators_rows(tmp_path, init):
+    cfg = load_config(None, [*RING4, f"model.init={init}"])
+    files = export_split(cfg, tmp_path / "nodes")
+    grid = LoopbackGrid(4, configs=[{"node-file": str(f)} for f in reversed(files)])
+    rows = relay(grid, cfg, RelayOptions(timeout=1.0, state_dir=str(tmp_path / "x")), None)
+    assert_same_rows(Simulator(cfg).run(), rows)
+    for i, f in enumerate(files):  # each node's state went to its node file's state_dir
+        assert (f.parent / "state" / "run-7" / f"agent-{i:04d}.safetensors").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_agent_kept_in_memory_equals_one_restored_from_its_file(tmp_path, monkeypatch):
+    choco = ["protocol.codec=topk", "protocol.codec_params={}", "protocol.consensus_step=0.5"]
+    cfg = load_config(None, [*RING4, *choco])  # the codec's state is kept too
+    runs = []
+    for size in (0, 8):  # 0: every step restores from the file; 8: every step is a hit
+        monkeypatch.setattr(client_app, "AGENTS", client_app.AgentCache(size))
+        opts = RelayOptions(timeout=1.0, state_dir=str(tmp_path / f"cache-{size}"))
+        runs.append(relay(LoopbackGrid(4), cfg, opts, None))
+    assert_same_rows(runs[0], runs[1], tol=0)
+    assert len(client_app.AGENTS.items) == 4
+
+
+def test_a_failed_step_drops_the_kept_agent(tmp_path):
+    cache = client_app.AgentCache(2)
+    setup = client_app.cached_setup(_config_json(load_config(None, RING4)))
+    agent = cache.take(setup, 1, tmp_path, 0)
+    cache.put(agent, tmp_path, 0)
+    assert cache.take(setup, 1, tmp_path, 1) is agent  # the step after the saved one: a hit
+    again = cache.take(setup, 1, tmp_path, 1)  # taken and not put back (the step failed)
+    assert again is not agent and again.state().keys() == agent.state().keys()
+
+
+def _config_json(cfg) -> str:
+    return json.dumps(cfg.to_dict())
+
+
+def test_supernode_poll_launcher_caps_sleeps_and_passes_flowers_arguments():
+    assert split_poll(["--insecure", "--poll-s", "0.1", "--port", "9"]) == (
+        0.1, ["--insecure", "--port", "9"])  # fmt: skip
+    assert split_poll(["--poll-s=0.5"])[0] == 0.5 and split_poll([])[0] == 0.2
+    with pytest.raises(SystemExit, match="outside"):
+        split_poll(["--poll-s", "10"])
+    start = time.perf_counter()
+    CappedSleep(0.01).sleep(3)
+    assert time.perf_counter() - start < 1 and CappedSleep(1).monotonic is time.monotonic
+    from flwr.supernode import start_client_internal
+
+    assert start_client_internal.time is time  # the loop fedmerge knows (flwr 1.41)
+    with pytest.raises(RuntimeError, match="not the one fedmerge knows"):
+        cap_sleeps(ModuleType("elsewhere"), 0.1)
