@@ -13,8 +13,9 @@ import pytest
 
 from fedmerge.config import load_config
 from fedmerge.decentralized.nodedirs import export_split
+from fedmerge.runtimes.flower.polling import CappedSleep, cap_sleeps, quick_pulls
 from fedmerge.runtimes.flower.relay import RelayOptions, relay
-from fedmerge.runtimes.flower.supernode import CappedSleep, cap_sleeps, split_poll
+from fedmerge.runtimes.flower.supernode import split_poll
 from fedmerge.runtimes.local.simulator import Simulator
 from tests.test_flower import RING4, LoopbackGrid, assert_same_rows, server_identity  # noqa: F401
 
@@ -60,17 +61,43 @@ def _config_json(cfg) -> str:
     return json.dumps(cfg.to_dict())
 
 
-def test_supernode_poll_launcher_caps_sleeps_and_passes_flowers_arguments():
+def test_supernode_poll_launcher_caps_sleeps_and_passes_flowers_arguments(monkeypatch):
     assert split_poll(["--insecure", "--poll-s", "0.1", "--port", "9"]) == (
         0.1, ["--insecure", "--port", "9"])  # fmt: skip
     assert split_poll(["--poll-s=0.5"])[0] == 0.5 and split_poll([])[0] == 0.2
     with pytest.raises(SystemExit, match="outside"):
         split_poll(["--poll-s", "10"])
-    start = time.perf_counter()
-    CappedSleep(0.01).sleep(3)
-    assert time.perf_counter() - start < 1 and CappedSleep(1).monotonic is time.monotonic
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    CappedSleep(0.2).sleep(3)
+    CappedSleep(0.2).sleep(0.1)
+    assert slept == [0.2, 0.1] and CappedSleep(1).monotonic is time.monotonic
     from flwr.supernode import start_client_internal
 
     assert start_client_internal.time is time  # the loop fedmerge knows (flwr 1.41)
     with pytest.raises(RuntimeError, match="not the one fedmerge knows"):
         cap_sleeps(ModuleType("elsewhere"), 0.1)
+
+
+def test_quick_pulls_retries_missing_objects_soon(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    module = ModuleType("puller")
+    module.pull_objects = inflatable_utils.pull_objects
+    monkeypatch.setattr(inflatable_utils, "_flwr_pull_objects", None, raising=False)
+    quick_pulls(module)
+    quick_pulls(module)  # idempotent
+    assert module.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.5,
+                                            "max_tries_per_object": None}  # fmt: skip
+    tries = []
+
+    def pull(object_id: str) -> bytes:  # pushed after the third ask
+        tries.append(object_id)
+        if len(tries) <= 3:
+            raise ObjectUnavailableError(object_id)
+        return b"x"
+
+    assert module.pull_objects(["a"], pull) == {"a": b"x"} and len(tries) == 4
+    with pytest.raises(RuntimeError, match="not Flower 1.41's"):
+        quick_pulls(ModuleType("elsewhere"))

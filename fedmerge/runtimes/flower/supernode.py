@@ -1,48 +1,27 @@
-"""``flower-supernode`` that polls its SuperLink more often (optional).
+"""``flower-supernode`` that waits less (optional).
 
 Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none sleeps 3 s
-(hard-coded), then waits for its ClientApp's reply in 0.5 s sleeps. A fedmerge step reaches
-a node only after every node's previous reply is in, so each step waits ~1.5 s on average
-(up to 3 s) per node for that poll: the largest cost left once the ClientApp is long-lived
-(``benchmarks/flower_deploy.py``). This runs Flower's own SuperNode with every sleep of its
-message loop capped at ``--poll-s`` seconds; all other arguments are ``flower-supernode``'s::
+(hard-coded), then waits for its ClientApp's reply in 0.5 s sleeps, and retries a payload
+not pushed yet after 1 s, 2 s, ... A fedmerge step reaches a node only after every node's
+previous reply is in, so each step waits ~1.5 s on average (up to 3 s) per node for the
+poll alone (``benchmarks/flower_deploy.py``). This runs Flower's own SuperNode with every
+sleep of its message loop capped at ``--poll-s`` seconds and quick object retries
+(:mod:`.polling`); all other arguments are ``flower-supernode``'s::
 
     python -m fedmerge.runtimes.flower.supernode --poll-s 0.2 --isolation process \\
         --superlink LINK_HOST:9093 --node-config "node-file='/data/node.yaml'" ...
 
 Each poll is one request to the SuperLink: N nodes at 0.2 s make 5·N requests per second
-while idle. It changes only the sleeps of ``flwr.supernode.start_client_internal`` (checked
-at start: a Flower whose loop differs is refused, use ``flower-supernode``).
+while idle. It changes only the sleeps and object retries of
+``flwr.supernode.start_client_internal`` (checked at start: a Flower whose loop differs is
+refused; use ``flower-supernode``).
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from types import ModuleType
 
-
-class CappedSleep:
-    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-
-def cap_sleeps(loop: ModuleType, cap: float) -> None:
-    """Cap the sleeps of SuperNode message loop module ``loop`` at ``cap`` seconds."""
-    if getattr(loop, "time", None) is not time or not hasattr(loop, "start_client_internal"):
-        raise RuntimeError(
-            "this Flower's SuperNode loop is not the one fedmerge knows (flwr 1.41); "
-            "start flower-supernode itself"
-        )
-    loop.time = CappedSleep(cap)
+from fedmerge.runtimes.flower.polling import cap_sleeps, quick_pulls
 
 
 def split_poll(argv: list[str]) -> tuple[float, list[str]]:
@@ -68,6 +47,7 @@ def main() -> None:
 
     poll, rest = split_poll(sys.argv[1:])
     cap_sleeps(start_client_internal, poll)
+    quick_pulls(start_client_internal)
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 
