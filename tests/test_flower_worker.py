@@ -10,6 +10,7 @@ import time
 from types import ModuleType
 
 import pytest
+from flwr.app import Context, RecordDict
 
 from fedmerge.config import load_config
 from fedmerge.decentralized.nodedirs import export_split
@@ -101,3 +102,44 @@ def test_quick_pulls_retries_missing_objects_soon(monkeypatch):
     assert module.pull_objects(["a"], pull) == {"a": b"x"} and len(tries) == 4
     with pytest.raises(RuntimeError, match="not Flower 1.41's"):
         quick_pulls(ModuleType("elsewhere"))
+
+
+class Restarting(LoopbackGrid):
+    """Flower node 1002 (topology node 2) dies at step 2; node ``new_id`` with node config
+    ``claims`` connects right after (a restarted SuperNode registers under a new id)."""
+
+    def __init__(self, new_id: int, claims: int):
+        super().__init__(4)
+        self.new_id, self.revived = new_id, False
+        self.contexts[new_id] = Context(7, new_id, {"partition-id": claims}, RecordDict(), {})
+
+    def get_node_ids(self):
+        return [i for i in self.contexts if i != self.new_id or self.revived]
+
+    def push_messages(self, messages):
+        live = []
+        for m in messages:
+            step = m.content.config_records.get("step")
+            if m.metadata.dst_node_id == 1002 and step is not None and int(step["step"]) >= 2:
+                self.revived = True  # the message is lost with the node
+                m.metadata.__dict__["_message_id"] = m.object_id
+            else:
+                live.append(m)
+        return [*super().push_messages(live), *(m.object_id for m in messages if m not in live)]
+
+
+def test_a_restarted_node_is_mapped_again_and_goes_on_from_its_file(tmp_path):
+    cfg = load_config(None, RING4)  # 3 rounds: steps 0..3
+    opts = RelayOptions(timeout=0.5, state_dir=str(tmp_path))
+    by = {(r["round"], r["agent"]): r for r in relay(Restarting(2002, 2), cfg, opts, None)}
+    assert by[2, 2]["global_acc"] is None and not by[3, 2]["active"]  # step 2 was lost
+    assert by[3, 2]["global_acc"] is not None  # step 3: node 2 is back, from its file
+    assert by[3, 1]["bytes_received"] == by[3, 0]["bytes_received"] // 2  # 2 sent nothing
+
+
+def test_a_new_node_cannot_take_over_a_live_topology_node(tmp_path, caplog):
+    cfg = load_config(None, RING4)
+    opts = RelayOptions(timeout=0.5, state_dir=str(tmp_path))
+    by = {(r["round"], r["agent"]): r for r in relay(Restarting(2001, 1), cfg, opts, None)}
+    assert by[3, 1]["global_acc"] is not None and by[3, 2]["global_acc"] is None
+    assert "claims topology node 1, which is not absent; ignored" in caplog.text

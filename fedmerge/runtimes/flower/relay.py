@@ -146,18 +146,27 @@ def query_nodes(
     return mapping, lengths, errors, answered
 
 
-def rejoin(grid: Grid, mapping: dict[int, int], config_json: str, timeout: float) -> None:
-    """Map topology nodes that came back under a new Flower node id (a restarted SuperNode
-    registers anew): query the unknown connected nodes and move their partition ids."""
-    new = sorted(set(grid.get_node_ids()) - set(mapping.values()))
-    if not new:
+def rejoin(
+    grid: Grid, mapping: dict[int, int], absent: set[int], seen: set[int], config_json: str,
+    flat_len: int, timeout: float,
+) -> None:  # fmt: skip
+    """Map topology nodes in ``absent`` (no reply at the last step) that came back under a new
+    Flower node id (a restarted SuperNode registers anew): query connected nodes not in
+    ``seen`` (until they answer) and move the partition ids they claim; a node that replied
+    keeps its id."""
+    new = sorted(set(grid.get_node_ids()) - seen)
+    if not new or not absent:
         return
-    found = query_nodes(grid, new, config_json, timeout)[0]
+    found, lengths, _, answered = query_nodes(grid, new, config_json, timeout)
+    seen.update(answered)  # a node still starting is asked again at the next step
     for pid, node_id in found.items():
-        if pid in mapping:
+        if pid in absent and lengths[pid] == flat_len:
             log(INFO, "fedmerge: topology node %d rejoined as Flower node %d (was %d)", pid,
                 node_id, mapping[pid])  # fmt: skip
             mapping[pid] = node_id
+        else:
+            log(WARNING, "Flower node %d claims topology node %d, which %s; ignored", node_id,
+                pid, "has another model size" if pid in absent else "is not absent")  # fmt: skip
 
 
 def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None) -> list[Message]:
@@ -239,13 +248,16 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
     connect = opts.connect_timeout or cfg.flower.connect_timeout(n)
     config_json = json.dumps(cfg.to_dict())
     mapping, flat_len = map_nodes(grid, n, connect, config_json)
+    seen = set(grid.get_node_ids())
     faults = FaultModel(cfg.faults, n, cfg.seed)
     rows: list[Row] = []
     prev: Round | None = None
+    replies: dict[int, RecordDict] = {}
     clock = time.perf_counter()
     for k in range(cfg.rounds + 1):
         if k > 0:
-            rejoin(grid, mapping, config_json, opts.timeout or connect)
+            absent = set(range(n)) - set(replies)
+            rejoin(grid, mapping, absent, seen, config_json, flat_len, opts.timeout or connect)
         back = {node_id: pid for pid, node_id in mapping.items()}
         cur = Round(*faults.nodes(k)) if k < cfg.rounds else None
         msgs = step_messages(k, config_json, mapping, prev, cur, merges, opts)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from fedmerge.runtimes.flower.polling import cap_sleeps, quick_pulls
+from fedmerge.runtimes.flower.polling import cap_sleeps
 
 
 def split_poll(argv: list[str]) -> tuple[float, list[str]]:
@@ -47,7 +47,6 @@ def main() -> None:
 
     poll, rest = split_poll(sys.argv[1:])
     cap_sleeps(start_client_internal, poll)
-    quick_pulls(start_client_internal)
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 
