@@ -2,13 +2,16 @@
 
 Where a deployment step's time goes (``benchmarks/flower_deploy.py``, logged per task by
 :mod:`.worker` and per step by the relay): not in the ClientApp once it is long-lived, but
-in waits. A message travels relay → SuperLink → SuperNode → ClientApp and back, and each
-receiver tends to see a message before its large objects (the payloads) are pushed: Flower
-then retries each missing object after 1 s, 2 s, 4 s... (``pull_objects``' backoff). And
-an idle SuperNode asks its SuperLink for work every 3 s, then waits for its ClientApp's
-reply in 0.5 s sleeps. :func:`quick_pulls` retries after 0.02 s (doubling up to 0.5 s);
-:func:`cap_sleeps` caps the SuperNode loop's sleeps. Both replace one module attribute, and
-refuse (RuntimeError) a Flower whose modules are not the ones they know (flwr 1.41).
+in Flower moving the payloads (HTTP, hashing, object store at every hop) and in its waits,
+which these shorten where fedmerge runs the process (worker, ServerApp, the optional
+SuperNode launcher :mod:`.supernode`). A message travels relay → SuperLink → SuperNode →
+ClientApp and back, and each receiver tends to see a message before its large objects
+(the payloads) are pushed: Flower then retries each missing object after 1 s, 2 s, 4 s...
+(``pull_objects``' backoff). And an idle SuperNode asks its SuperLink for work every 3 s,
+then waits for its ClientApp's reply in 0.5 s sleeps. :func:`quick_pulls` retries after
+0.02 s (doubling up to 0.5 s); :func:`cap_sleeps` caps the SuperNode loop's sleeps. Both
+replace one module attribute, and refuse (RuntimeError) a Flower whose modules are not the
+ones they know (flwr 1.41).
 """
 
 from __future__ import annotations

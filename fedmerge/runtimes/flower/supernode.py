@@ -1,20 +1,18 @@
 """``flower-supernode`` that waits less (optional).
 
-Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none sleeps 3 s
-(hard-coded), then waits for its ClientApp's reply in 0.5 s sleeps, and retries a payload
-not pushed yet after 1 s, 2 s, ... A fedmerge step reaches a node only after every node's
-previous reply is in, so each step waits ~1.5 s on average (up to 3 s) per node for the
-poll alone (``benchmarks/flower_deploy.py``). This runs Flower's own SuperNode with every
-sleep of its message loop capped at ``--poll-s`` seconds and quick object retries
-(:mod:`.polling`); all other arguments are ``flower-supernode``'s::
+Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none sleeps
+3 s (hard-coded), then waits for its ClientApp's reply in 0.5 s sleeps. A fedmerge step
+reaches a node only after every node's previous reply is in, so each step waits ~1.5 s on
+average (up to 3 s) per node for the poll alone (``benchmarks/flower_deploy.py``). This
+runs Flower's own SuperNode with every sleep of its message loop capped at ``--poll-s``
+seconds (:mod:`.polling`); all other arguments are ``flower-supernode``'s::
 
     python -m fedmerge.runtimes.flower.supernode --poll-s 0.2 --isolation process \\
         --superlink LINK_HOST:9093 --node-config "node-file='/data/node.yaml'" ...
 
 Each poll is one request to the SuperLink: N nodes at 0.2 s make 5·N requests per second
-while idle. It changes only the sleeps and object retries of
-``flwr.supernode.start_client_internal`` (checked at start: a Flower whose loop differs is
-refused; use ``flower-supernode``).
+while idle. It changes only the sleeps of ``flwr.supernode.start_client_internal``
+(checked at start: a Flower whose loop differs is refused; use ``flower-supernode``).
 """
 
 from __future__ import annotations
