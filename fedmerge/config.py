@@ -187,6 +187,8 @@ class ProtocolConfig:
     )
     clip_bound: float = option(0.0, "clip: a fixed radius instead (0: use clip_tau)",
                                check=NON_NEGATIVE)  # fmt: skip
+    clip_screen: float = option(0.0, "clip: ignore neighbours farther than clip_screen × the "
+                                "radius (0: clip them all)", check=NON_NEGATIVE)  # fmt: skip
     trim_beta: float = option(0.2, "trimmed_mean: share trimmed from each end",
                               check=(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))  # fmt: skip
     krum_f: int = option(1, "krum: Byzantine neighbours tolerated (keeps m − f)",
@@ -201,12 +203,18 @@ class ProtocolConfig:
     )  # fmt: skip
     codec: str = option(
         "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
-        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+        "differences (disseminate: each expert is encoded once)",
+        registry="fedmerge.codecs.registry:CODECS", params="codec_params",
     )  # fmt: skip
     codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
     consensus_step: float = option(
         1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
         check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
+    choco_resync: int = option(
+        0, "CHOCO-Gossip key frames: every K rounds each payload is an 8-bit snapshot of x_i "
+        "that resets every holder's copy (copies a lost message left behind catch up); "
+        "0: never", check=between(0, 10**9),
     )  # fmt: skip
 
 
@@ -222,7 +230,8 @@ class ByzantineConfig:
     attack: str = option(
         "sign_flip", "sign_flip: −scale·x; noise: x + noise of norm scale·‖x‖; constant: all "
         "entries = scale; ipm: −scale·mean of its honest neighbours' x; alie: their mean − "
-        "scale·std per entry", choices=("sign_flip", "noise", "constant", "ipm", "alie"),
+        "scale·std per entry; silent: nothing (cut off, the reference for robust rules)",
+        choices=("sign_flip", "noise", "constant", "ipm", "alie", "silent"),
     )  # fmt: skip
     scale: float = option(1.0, "strength of the attack (see attack)", check=between(-1e6, 1e6))
 

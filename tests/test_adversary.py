@@ -121,6 +121,21 @@ def test_byzantine_rows_and_robust_rule_beats_mean():
     assert min(runs["median"], runs["clip"]) > runs["mean"] + 0.1  # measured: .53, .52 vs .32
 
 
+def test_a_silent_byzantine_node_sends_nothing():
+    """``silent``: the reference of docs/robustness.md; the node's payloads are never
+    delivered (nothing to reject), it still receives and merges its neighbours'."""
+    silent = ["faults.byzantine.attack=silent", "faults.byzantine.placement=list",
+              "faults.byzantine.nodes=[0]", "rounds=3"]  # fmt: skip
+    sim = Simulator(default_config([*BASE, *silent]))
+    rows = sim.run()
+    by = {(r["round"], r["agent"]): r for r in rows}
+    for r in (1, 2, 3):
+        assert by[r, 0]["bytes_sent"] == 0 and by[r, 0]["bytes_received"] == by[r, 4]["bytes_sent"]
+        for j in (1, 7):  # node 0's neighbours hear only their other neighbour
+            assert by[r, j]["bytes_received"] == by[r, 4]["bytes_received"] // 2 > 0
+    assert sum(r["rejected"] for r in rows) == 0 and by[3, 0]["byzantine"]
+
+
 def test_persistence_and_rejoin(tmp_path):
     crash = [*BASE, "faults.crash=0.3", "rounds=6"]
     memory = Simulator(default_config(crash)).run()

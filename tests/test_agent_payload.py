@@ -108,7 +108,7 @@ def test_a_payload_must_name_the_sender_it_arrived_from():
     me, other = make_agent(0), make_agent(1)
     p = other.publish(round=1)
     assert me.receive([Delivery(2, 1.0, p)]) == []
-    assert me.rejected == ["payload from agent 1 (round 1): arrived from agent 2"]
+    assert me.rejected == ["payload from agent 2 (round 1): its header names sender 1"]
     assert me.receive([Delivery(1, 1.0, p)]) == [(p, 1.0)] and me.last_round == {1: 1}
 
 

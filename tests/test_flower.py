@@ -136,6 +136,23 @@ def test_compressed_gossip_matches_the_simulator(tmp_path, codec):
     assert 0 < sum(r["bytes_sent"] for r in rows) < sum(r["bytes_sent"] for r in dense) / 2
 
 
+def test_compressed_gossip_key_frames_under_loss_match_the_simulator(tmp_path):
+    """CHOCO key frames (``protocol.choco_resync``) with lost messages: the same rows; the
+    key-frame rounds (2, 4) carry 8-bit snapshots, more bytes than the top-k rounds."""
+    sets = [
+        "protocol.codec=topk",
+        "protocol.codec_params={density: 0.1}",
+        "rounds=4",
+        "protocol.consensus_step=0.5",
+        "protocol.choco_resync=2",
+        "faults.message_loss=0.3",
+    ]
+    ref, rows = run_both(sets, tmp_path)
+    assert_same_rows(ref, rows)
+    sent = {r: max(x["bytes_sent"] for x in rows if x["round"] == r) for r in (1, 2, 3, 4)}
+    assert min(sent[2], sent[4]) > 1.5 * max(sent[1], sent[3])
+
+
 def test_dimat_matches_the_simulator(tmp_path):
     ref, rows = run_both(["protocol.name=dimat", "model.init=different"], tmp_path)
     assert_same_rows(ref, rows)
@@ -157,10 +174,13 @@ def test_faults_follow_the_simulators_fault_model(tmp_path):
     assert not all(r["active"] for r in rows) and not all(r["trained"] for r in rows)
 
 
-def test_disseminate_matches_the_simulator(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "ternary"])
+def test_disseminate_matches_the_simulator(tmp_path, codec):
     """Continual dissemination: each node's agent (its continual merge, held and fresh
-    experts) lives in its state file between steps; same folded experts and accuracies."""
-    ref, rows = run_both(["protocol.name=disseminate", "rounds=3"], tmp_path)
+    experts, encoded ones with a codec) lives in its state file between steps; same folded
+    experts, accuracies and (encoded) bytes."""
+    sets = ["protocol.name=disseminate", "rounds=3", f"protocol.codec={codec}"]
+    ref, rows = run_both(sets, tmp_path)
     assert_same_rows(ref, rows)
     assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
 

@@ -12,6 +12,7 @@ from fedmerge.decentralized.robust import (
     clip,
     krum,
     krum_scores,
+    lower_median,
     make_rule,
     mean,
     median,
@@ -29,6 +30,9 @@ def c(values, weight=1.0, **extra):
     return ({"w": torch.tensor(values, dtype=torch.float32), **extra}, weight)
 
 
+vectors = st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=3)
+
+
 def test_clip_by_lower_median_radius():
     own, a, b = c([0.0, 0.0]), c([3.0, 4.0]), c([0.0, 1.0], 2.0)
     # distances 5 and 1 → radius 1·min-median 1 → a becomes [0.6, 0.8]; total weight 4
@@ -39,6 +43,47 @@ def test_clip_by_lower_median_radius():
     # a fixed bound above every distance: plain weighted mean
     assert torch.allclose(clip(own, [a, b], bound=10.0)["w"], mean(own, [a, b])["w"])
     assert torch.equal(clip(own, [])["w"], own[0]["w"])
+
+
+def test_clip_screen_ignores_far_neighbours():
+    own, a, b = c([0.0, 0.0]), c([3.0, 4.0]), c([0.0, 1.0], 2.0)
+    # radius 1 (lower median of 5 and 1); screen 2: a (distance 5 > 2) counts as own
+    assert torch.allclose(clip(own, [a, b], screen=2.0)["w"], torch.tensor([0.0, 0.5]))
+    # screen 5: a at exactly 5 radii is kept, clipped as without screening
+    assert torch.allclose(clip(own, [a, b], screen=5.0)["w"], torch.tensor([0.15, 0.7]))
+    # a fixed bound 2 and screen 2: far = 4, a still ignored, b (distance 1) unclipped
+    assert torch.allclose(clip(own, [a, b], bound=2.0, screen=2.0)["w"], torch.tensor([0, 0.5]))
+    # three neighbours, one far: radius = lower median of (1, 2, 50) = 2, far = 4
+    far = c([0.0, 50.0])
+    out = clip(own, [c([1.0, 0.0]), c([0.0, 2.0]), far], screen=2.0)["w"]
+    assert torch.allclose(out, torch.tensor([0.25, 0.5]))  # ([1, 0] + [0, 2]) / 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(vectors, min_size=3, max_size=5), vectors, st.floats(1.0, 50.0),
+       st.floats(1.0, 4.0), st.floats(0.2, 3.0))  # fmt: skip
+def test_clip_screen_cuts_a_far_neighbour_off(rows, direction, stretch, screen, tau):
+    """However far past screen × radius a neighbour sits, the merge is the same: the
+    others' merge at that radius, the far one's weight given to the node itself."""
+    own = ({"w": torch.tensor(rows[0], dtype=torch.float64)}, 1.0)
+    honest = [
+        ({"w": torch.tensor(r, dtype=torch.float64)}, 0.5 + i) for i, r in enumerate(rows[1:])
+    ]
+    v = torch.tensor(direction, dtype=torch.float64)
+    spread = max(float((t["w"] - own[0]["w"]).norm()) for t, _ in honest)
+    if v.norm() < 1e-3 or spread < 1e-6:
+        return
+    # farther than every other (so not the radius) and than screen × (radius ≤ τ·spread)
+    step = v / v.norm() * (tau * screen * spread + spread + 1.0)
+    merged = [clip(own, [*honest, ({"w": own[0]["w"] + k * step}, 0.7)], tau=tau, screen=screen)
+              for k in (1.0, stretch)]  # fmt: skip
+    assert torch.allclose(merged[0]["w"], merged[1]["w"], atol=1e-9)
+    dist = torch.tensor(
+        [float((t["w"] - own[0]["w"]).norm()) for t, _ in honest] + [1e9], dtype=torch.float64
+    )  # as the rule: a float32 radius moves the edge
+    radius = tau * lower_median(dist)
+    cut = clip(({"w": own[0]["w"]}, 1.7), honest, bound=radius, screen=screen)  # 1.7: 1 + 0.7
+    assert torch.allclose(merged[0]["w"], cut["w"], atol=1e-9)
 
 
 def test_median_even_and_odd():
@@ -76,9 +121,6 @@ def test_non_floating_entries_come_from_own_and_dtypes_stay():
         assert out["n"].item() == 7 and out["w"].dtype == torch.float32
 
 
-vectors = st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=3)
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.lists(vectors, min_size=1, max_size=5), vectors)
 def test_rules_are_shift_equivariant_and_fix_consensus(rows, shift):
@@ -88,7 +130,8 @@ def test_rules_are_shift_equivariant_and_fix_consensus(rows, shift):
     contribs = [({"w": torch.tensor(r, dtype=torch.float64)}, 1.0 + i) for i, r in enumerate(rows)]
     shifted = [({"w": t["w"] + s}, w) for t, w in contribs]
     rules = [mean, median, lambda o, x: clip(o, x, tau=0.5), lambda o, x: krum(o, x, f=1),
-             lambda o, x: trimmed_mean(o, x, beta=0.3)]  # fmt: skip
+             lambda o, x: trimmed_mean(o, x, beta=0.3),
+             lambda o, x: clip(o, x, tau=1.5, screen=2.0)]  # fmt: skip
     for i, rule in enumerate(rules):
         a = rule(contribs[0], contribs[1:])["w"]
         b = rule(shifted[0], shifted[1:])["w"]
@@ -106,6 +149,12 @@ def test_config_picks_rule_and_rejects_unknown():
         load_config(None, ["protocol.aggregation=average"])
     with pytest.raises(ConfigError, match="protocol.trim_beta"):
         load_config(None, ["protocol.trim_beta=0.5"])
+    screened = make_rule(load_config(None, ["protocol.aggregation=clip",
+                                            "protocol.clip_screen=2"]).protocol)  # fmt: skip
+    assert screened.keywords == {"tau": 1.0, "bound": 0.0, "screen": 2.0}
+    assert screened(c([0.0, 0.0]), [c([3.0, 4.0]), c([0.0, 1.0], 2.0)])["w"].tolist() == [0, 0.5]
+    with pytest.raises(ConfigError, match="protocol.clip_screen"):
+        load_config(None, ["protocol.clip_screen=-1"])
 
 
 def test_dimat_hook_uses_the_aggregator():

@@ -10,8 +10,9 @@ against duplicated and replayed payloads.
   round: ``ipm`` (inner product manipulation, Xie et al. 2020): −scale·mean_j x_j;  ``alie``
   (a little is enough, Baruch et al. 2019): mean_j x_j − scale·std_j x_j per entry
   (population std), both over the attacker's honest neighbours j (its own x if it has
-  none).  They train and merge like everyone else (their own accuracy is not reported as
-  honest: rows carry ``byzantine``).
+  none);  ``silent``: nothing at all (the node is cut off: what perfect screening
+  would leave, the reference for the robust rules).  They train and merge like everyone
+  else (their own accuracy is not reported as honest: rows carry ``byzantine``).
 - **Duplication** (``faults.duplicate``): a delivered payload arrives twice.
 - **Reordering** (``faults.reorder``): a payload is held back one round and arrives after
   that round's fresh payloads.
@@ -89,9 +90,13 @@ class Adversary:
         self.delayed: Inbox = {}
 
     def corrupt(self, payloads: dict[int, Payload], r: int) -> dict[int, Payload]:
-        """Replace the Byzantine senders' payloads by their attack (validly hashed)."""
+        """Replace the Byzantine senders' payloads by their attack (validly hashed); a
+        ``silent`` sender's payload is removed."""
         out = dict(payloads)
         for s in sorted(self.byzantine & payloads.keys()):
+            if self.faults.byzantine.attack == "silent":
+                del out[s]
+                continue
             p = payloads[s]
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + r * 7_919 + s)
             honest = [payloads[j].tensors for j in sorted(self.graph.neighbors(s))

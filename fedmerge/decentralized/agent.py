@@ -129,7 +129,7 @@ class Agent:
         """τ (or θ); with a codec, the packed encoding of q_i = C(x_i − x̂_i) (CHOCO)."""
         tensors = self.tensors()
         if self.choco is not None:
-            tensors = pack_tensors(self.choco.publish(tensors)[0])
+            tensors = pack_tensors(self.choco.publish(tensors, round)[0])
         return Payload.make(
             tensors, sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )
@@ -174,8 +174,8 @@ class Agent:
         accepted, own = [], self.own_bounds()
         for d in deliveries:
             try:
+                _check_origin(d)  # first: every later reason names the true sender
                 _check_round(d.item, round)
-                _check_origin(d)
                 payload = self.validate(d, own)
             except ValidationError as exc:
                 self.rejected.append(str(exc))
@@ -229,10 +229,11 @@ def _check_round(payload: Payload, now: int | None) -> None:
 
 
 def _check_origin(delivery: Delivery) -> None:
-    """The payload must name the sender the transport delivered it from."""
+    """The payload must name the sender the transport delivered it from (the message names
+    the transport's sender: the forged name may be an honest victim's)."""
     payload = delivery.item
     if payload.sender != delivery.source:
         raise ValidationError(
-            f"payload from agent {payload.sender} (round {payload.round}): "
-            f"arrived from agent {delivery.source}"
+            f"payload from agent {delivery.source} (round {payload.round}): "
+            f"its header names sender {payload.sender}"
         )

@@ -12,7 +12,15 @@ P parameters:
 - ``clip``: self-centred clipping (ClippedGossip, He, Karimireddy & Jaggi 2022): each
   neighbour's difference d_j = x_j − x_i is scaled to norm ≤ c, then x_i + Σ π_j d_j' / Σ π.
   c = ``clip_bound`` if > 0, else ``clip_tau`` × the lower median of the ‖d_j‖ (the lower
-  one, so that on a ring one Byzantine neighbour of two cannot set the radius).   O(mP)
+  one, so that on a ring one Byzantine neighbour of two cannot set the radius; while the
+  Byzantine neighbours are fewer than half, they cannot inflate it).   O(mP)
+  With ``clip_screen`` κ > 0, a neighbour farther than κ·c is ignored (d_j' = 0: its
+  weight stays with the node): a redescending influence, where plain clipping lets every
+  far attacker (sign flip, noise, IPM) pull the node by π_j·c each round. An attacker
+  within κ·c is clipped as before. This is the acceptance test of BALANCE (Fang et al.,
+  "Byzantine-robust decentralized federated learning", CCS 2024: keep a neighbour only
+  within γ·‖θ_i‖ of the own model) made shift-equivariant, the threshold taken from the
+  neighbour distances instead of the own norm, so that it works on τ and θ alike.
 - ``median``: coordinate-wise median over the closed neighbourhood (mean of the two middle
   values when m is even); ignores π.                                            O(mP log m)
 - ``trimmed_mean``: per coordinate, drop the k = min(⌈β·m⌉, ⌊(m−1)/2⌋) smallest and largest
@@ -74,17 +82,20 @@ def lower_median(values: torch.Tensor) -> float:
 
 
 def clip(
-    own: Contribution, others: Sequence[Contribution], *, tau: float = 1.0, bound: float = 0.0
-) -> StateDict:
-    """x_i + Σ_j π_j · clip_c(x_j − x_i) / Σ π (π_i included in the denominator)."""
+    own: Contribution, others: Sequence[Contribution], *, tau: float = 1.0, bound: float = 0.0,
+    screen: float = 0.0,
+) -> StateDict:  # fmt: skip
+    """x_i + Σ_j π_j · clip_c(x_j − x_i) / Σ π (π_i included in the denominator); with
+    ``screen`` κ > 0, a neighbour farther than κ·c counts as x_i (d_j' = 0)."""
     tensors, keys = own[0], _floating(own[0])
     if not others:
         return _finish(tensors, {k: tensors[k].double() for k in keys})
     mine = _flat(tensors, keys)
     dist = torch.stack([(_flat(t, keys) - mine).norm() for t, _ in others])
     radius = bound if bound > 0 else tau * lower_median(dist)
+    far = screen * radius if screen > 0 else math.inf
     total = own[1] + sum(w for _, w in others)
-    coef = [w * min(1.0, radius / float(d)) / total if d > 0 else 0.0 for (_, w), d in
+    coef = [w * min(1.0, radius / float(d)) / total if 0 < d <= far else 0.0 for (_, w), d in
             zip(others, dist, strict=True)]  # fmt: skip
     merged = {}
     for k in keys:
@@ -156,7 +167,9 @@ RULES.add("clip", clip,
           Param("tau", float, 1.0, "radius = tau × lower median of neighbour distances",
                 low=0.0, low_open=True),
           Param("bound", float, 0.0, "a fixed radius instead (0: use tau)", low=0.0),
-          fields=("clip_tau", "clip_bound"))
+          Param("screen", float, 0.0, "ignore neighbours farther than screen × radius "
+                "(0: clip them all)", low=0.0),
+          fields=("clip_tau", "clip_bound", "clip_screen"))
 RULES.add("median", median)
 RULES.add("trimmed_mean", trimmed_mean,
           Param("beta", float, 0.2, "share trimmed from each end", low=0.0, high=0.5),

@@ -41,7 +41,7 @@ class AgentEngine:
         inbox = self.adversary.disturb(deliver(plan, payloads, lost), r)
         t = Traffic.zeros(len(self.agents))
         for s, _ in plan.messages:
-            t.sent[s] += payloads[s].nbytes
+            t.sent[s] += payloads[s].nbytes if s in payloads else 0  # a silent Byzantine node
         nodes = len(self.agents) if plan.active is None else len(plan.active)
         ctx = MergeContext(r, self.setup.config, self.shared_calibration, nodes)
         for i in np.flatnonzero(active):
