@@ -44,6 +44,7 @@ class LoopbackGrid(Grid):
 
     def __init__(self, n: int, hook: Hook | None = None, configs: list[dict] | None = None):
         self.hook = hook or (lambda step, pid, msg: msg)
+        self.replies: list[Message] = []
         self.contexts = {
             1000 + i: Context(7, 1000 + i, cfg, RecordDict(), {})
             for i, cfg in enumerate(configs or [{"partition-id": i} for i in range(n)])
@@ -62,26 +63,32 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        """Runs each message's ClientApp at once; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower stamps it
+            ids.append(msg.metadata.message_id)
             ctx = self.contexts[msg.metadata.dst_node_id]
             if msg.metadata.message_type == "train.step":
                 step = int(msg.content.config_records["step"]["step"])
-                msg = self.hook(step, int(ctx.node_config["partition-id"]), msg)
+                msg = self.hook(step, int(ctx.node_config.get("partition-id", -1)), msg)
                 if msg is None:
                     continue
             try:
-                replies.append(client_app(msg, ctx))
+                self.replies.append(client_app(msg, ctx))
             except Exception as exc:  # Flower turns a ClientApp exception into an error reply
-                replies.append(Message(Error(1, repr(exc)), reply_to=msg))
-        return replies
+                self.replies.append(Message(Error(1, repr(exc)), reply_to=msg))
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        wanted = set(message_ids)
+        got = [m for m in self.replies if m.metadata.reply_to_message_id in wanted]
+        self.replies = [m for m in self.replies if m not in got]
+        return got
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
+        raise NotImplementedError  # the relay pushes and pulls itself
 
 
 def run_both(sets: list[str], tmp_path, hook: Hook | None = None):
