@@ -25,6 +25,7 @@ allocates). Every child runs with ``OMP_NUM_THREADS`` = ``--threads`` and
     python benchmarks/merge_speed.py --huge --workdir /big/disk   # 4 × 853M bf16 (~10 GB)
     python benchmarks/merge_speed.py --mergekit-bin /path/venv/bin/mergekit-pytorch
     python benchmarks/merge_speed.py --compare-with /path/to/older/checkout  # before vs after
+    python benchmarks/merge_speed.py --repeats 3  # each job 3 times, interleaved: medians
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,15 +210,29 @@ def _cell(x: float | None, fmt: str) -> str:
 
 
 def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
-    """One row per job; ratios to the faster floor run (CPU of the work; wall of the process)."""
+    """One row per job: the median of its runs (peak memory: the largest); ratios to the
+    fastest floor run (CPU of the work; wall of the process); spread = slowest / fastest
+    work CPU over the repeats."""
+    runs: dict[str, list[dict]] = {}
+    for name, r in results:
+        runs.setdefault(name, []).append(r)
     floor = min((r for n, r in results if n.startswith("floor")), key=lambda r: r["work_cpu"])
-    for name, r in results[:-1]:
-        r = floor if name.startswith("floor") else r
+    for name, rs in runs.items():
+        r = floor if name.startswith("floor") else {
+            key: max(x[key] for x in rs) if key in ("rss", "anon") else _median(rs, key)
+            for key in rs[0]}  # fmt: skip
         ratio = r["work_cpu"] / floor["work_cpu"] if r["work_cpu"] is not None else None
-        table.add_row(dtype, name, f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+        cpus = [x["work_cpu"] for x in rs if x["work_cpu"] is not None]
+        spread = max(cpus) / min(cpus) if len(cpus) > 1 and not name.startswith("floor") else None
+        table.add_row(dtype, name, str(len(rs)), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
                       _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
-                      f"{r['wall_s'] / floor['wall_s']:.2f}×", f"{r['rss'] / 2**20:.0f}",
-                      f"{r['anon'] / 2**20:.0f}")  # fmt: skip
+                      _cell(spread, ".2f"), f"{r['wall_s'] / floor['wall_s']:.2f}×",
+                      f"{r['rss'] / 2**20:.0f}", f"{r['anon'] / 2**20:.0f}")  # fmt: skip
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = sorted(x[key] for x in rows if x[key] is not None)
+    return statistics.median(values) if values else None
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -233,7 +249,8 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[str, dict]]:
-    """Build the checkpoints of one dtype, run every job (floor first and last), clean up.
+    """Build the checkpoints of one dtype, run every job ``--repeats`` times interleaved
+    (floor first and last), clean up.
 
     With ``--compare-with`` each fedmerge merge also runs on that source tree and
     the two outputs are compared bit for bit (printed)."""
@@ -261,7 +278,9 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
             jobs.append((f"mergekit {m}", cmd, [out], env))
     floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
     results = []
-    for name, cmd, done, job_env in [*jobs, jobs[0]]:  # the floor runs first and last
+    # every job in turn, --repeats times (so that load changes hit all alike); the floor first
+    # and once more at the very end
+    for name, cmd, done, job_env in [*jobs * args.repeats, jobs[0]]:
         with console.status(f"{dtype}: {name}"):
             results.append((name, measure(cmd, job_env)))
         if name.startswith("fedmerge@other"):
@@ -284,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads per process (default 1: on busy shared cores "
                         "more threads mostly wait)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the job list this many times, interleaved; rows show the "
+                        "median (default 1)")  # fmt: skip
     parser.add_argument("--mergekit-bin", default=shutil.which("mergekit-pytorch"),
                         help="mergekit-pytorch executable (default: from PATH)")  # fmt: skip
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
@@ -299,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     args.size = "quick" if args.quick else "huge" if args.huge else "llm"
     if args.huge:
         args.dtype = "bfloat16"
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: must be at least 1")
     if args.compare_with and not (Path(args.compare_with) / "fedmerge" / "__init__.py").is_file():
         raise SystemExit(f"--compare-with {args.compare_with}: no fedmerge package there")
 
@@ -312,14 +336,14 @@ def main(argv: list[str] | None = None) -> None:
     free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
     if need > free:
         raise SystemExit(f"needs {need / 1e9:.1f} GB free, {free / 1e9:.1f} GB are")
-    console = Console(width=max(Console().width, 130))
+    console = Console(width=max(Console().width, 170))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONPATH": str(REPO)}  # fmt: skip
     load = os.getloadavg()
     table = Table(title=f"merge speed: {args.experts} experts + base × {n_params / 1e6:.1f}M "
                   f"params ({len(specs)} tensors), {args.threads} thread(s)")  # fmt: skip
-    for col in ("dtype", "job", "wall s", "CPU s", "work CPU s", "work CPU / floor",
-                "wall / floor", "peak RSS MiB", "peak heap MiB"):  # fmt: skip
+    for col in ("dtype", "job", "runs", "wall s", "CPU s", "work CPU s", "work CPU / floor",
+                "spread", "wall / floor", "peak RSS MiB", "peak heap MiB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("dtype", "job") else "right")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for dtype in args.dtype.split(","):

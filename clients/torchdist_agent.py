@@ -16,6 +16,9 @@ the node file names them, see docs/deployment.md)::
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank 0 --master-addr HOST_A \\
         --master-port 29400 -m clients.torchdist_agent CONFIG.yaml --node-file node.yaml
 
+With ``state_dir`` in the node files, add ``--max-restarts 3``: a killed node is started
+again by torchrun and every rank resumes after the newest round all of them saved.
+
 The leader (the lowest live rank) prints one line per round and writes the run's report
 (config.yaml, metrics.jsonl, summary.json, plots) to ``--out`` (default ``runs/<name>``).
 """

@@ -203,12 +203,18 @@ class ProtocolConfig:
     )  # fmt: skip
     codec: str = option(
         "none", "payload codec; any other than none makes gossip CHOCO-Gossip on compressed "
-        "differences", registry="fedmerge.codecs.registry:CODECS", params="codec_params",
+        "differences (disseminate: each expert is encoded once)",
+        registry="fedmerge.codecs.registry:CODECS", params="codec_params",
     )  # fmt: skip
     codec_params: dict = option({}, "the codec's parameters (see fedmerge compress --list)")
     consensus_step: float = option(
         1.0, "CHOCO-Gossip step γ when a codec is on (smaller for stronger compression)",
         check=(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )  # fmt: skip
+    choco_resync: int = option(
+        0, "CHOCO-Gossip key frames: every K rounds each payload is an 8-bit snapshot of x_i "
+        "that resets every holder's copy (copies a lost message left behind catch up); "
+        "0: never", check=between(0, 10**9),
     )  # fmt: skip
 
 

@@ -55,7 +55,7 @@ class Param:
     doc: str
     low: float | None = None
     high: float | None = None
-    choices: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
     low_open: bool = False
     item: type = int  # element type when type is tuple
 
@@ -89,7 +89,7 @@ class Param:
     def range_text(self) -> str:
         """``[0, 1]``, ``(0, inf)``, ``a|b`` or ``""`` when unconstrained."""
         if self.choices:
-            return "|".join(self.choices)
+            return "|".join(map(str, self.choices))
         if self.low is None and self.high is None:
             return ""
         lo = "-inf" if self.low is None else f"{self.low:g}"

@@ -67,10 +67,11 @@ def hostile_publish(self: Agent, round: int) -> Payload:
     return payload
 
 
-def hostile_step(msg, partition: int, run_id: int, state_root: str | None) -> RecordDict:
+def hostile_step(msg, partition: int, run_id: int, state_root: str | None,
+                 node=None) -> RecordDict:  # fmt: skip
     """The honest step; at the step that publishes round 3 the attacker's reply carries a
     flat state of the wrong length."""
-    out = _honest_step(msg, partition, run_id, state_root)
+    out = _honest_step(msg, partition, run_id, state_root, node)
     step = int(msg.content.config_records["step"]["step"])
     if partition == evil() and ATTACKS.get(step) == "malformed_reply":
         wrong = torch.zeros(3, dtype=torch.float32)

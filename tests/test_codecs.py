@@ -95,6 +95,39 @@ def test_topk_keeps_exactly_the_selected_entries(x, density):
 
 
 @PROPS
+@given(x=tensors(dtypes=(torch.float32, torch.float64)), density=st.floats(0.01, 1.0),
+       bits=st.sampled_from([16, 8, 4]), block=st.integers(1, 20))  # fmt: skip
+def test_quantized_topk_keeps_the_selected_entries_within_half_a_step(x, density, bits, block):
+    params = {"density": density, "bits": bits, "block": block}
+    y = roundtrip({"w": x}, "topk", params)["w"].reshape(-1)
+    if x.numel() == 0:
+        return
+    flat, mask = x.reshape(-1), _topk_mask(x, density)
+    kept = flat[mask]  # in index order, as the codec blocks them
+    pad = (-kept.numel()) % block
+    scales = torch.cat([kept.abs(), kept.new_zeros(pad)]).view(-1, block).amax(1)
+    bound = scales.repeat_interleave(block)[: kept.numel()] / (2 * (2 ** (bits - 1) - 1))
+    assert bool(((y[mask] - kept).abs() <= bound * (1 + 1e-5) + 1e-12).all())
+    assert not bool(y[~mask].any())  # nothing outside the selection; a kept entry may round to 0
+    assert bool((y[mask] * kept >= 0).all())  # never a flipped sign
+
+
+def test_quantized_topk_by_hand_and_its_size():
+    x = torch.tensor([0.0, 1.0, -0.5, 0.01, 0.25, 0.0, -2.0, 0.0])
+    p = {"density": 0.5, "bits": 8, "block": 2}
+    enc = encode_state({"w": x}, "topk", p)
+    # blocks (1, -0.5), (0.25, -2); codes travel as q + 127
+    assert enc.parts["w#codes"].tolist() == [254, 63, 143, 0]
+    assert enc.parts["w#scales"].tolist() == [1.0, 2.0]
+    assert enc.nbytes == 4 + 4 + 2 * 4  # 4 one-byte gaps, 4 codes, 2 float32 scales
+    y = roundtrip({"w": x}, "topk", p)["w"]
+    assert torch.allclose(y, torch.tensor([0, 1, -64 / 127, 0, 32 / 127, 0, -2, 0]))
+    assert encode_state({"w": x}, "topk", {**p, "bits": 16}).parts["w#codes"].dtype == torch.int16
+    four = encode_state({"w": x}, "topk", {**p, "bits": 4})  # q = 7, −4 (−3.5 to even), 1, −7
+    assert four.parts["w#codes"].tolist() == [(7 + 7) | (3 << 4), (1 + 7) | (0 << 4)]
+
+
+@PROPS
 @given(x=tensors(), density=st.floats(0.01, 1.0))
 def test_ternary_is_sign_times_mean_kept_magnitude(x, density):
     y = roundtrip({"w": x}, "ternary", {"density": density})["w"].reshape(-1)
@@ -253,11 +286,42 @@ HOSTILE = {
         _set("b#values", torch.tensor([1.0, math.nan])),
         "'b'.*non-finite",
     ),
+    "8-bit top-k code out of range": (
+        "topk",
+        {"density": 0.4, "bits": 8},
+        _set("b#codes", u8(128, 255)),
+        "'b'.*code 128 is outside",
+    ),
+    "top-k scales of the wrong count": (
+        "topk",
+        {"density": 0.4, "bits": 16, "block": 1},
+        _set("b#scales", torch.ones(1)),
+        "'b'.*'scales' has shape",
+    ),
+    "4-bit top-k codes for fewer indices": (
+        "topk",
+        {"density": 0.4, "bits": 4},
+        _set("b#codes", u8(0x77, 0x07)),
+        "'b'.*2 index bytes cannot hold 3..4",
+    ),
+    "top-k codes of the wrong width": (
+        "topk",
+        {"density": 0.4, "bits": 16},
+        _set("b#codes", torch.ones(2, dtype=torch.uint8)),
+        "'b'.*'codes' is U8, expected I16",
+    ),
+    "top-k codes past numel": (
+        "topk",
+        {"density": 0.4, "bits": 8},
+        _set("b#codes", torch.ones(6, dtype=torch.uint8)),
+        "'b'.*at most 5",
+    ),
+    "top-k bits not a choice": ("topk", {}, _meta("codec_params", '{"bits": 12}'), "'bits'"),
     "code out of range": (
         "quantize",
         {"bits": 8},
         _set("b#codes", u8(0, 1, 2, 255, 3)),
-        "'b'.*code 255",
+        "'b'.*code 128 is outside",
     ),
     "negative scale": (
         "quantize",
@@ -342,21 +406,21 @@ def test_blob_size_limit_and_truncation():
 # ----------------------------------------------------------------------------- CHOCO
 
 
-def choco_rounds(n, codec, params, gamma, rounds, seed=0):
-    """CHOCO-Gossip on a ring of n (Metropolis–Hastings: 1/3 to each side) -> (x0, x)."""
+def choco_rounds(n, codec, params, gamma, rounds, seed=0, resync=0, lost=()):
+    """CHOCO-Gossip on a ring of n (Metropolis–Hastings: 1/3 to each side) -> (x0, x, agents,
+    mean after every round). ``lost``: (round, sender, receiver) messages that never arrive."""
     g = torch.Generator().manual_seed(seed)
     x0 = [{"w": torch.randn(40, generator=g), "b": torch.randn(3, generator=g)} for _ in range(n)]
-    agents = [ChocoGossip(i, codec, params, gamma) for i in range(n)]
-    x = x0
-    for _ in range(rounds):
-        q = [a.publish(xi)[1] for a, xi in zip(agents, x, strict=True)]
-        x = [
-            a.merge(
-                x[i], [((i - 1) % n, q[(i - 1) % n], 1 / 3), ((i + 1) % n, q[(i + 1) % n], 1 / 3)]
-            )
-            for i, a in enumerate(agents)
-        ]
-    return x0, x
+    agents = [ChocoGossip(i, codec, params, gamma, resync=resync) for i in range(n)]
+    x, means = x0, []
+    for r in range(1, rounds + 1):  # the engines count rounds from 0: round r publishes r − 1
+        q = [a.publish(xi, r - 1)[1] for a, xi in zip(agents, x, strict=True)]
+        heard = [[(j, q[j], 1 / 3) for j in ((i - 1) % n, (i + 1) % n) if (r, j, i) not in lost]
+                 for i in range(n)]  # fmt: skip
+        x = [a.merge(x[i], heard[i], {j for j, _, _ in heard[i] if a.is_keyframe(r - 1)})
+             for i, a in enumerate(agents)]  # fmt: skip
+        means.append(_mean(x, "w"))
+    return x0, x, agents, means
 
 
 def _mean(xs, key):
@@ -369,14 +433,35 @@ def _mean(xs, key):
     codec=st.sampled_from([("topk", {"density": 0.2}), ("ternary", {"density": 0.3}),
                            ("quantize", {"bits": 2}), ("lowrank", {"rank": 1})]),
     gamma=st.floats(0.05, 1.0), rounds=st.integers(1, 8), seed=st.integers(0, 1000),
+    resync=st.sampled_from([0, 2, 3]),
 )  # fmt: skip
-def test_choco_gossip_keeps_the_network_average_exactly(n, codec, gamma, rounds, seed):
-    x0, x = choco_rounds(n, *codec, gamma, rounds, seed)
+def test_choco_gossip_keeps_the_network_average_exactly(n, codec, gamma, rounds, seed, resync):
+    x0, x, _, _ = choco_rounds(n, *codec, gamma, rounds, seed, resync)
     for key in ("w", "b"):
         assert torch.allclose(_mean(x, key), _mean(x0, key), atol=1e-5)
 
 
+def test_key_frames_resync_copies_a_lost_message_left_behind():
+    """Messages lost in rounds 2 and 3: without key frames the receivers' copies stay
+    behind for good and the average keeps drifting; with a key frame every 4 rounds every
+    copy equals its owner's after round 4, and from then on the average is kept exactly."""
+    lost = {(2, 0, 1), (3, 2, 1), (3, 4, 3)}  # (round, sender, receiver)
+    args = (6, "topk", {"density": 0.2}, 0.4, 12)
+
+    def behind(agents):
+        return max(float((a.copies[j]["w"] - agents[j].copies[j]["w"]).abs().max())
+                   for a in agents for j in a.copies)  # fmt: skip
+
+    _, _, plain, plain_means = choco_rounds(*args, lost=lost)
+    _, _, synced, synced_means = choco_rounds(*args, resync=4, lost=lost)
+    assert behind(plain) > 1e-3 and behind(synced) == 0.0
+    assert float((plain_means[-1] - plain_means[4]).abs().max()) > 1e-4  # still drifting
+    for m in synced_means[4:]:  # kept exactly from the key frame of round 4 on
+        assert torch.allclose(m, synced_means[3], atol=1e-6)
+    assert not torch.allclose(synced_means[3], synced_means[0], atol=1e-6)  # the loss did drift
+
+
 def test_choco_gossip_with_topk_reaches_consensus():
-    x0, x = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
+    x0, x, _, _ = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
     spread = [sum(float((xi["w"] - _mean(xs, "w")).norm() ** 2) for xi in xs) for xs in (x0, x)]
     assert spread[1] < 1e-4 * spread[0]

@@ -66,8 +66,9 @@ def test_deployed_nodes_open_only_their_own_files_and_match_simulator(tmp_path, 
         assert touched == {f"node-{k}"}, (k, touched)
         own = {p.name for p in opened if p.is_relative_to(nodes)}
         assert {"node.yaml", "data.safetensors", "start.safetensors", "eval.safetensors"} <= own
-        state = nodes / f"node-{k}" / "state" / f"agent-{k:04d}.safetensors"
-        assert read_metadata(state)["round"] == "2"
+        state = nodes / f"node-{k}" / "state"
+        assert sorted(p.name for p in state.iterdir()) == ["round-000001", "round-000002"]
+        assert read_metadata(state / "round-000002" / f"agent-{k:04d}.safetensors")["round"] == "2"
 
 
 @pytest.mark.slow

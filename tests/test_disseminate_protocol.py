@@ -3,10 +3,14 @@ every node folds each expert exactly once, in arrival order, into its continual 
 
 from __future__ import annotations
 
+import json
+import math
+
 import networkx as nx
 import pytest
 import torch
 
+from fedmerge.codecs import is_packed, unpack_tensors
 from fedmerge.config import load_config
 from fedmerge.decentralized.continual_agent import ContinualAgent, bundle
 from fedmerge.decentralized.delivery import Delivery
@@ -15,7 +19,7 @@ from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.persist import restore_agent, save_agent
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes.local import Simulator
-from fedmerge.statedict import add_task_vector
+from fedmerge.statedict import add_task_vector, specs_of
 
 BASE = ["topology={graph: ring, n: 6}", "rounds=5", "model.options.hidden=[16]", "train.steps=3",
         "protocol.name=disseminate"]  # fmt: skip
@@ -89,6 +93,56 @@ def test_forward_always_sends_more_and_folds_the_same(sim):
     again = Simulator(load_config(None, [*BASE, "protocol.forward=always"])).run()
     assert [r["experts"] for r in again] == [r["experts"] for r in sim.rows]
     assert sum(r["bytes_sent"] for r in again) > sum(r["bytes_sent"] for r in sim.rows)
+
+
+@pytest.fixture(scope="module")
+def compeft():
+    torch.set_num_threads(1)
+    s = Simulator(load_config(None, [*BASE, "protocol.codec=ternary",
+                                     "protocol.codec_params={density: 0.1}"]))  # fmt: skip
+    s.run()
+    return s
+
+
+def test_compeft_experts_travel_encoded_and_every_node_folds_the_decoded_ones(sim, compeft):
+    agents: list[ContinualAgent] = compeft.engine.agents
+    ref = compeft.setup.reference
+    own = {str(a.id): a.node.held[str(a.id)] for a in agents}
+    assert all(is_packed(p.tensors) for p in own.values())  # held and forwarded encoded
+    specs = specs_of(next(iter(agents)).tensors())
+    decoded = {e: unpack_tensors(p.tensors, specs, source="test") for e, p in own.items()}
+    for e, tau in decoded.items():  # ComPEFT: 10% of each tensor's entries, ± one scale
+        plain = sim.engine.agents[int(e)].node.held[e].tensors  # the same expert, uncompressed
+        for k, t in tau.items():
+            assert t.count_nonzero() == math.ceil(0.1 * t.numel())
+            assert t.abs().unique().numel() <= 2 and torch.equal(t.sign() * plain[k].sign(),
+                                                                   t.sign().abs())  # fmt: skip
+    experts = {e: add_task_vector(ref, tau) for e, tau in decoded.items()}
+    for a in agents:
+        assert sorted(a.node.order) == sorted(experts) and not a.rejected
+        direct = fold_directly(ref, experts, a.node.order, "opcm")
+        assert all(torch.equal(a.state()[k], direct[k]) for k in ref)
+    # bytes: every node forwards each expert's encoded bytes once to both ring neighbours
+    encoded = sum(p.nbytes for p in own.values())
+    assert sum(r["bytes_sent"] for r in compeft.rows) == 6 * 2 * encoded
+    dense = sum(r["bytes_sent"] for r in sim.rows)
+    assert dense > 8 * 2 * encoded
+
+
+def test_a_hostile_compressed_expert_is_rejected_and_state_untouched(compeft):
+    me, other = compeft.engine.agents[0], compeft.engine.agents[3]
+    before = {k: v.clone() for k, v in me.state().items()}
+    forged = dict(other.node.held["3"].tensors)
+    meta = json.loads(bytes(forged["#codec"].tolist()))
+    meta["codec_specs"] = meta["codec_specs"].replace("16", "1600000", 1)  # a lying shape
+    forged["#codec"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    n = len(me.rejected)
+    got = me.receive([Delivery(3, 0.5, Payload.make(bundle({7: forged}), sender=3, round=20,
+                                                    samples=0, kind="delta"))])  # fmt: skip
+    compeft.setup.protocol.merge(me, got, 0.5, None)
+    assert len(me.rejected) == n + 1 and "has shape" in me.rejected[-1]
+    assert "7" not in me.node.held
+    assert all(torch.equal(v, before[k]) for k, v in me.state().items())
 
 
 def test_disseminate_needs_a_shared_init():

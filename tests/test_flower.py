@@ -44,6 +44,7 @@ class LoopbackGrid(Grid):
 
     def __init__(self, n: int, hook: Hook | None = None, configs: list[dict] | None = None):
         self.hook = hook or (lambda step, pid, msg: msg)
+        self.replies: list[Message] = []
         self.contexts = {
             1000 + i: Context(7, 1000 + i, cfg, RecordDict(), {})
             for i, cfg in enumerate(configs or [{"partition-id": i} for i in range(n)])
@@ -62,26 +63,32 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        """Runs each message's ClientApp at once; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower stamps it
+            ids.append(msg.metadata.message_id)
             ctx = self.contexts[msg.metadata.dst_node_id]
             if msg.metadata.message_type == "train.step":
                 step = int(msg.content.config_records["step"]["step"])
-                msg = self.hook(step, int(ctx.node_config["partition-id"]), msg)
+                msg = self.hook(step, int(ctx.node_config.get("partition-id", -1)), msg)
                 if msg is None:
                     continue
             try:
-                replies.append(client_app(msg, ctx))
+                self.replies.append(client_app(msg, ctx))
             except Exception as exc:  # Flower turns a ClientApp exception into an error reply
-                replies.append(Message(Error(1, repr(exc)), reply_to=msg))
-        return replies
+                self.replies.append(Message(Error(1, repr(exc)), reply_to=msg))
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        wanted = set(message_ids)
+        got = [m for m in self.replies if m.metadata.reply_to_message_id in wanted]
+        self.replies = [m for m in self.replies if m not in got]
+        return got
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
+        raise NotImplementedError  # the relay pushes and pulls itself
 
 
 def run_both(sets: list[str], tmp_path, hook: Hook | None = None):
@@ -129,6 +136,23 @@ def test_compressed_gossip_matches_the_simulator(tmp_path, codec):
     assert 0 < sum(r["bytes_sent"] for r in rows) < sum(r["bytes_sent"] for r in dense) / 2
 
 
+def test_compressed_gossip_key_frames_under_loss_match_the_simulator(tmp_path):
+    """CHOCO key frames (``protocol.choco_resync``) with lost messages: the same rows; the
+    key-frame rounds (2, 4) carry 8-bit snapshots, more bytes than the top-k rounds."""
+    sets = [
+        "protocol.codec=topk",
+        "protocol.codec_params={density: 0.1}",
+        "rounds=4",
+        "protocol.consensus_step=0.5",
+        "protocol.choco_resync=2",
+        "faults.message_loss=0.3",
+    ]
+    ref, rows = run_both(sets, tmp_path)
+    assert_same_rows(ref, rows)
+    sent = {r: max(x["bytes_sent"] for x in rows if x["round"] == r) for r in (1, 2, 3, 4)}
+    assert min(sent[2], sent[4]) > 1.5 * max(sent[1], sent[3])
+
+
 def test_dimat_matches_the_simulator(tmp_path):
     ref, rows = run_both(["protocol.name=dimat", "model.init=different"], tmp_path)
     assert_same_rows(ref, rows)
@@ -150,10 +174,13 @@ def test_faults_follow_the_simulators_fault_model(tmp_path):
     assert not all(r["active"] for r in rows) and not all(r["trained"] for r in rows)
 
 
-def test_disseminate_matches_the_simulator(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "ternary"])
+def test_disseminate_matches_the_simulator(tmp_path, codec):
     """Continual dissemination: each node's agent (its continual merge, held and fresh
-    experts) lives in its state file between steps; same folded experts and accuracies."""
-    ref, rows = run_both(["protocol.name=disseminate", "rounds=3"], tmp_path)
+    experts, encoded ones with a codec) lives in its state file between steps; same folded
+    experts, accuracies and (encoded) bytes."""
+    sets = ["protocol.name=disseminate", "rounds=3", f"protocol.codec={codec}"]
+    ref, rows = run_both(sets, tmp_path)
     assert_same_rows(ref, rows)
     assert [sorted(r["experts"]) for r in rows if r["round"] == 3] == [[0, 1, 2, 3]] * 4
 

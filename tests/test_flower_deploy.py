@@ -1,51 +1,24 @@
-"""A real Flower deployment on loopback: one SuperLink, three SuperNodes, ``flwr run .``.
+"""A real Flower deployment on loopback: one SuperLink, three SuperNodes (``--isolation
+process``, each beside its long-lived agent worker), ``flwr run .``; insecure, and with TLS
+and SuperNode authentication.
 
-Slow (process start-up, and SuperNodes poll the SuperLink every few seconds); the round
-time is printed, never asserted.
+Slow (process start-up); the round time is printed, never asserted.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fedmerge.config import default_config
+from fedmerge.runtimes.flower.loopback import BIN, Loopback
 from fedmerge.runtimes.local.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, limit: float = 90) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the SuperLink exited: {log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"the SuperLink did not open port {port} in {limit} s")
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -104,76 +77,46 @@ def node_key(folder: Path, i: int) -> tuple[Path, Path]:
 
 @pytest.fixture(params=["insecure", "tls+auth"])
 def loopback(request, tmp_path):
-    """SuperLink + 3 SuperNodes on 127.0.0.1: insecure, or TLS (a CA made here) with SuperNode
-    authentication (keys made here, registered with ``flwr supernode register``); yields
-    (env, logs folder, rounds); stops them."""
+    """SuperLink + 3 SuperNodes (each beside its agent worker) on 127.0.0.1: insecure, or TLS
+    (a CA made here) with SuperNode authentication (keys made here, registered with ``flwr
+    supernode register``); yields (deployment, rounds); stops them."""
     if not (BIN / "flower-superlink").exists():
         pytest.skip("flower-superlink is not installed next to this Python")
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link, *node_ports = free_ports(4)  # Flower 1.41: one HTTP port for all SuperLink APIs
     tls = request.param == "tls+auth"
     certs = make_certificates(tmp_path) if tls else {}
-    security = f'root-certificates = "{certs["ca"]}"' if tls else "insecure = true"
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-        f'address = "127.0.0.1:{link}"\n{security}\n'
-    )
-    link_security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-                      "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]
-                     if tls else ["--insecure"])  # fmt: skip
-    node_security = ["--root-certificates", str(certs["ca"])] if tls else ["--insecure"]
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-
-    def start(name: str, *args: str) -> None:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append((subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, cwd=tmp_path), out))  # fmt: skip
-
-    try:
-        start("superlink", "flower-superlink", *link_security, "--port", str(link),
-              "--database", str(tmp_path / "link.db"))  # fmt: skip
-        wait_for_port(link, procs[0][0], logs / "superlink.log")
-        for i, port in enumerate(node_ports):
+    security = {}
+    if tls:
+        security = {
+            "link_args": ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile",
+                          str(certs["cert"]), "--ssl-keyfile", str(certs["key"]),
+                          "--enable-supernode-auth"],
+            "node_args": ["--root-certificates", str(certs["ca"])],
+            "connection": f'root-certificates = "{certs["ca"]}"',
+        }  # fmt: skip
+    with Loopback(tmp_path / "dep", env={"OMP_NUM_THREADS": "1"}, **security) as dep:
+        dep.start()
+        for i in range(3):
             auth = []
             if tls:
                 private, public = node_key(tmp_path, i)
-                register = [str(BIN / "flwr"), "supernode", "register", str(public), "loopback"]
-                done = subprocess.run(register, env=env, cwd=tmp_path, capture_output=True,
-                                      text=True, timeout=120)  # fmt: skip
+                done = dep.flwr("supernode", "register", str(public), "loopback", cwd=tmp_path,
+                                timeout=120)  # fmt: skip
                 assert done.returncode == 0, done.stdout + done.stderr
                 auth = ["--auth-supernode-private-key", str(private)]
             config = f'partition-id={i} num-partitions=3 state-dir="{tmp_path / "state"}"'
-            start(f"supernode-{i}", "flower-supernode", *node_security, "--superlink",
-                  f"127.0.0.1:{link}", "--port", str(port), "--node-config", config,
-                  *auth)  # fmt: skip
-        yield env, logs, 1 if tls else 2  # rounds: TLS adds a run, keep it short
-    finally:
-        for proc, out in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            out.close()
+            dep.add_node(f"node-{i}", config, *auth)
+        yield dep, 1 if tls else 2  # rounds: TLS adds a run, keep it short
 
 
 def test_flwr_run_on_a_loopback_deployment(loopback, tmp_path):
-    env, logs, rounds = loopback
+    dep, rounds = loopback
     out = tmp_path / "out"
     sets = f"topology=ring agents=3 rounds={rounds} vectorize=never"
-    run_config = f"overrides='{sets}' out-dir='{out}' timeout=120"
     start = time.perf_counter()
-    cmd = [str(BIN / "flwr"), "run", ".", "loopback", "--run-config", run_config, "--stream"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    run = dep.run(ROOT, f"overrides='{sets}' out-dir='{out}' timeout=120", 120)
+    if run.wait(timeout=480) != 0 or not (out / "metrics.jsonl").exists():
+        pytest.fail(f"no metrics:\n{dep.tails()}")
     elapsed = time.perf_counter() - start
-    if not (out / "metrics.jsonl").exists():
-        tails = {p.name: p.read_text()[-2000:] for p in logs.iterdir()}
-        pytest.fail(f"no metrics: {done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{tails}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["agent"]) for r in rows] == [
         (r, a) for r in range(1, rounds + 1) for a in range(3)
@@ -184,4 +127,3 @@ def test_flwr_run_on_a_loopback_deployment(loopback, tmp_path):
         assert b["consensus"] == pytest.approx(a["consensus"], abs=1e-6)
     print(f"\nloopback deployment: 3 SuperNodes, {rounds} rounds, {elapsed:.1f} s from `flwr run` "
           f"to report; {sum(r['wall_s'] for r in rows[::3]) / rounds:.1f} s per round")  # fmt: skip
-    shutil.rmtree(out)

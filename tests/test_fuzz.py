@@ -254,6 +254,8 @@ def codec_choices(draw):
         "topk": {
             "density": draw(st.floats(0.05, 1.0)),
             "scope": draw(st.sampled_from(["tensor", "global"])),
+            "bits": draw(st.sampled_from([32, 16, 8, 4])),
+            "block": draw(st.integers(1, 8)),
         },
         "ternary": {"density": draw(st.floats(0.05, 1.0))},
         "quantize": {"bits": draw(st.integers(2, 8)), "block": draw(st.integers(1, 8))},
@@ -276,7 +278,8 @@ def test_fuzz_compressed_payloads(tensors, choice, data):
     if how == "meta":
         field = data.draw(st.sampled_from(sorted(meta)))
         meta[field] = data.draw(st.sampled_from([
-            "", "{", "[]", '{"bits": 1}', '{"rank": 0}', '{"density": 2}', "topk", "lowrank",
+            "", "{", "[]", '{"bits": 1}', '{"bits": 8, "block": 1, "density": 0.5}',
+            '{"bits": 32, "density": 0.5}', '{"rank": 0}', '{"density": 2}', "topk", "lowrank",
             "quantize", json.dumps({k: ["F32", [2**40]] for k in specs}),
             json.dumps({k: ["I64", [1]] for k in specs}), json.dumps({"x": ["F32", []]}),
         ]))  # fmt: skip

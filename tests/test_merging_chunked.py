@@ -101,12 +101,14 @@ def test_radix_select_is_exact_for_several_ranks_and_float64():
         a[:, ::7] = a[:, :1]  # ties
         ranks = torch.tensor([1, 17, 500, 1000])
         sel = RadixSelect(3, dtype, lambda total, r=ranks: r.expand(len(total), -1))
-        for p in range(sel.passes):
+        p = 0
+        while p < sel.passes:  # the first pass may shorten the stream (gathering the bin)
             for block in a.split(37, dim=1):
                 sel.observe(p, block.contiguous())
             sel.end_pass(p)
+            p += 1
         want = torch.stack([a.kthvalue(int(r), dim=1).values for r in ranks], dim=1)
-        assert sel.passes == (2 if dtype == torch.float32 else 4)
+        assert p == 2
         assert torch.equal(sel.values, want)
 
 

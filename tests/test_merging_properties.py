@@ -127,12 +127,14 @@ def test_kth_smallest_is_exact_on_long_rows(n, frac, ties, seed):
 def test_global_threshold_equals_official_kthvalue_over_the_whole_model(sizes, density, seed):
     gen = torch.Generator().manual_seed(seed)
     chunks = [torch.randn(3, s, generator=gen) * 10 ** torch.randn(1).item() for s in sizes]
+    copies = [c.clone() for c in chunks]
     g = GlobalThreshold(density, 3)
     for p in range(g.passes):
         for c in chunks:
-            g.observe(p, c)
+            g.observe(p, c)  # and leaves c as it was
         g.end_pass(p)
     flat = torch.cat(chunks, dim=1).abs()
+    assert all(torch.equal(c, d) for c, d in zip(chunks, copies, strict=True))
     n = flat.shape[1]
     want = flat.kthvalue(max(1, n - int(n * density)), dim=1).values
     assert torch.equal(g.thresholds, want)

@@ -99,8 +99,11 @@ def test_sidecars_gossip_trainer_checkpoints_and_survive_a_kill(tmp_path):
                            load_checkpoint(d / read_pointer(d)["source"])["count"])  # fmt: skip
     for k, d in enumerate(dirs):
         assert read_pointer(d)["round"] == ROUNDS
-        saved = [read_metadata(tmp_path / f"state-{k}" / g / f"agent-{k:04d}.safetensors")
-                 for g in ("g0", "g1")]  # fmt: skip
+        state = tmp_path / f"state-{k}"
+        saved = [read_metadata(state / f"round-{r:06d}" / f"agent-{k:04d}.safetensors")
+                 for r in (ROUNDS - 1, ROUNDS)]  # fmt: skip
+        assert sorted(p.name for p in state.iterdir()) == [f"round-{ROUNDS - 1:06d}",
+                                                          f"round-{ROUNDS:06d}"]  # fmt: skip
         assert sorted(int(m["round"]) for m in saved) == [ROUNDS - 1, ROUNDS]
 
 

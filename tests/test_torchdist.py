@@ -13,10 +13,12 @@ import math
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,13 +135,48 @@ def test_layout_blocks_and_errors():
         torchdist.make_layout(4, 6, 0)
 
 
+def gpus(monkeypatch, count: int) -> None:
+    """Pretend this host has ``count`` CUDA devices."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
 def test_backend_choice(monkeypatch):
+    """``auto``: nccl when every local rank has its own GPU under a launcher (LOCAL_RANK),
+    gloo otherwise; a forced nccl without CUDA is a config error naming the field."""
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert torchdist.pick_backend("gloo") == "gloo"
-    if not torch.cuda.is_available():
-        assert torchdist.pick_backend("auto") == "gloo"
-        with pytest.raises(ConfigError, match="nccl needs CUDA"):
-            torchdist.pick_backend("nccl")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    gpus(monkeypatch, 0)
+    assert torchdist.pick_backend("gloo") == torchdist.pick_backend("auto") == "gloo"
+    with pytest.raises(ConfigError, match="distributed.backend: nccl needs CUDA"):
+        torchdist.pick_backend("nccl")
+    gpus(monkeypatch, 1)  # one GPU for two local ranks
+    assert torchdist.pick_backend("auto") == "gloo" and torchdist.pick_backend("nccl") == "nccl"
+    gpus(monkeypatch, 2)
+    assert torchdist.pick_backend("auto") == "nccl" and torchdist.pick_backend("gloo") == "gloo"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert torchdist.pick_backend("auto") == "gloo"
+
+
+def test_every_rank_agrees_on_one_backend_and_nccl_moves_payloads_on_its_gpu(monkeypatch):
+    """A host without enough GPUs makes ``auto`` gloo on every rank (one process group, one
+    backend); with NCCL the wire buffers live on ``cuda:LOCAL_RANK``."""
+    from fedmerge.runtimes.torchdist.control import agree_backend
+    from fedmerge.runtimes.torchdist.layout import wire_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    gpus(monkeypatch, 2)
+    store = dist.HashStore()
+    store.set("backend/1", "nccl")
+    assert agree_backend(store, 0, 2, "auto") == "nccl"
+    store.set("backend/1", "gloo")
+    assert agree_backend(store, 0, 2, "auto") == "gloo"
+    assert agree_backend(store, 0, 2, "nccl") == "nccl"  # forced: nothing to agree on
+    assert wire_device("nccl") == torch.device("cuda", 1)
+    assert wire_device("gloo") == torch.device("cpu")
+    store.set_timeout(timedelta(milliseconds=50))  # a rank that never starts
+    with pytest.raises(torchdist.PeerFailure, match="rank 2: not every rank .* the backend"):
+        agree_backend(store, 2, 4, "auto")  # rank 3 never checks in
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -182,11 +219,15 @@ def test_gossip_four_ranks_matches_simulator():
 
 
 def test_compressed_gossip_two_agents_per_rank_matches_simulator():
-    cfg = load_config(None, [*RING4, "protocol.codec=topk", "protocol.consensus_step=0.5",
-                             "distributed.agents_per_rank=2"])  # fmt: skip
+    """Top-k CHOCO-Gossip with a key frame (8-bit snapshot) in round 2 of 3."""
+    sets = ["protocol.codec=topk", "protocol.consensus_step=0.5", "protocol.choco_resync=2",
+            "distributed.agents_per_rank=2"]  # fmt: skip
+    cfg = load_config(None, [*RING4, *sets])
     rows = torchdist.run(cfg, procs=2, threads=1)
     assert_same_rows(rows, simulate_one_thread(cfg))
     assert all(0 < r["bytes_sent"] < 68904 // 3 for r in rows)
+    sent = {r["round"]: r["bytes_sent"] for r in rows}
+    assert sent[2] > 1.5 * max(sent[1], sent[3])
 
 
 def test_dimat_two_agents_per_rank_matches_simulator():
@@ -232,12 +273,13 @@ def test_cli_time_varying_schedule_with_faults(tmp_path):
     assert {r["bytes_received"] for r in rows} <= {0, one}
 
 
-def test_disseminate_through_simulate_matches_in_process(tmp_path):
+@pytest.mark.parametrize("codec", ["none", pytest.param("ternary", marks=pytest.mark.slow)])
+def test_disseminate_through_simulate_matches_in_process(tmp_path, codec):
     """Continual dissemination via ``fedmerge simulate --runtime torchdist --procs 2`` (two
     agents per rank: bundles cross ranks and stay within them): the same per-node folded
-    experts (in order) and accuracies as in process."""
+    experts (in order), accuracies and bytes (encoded ones with a codec) as in process."""
     sets = ["topology=ring-4", "rounds=3", "train.steps=3", "model.options.hidden=[16]",
-            "protocol.name=disseminate", "name=dis"]  # fmt: skip
+            "protocol.name=disseminate", "name=dis", f"protocol.codec={codec}"]  # fmt: skip
     argv = ["simulate", "--runtime", "torchdist", "--procs", "2", "--out", str(tmp_path), "--quiet"]
     assert cli_main(argv + [a for s in sets for a in ("--set", s)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

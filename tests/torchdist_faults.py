@@ -6,6 +6,13 @@ that in the rank named by ``FEDMERGE_TEST_KILL_RANK`` at training step
 ``FEDMERGE_TEST_KILL_STEP`` (1-based, counted over the run) it calls ``os._exit`` (no
 clean-up, as a crash), or with ``FEDMERGE_TEST_HANG=1`` sleeps for an hour (a hung rank).
 
+``train.loss: tests.torchdist_faults:sigkill_cross_entropy`` behaves as cross-entropy, except
+that once per test (the marker file ``FEDMERGE_TEST_KILL_MARK`` does not exist yet) the rank
+named by ``FEDMERGE_TEST_KILL_RANK`` SIGKILLs itself at training step
+``FEDMERGE_TEST_KILL_STEP``, or with ``FEDMERGE_TEST_KILL_IN_SAVE=1`` in the next save of
+its agent state after that step: the temp file written, not yet renamed (a kill mid-write).
+It first writes the marker: {"time": time.time(), "temp": the temp file or null}.
+
 ``train.loss: tests.torchdist_faults:hostile_cross_entropy`` behaves as cross-entropy; in
 the rank named by ``FEDMERGE_TEST_EVIL_RANK`` it also replaces that process's
 :func:`fedmerge.runtimes.torchdist.wire.pack` with :func:`forge_pack`, so every payload the
@@ -13,12 +20,15 @@ rank sends is malformed, one attack of :data:`ATTACKS` per round (by the payload
 """
 
 import dataclasses
+import json
 import os
+import signal
 import time
 
 import torch
 from torch import nn
 
+from fedmerge import atomic
 from fedmerge.decentralized.payload import Payload
 from fedmerge.runtimes.torchdist import wire
 
@@ -38,6 +48,36 @@ def dying_cross_entropy(logits, target):
             time.sleep(3600)
         os._exit(17)
     return nn.functional.cross_entropy(logits, target)
+
+
+def sigkill_cross_entropy(logits, target):
+    global _steps
+    _steps += 1
+    mark = os.environ.get("FEDMERGE_TEST_KILL_MARK", "")
+    chosen = os.environ.get("RANK") == os.environ.get("FEDMERGE_TEST_KILL_RANK")
+    at_step = _steps == int(os.environ.get("FEDMERGE_TEST_KILL_STEP", "0"))
+    if chosen and at_step and mark and not os.path.exists(mark):
+        if os.environ.get("FEDMERGE_TEST_KILL_IN_SAVE") == "1":
+            atomic.TempFile.commit = _killing_commit
+        else:
+            _sigkill(mark, None)
+    return nn.functional.cross_entropy(logits, target)
+
+
+_honest_commit = atomic.TempFile.commit
+
+
+def _killing_commit(self) -> None:
+    if self.target.name.startswith("agent-"):
+        self.park()  # the temp file is complete on disk, the rename never happens
+        _sigkill(os.environ["FEDMERGE_TEST_KILL_MARK"], str(self.path))
+    _honest_commit(self)
+
+
+def _sigkill(mark: str, temp: str | None) -> None:
+    with open(mark, "w") as f:
+        f.write(json.dumps({"time": time.time(), "temp": temp}))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hostile_cross_entropy(logits, target):

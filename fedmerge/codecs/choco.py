@@ -17,7 +17,12 @@ must be small enough for the codec (the paper's γ scales with the compression q
 δ and the spectral gap); with codec ``none`` and γ = 1 it is exact gossip.
 
 The copies assume every message arrives; a lost q_j leaves this holder's x̂_j behind
-the others' for good (the average is then no longer exact).
+the others' for good (the average is then no longer exact). **Key frames** bound that:
+with ``resync`` K > 0, in rounds K, 2K, … an agent publishes an 8-bit snapshot
+s_i = D(Q₈(x_i)) (:data:`RESYNC_CODEC`) instead of q_i and sets x̂_i ← s_i; every holder
+that receives it sets its x̂_i ← s_i too, so a copy left behind by a lost message is
+exact again after the next key frame it receives. Without loss all holders still agree,
+so the average is still kept exactly.
 
 >>> import torch
 >>> a, b = (ChocoGossip(i, "topk", {"density": 0.5}, gamma=1.0) for i in (0, 1))
@@ -30,17 +35,18 @@ the others' for good (the average is then no longer exact).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedmerge.codecs.feedback import Encoder
-from fedmerge.codecs.wire import Encoded
+from fedmerge.codecs.wire import Encoded, encode_state
 
 StateDict = dict[str, torch.Tensor]
 Heard = tuple[int, Mapping[str, torch.Tensor], float]  # (sender j, q_j, w_ij)
 PREFIX = "__choco__"
+RESYNC_CODEC = ("quantize", {"bits": 8, "block": 64})  # key frames: x_i to 8 bits
 
 
 class ChocoGossip:
@@ -48,9 +54,9 @@ class ChocoGossip:
 
     def __init__(
         self, agent: int, codec: str, params: Mapping[str, Any] | None, gamma: float,
-        seed: int = 0,
+        seed: int = 0, resync: int = 0,
     ):  # fmt: skip
-        self.agent, self.gamma = agent, gamma
+        self.agent, self.gamma, self.resync = agent, gamma, resync
         self.encoder = Encoder(codec, params, seed=seed * 1_000_003 + agent)
         self.copies: dict[int, StateDict] = {}  # j -> x̂_j
 
@@ -59,22 +65,40 @@ class ChocoGossip:
             self.copies[j] = {k: torch.zeros_like(v) for k, v in like.items()}
         return self.copies[j]
 
-    def publish(self, x: Mapping[str, torch.Tensor]) -> tuple[Encoded, StateDict]:
-        """Encode q_i = C(x_i − x̂_i) and advance the own copy; returns (encoded, q_i)."""
+    def is_keyframe(self, round: int) -> bool:
+        """Whether what is published in ``round`` (0-based, as the engines count) is a key
+        frame (a snapshot, not a q): rounds K, 2K, … as the metrics number them."""
+        return self.resync > 0 and (round + 1) % self.resync == 0
+
+    def publish(self, x: Mapping[str, torch.Tensor], round: int = 0) -> tuple[Encoded, StateDict]:
+        """Encode q_i = C(x_i − x̂_i) and advance the own copy; returns (encoded, q_i). In
+        a key-frame ``round``: the snapshot s_i, which becomes the own copy."""
         own = self._copy(self.agent, x)
+        if self.is_keyframe(round):
+            encoded = encode_state(x, *RESYNC_CODEC)
+            snapshot = encoded.decode(source="own payload")
+            own.update({k: v.clone() for k, v in snapshot.items()})
+            return encoded, snapshot
         encoded, q = self.encoder.encode({k: x[k] - own[k] for k in x})
         for k, v in q.items():
             own[k] += v
         return encoded, q
 
-    def merge(self, x: Mapping[str, torch.Tensor], received: Sequence[Heard]) -> StateDict:
-        """Apply the neighbours' q_j ``(sender, q_j, w_ij)`` to their copies, then the
-        consensus step; returns the new x_i."""
+    def merge(
+        self, x: Mapping[str, torch.Tensor], received: Sequence[Heard],
+        keyframes: Collection[int] = (),
+    ) -> StateDict:  # fmt: skip
+        """Apply the neighbours' q_j ``(sender, q_j, w_ij)`` to their copies (the senders
+        in ``keyframes`` sent snapshots: they replace the copy), then the consensus step;
+        returns the new x_i."""
         own = self._copy(self.agent, x)
         for j, q, _ in received:
             copy = self._copy(j, q)
             for k, v in q.items():
-                copy[k] += v
+                if j in keyframes:
+                    copy[k] = v.clone()
+                else:
+                    copy[k] += v
         out = {k: v.clone() for k, v in x.items()}
         for j, _, w in received:
             for k, v in self.copies[j].items():

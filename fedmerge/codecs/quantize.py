@@ -38,8 +38,9 @@ from fedmerge.codecs.registry import (
 from fedmerge.registry import Param
 
 
-def _levels(params: Params) -> int:
-    return 2 ** (params["bits"] - 1) - 1
+def levels_of(bits: int) -> int:
+    """``L = 2^(b−1) − 1``: codes are the integers in ``[−L, L]`` (symmetric, 0 exact)."""
+    return 2 ** (bits - 1) - 1
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -49,11 +50,37 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, pad]).view(-1, block)
 
 
+def code_width(bits: int, n: int) -> int:
+    """Length of the ``codes`` part for ``n`` codes: two per byte for b ≤ 4, one byte
+    each for 5–8, one int16 each for 9–16."""
+    return (n + 1) // 2 if bits <= 4 else n
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    return torch.int16 if bits > 8 else torch.uint8
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``(n,)`` in ``[−L, L]`` to the ``codes`` part: ``q + L`` as nibbles or
+    bytes for b ≤ 8, ``q`` itself as int16 above."""
+    if bits > 8:
+        return q.to(torch.int16)
+    u = (q + levels_of(bits)).to(torch.uint8)
+    return pack_nibbles(u) if bits <= 4 else u
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes` -> int64 ``(n,)`` (range checked by absmax_decode)."""
+    if bits > 8:
+        return codes.to(torch.int64)
+    u = unpack_nibbles(codes, n) if bits <= 4 else codes
+    return u.to(torch.int64) - levels_of(bits)
+
+
 def check_quantize(entries: dict, spec: TensorSpec, params: Params) -> None:
     """``codes`` (U8, n or ceil(n/2) bytes) and ``scales`` ``(ceil(n / block),)``."""
     n = math.prod(spec.shape)
-    width = n if params["bits"] > 4 else (n + 1) // 2
-    shapes = {"codes": (width,), "scales": (-(-n // params["block"]),)}
+    shapes = {"codes": (code_width(params["bits"], n),), "scales": (-(-n // params["block"]),)}
     expect(entries, ("codes", "scales"), shapes,
            {"codes": torch.uint8, "scales": real_dtype(spec.dtype)})  # fmt: skip
 
@@ -61,19 +88,40 @@ def check_quantize(entries: dict, spec: TensorSpec, params: Params) -> None:
 def decode_quantize(
     parts: dict[str, torch.Tensor], spec: TensorSpec, params: Params
 ) -> torch.Tensor:
-    scales = parts["scales"]
+    q = unpack_codes(parts["codes"], params["bits"], math.prod(spec.shape))
+    return absmax_decode(q, parts["scales"], params).to(spec.dtype).view(spec.shape)
+
+
+def absmax_encode(
+    flat: torch.Tensor, params: Params, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flat`` ``(n,)`` to signed int64 codes ``(n,)`` in ``[−L, L]`` and float scales
+    ``(ceil(n / block),)`` (``params``: ``bits``, ``block``); rounding is deterministic
+    unless a ``generator`` is given (stochastic, unbiased)."""
+    levels = levels_of(params["bits"])
+    blocks = _blocks(flat.detach().to(real_dtype(flat.dtype)), params["block"])
+    scales = blocks.abs().amax(1)
+    y = blocks / torch.where(scales > 0, scales, 1)[:, None] * levels
+    if generator is not None:
+        y = torch.floor(y + torch.rand(y.shape, generator=generator, dtype=y.dtype))
+    q = y.round_().clamp_(-levels, levels).reshape(-1)[: flat.numel()]
+    return q.to(torch.int64), scales
+
+
+def absmax_decode(q: torch.Tensor, scales: torch.Tensor, params: Params) -> torch.Tensor:
+    """Signed codes ``(n,)`` and ``scales`` back to values ``(n,)`` in the scales' dtype;
+    Malformed for a code outside ``[−L, L]`` or a non-finite or negative scale."""
     check_finite_part(scales, "scales")
     if scales.numel() and float(scales.min()) < 0:
         raise Malformed("part 'scales' has negative values")
-    n, levels = math.prod(spec.shape), _levels(params)
-    codes = parts["codes"]
-    q = codes if params["bits"] > 4 else unpack_nibbles(codes, n)
-    if q.numel() and int(q.max()) > 2 * levels:
-        raise Malformed(f"code {int(q.max())} is above {2 * levels} for {params['bits']} bits")
-    steps = _blocks(q.to(scales.dtype).sub_(levels), params["block"]).mul_(
-        (scales / levels)[:, None]
-    )
-    return steps.reshape(-1)[:n].to(spec.dtype).view(spec.shape)
+    if scales.numel() != -(-q.numel() // params["block"]):
+        raise Malformed(f"part 'scales' has {scales.numel()} entries for {q.numel()} codes")
+    levels = levels_of(params["bits"])
+    if q.numel() and int(q.abs().max()) > levels:
+        code = int(q[q.abs().argmax()])
+        raise Malformed(f"code {code} is outside [-{levels}, {levels}] for {params['bits']} bits")
+    steps = _blocks(q.to(scales.dtype), params["block"]).mul_((scales / levels)[:, None])
+    return steps.reshape(-1)[: q.numel()]
 
 
 @register(
@@ -85,12 +133,6 @@ def decode_quantize(
 )  # fmt: skip
 def encode_quantize(x: torch.Tensor, ctx: KeyContext, params: Params) -> dict[str, torch.Tensor]:
     """Block-wise absmax quantization to 2–8 bits, deterministic or stochastic rounding."""
-    levels = _levels(params)
-    blocks = _blocks(x.detach().to(real_dtype(x.dtype)), params["block"])
-    scales = blocks.abs().amax(1)
-    y = blocks / torch.where(scales > 0, scales, 1)[:, None] * levels
-    if params["stochastic"]:
-        y = torch.floor(y + torch.rand(y.shape, generator=ctx.generator, dtype=y.dtype))
-    q = y.round_().clamp_(-levels, levels).add_(levels).reshape(-1)[: x.numel()].to(torch.uint8)
-    codes = q if params["bits"] > 4 else pack_nibbles(q)
-    return {"codes": codes, "scales": scales}
+    generator = ctx.generator if params["stochastic"] else None
+    q, scales = absmax_encode(x.reshape(-1), params, generator)
+    return {"codes": pack_codes(q, params["bits"]), "scales": scales}

@@ -5,7 +5,11 @@ Both select the entries with ``|x| ≥ t`` (and ``x ≠ 0``): per tensor, ``t`` 
 k-th largest ``|x|`` with ``k = ceil(density · n)``; with ``scope: global`` one ``t``
 for the whole payload, the exact TIES global threshold (``kthvalue(|τ|, N −
 int(N·density))``, :mod:`fedmerge.merging.globalk`). Ties at ``t`` are all kept.
-Indices travel as varint gaps (:mod:`fedmerge.codecs.bits`).
+Indices travel as varint gaps (:mod:`fedmerge.codecs.bits`). Top-k's kept values
+travel exact (``bits: 32``, the tensor's own dtype) or as 16-, 8- or 4-bit signed codes with
+one absmax scale per ``block`` kept values (:func:`fedmerge.codecs.quantize.absmax_encode`,
+deterministic rounding: error ≤ scale / (2L), L = 2^(b−1) − 1), so a kept entry costs
+about 2 bytes instead of 5 at 8 bits.
 
 Ternary (Yadav et al., ComPEFT, 2023) sends one sign bit per kept entry and one scale:
 ``scale: mean`` (default) uses the mean kept magnitude, the least-squares scale for
@@ -35,6 +39,14 @@ from fedmerge.codecs.bits import (
     encode_gaps,
     pack_bits,
     unpack_bits,
+)
+from fedmerge.codecs.quantize import (
+    absmax_decode,
+    absmax_encode,
+    code_dtype,
+    code_width,
+    pack_codes,
+    unpack_codes,
 )
 from fedmerge.codecs.registry import (
     KeyContext,
@@ -97,29 +109,69 @@ def _check_gaps(entries: dict, count_max: int, count_min: int) -> None:
         raise Malformed(f"{shape[0]} index bytes cannot hold {count_min}..{count_max} indices")
 
 
+def _quantized(params: Params) -> bool:
+    return params["bits"] != 32
+
+
 def check_topk(entries: dict, spec: TensorSpec, params: Params) -> None:
-    """``gaps`` (U8, varint) and ``values`` ``(k,)`` in the tensor's dtype, k ≤ numel."""
-    expect(entries, ("gaps", "values"), {}, {"values": spec.dtype})
-    vshape = entries["values"].shape
-    if len(vshape) != 1 or vshape[0] > math.prod(spec.shape):
-        raise Malformed(f"part 'values' has shape {list(vshape)}; at most {math.prod(spec.shape)}")
-    _check_gaps(entries, vshape[0], vshape[0])
+    """``gaps`` (U8, varint) and either ``values`` ``(k,)`` in the tensor's dtype
+    (``bits: 32``) or ``codes`` (:func:`~fedmerge.codecs.quantize.code_width` of k) with
+    ``scales`` ``(ceil(k / block),)``; k ≤ numel."""
+    n, bits = math.prod(spec.shape), params["bits"]
+    if not _quantized(params):
+        expect(entries, ("gaps", "values"), {}, {"values": spec.dtype})
+        vshape = entries["values"].shape
+        if len(vshape) != 1 or vshape[0] > n:
+            raise Malformed(f"part 'values' has shape {list(vshape)}; at most {n}")
+        _check_gaps(entries, vshape[0], vshape[0])
+        return
+    names = ("gaps", "codes", "scales")
+    expect(entries, names, {}, {"codes": code_dtype(bits), "scales": real_dtype(spec.dtype)})
+    width = entries["codes"].shape
+    most = code_width(bits, n)
+    if len(width) != 1 or width[0] > most:
+        raise Malformed(f"part 'codes' has shape {list(width)}; at most {most}")
+    fewest, k = (max(0, 2 * width[0] - 1), 2 * width[0]) if bits <= 4 else (width[0],) * 2
+    scales, block = entries["scales"].shape, params["block"]
+    if len(scales) != 1 or not -(-fewest // block) <= scales[0] <= -(-k // block):
+        raise Malformed(f"part 'scales' has shape {list(scales)} for {fewest}..{k} codes")
+    _check_gaps(entries, min(k, n), fewest)
 
 
 def decode_topk(parts: dict[str, torch.Tensor], spec: TensorSpec, params: Params) -> torch.Tensor:
-    values = parts["values"]
-    check_finite_part(values, "values")
     n = math.prod(spec.shape)
-    idx = decode_gaps(parts["gaps"], values.numel(), n)
-    return torch.zeros(n, dtype=spec.dtype).index_put_((idx,), values).view(spec.shape)
+    if _quantized(params):
+        count = int((parts["gaps"] < 0x80).sum())  # one terminating byte per index
+        q = unpack_codes(parts["codes"], params["bits"], count)
+        if q.numel() != count:
+            raise Malformed(f"{q.numel()} codes for {count} indices")
+        values = absmax_decode(q, parts["scales"], params)
+    else:
+        values = parts["values"]
+        check_finite_part(values, "values")
+        count = values.numel()
+    idx = decode_gaps(parts["gaps"], count, n)
+    out = torch.zeros(n, dtype=spec.dtype).index_put_((idx,), values.to(spec.dtype))
+    return out.view(spec.shape)
 
 
-@register("topk", _DENSITY, _SCOPE, check=check_topk, decode=decode_topk, prepass=global_threshold)
+@register(
+    "topk", _DENSITY, _SCOPE,
+    Param("bits", int, 32, "32: kept values in the tensor's dtype (exact); 16, 8 or 4: "
+          "signed codes with one absmax scale per block of kept values (deterministic "
+          "rounding)", choices=(32, 16, 8, 4)),
+    Param("block", int, 64, "kept values sharing one scale when bits < 32", low=1, high=2**20),
+    check=check_topk, decode=decode_topk, prepass=global_threshold,
+)  # fmt: skip
 def encode_topk(x: torch.Tensor, ctx: KeyContext, params: Params) -> dict[str, torch.Tensor]:
     """Top-k sparsification: the largest-magnitude entries (per tensor or global) with
-    their exact values; indices as varint gaps."""
+    their values (exact, or 16/8/4-bit codes with block absmax scales); indices as
+    varint gaps."""
     idx, values = select(x, ctx, params)
-    return {"gaps": encode_gaps(idx), "values": values.contiguous()}
+    if not _quantized(params):
+        return {"gaps": encode_gaps(idx), "values": values.contiguous()}
+    q, scales = absmax_encode(values, params)
+    return {"gaps": encode_gaps(idx), "codes": pack_codes(q, params["bits"]), "scales": scales}
 
 
 def check_ternary(entries: dict, spec: TensorSpec, params: Params) -> None:

@@ -129,7 +129,7 @@ class Agent:
         """τ (or θ); with a codec, the packed encoding of q_i = C(x_i − x̂_i) (CHOCO)."""
         tensors = self.tensors()
         if self.choco is not None:
-            tensors = pack_tensors(self.choco.publish(tensors)[0])
+            tensors = pack_tensors(self.choco.publish(tensors, round)[0])
         return Payload.make(
             tensors, sender=self.id, round=round, samples=self.data.samples, kind=self.kind
         )

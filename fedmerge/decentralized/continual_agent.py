@@ -12,6 +12,11 @@ exactly once, in arrival order (:class:`~fedmerge.decentralized.dissemination.No
 same node logic as :func:`~fedmerge.decentralized.dissemination.disseminate`). The agent's
 model is its merge; :attr:`ContinualAgent.experts` is what its metrics rows report.
 
+With ``protocol.codec`` (e.g. ComPEFT ``ternary``) an expert is encoded once, where it is
+made (:func:`~fedmerge.decentralized.dissemination.encode_expert`), held and forwarded as
+those encoded bytes (so ``bytes_sent`` counts them), and decoded safely by every receiver
+before it is validated and folded; no CHOCO state is involved.
+
 >>> bundle({3: {"w": 1}, 0: {"w": 2}})
 {'3/w': 1, '0/w': 2}
 """
@@ -30,8 +35,8 @@ from fedmerge.data.partition import AgentData
 from fedmerge.decentralized.agent import Agent, Loss, OwnBounds
 from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import Delivery
-from fedmerge.decentralized.dissemination import FORWARD, Node
-from fedmerge.decentralized.payload import Payload, validate_payload
+from fedmerge.decentralized.dissemination import FORWARD, Node, encode_expert, expert_tensors
+from fedmerge.decentralized.payload import Payload
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.statedict import StateDict, global_norm, specs_of, state_hash
 
@@ -55,10 +60,15 @@ def unbundle(tensors: Mapping[str, torch.Tensor], who: str) -> dict[int, StateDi
 class ContinualAgent(Agent):
     """An agent that makes one expert and folds every expert that reaches it (see module)."""
 
-    def __init__(self, *args: Any, method: str, forward: str, nodes: int, **kwargs: Any) -> None:
-        """``nodes``: how many nodes (so experts) there are, which bounds a bundle's size."""
+    def __init__(
+        self, *args: Any, method: str, forward: str, nodes: int, codec: str = "none",
+        codec_params: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """``nodes``: how many nodes (so experts) there are, which bounds a bundle's size;
+        ``codec``: how the agent's own expert travels (encoded once, forwarded as is)."""
         super().__init__(*args, **kwargs)
-        self.nodes = nodes
+        self.nodes, self.codec, self.codec_params = nodes, codec, codec_params
+        self.codec_seed = kwargs["seed"] * 1_000_003 + self.id  # as disseminate() seeds it
         if self.reference is None:
             raise ConfigError("protocol.name: disseminate needs a shared init (model.init: same)")
         if forward not in FORWARD:
@@ -85,7 +95,8 @@ class ContinualAgent(Agent):
         self.model.load_state_dict({**self.state(), **self.reference})  # from θ_0, always
         steps = super().train()
         self.made_expert = True
-        mine = Payload.make(self.tensors(), sender=self.id, round=0, samples=self.data.samples,
+        tau = encode_expert(self.tensors(), self.codec, self.codec_params, self.codec_seed)
+        mine = Payload.make(tau, sender=self.id, round=0, samples=self.data.samples,
                             kind="delta", expert=str(self.id))  # fmt: skip
         self.node.offer(mine, self.reference, self.check_expert)
         self.sync()
@@ -124,13 +135,12 @@ class ContinualAgent(Agent):
                 out.append((expert, w))
         return out
 
-    def check_expert(self, p: Payload) -> None:
-        """An expert must look like this agent's own task vector (validate_payload)."""
-        own = self.tensors()
-        validate_payload(
-            p, kind="delta", specs=specs_of(own), own_norm=global_norm(self.state()),
-            max_norm_ratio=self.validation.max_norm_ratio,
-            max_bytes=super().byte_limit(),
+    def check_expert(self, p: Payload) -> StateDict:
+        """An expert must (decode to and) look like this agent's own task vector
+        (:func:`~fedmerge.decentralized.dissemination.expert_tensors`); its τ to fold."""
+        return expert_tensors(
+            p, specs=specs_of(self.tensors()), own_norm=global_norm(self.state()),
+            max_norm_ratio=self.validation.max_norm_ratio, max_bytes=super().byte_limit(),
         )  # fmt: skip
 
     def sync(self) -> None:
@@ -175,7 +185,8 @@ def continual_agent(
     return ContinualAgent(
         i, model, data, train=cfg.train, validation=cfg.validation, seed=cfg.seed,
         reference=reference, loss=loss, method=cfg.protocol.continual,
-        forward=cfg.protocol.forward, nodes=nodes,
+        forward=cfg.protocol.forward, nodes=nodes, codec=cfg.protocol.codec,
+        codec_params=cfg.protocol.codec_params,
     )  # fmt: skip
 
 

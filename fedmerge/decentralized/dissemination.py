@@ -40,8 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from fedmerge.checkpoint import TensorSpec
+from fedmerge.codecs import encode_state, pack_tensors
 from fedmerge.continual import ContinualMerger, make_merger
-from fedmerge.decentralized.payload import Payload, validate_payload
+from fedmerge.decentralized.payload import Payload, decode_payload, validate_payload
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.statedict import (
     StateDict,
@@ -57,6 +59,33 @@ from fedmerge.topology.analysis import diameter
 FORWARD = ("once", "always")
 # Per-task accuracy of a merged state: expert id -> accuracy (ids it cannot score are absent).
 Evaluate = Callable[[StateDict], Mapping[str, float]]
+# Checks an expert payload and returns the task vector to fold (decoded if compressed).
+Check = Callable[[Payload], StateDict]
+
+
+def encode_expert(
+    tau: StateDict, codec: str, params: Mapping[str, Any] | None, seed: int
+) -> StateDict:
+    """What an expert's τ travels as: τ itself (``codec: none``) or its one-shot encoding,
+    packed (:func:`fedmerge.codecs.pack_tensors`). An expert is encoded once, at the node
+    it appears at, and forwarded as those bytes, so no sender state is needed (unlike
+    CHOCO-Gossip) and every node folds the same decoded τ̂."""
+    if codec == "none":
+        return tau
+    return pack_tensors(encode_state(tau, codec, params, seed=seed))
+
+
+def expert_tensors(
+    p: Payload, *, specs: Mapping[str, TensorSpec], own_norm: float, max_norm_ratio: float,
+    max_bytes: int,
+) -> StateDict:  # fmt: skip
+    """The task vector expert payload ``p`` carries, after every check: a compressed one
+    is decoded safely first (:func:`decode_payload`: decoded specs against ``specs`` before
+    allocating), then the tensors are validated (:func:`validate_payload`)."""
+    decoded = decode_payload(p, specs, max_bytes)
+    validate_payload(decoded, kind="delta", specs=specs, own_norm=own_norm,
+                     max_norm_ratio=max_norm_ratio, max_bytes=max_bytes)  # fmt: skip
+    return decoded.tensors
 
 
 @dataclass(frozen=True)
@@ -85,19 +114,20 @@ class Node:
     duplicates: int = 0
     rejected: list[str] = field(default_factory=list)
 
-    def offer(self, payload: Payload, base: StateDict, check: Callable[[Payload], None]) -> str:
-        """Take ``payload`` if new: ``"folded"``, ``"duplicate"`` or ``"rejected"``."""
+    def offer(self, payload: Payload, base: StateDict, check: Check) -> str:
+        """Take ``payload`` if new: ``"folded"``, ``"duplicate"`` or ``"rejected"``. It is
+        held (and forwarded) as it arrived; ``check`` gives the τ folded."""
         if payload.hash in self.hashes:
             self.duplicates += 1
             return "duplicate"
         try:
-            check(payload)
+            tau = check(payload)
             if payload.expert is None or payload.expert in self.held:
                 raise ValidationError(
                     f"payload from node {payload.sender}: expert id {payload.expert!r} is "
                     "missing or already held with different content"
                 )
-            self.merger.add(add_task_vector(base, payload.tensors), name=payload.expert)
+            self.merger.add(add_task_vector(base, tau), name=payload.expert)
         except ValidationError as exc:
             self.rejected.append(str(exc))
             return "rejected"
@@ -164,6 +194,8 @@ def disseminate(
     max_norm_ratio: float = 10.0,
     evaluate: Evaluate | None = None,
     on_round: Callable[[list[dict[str, Any]]], None] | None = None,
+    codec: str = "none",
+    codec_params: Mapping[str, Any] | None = None,
 ) -> DisseminationResult:
     """Run ``rounds`` rounds of continual dissemination (see the module docstring).
 
@@ -171,7 +203,9 @@ def disseminate(
     ``method``/``params``/``projectable``: the continual merger every node runs.
     ``evaluate``: scores a node's merged state per expert id (its task); the rows then carry
     ``acc_known`` (mean over the experts the node holds) and ``acc_appeared`` (over every
-    expert that has appeared anywhere so far).
+    expert that has appeared anywhere so far). ``codec``/``codec_params``: each expert
+    travels encoded once (:func:`encode_expert`, e.g. ComPEFT ``ternary``); ``bytes_sent``
+    counts the encoded bytes.
     """
     if forward not in FORWARD:
         raise ConfigError(f"forward: must be one of {', '.join(FORWARD)}, got {forward!r}")
@@ -180,12 +214,15 @@ def disseminate(
     check_arrivals(arrivals, experts, topology.n)
     floats = {k: v for k, v in base.items() if is_mergeable(v)}
     specs, own_norm = specs_of(floats), global_norm(floats)
-    payloads = {a.expert: _expert_payload(a, base, experts[a.expert]) for a in arrivals}
-    max_bytes = 2 * max((p.nbytes for p in payloads.values()), default=0)
+    payloads = {
+        a.expert: _expert_payload(a, base, experts[a.expert], codec, codec_params, seed)
+        for a in arrivals
+    }
+    max_bytes = 2 * sum(s.nbytes for s in specs.values())  # twice a dense τ
 
-    def check(p: Payload) -> None:
-        validate_payload(p, kind="delta", specs=specs, own_norm=own_norm,
-                         max_norm_ratio=max_norm_ratio, max_bytes=max_bytes)  # fmt: skip
+    def check(p: Payload) -> StateDict:
+        return expert_tensors(p, specs=specs, own_norm=own_norm, max_norm_ratio=max_norm_ratio,
+                              max_bytes=max_bytes)  # fmt: skip
 
     nodes = [
         Node(i, make_merger(method, base, projectable, **dict(params or {})))
@@ -217,15 +254,19 @@ def disseminate(
     return DisseminationResult(rows, nodes, list(arrivals), first, complete, diam, ecc)
 
 
-def _expert_payload(a: Arrival, base: StateDict, expert: StateDict) -> Payload:
-    """The expert as a delta payload from the node it appears at."""
-    return Payload.make(task_vector(expert, base), sender=a.node, round=a.round, samples=0,
-                        kind="delta", expert=a.expert)  # fmt: skip
+def _expert_payload(
+    a: Arrival, base: StateDict, expert: StateDict, codec: str,
+    params: Mapping[str, Any] | None, seed: int,
+) -> Payload:  # fmt: skip
+    """The expert as a delta payload (encoded with ``codec``) from the node it appears at."""
+    tau = encode_expert(task_vector(expert, base), codec, params, seed * 1_000_003 + a.node)
+    return Payload.make(tau, sender=a.node, round=a.round, samples=0, kind="delta",
+                        expert=a.expert)  # fmt: skip
 
 
 def _appear_and_collect(
     nodes: list[Node], arriving: list[Arrival], payloads: Mapping[str, Payload],
-    base: StateDict, check: Callable[[Payload], None], forward: str,
+    base: StateDict, check: Check, forward: str,
 ) -> list[list[Payload]]:  # fmt: skip
     """Fold this round's arrivals at their nodes; per node, the payloads it sends this round."""
     for a in arriving:
@@ -239,7 +280,7 @@ def _appear_and_collect(
 
 def _exchange(
     topology: Topology, r: int, nodes: list[Node], outgoing: list[list[Payload]],
-    base: StateDict, check: Callable[[Payload], None], loss: float, seed: int,
+    base: StateDict, check: Check, loss: float, seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Deliver round r's messages, minus the lost ones; (n,) bytes sent and received."""
     n = len(nodes)
@@ -322,5 +363,7 @@ __all__ = [
     "Node",
     "check_arrivals",
     "disseminate",
+    "encode_expert",
+    "expert_tensors",
     "fold_directly",
 ]

@@ -48,7 +48,9 @@ class Protocol(Entry):
     ``vectorizable``: the stacked path computes the same merge as a W product.
     ``schedule``: the topology schedule the protocol imposes; ``pool_data``: one agent on
     the union of all data; ``options``: fixed settings of the merge function; ``agent``:
-    the factory of the protocol's own kind of agent (:data:`AgentFactory`)."""
+    the factory of the protocol's own kind of agent (:data:`AgentFactory`);
+    ``one_shot_codec``: with ``protocol.codec`` each payload is encoded once by its maker
+    and forwarded as is (experts), instead of CHOCO-Gossip on compressed differences."""
 
     full_weights: bool = False
     vectorizable: bool = False
@@ -56,6 +58,7 @@ class Protocol(Entry):
     pool_data: bool = False
     options: dict = field(default_factory=dict)
     agent: AgentFactory | None = None  # builds node i's agent; None: a plain Agent
+    one_shot_codec: bool = False
 
     @property
     def merge(self) -> MergeFn | None:
@@ -70,7 +73,8 @@ def gossip(agent: Agent, received: Received, self_weight: float, ctx: MergeConte
     ``peft.lora_merge: product`` average B@A instead (:mod:`fedmerge.hf.lora`)."""
     if agent.choco is not None:
         heard = [(p.sender, p.tensors, w) for p, w in received]
-        agent.load_tensors(agent.choco.merge(agent.tensors(), heard))
+        keyframes = {p.sender for p, _ in received if agent.choco.is_keyframe(p.round)}
+        agent.load_tensors(agent.choco.merge(agent.tensors(), heard, keyframes))
         return
     if ctx.config is not None and ctx.config.peft.r and ctx.config.peft.lora_merge == "product":
         others = [(p.tensors, w) for p, w in received]
@@ -129,7 +133,7 @@ PROTOCOLS.add("dimat", dimat, full_weights=True, options={"method": "activation"
               doc="DIMAT: align neighbours by activation matching, average, train")
 PROTOCOLS.add("dimat_wm", dimat, full_weights=True, options={"method": "weight"},
               doc="DIMAT with weight matching instead of activation matching")
-PROTOCOLS.add("disseminate", fold_experts, agent=continual_agent,
+PROTOCOLS.add("disseminate", fold_experts, agent=continual_agent, one_shot_codec=True,
               doc="continual dissemination: each agent's expert floods the graph and every "
                   "node folds each one once (protocol.continual, e.g. OPCM)")
 # fmt: on

@@ -78,7 +78,7 @@ class Setup:
             return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
                                        loss, self.n)  # fmt: skip
         choco = None if p.codec == "none" else ChocoGossip(
-            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed
+            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed, resync=p.choco_resync
         )  # fmt: skip
         model = self.model(i)
         return Agent(
@@ -157,9 +157,15 @@ def _check_peft(cfg: SimConfig, protocol: Protocol) -> None:
 
 def check_codec(cfg: SimConfig, protocol: Protocol, topo: Topology) -> None:
     """A codec (name and parameters checked by the config) runs only where CHOCO-Gossip keeps
-    the average: gossip (mean) on a static topology, no Byzantine senders (ConfigError)."""
+    the average: gossip (mean) on a static topology, no Byzantine senders; or where each
+    payload is encoded once (``disseminate``: experts) (ConfigError)."""
     p = cfg.protocol
     if p.codec == "none":
+        return
+    if protocol.one_shot_codec:
+        if cfg.faults.byzantine.count:
+            raise ConfigError(f"protocol.codec {p.codec!r}: Byzantine senders would corrupt "
+                              "encoded parts")  # fmt: skip
         return
     why = (
         f"protocol.name {protocol.name!r} is not gossip" if protocol.merge is not gossip
@@ -170,4 +176,6 @@ def check_codec(cfg: SimConfig, protocol: Protocol, topo: Topology) -> None:
         else None
     )  # fmt: skip
     if why:
-        raise ConfigError(f"protocol.codec {p.codec!r} (CHOCO-Gossip) needs plain gossip: {why}")
+        raise ConfigError(
+            f"protocol.codec {p.codec!r} (CHOCO-Gossip) needs plain gossip or disseminate: {why}"
+        )

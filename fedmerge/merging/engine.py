@@ -205,16 +205,24 @@ def _read(src: Source, key: str, rows: Rows) -> torch.Tensor:
     return src.get(key) if rows is None else src.get_rows(key, *rows)
 
 
-def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``."""
+def _load(
+    plan: MergePlan, key: str, rows: Rows = None, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flattened reference ``(m,)`` and task vectors ``(K, m)`` of a block of ``key``.
+
+    ``check``: raise on non-finite values (the pre-passes skip it: the merge
+    pass reads the same values and checks them before anything is written).
+    """
     raw = _read(plan.base, key, rows)
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
-    _finite(raw, key, plan.names[0])
+    if check:
+        _finite(raw, key, plan.names[0])
     base = raw.reshape(-1).to(work)
     tau = torch.empty(len(plan.experts), base.numel(), dtype=work)
     for i, src in enumerate(plan.experts):
-        torch.sub(_read(src, key, rows).reshape(-1), base, out=tau[i])
-    if not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
+        tau[i].copy_(_read(src, key, rows).reshape(-1))
+    tau.sub_(base)  # one broadcast subtraction: cheaper than K mixed-dtype ones
+    if check and not _all_finite(tau):  # finite base and experts give a finite τ; find the culprit
         for i, src in enumerate(plan.experts):
             _finite(_read(src, key, rows), key, plan.names[1 + i])
         raise ValidationError(f"{key!r}: task vector overflows {work} (θ − θ_ref is too large)")
@@ -222,8 +230,14 @@ def _load(plan: MergePlan, key: str, rows: Rows = None) -> tuple[torch.Tensor, t
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` has no NaN/Inf; min/max propagate NaN and are ~10× cheaper than isfinite."""
-    if t.numel() == 0:
+    """True if ``t`` has no NaN/Inf.
+
+    A NaN or Inf makes the sum non-finite, so a finite sum proves every value
+    finite (a sum is ~3× cheaper than min/max, ~30× than isfinite); only a
+    non-finite sum (which finite values can reach by overflow) needs min/max,
+    which propagate NaN.
+    """
+    if t.numel() == 0 or math.isfinite(t.sum()):
         return True
     lo, hi = torch.aminmax(t)
     return math.isfinite(lo) and math.isfinite(hi)
@@ -273,11 +287,13 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     work = torch.float64 if plan.in_specs[key].dtype == torch.float64 else torch.float32
     tensor_pass = make_pass(plan.params, ctx, len(plan.experts), work) if (
         make_pass and len(parts) > 1) else None  # fmt: skip
-    for p in range(tensor_pass.passes if tensor_pass else 0):
+    p = 0
+    while tensor_pass and p < tensor_pass.passes:  # a pass may lower ``passes``
         _renew_generators(plan, ctx)
         for rows in parts:
-            tensor_pass.observe(p, _load(plan, key, rows)[1])
+            tensor_pass.observe(p, _load(plan, key, rows, check=False)[1])
         tensor_pass.end_pass(p)
+        p += 1
     _renew_generators(plan, ctx)
     out = torch.empty(numel, dtype=spec.dtype)
     start = 0
@@ -303,12 +319,14 @@ def run_plan(
     prepass = plan.method.prepass(plan.params, len(plan.experts)) if plan.method.prepass else None
     n_passes = prepass.passes if prepass else 0
     with _progress_bar(plan, progress, n_passes) as bar:
-        for p in range(n_passes):
+        p = 0
+        while p < (prepass.passes if prepass else 0):  # a pass may lower ``passes``
             for key in plan.mergeable:
                 for rows in blocks(plan, key):
-                    prepass.observe(p, _load(plan, key, rows)[1])
+                    prepass.observe(p, _load(plan, key, rows, check=False)[1])
                 bar(key)
             prepass.end_pass(p)
+            p += 1
         thresholds = prepass.thresholds if prepass else None
         for key in keys:
             yield key, merge_key(plan, key, thresholds)

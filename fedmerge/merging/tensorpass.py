@@ -2,9 +2,9 @@
 
 A key too big for one block is merged block by block (rows of the tensor).
 Methods whose kernel needs a statistic of the whole tensor declare a
-``tensor_pass``: an object with ``passes``, ``observe(pass_index, tau)`` (one
-block of stacked task vectors ``(K, m)``) and ``end_pass(pass_index)`` that,
-after its last pass, stores the statistic in the key's
+``tensor_pass``: an object with ``passes`` (which ``end_pass`` may lower),
+``observe(pass_index, tau)`` (one block of stacked task vectors ``(K, m)``)
+and ``end_pass(pass_index)`` that, after its last pass, stores the statistic in the key's
 :class:`~fedmerge.merging.methods.KeyContext`. The kernel then applies it to
 every block and gets the same result as on the whole tensor.
 
@@ -37,17 +37,21 @@ class KthMagnitudes:
     """The exact ``rank``-th smallest |τ_k| of every expert over the whole tensor -> ``ctx.kth``.
 
     Equal to :func:`~fedmerge.merging.sparsify.kth_smallest` on the whole
-    ``|τ|`` in the work dtype (float32: 2 passes, float64: 4).
+    ``|τ|`` in the work dtype (2 passes; float64 with heavy ties: 4).
     """
 
     def __init__(self, ranks: list[int], n_experts: int, dtype: torch.dtype, ctx: KeyContext):
         wanted = torch.tensor(ranks, dtype=torch.int64)
         self.ranks, self.ctx = ranks, ctx
         self.select = RadixSelect(n_experts, dtype, lambda total: wanted.expand(len(total), -1))
-        self.passes = self.select.passes
+
+    @property
+    def passes(self) -> int:
+        return self.select.passes  # 2 once the first pass finds the bins small enough
 
     def observe(self, pass_index: int, tau: torch.Tensor) -> None:
-        self.select.observe(pass_index, tau.abs())
+        """One block of task vectors ``(K, m)``; overwritten (the engine reads each block anew)."""
+        self.select.observe(pass_index, tau.abs_())
 
     def end_pass(self, pass_index: int) -> None:
         self.select.end_pass(pass_index)

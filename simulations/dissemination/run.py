@@ -64,6 +64,10 @@ class DisseminationConfig:
         "re-sends every expert it holds every round (robust to loss, more bytes)",
         choices=("once", "always"),
     )
+    codec: str = option("none", "how experts travel: encoded once with this codec (ternary: "
+                        "ComPEFT), forwarded as those bytes", params="codec_params",
+                        registry="fedmerge.codecs.registry:CODECS")  # fmt: skip
+    codec_params: dict = option({}, "the codec's parameters (fedmerge compress --list)")
     out: str = option("runs/dissemination", "output directory")
 
 
@@ -117,7 +121,8 @@ def run(cfg: DisseminationConfig, tick: Tick) -> Outcome:
     result = disseminate(
         topo, setup.base, experts, arrivals, rounds=cfg.rounds, method=cfg.method,
         params=cfg.params, projectable=setup.projectable, message_loss=cfg.message_loss,
-        forward=cfg.forward, seed=cfg.seed, evaluate=score,
+        forward=cfg.forward, seed=cfg.seed, evaluate=score, codec=cfg.codec,
+        codec_params=cfg.codec_params,
         on_round=lambda rows: tick(f"round {rows[0]['round']}"),
     )  # fmt: skip
     expert_acc = {n: score(e)[n] for n, e in experts.items()}

@@ -19,7 +19,12 @@ metrics (``MetricRecord``). Agent state between steps lives on the node's disk.
 
 A node that does not reply within ``timeout`` seconds is skipped: round k's plan is
 rebuilt without it, so its neighbours merge without it (weights renormalize) and its row
-reports ``active: false`` (and no accuracies when its evaluation is missing).
+reports ``active: false`` (and no accuracies when its evaluation is missing). A node that
+comes back under a new Flower node id (a restarted SuperNode) is mapped again before the
+next step and goes on from its saved state.
+
+The relay builds no data: the topology and protocol come from the config, the model's size
+from the nodes' answers to the mapping query (they must agree).
 """
 
 from __future__ import annotations
@@ -41,19 +46,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from fedmerge.config import SimConfig
-from fedmerge.decentralized.consensus import distances, flat_state
+from fedmerge.decentralized.consensus import distances
 from fedmerge.decentralized.engine import OnRound, Row
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
-from fedmerge.decentralized.setup import Setup, build_setup
+from fedmerge.decentralized.protocols import Protocol, get_protocol
+from fedmerge.decentralized.setup import check_codec, run_topology
 from fedmerge.errors import ConfigError, FedmergeError, ValidationError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.flower.records import array_blob, blob_array
 from fedmerge.stheader import parse_header
-from fedmerge.topology import RoundPlan
+from fedmerge.topology import RoundPlan, Topology
 
 PARTITION_QUERY = "query.partition"
 STEP = "train.step"
+POLL_S = 0.05  # seconds between pulls for replies (Flower's send_and_receive waits 3 s)
 
 
 @dataclass
@@ -72,9 +79,10 @@ class FlowerTimeout(FedmergeError):
     """Flower nodes did not connect or answer in time; the message says what was seen."""
 
 
-def map_nodes(grid: Grid, n: int, timeout: float) -> dict[int, int]:
-    """Topology node (partition id) → Flower node id, from a query to every node; waits up
-    to ``timeout`` seconds for n nodes to connect, and as long for their answers."""
+def map_nodes(grid: Grid, n: int, timeout: float, config_json: str) -> tuple[dict[int, int], int]:
+    """(topology node (partition id) → Flower node id, flat model length), from a query to
+    every node; waits up to ``timeout`` seconds for n nodes to connect, and as long for
+    their answers."""
     deadline = time.monotonic() + timeout
     while len(ids := sorted(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
@@ -85,19 +93,7 @@ def map_nodes(grid: Grid, n: int, timeout: float) -> dict[int, int]:
                 "flower.connect_timeout_s"
             )
         time.sleep(0.5)
-    queries = [Message(RecordDict(), node_id, PARTITION_QUERY) for node_id in ids]
-    mapping: dict[int, int] = {}
-    answered = set()
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        answered.add(reply.metadata.src_node_id)
-        if reply.has_error():
-            log(WARNING, "node %d: partition query failed: %s", reply.metadata.src_node_id,
-                reply.error.reason)  # fmt: skip
-            continue
-        pid = int(reply.content.config_records["partition"]["partition-id"])
-        if pid in mapping:
-            raise ConfigError(f"two Flower nodes claim partition-id {pid}")
-        mapping[pid] = reply.metadata.src_node_id
+    mapping, lengths, errors, answered = query_nodes(grid, ids, config_json, timeout)
     missing = sorted(set(range(n)) - set(mapping))
     silent = sorted(set(ids) - answered)
     if missing and silent:
@@ -107,17 +103,90 @@ def map_nodes(grid: Grid, n: int, timeout: float) -> dict[int, int]:
             f"0..{n - 1})"
         )
     if missing:
+        why = f"; node errors: {'; '.join(errors[:3])}" if errors else ""
         raise ConfigError(
             f"no Flower node has partition-id {missing[:10]} (need 0..{n - 1}; seen: "
-            f"{sorted(mapping)[:10]})"
+            f"{sorted(mapping)[:10]}){why}"
         )
     extra = sorted(set(mapping) - set(range(n)))
     if extra:
         log(WARNING, "nodes with partition-id %s are not in the topology; left idle", extra)
     mapping = {pid: mapping[pid] for pid in range(n)}
+    sizes = {lengths[pid] for pid in mapping}
+    if len(sizes) != 1:
+        raise ConfigError(f"the nodes' models differ in size (parameters per node: "
+                          f"{ {pid: lengths[pid] for pid in mapping} })")  # fmt: skip
     for pid, node_id in mapping.items():
         log(INFO, "fedmerge: topology node %d <- Flower node %d", pid, node_id)
-    return mapping
+    return mapping, sizes.pop()
+
+
+def query_nodes(
+    grid: Grid, ids: Sequence[int], config_json: str, timeout: float
+) -> tuple[dict[int, int], dict[int, int], list[str], set[int]]:
+    """Ask Flower nodes ``ids`` for their partition id and flat model length: (partition id
+    → node id, partition id → length, error reasons, the node ids that answered)."""
+    query = RecordDict({"query": ConfigRecord({"config": config_json})})
+    queries = [Message(query, node_id, PARTITION_QUERY) for node_id in ids]
+    mapping: dict[int, int] = {}
+    lengths: dict[int, int] = {}
+    errors, answered = [], set()
+    for reply in exchange(grid, queries, timeout):
+        src = reply.metadata.src_node_id
+        answered.add(src)
+        if reply.has_error():
+            log(WARNING, "node %d: partition query failed: %s", src, reply.error.reason)
+            errors.append(f"node {src}: {reply.error.reason[:300]}")
+            continue
+        rec = reply.content.config_records["partition"]
+        pid = int(rec["partition-id"])
+        if pid in mapping:
+            raise ConfigError(f"two Flower nodes claim partition-id {pid}")
+        mapping[pid], lengths[pid] = src, int(rec.get("flat-len", -1))
+    return mapping, lengths, errors, answered
+
+
+def rejoin(
+    grid: Grid, mapping: dict[int, int], absent: set[int], seen: set[int], config_json: str,
+    flat_len: int, timeout: float,
+) -> None:  # fmt: skip
+    """Map topology nodes in ``absent`` (no reply at the last step) that came back under a new
+    Flower node id (a restarted SuperNode registers anew): query connected nodes not in
+    ``seen`` (until they answer) and move the partition ids they claim; a node that replied
+    keeps its id."""
+    new = sorted(set(grid.get_node_ids()) - seen)
+    if not new or not absent:
+        return
+    found, lengths, _, answered = query_nodes(grid, new, config_json, timeout)
+    seen.update(answered)  # a node still starting is asked again at the next step
+    for pid, node_id in found.items():
+        if pid in absent and lengths[pid] == flat_len:
+            log(INFO, "fedmerge: topology node %d rejoined as Flower node %d (was %d)", pid,
+                node_id, mapping[pid])  # fmt: skip
+            mapping[pid] = node_id
+        else:
+            log(WARNING, "Flower node %d claims topology node %d, which %s; ignored", node_id,
+                pid, "has another model size" if pid in absent else "is not absent")  # fmt: skip
+
+
+def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None) -> list[Message]:
+    """Push ``msgs`` and pull their replies every :data:`POLL_S` seconds until all are in or
+    ``timeout`` seconds passed (None: no limit). Logs the push and the wait."""
+    start = time.perf_counter()
+    waiting = set(grid.push_messages(msgs))
+    pushed = time.perf_counter()
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or (end is not None and time.monotonic() >= end):
+            break
+        time.sleep(POLL_S)
+    log(INFO, "fedmerge: %d messages pushed in %.2f s, %d replies %.2f s later", len(msgs),
+        pushed - start, len(replies), time.perf_counter() - pushed)  # fmt: skip
+    return replies
 
 
 @dataclass
@@ -160,26 +229,41 @@ def step_messages(
     return messages
 
 
+def shared_setup(cfg: SimConfig) -> tuple[Protocol, Topology]:
+    """The part of the setup the relay needs, without data: protocol and topology."""
+    protocol = get_protocol(cfg.protocol.name)
+    if protocol.pool_data:
+        raise ConfigError(f"protocol.name {cfg.protocol.name!r} pools every node's data into "
+                          "one model: run it in process (fedmerge simulate)")  # fmt: skip
+    topology = run_topology(cfg, protocol)
+    check_codec(cfg, protocol, topology)
+    return protocol, topology
+
+
 def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | None) -> list[Row]:
     """Run ``cfg`` on the connected nodes: R + 1 pipelined steps; the metrics rows."""
     check_faults(cfg.faults, "flower", get_runtime("flower").faults)
-    setup = build_setup(cfg)
-    n, merges = setup.n, setup.protocol.merge is not None
+    protocol, topology = shared_setup(cfg)
+    n, merges = topology.n, protocol.merge is not None
     connect = opts.connect_timeout or cfg.flower.connect_timeout(n)
-    mapping = map_nodes(grid, n, connect)
-    back = {node_id: pid for pid, node_id in mapping.items()}
     config_json = json.dumps(cfg.to_dict())
-    flat_len = flat_state(setup.model(0).state_dict()).numel()
+    mapping, flat_len = map_nodes(grid, n, connect, config_json)
+    seen = set(grid.get_node_ids())
     faults = FaultModel(cfg.faults, n, cfg.seed)
     rows: list[Row] = []
     prev: Round | None = None
+    replies: dict[int, RecordDict] = {}
     clock = time.perf_counter()
     for k in range(cfg.rounds + 1):
+        if k > 0:
+            absent = set(range(n)) - set(replies)
+            rejoin(grid, mapping, absent, seen, config_json, flat_len, opts.timeout or connect)
+        back = {node_id: pid for pid, node_id in mapping.items()}
         cur = Round(*faults.nodes(k)) if k < cfg.rounds else None
         msgs = step_messages(k, config_json, mapping, prev, cur, merges, opts)
         replies = collect(grid, msgs, back, opts, k, flat_len)
         if cur is not None:
-            close_round(cur, replies, setup, faults, k, merges)
+            close_round(cur, replies, topology, faults, k, merges, cfg.rounds)
         if prev is not None:
             new = round_rows(k - 1, prev, replies, n)
             now = time.perf_counter()
@@ -201,7 +285,7 @@ def collect(
     (:func:`malformed`) are skipped for the step, the node named in the log."""
     replies: dict[int, RecordDict] = {}
     failed: dict[int, str] = {}
-    for reply in grid.send_and_receive(msgs, timeout=opts.timeout):
+    for reply in exchange(grid, msgs, opts.timeout):
         pid = back.get(reply.metadata.src_node_id)
         why = reply.error.reason if reply.has_error() else malformed(reply.content, flat_len)
         if pid is None:
@@ -252,8 +336,8 @@ def malformed(rec: RecordDict, flat_len: int) -> str | None:
 
 
 def close_round(
-    cur: Round, replies: Mapping[int, RecordDict], setup: Setup, faults: FaultModel, r: int,
-    merges: bool,
+    cur: Round, replies: Mapping[int, RecordDict], topology: Topology, faults: FaultModel,
+    r: int, merges: bool, rounds: int,
 ) -> None:  # fmt: skip
     """Round r after its train step: who is present, its plan, lost messages, payloads."""
     for i in np.flatnonzero(cur.active):
@@ -267,7 +351,7 @@ def close_round(
     if not merges:
         return
     present = None if cur.active.all() else np.flatnonzero(cur.active).tolist()
-    cur.plan = setup.topology.round(r, active=present, total_rounds=setup.config.rounds)
+    cur.plan = topology.round(r, active=present, total_rounds=rounds)
     cur.lost = faults.lost(r, len(cur.plan.messages))
 
 

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmerge.config import SimConfig, default_config, load_config
 from fedmerge.decentralized.engine import OnRound, Row
 from fedmerge.errors import FedmergeError
+from fedmerge.runtimes.flower.polling import quick_pulls
 from fedmerge.runtimes.flower.relay import RelayOptions, relay
 
 
@@ -82,6 +83,9 @@ def run_config_server_app(app_dir: Path, write: Write) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from flwr.superlink.grid import http_grid
+
+        quick_pulls(http_grid)  # replies' payloads: retried after 0.02 s, not 1 s (.polling)
         cfg, out = config_from_run(context.run_config, app_dir)
         start = time.perf_counter()
         rows = relay(grid, cfg, run_options(context.run_config), None)

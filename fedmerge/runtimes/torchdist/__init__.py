@@ -24,7 +24,8 @@ group over the survivors and goes on; its rows then read ``active: false`` with 
 
 Modules, one concern each: :mod:`.round` (one rank's round), :mod:`.exchange` and
 :mod:`.wire` (the data plane), :mod:`.control` (agreement and the failure policy),
-:mod:`.layout` (nodes on ranks, backend), :mod:`.launch` (connect, run, local launcher).
+:mod:`.layout` (nodes on ranks, backend), :mod:`.resume` (saved rounds, restart and resume),
+:mod:`.launch` (connect, run, local launcher), :mod:`.sidecar` (merging for external trainers).
 """
 
 from fedmerge.runtimes.torchdist.control import Excluded, PeerFailure

@@ -21,7 +21,7 @@ import numpy as np
 import torch.distributed as dist
 
 from fedmerge.errors import FedmergeError
-from fedmerge.runtimes.torchdist.layout import Layout
+from fedmerge.runtimes.torchdist.layout import Layout, pick_backend
 
 log = logging.getLogger("fedmerge.torchdist")
 Rows = list[dict[str, Any]]
@@ -129,6 +129,29 @@ class Membership:
         self.control.live = ranks
         for k in gone:
             self.alive[self.layout.nodes_of(k)] = False
+
+
+def gather(store: dist.Store, rank: int, world: int, key: str, value: str, what: str) -> list[str]:
+    """Publish ``value`` under ``key/rank`` and return every rank's, waiting for them up to
+    the store's timeout (then :class:`PeerFailure` saying ``what`` they were to agree on)."""
+    store.set(f"{key}/{rank}", value)
+    try:
+        return [store.get(f"{key}/{k}").decode() for k in range(world)]
+    except (RuntimeError, dist.DistStoreError) as exc:
+        raise PeerFailure(
+            f"rank {rank}: not every rank started within the store's timeout "
+            f"(distributed.timeout_s) to agree on {what}: {short_error(exc)}"
+        ) from exc
+
+
+def agree_backend(store: dist.Store, rank: int, world: int, choice: str) -> str:
+    """The backend of every rank: ``auto`` is nccl only if every rank picks nccl (a host
+    without enough GPUs makes it gloo everywhere: one process group needs one backend)."""
+    mine = pick_backend(choice)
+    if choice != "auto":
+        return mine
+    every = set(gather(store, rank, world, "backend", mine, "the backend"))
+    return "nccl" if every == {"nccl"} else "gloo"
 
 
 def short_error(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError, FedmergeError
 from fedmerge.runtimes import get_runtime
 from fedmerge.runtimes.torchdist.control import Excluded, PeerFailure
+from fedmerge.runtimes.torchdist.resume import run_identity
 from fedmerge.runtimes.torchdist.round import RankRunner, Rows
 
 PREFIX_ENV = "FEDMERGE_TORCHDIST_PREFIX"
@@ -69,8 +70,11 @@ def run_rank(
         if node_file:
             local = int(os.environ.get("LOCAL_RANK", rank))
             node = read_node_file(node_file_for(node_file, rank, local))
-        runner = RankRunner(cfg, store, rank, world, node)
-        for r in range(cfg.rounds):
+        runner = RankRunner(cfg, store, rank, world, node, run_identity(cfg))
+        if runner.members.leader:  # the rounds before a resumed run's start
+            for r, rows in enumerate(runner.history):
+                store.set(f"result/{r}", json.dumps(rows))
+        for r in range(runner.start, cfg.rounds):
             got = runner.round(r)
             if got is not None:
                 store.set(f"result/{r}", json.dumps(got))

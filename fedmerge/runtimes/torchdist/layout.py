@@ -47,8 +47,8 @@ def make_layout(n: int, world: int, agents_per_rank: int) -> Layout:
 
 
 def pick_backend(choice: str) -> str:
-    """gloo or nccl: ``auto`` takes nccl when CUDA is there, LOCAL_RANK is set and every local
-    rank gets its own GPU."""
+    """gloo or nccl, as this rank sees it: ``auto`` takes nccl when CUDA is there, LOCAL_RANK
+    is set and every local rank gets its own GPU."""
     cuda = torch.cuda.is_available()
     if choice == "nccl" and not cuda:
         raise ConfigError("distributed.backend: nccl needs CUDA; none is available here")
@@ -57,3 +57,11 @@ def pick_backend(choice: str) -> str:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     fits = cuda and torch.cuda.device_count() >= local_world
     return "nccl" if fits and "LOCAL_RANK" in os.environ else "gloo"
+
+
+def wire_device(backend: str) -> torch.device:
+    """Where payload buffers move: NCCL sends from this rank's GPU (``cuda:LOCAL_RANK``),
+    gloo from the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")

@@ -15,7 +15,7 @@ fault model, so every rank computes the same plan; each hosts a block of nodes
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -31,29 +31,36 @@ from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.node import NodeSources
-from fedmerge.decentralized.persist import save_agent
 from fedmerge.decentralized.protocols import MergeContext
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
-from fedmerge.runtimes.torchdist.control import Control, Membership, PeerFailure, short_error
+from fedmerge.runtimes.torchdist.control import (
+    Control,
+    Membership,
+    PeerFailure,
+    agree_backend,
+    short_error,
+)
 from fedmerge.runtimes.torchdist.exchange import Exchange
-from fedmerge.runtimes.torchdist.layout import Layout, make_layout, pick_backend
+from fedmerge.runtimes.torchdist.layout import Layout, make_layout, wire_device
+from fedmerge.runtimes.torchdist.resume import Generations, agree_round, share_history
 
 Rows = list[dict[str, Any]]
+log = logging.getLogger("fedmerge.torchdist")
 
 
 def join_group(
     cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout
 ) -> tuple[torch.device, Membership]:
-    """Start this rank's process group (``distributed.backend``; NCCL: the GPU LOCAL_RANK)
-    and its view of the membership; returns (the device payloads move on, membership)."""
+    """Start this rank's process group (``distributed.backend``, agreed by every rank; NCCL:
+    the GPU LOCAL_RANK) and its view of the membership; returns (the device payloads move
+    on, membership)."""
     d = cfg.distributed
-    backend = pick_backend(d.backend)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    backend = agree_backend(store, rank, world, d.backend)
+    device = wire_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
         backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
@@ -66,11 +73,13 @@ def join_group(
 class RankRunner:
     """One rank of a run: its agents, its process group, its share of every round. A
     deployed ``node`` hosts that one node from its own sources, and saves its agent state
-    to its ``state_dir`` (if any) after every round."""
+    to its ``state_dir`` (if any) after every round (:mod:`.resume`). ``start``: the round
+    the run resumes at (0: from the start); ``history``: the run's rows before it, per round
+    (on every rank); ``run``: the run's identity in the state directories."""
 
     def __init__(
         self, cfg: SimConfig, store: dist.Store, rank: int, world: int,
-        node: NodeSources | None = None,
+        node: NodeSources | None = None, run: str = "",
     ) -> None:  # fmt: skip
         check_faults(cfg.faults, "torchdist", get_runtime("torchdist").faults)
         d = cfg.distributed
@@ -89,6 +98,22 @@ class RankRunner:
         self.faults = FaultModel(cfg.faults, self.setup.n, cfg.seed)
         self.exchange = Exchange.for_agents(self.members, self.device, self.agents.values())
         self.calibration = self.setup.calibration()
+        self.saved = None
+        if node is not None and node.state_dir is not None:
+            self.saved = Generations(node.state_dir, run)
+        self.start, self.rows, self.history = self.resume(store, world)
+
+    def resume(self, store: dist.Store, world: int) -> tuple[int, Rows, list[Rows]]:
+        """(the round every rank resumes at, this rank's rows so far, the run's rows before
+        it per round); the hosted agents are loaded from the saved round."""
+        held = self.saved.held() if self.saved is not None else []
+        start = agree_round(store, self.rank, world, held)
+        if not start:
+            return 0, [], []
+        rows = self.saved.restore(self.agents, start)
+        log.warning("rank %d: resumed after round %d (its newest saved round: %d) from %s",
+                    self.rank, start, held[0], self.saved.dir(start))  # fmt: skip
+        return start, rows, share_history(store, self.rank, world, start, rows, self.setup.n)
 
     # -- one round -----------------------------------------------------------------------
     def round(self, r: int) -> Rows | None:
@@ -118,9 +143,9 @@ class RankRunner:
             ))  # fmt: skip
         for row, dist_i in zip(rows, self.consensus(r), strict=True):
             row["consensus"], row["wall_s"] = dist_i, time.perf_counter() - start
-        if self.node is not None and self.node.state_dir is not None:
-            self.node.state_dir.mkdir(parents=True, exist_ok=True)
-            save_agent(self.agents[self.node.node], self.node.state_dir, r + 1)
+        if self.saved is not None:
+            self.rows += rows
+            self.saved.save(self.agents, r + 1, self.rows, full=bool(self.members.alive.all()))
         ranks, values = self.members.settle(r, "rows", {}, rows)
         if not self.members.leader:
             return None

@@ -13,10 +13,9 @@ Node i of the run config's topology is rank i. Round r on every rank::
     write     merged-<r>.safetensors and merged.json; the agent state (two generations)
 
 Restart: the ranks of a restarted run (e.g. torchrun ``--max-restarts``) resume from the
-last round every rank saved. A rank saves round r only after all ranks checked in at round
-r, so the saved rounds differ by at most one; each rank keeps its last two states
-(``state/g0``, ``state/g1``) and loads the one of the agreed round, and the round after it
-is done again by everyone.
+last round every rank saved (:mod:`.resume`: ``state/round-NNNNNN/``, the last two kept). A
+rank saves round r only after all ranks checked in at round r, so the saved rounds differ by
+at most one; the round after the agreed one is done again by everyone.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fedmerge.checkpoint import read_metadata
 from fedmerge.config import SimConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized import handoff
@@ -36,13 +34,13 @@ from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import check_faults
 from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent, load_checkpoint
-from fedmerge.decentralized.persist import restore_agent, save_agent, state_file
 from fedmerge.decentralized.protocols import get_protocol, gossip
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import run_topology
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.runtimes.torchdist.exchange import Exchange
 from fedmerge.runtimes.torchdist.layout import make_layout
+from fedmerge.runtimes.torchdist.resume import Generations, agree_round, run_identity
 from fedmerge.runtimes.torchdist.round import join_group
 
 
@@ -85,6 +83,7 @@ class Sidecar:
             rank, CheckpointModel(load_checkpoint(first)), AgentData(none, none, none, none),
             train=cfg.train, validation=cfg.validation, seed=cfg.seed, reference=ref,
         )  # fmt: skip
+        self.saved = Generations(opts.state, run_identity(cfg))
         self.start = self.resume(store, world)
         self.device, self.members = join_group(cfg, store, rank, world, self.layout)
         self.exchange = Exchange.for_agents(self.members, self.device, [self.agent])
@@ -99,17 +98,11 @@ class Sidecar:
             time.sleep(0.05)
         return got[1]
 
-    def generation(self, round: int) -> Path:
-        return self.opts.state / f"g{round % 2}"
-
     def resume(self, store: dist.Store, world: int) -> int:
         """The round to start from: the last one every rank saved (its state loaded), or 0."""
-        saved = [int(read_metadata(f)["round"]) for g in (0, 1)
-                 if (f := state_file(self.opts.state / f"g{g}", self.rank)).exists()]  # fmt: skip
-        store.set(f"resume/{self.rank}", str(max(saved, default=0)))
-        start = min(int(store.get(f"resume/{k}")) for k in range(world))
-        if start and restore_agent(self.agent, self.generation(start)) != start:
-            raise CheckpointError(f"{self.opts.state}: no saved state of round {start}")
+        start = agree_round(store, self.rank, world, self.saved.held())
+        if start:
+            self.saved.restore({self.rank: self.agent}, start)
         return start
 
     def take(self, r: int) -> str:
@@ -132,8 +125,7 @@ class Sidecar:
         got = receive_and_merge(self.agent, inbox.get(i, []), dict(plan.neighbors[i])[i],
                                 self.protocol, ctx)  # fmt: skip
         handoff.write_merged(self.opts.watch, r + 1, self.agent.state(), source)
-        self.generation(r + 1).mkdir(parents=True, exist_ok=True)
-        save_agent(self.agent, self.generation(r + 1), r + 1)
+        self.saved.save({self.rank: self.agent}, r + 1, [], full=True)
         return {"round": r + 1, "source": source, "received": got.received,
                 "rejected": got.rejected}  # fmt: skip
 

@@ -1,0 +1,145 @@
+"""The pieces behind a fast Flower deployment, in process: nodes with their own files answer
+the relay with the simulator's rows, an agent kept in memory equals one restored from its
+state file, and the SuperNode poll launcher changes only what it should."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from types import ModuleType
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedmerge.config import load_config
+from fedmerge.decentralized.nodedirs import export_split
+from fedmerge.runtimes.flower.polling import CappedSleep, cap_sleeps, quick_pulls
+from fedmerge.runtimes.flower.relay import RelayOptions, relay
+from fedmerge.runtimes.flower.supernode import split_poll
+from fedmerge.runtimes.local.simulator import Simulator
+from tests.test_flower import RING4, LoopbackGrid, assert_same_rows, server_identity  # noqa: F401
+
+# the module (the package's attribute of that name is the ClientApp object)
+client_app = importlib.import_module("fedmerge.runtimes.flower.client_app")
+
+
+@pytest.mark.parametrize("init", ["same", "different"])
+def test_nodes_with_their_own_files_give_the_simulators_rows(tmp_path, init):
+    cfg = load_config(None, [*RING4, f"model.init={init}"])
+    files = export_split(cfg, tmp_path / "nodes")
+    grid = LoopbackGrid(4, configs=[{"node-file": str(f)} for f in reversed(files)])
+    rows = relay(grid, cfg, RelayOptions(timeout=1.0, state_dir=str(tmp_path / "x")), None)
+    assert_same_rows(Simulator(cfg).run(), rows)
+    for i, f in enumerate(files):  # each node's state went to its node file's state_dir
+        assert (f.parent / "state" / "run-7" / f"agent-{i:04d}.safetensors").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_agent_kept_in_memory_equals_one_restored_from_its_file(tmp_path, monkeypatch):
+    choco = ["protocol.codec=topk", "protocol.codec_params={}", "protocol.consensus_step=0.5"]
+    cfg = load_config(None, [*RING4, *choco])  # the codec's state is kept too
+    runs = []
+    for size in (0, 8):  # 0: every step restores from the file; 8: every step is a hit
+        monkeypatch.setattr(client_app, "AGENTS", client_app.AgentCache(size))
+        opts = RelayOptions(timeout=1.0, state_dir=str(tmp_path / f"cache-{size}"))
+        runs.append(relay(LoopbackGrid(4), cfg, opts, None))
+    assert_same_rows(runs[0], runs[1], tol=0)
+    assert len(client_app.AGENTS.items) == 4
+
+
+def test_a_failed_step_drops_the_kept_agent(tmp_path):
+    cache = client_app.AgentCache(2)
+    setup = client_app.cached_setup(_config_json(load_config(None, RING4)))
+    agent = cache.take(setup, 1, tmp_path, 0)
+    cache.put(agent, tmp_path, 0)
+    assert cache.take(setup, 1, tmp_path, 1) is agent  # the step after the saved one: a hit
+    again = cache.take(setup, 1, tmp_path, 1)  # taken and not put back (the step failed)
+    assert again is not agent and again.state().keys() == agent.state().keys()
+
+
+def _config_json(cfg) -> str:
+    return json.dumps(cfg.to_dict())
+
+
+def test_supernode_poll_launcher_caps_sleeps_and_passes_flowers_arguments(monkeypatch):
+    assert split_poll(["--insecure", "--poll-s", "0.1", "--port", "9"]) == (
+        0.1, ["--insecure", "--port", "9"])  # fmt: skip
+    assert split_poll(["--poll-s=0.5"])[0] == 0.5 and split_poll([])[0] == 0.2
+    with pytest.raises(SystemExit, match="outside"):
+        split_poll(["--poll-s", "10"])
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    CappedSleep(0.2).sleep(3)
+    CappedSleep(0.2).sleep(0.1)
+    assert slept == [0.2, 0.1] and CappedSleep(1).monotonic is time.monotonic
+    from flwr.supernode import start_client_internal
+
+    assert start_client_internal.time is time  # the loop fedmerge knows (flwr 1.41)
+    with pytest.raises(RuntimeError, match="not the one fedmerge knows"):
+        cap_sleeps(ModuleType("elsewhere"), 0.1)
+
+
+def test_quick_pulls_retries_missing_objects_soon(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    module = ModuleType("puller")
+    module.pull_objects = inflatable_utils.pull_objects
+    monkeypatch.setattr(inflatable_utils, "_flwr_pull_objects", None, raising=False)
+    quick_pulls(module)
+    quick_pulls(module)  # idempotent
+    assert module.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.5,
+                                            "max_tries_per_object": None}  # fmt: skip
+    tries = []
+
+    def pull(object_id: str) -> bytes:  # pushed after the third ask
+        tries.append(object_id)
+        if len(tries) <= 3:
+            raise ObjectUnavailableError(object_id)
+        return b"x"
+
+    assert module.pull_objects(["a"], pull) == {"a": b"x"} and len(tries) == 4
+    with pytest.raises(RuntimeError, match="not Flower 1.41's"):
+        quick_pulls(ModuleType("elsewhere"))
+
+
+class Restarting(LoopbackGrid):
+    """Flower node 1002 (topology node 2) dies at step 2; node ``new_id`` with node config
+    ``claims`` connects right after (a restarted SuperNode registers under a new id)."""
+
+    def __init__(self, new_id: int, claims: int):
+        super().__init__(4)
+        self.new_id, self.revived = new_id, False
+        self.contexts[new_id] = Context(7, new_id, {"partition-id": claims}, RecordDict(), {})
+
+    def get_node_ids(self):
+        return [i for i in self.contexts if i != self.new_id or self.revived]
+
+    def push_messages(self, messages):
+        live = []
+        for m in messages:
+            step = m.content.config_records.get("step")
+            if m.metadata.dst_node_id == 1002 and step is not None and int(step["step"]) >= 2:
+                self.revived = True  # the message is lost with the node
+                m.metadata.__dict__["_message_id"] = m.object_id
+            else:
+                live.append(m)
+        return [*super().push_messages(live), *(m.object_id for m in messages if m not in live)]
+
+
+def test_a_restarted_node_is_mapped_again_and_goes_on_from_its_file(tmp_path):
+    cfg = load_config(None, RING4)  # 3 rounds: steps 0..3
+    opts = RelayOptions(timeout=0.5, state_dir=str(tmp_path))
+    by = {(r["round"], r["agent"]): r for r in relay(Restarting(2002, 2), cfg, opts, None)}
+    assert by[2, 2]["global_acc"] is None and not by[3, 2]["active"]  # step 2 was lost
+    assert by[3, 2]["global_acc"] is not None  # step 3: node 2 is back, from its file
+    assert by[3, 1]["bytes_received"] == by[3, 0]["bytes_received"] // 2  # 2 sent nothing
+
+
+def test_a_new_node_cannot_take_over_a_live_topology_node(tmp_path, caplog):
+    cfg = load_config(None, RING4)
+    opts = RelayOptions(timeout=0.5, state_dir=str(tmp_path))
+    by = {(r["round"], r["agent"]): r for r in relay(Restarting(2001, 1), cfg, opts, None)}
+    assert by[3, 1]["global_acc"] is not None and by[3, 2]["global_acc"] is None
+    assert "claims topology node 1, which is not absent; ignored" in caplog.text
