@@ -116,8 +116,8 @@ def flower_reply(node: int, *, flat=None, stype="safetensors", nbytes=10, extra=
     content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
     if extra:
         content = extra(content)
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=100 + node), content=content,
-                           has_error=lambda: False)  # fmt: skip
+    meta = SimpleNamespace(src_node_id=100 + node, reply_to_message_id="step")
+    return SimpleNamespace(metadata=meta, content=content, has_error=lambda: False)
 
 
 def test_one_malformed_flower_reply_skips_that_node_only():
@@ -137,7 +137,8 @@ def test_one_malformed_flower_reply_skips_that_node_only():
                flower_reply(2, stype="numpy.ndarray"), flower_reply(3, nbytes=None),
                flower_reply(4, flat=torch.full((6,), float("nan"), dtype=torch.float64)),
                flower_reply(5, extra=no_metrics)]  # fmt: skip
-    grid = SimpleNamespace(send_and_receive=lambda msgs, timeout: replies)
+    # the relay pushes one step message (id "step") and pulls its replies
+    grid = SimpleNamespace(push_messages=lambda msgs: ["step"], pull_messages=lambda ids: replies)
     back = {100 + i: i for i in range(6)}
     got = collect(grid, [], back, RelayOptions(), 0, flat_len=6)
     assert sorted(got) == [0]
