@@ -137,7 +137,6 @@ def share_history(store: dist.Store, rank: int, world: int, start: int, rows: Ro
                   n: int) -> list[Rows]:  # fmt: skip
     """Every rank's saved ``rows`` through the store: the run's rows of rounds 1 … start, per
     round (a node no rank reported, e.g. dropped by ``continue``, reads as inactive)."""
-    store.set(f"history/{rank}", json.dumps(rows))
-    got = {(row["round"], row["agent"]): row
-           for k in range(world) for row in json.loads(store.get(f"history/{k}"))}  # fmt: skip
+    published = gather(store, rank, world, "history", json.dumps(rows), "the run's history")
+    got = {(row["round"], row["agent"]): row for v in published for row in json.loads(v)}
     return [[got.get((r, i)) or metrics_row(r, i) for i in range(n)] for r in range(1, start + 1)]
