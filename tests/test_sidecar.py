@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmerge.checkpoint import read_metadata, save_state_dict
+from fedmerge.checkpoint import load_state_dict, read_metadata, save_state_dict
 from fedmerge.config import load_config
 from fedmerge.decentralized.handoff import (
     CKPT,
     CheckpointModel,
-    load_checkpoint,
     merged_file,
     newest_checkpoint,
     read_pointer,
@@ -95,8 +94,8 @@ def test_sidecars_gossip_trainer_checkpoints_and_survive_a_kill(tmp_path):
     assert len(resumed) == 1 and resumed.pop() >= 2  # all ranks resumed at one saved round
     check_gossip(load_config(tmp_path / "run.yaml"), dirs)
     for d in dirs:
-        assert torch.equal(load_checkpoint(merged_file(d, ROUNDS))["count"],
-                           load_checkpoint(d / read_pointer(d)["source"])["count"])  # fmt: skip
+        assert torch.equal(load_state_dict(merged_file(d, ROUNDS))["count"],
+                           load_state_dict(d / read_pointer(d)["source"])["count"])  # fmt: skip
     for k, d in enumerate(dirs):
         assert read_pointer(d)["round"] == ROUNDS
         state = tmp_path / f"state-{k}"
@@ -115,12 +114,12 @@ def check_gossip(cfg, dirs: list[Path]) -> None:
     steps = {k: [] for k in range(len(dirs))}
     for r in range(1, cfg.rounds + 1):
         source = {j: read_metadata(merged_file(d, r))["source"] for j, d in enumerate(dirs)}
-        theta = {j: load_checkpoint(dirs[j] / source[j]) for j in source}
+        theta = {j: load_state_dict(dirs[j] / source[j]) for j in source}
         for i, d in enumerate(dirs):
             if m := CKPT.fullmatch(source[i]):
                 steps[i].append(int(m[1]))
             w = dict(topo.round(r - 1, total_rounds=cfg.rounds).neighbors[i])
-            merged = load_checkpoint(merged_file(d, r))
+            merged = load_state_dict(merged_file(d, r))
             for key, got in merged.items():
                 if not got.is_floating_point():
                     assert torch.equal(got, theta[i][key])
@@ -128,7 +127,7 @@ def check_gossip(cfg, dirs: list[Path]) -> None:
                 want = sum(w[j] * theta[j][key] for j in w)
                 assert torch.allclose(got, want, atol=1e-6, rtol=0), (r, i, key)
     assert all(s == sorted(s) and len(s) >= 2 for s in steps.values()), steps
-    first = [load_checkpoint(dirs[j] / read_metadata(merged_file(dirs[j], 1))["source"])
+    first = [load_state_dict(dirs[j] / read_metadata(merged_file(dirs[j], 1))["source"])
              for j in range(len(dirs))]  # fmt: skip
     assert any(not torch.allclose(first[0][k], first[1][k]) for k in first[0]
                if first[0][k].is_floating_point())  # the nodes' models differed  # fmt: skip
@@ -191,7 +190,7 @@ def test_checkpoint_model_takes_only_its_own_shapes(tmp_path):
         model.load_state_dict({"a.b": torch.ones(3), "n": torch.tensor(3)})
     save_state_dict({"z": torch.ones(1)}, tmp_path / "c.safetensors")
     with pytest.raises(ValidationError, match=r"\['a.b', 'n', 'z'\]"):
-        model.load_state_dict(load_checkpoint(tmp_path / "c.safetensors"))
+        model.load_state_dict(load_state_dict(tmp_path / "c.safetensors"))
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fedmerge.atomic import atomic_write_text
-from fedmerge.checkpoint import open_checkpoint, save_state_dict
+from fedmerge.checkpoint import load_state_dict, save_state_dict
 from fedmerge.decentralized.agent import Agent
 from fedmerge.errors import CheckpointError, ValidationError
 from fedmerge.statedict import StateDict
@@ -88,13 +88,7 @@ def newer_merge(folder: Path, after: int) -> tuple[int, StateDict] | None:
     pointer = read_pointer(folder)
     if pointer is None or pointer["round"] <= after:
         return None
-    return pointer["round"], load_checkpoint(folder / pointer["file"])
-
-
-def load_checkpoint(path: Path) -> StateDict:
-    """Every tensor of checkpoint ``path``."""
-    with open_checkpoint(path) as ck:
-        return ck.load()
+    return pointer["round"], load_state_dict(folder / pointer["file"])
 
 
 class CheckpointModel(nn.Module):
@@ -129,7 +123,7 @@ class SidecarAgent(Agent):
 
     def take(self, step: int, path: Path) -> None:
         try:
-            self.model.load_state_dict(load_checkpoint(path))
+            self.model.load_state_dict(load_state_dict(path))
         except ValidationError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         self.step = step

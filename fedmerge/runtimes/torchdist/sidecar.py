@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fedmerge.checkpoint import load_state_dict
 from fedmerge.config import SimConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized import handoff
 from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import check_faults
-from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent, load_checkpoint
+from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent
 from fedmerge.decentralized.protocols import get_protocol, gossip
 from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import run_topology
@@ -77,10 +78,10 @@ class Sidecar:
         self.topology = run_topology(cfg, self.protocol)
         self.layout = make_layout(self.topology.n, world, 1)  # one node per rank
         first = self.wait_for_checkpoint(cfg.distributed.timeout_s)
-        ref = None if opts.reference is None else load_checkpoint(opts.reference)
+        ref = None if opts.reference is None else load_state_dict(opts.reference)
         none = torch.empty(0)
         self.agent = SidecarAgent(
-            rank, CheckpointModel(load_checkpoint(first)), AgentData(none, none, none, none),
+            rank, CheckpointModel(load_state_dict(first)), AgentData(none, none, none, none),
             train=cfg.train, validation=cfg.validation, seed=cfg.seed, reference=ref,
         )  # fmt: skip
         self.saved = Generations(opts.state, run_identity(cfg))
