@@ -66,14 +66,18 @@ class Generations:
         ok = ok and isinstance(mark.get("full"), bool) and isinstance(mark.get("rows"), list)
         return mark if ok else None
 
-    def held(self) -> list[int]:
-        """The rounds of this run saved completely, newest first."""
-        rounds = []
+    def complete(self) -> dict[int, dict]:
+        """{round: commit mark} of the rounds of this run saved completely, newest first."""
+        marks = {}
         for d in self.root.glob("round-[0-9]*") if self.root.is_dir() else ():
             r = d.name.removeprefix("round-")
-            if r.isdigit() and self.mark(int(r)) is not None:
-                rounds.append(int(r))
-        return sorted(rounds, reverse=True)
+            if r.isdigit() and (mark := self.mark(int(r))) is not None:
+                marks[int(r)] = mark
+        return dict(sorted(marks.items(), reverse=True))
+
+    def held(self) -> list[int]:
+        """The rounds of this run saved completely, newest first."""
+        return list(self.complete())
 
     def save(self, agents: Mapping[int, Agent], round: int, rows: Rows, full: bool) -> None:
         """Save generation ``round``: the agents, then the mark with ``rows`` (this rank's rows
@@ -91,8 +95,8 @@ class Generations:
     def prune(self, newest: int) -> None:
         """Remove every generation but the two newest complete ones and the newest ``full``
         one (anything this run saved after ``newest`` is stale: it is being done again)."""
-        held = [r for r in self.held() if r <= newest]
-        keep = set(held[:2]) | set([r for r in held if self.mark(r)["full"]][:1])
+        marks = {r: m for r, m in self.complete().items() if r <= newest}
+        keep = set(list(marks)[:2]) | set([r for r, m in marks.items() if m["full"]][:1])
         for d in self.root.glob("round-*"):
             r = d.name.removeprefix("round-")
             if d.is_dir() and not (r.isdigit() and int(r) in keep):
