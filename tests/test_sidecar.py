@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,17 +30,12 @@ from fedmerge.decentralized.protocols import get_protocol
 from fedmerge.decentralized.setup import run_topology
 from fedmerge.errors import CheckpointError, ConfigError, ValidationError
 from fedmerge.runtimes.torchdist.sidecar import Sidecar, SidecarOptions
+from tests.test_torchdist_restart import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 6
 CONFIG = (f"topology: {{graph: ring, n: 3}}\nrounds: {ROUNDS}\nprotocol: {{name: gossip}}\n"
           "distributed: {timeout_s: 8}\n")  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_sidecars(tmp: Path, prefix: str, n: int = 3) -> list[subprocess.Popen]:
