@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -25,14 +26,15 @@ import torch
 import torch.distributed as dist
 
 from fedmerge.config import SimConfig
-from fedmerge.decentralized.agent import make_loss
+from fedmerge.decentralized.agent import Agent, make_loss
 from fedmerge.decentralized.consensus import distances, flat_state
 from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import FaultModel, check_faults
 from fedmerge.decentralized.metrics import metrics_row
 from fedmerge.decentralized.node import NodeSources
+from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.protocols import MergeContext
-from fedmerge.decentralized.receive import receive_and_merge
+from fedmerge.decentralized.receive import Receipt, receive_and_merge
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes import get_runtime
@@ -68,6 +70,19 @@ def join_group(
     )  # fmt: skip
     control = Control(dist.PrefixStore("ctl", store), rank, world, d.timeout_s)
     return device, Membership(control, layout, d.on_peer_failure, d.timeout_s)
+
+
+def exchange_and_merge(
+    exchange: Exchange, plan, lost, payloads: dict[int, Payload], agents: Mapping[int, Agent],
+    protocol, ctx: MergeContext,
+) -> tuple[dict[int, Receipt], dict[int, str]]:  # fmt: skip
+    """Move ``payloads`` over ``exchange``, deliver them, and merge each of ``agents``' inbox
+    (round ``ctx.round``); returns ({node: its receipt}, {peer rank: error} of failed peers)."""
+    remote, suspects = exchange.exchange(ctx.round, plan, lost, payloads)
+    inbox = deliver(plan, {**payloads, **remote}, lost)
+    got = {i: receive_and_merge(a, inbox.get(i, []), dict(plan.neighbors[i])[i], protocol, ctx)
+           for i, a in agents.items()}  # fmt: skip
+    return got, suspects
 
 
 class RankRunner:
@@ -161,16 +176,13 @@ class RankRunner:
         for s, _ in plan.messages:
             if s in self.agents:
                 traffic[s][0] += payloads[s].nbytes
-        remote, suspects = self.exchange.exchange(r, plan, lost, payloads)
-        inbox = deliver(plan, {**payloads, **remote}, lost)
         nodes = self.setup.n if plan.active is None else len(plan.active)
         ctx = MergeContext(r, self.cfg, self.calibration, nodes)
-        for i, agent in self.agents.items():
-            if active[i]:
-                self_weight = dict(plan.neighbors[i])[i]
-                got = receive_and_merge(agent, inbox.get(i, []), self_weight,
-                                        self.setup.protocol, ctx)  # fmt: skip
-                traffic[i][1:] = [got.received, got.rejected]
+        hosted = {i: a for i, a in self.agents.items() if active[i]}
+        got, suspects = exchange_and_merge(self.exchange, plan, lost, payloads, hosted,
+                                           self.setup.protocol, ctx)  # fmt: skip
+        for i, receipt in got.items():
+            traffic[i][1:] = [receipt.received, receipt.rejected]
         return suspects
 
     def consensus(self, r: int) -> list[float]:

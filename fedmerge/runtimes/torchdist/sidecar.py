@@ -8,8 +8,8 @@ Node i of the run config's topology is rank i. Round r on every rank::
     take      the newest new trainer checkpoint (none: keep the last merge)
     publish   θ_i (or τ_i = θ_i − θ_ref with a reference checkpoint)
     exchange  with the neighbours, the torch.distributed runtime's data plane
-    agree     every rank checks in (``on_peer_failure: abort``: a lost rank stops all)
     merge     the round kit's receive_and_merge with the configured gossip protocol
+    agree     every rank checks in (``on_peer_failure: abort``: a lost rank stops all)
     write     merged-<r>.safetensors and merged.json; the agent state (two generations)
 
 Restart: the ranks of a restarted run (e.g. torchrun ``--max-restarts``) resume from the
@@ -32,17 +32,15 @@ from fedmerge.config import SimConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized import handoff
 from fedmerge.decentralized.context import MergeContext
-from fedmerge.decentralized.delivery import deliver
 from fedmerge.decentralized.faults import check_faults
 from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent
 from fedmerge.decentralized.protocols import get_protocol, gossip
-from fedmerge.decentralized.receive import receive_and_merge
 from fedmerge.decentralized.setup import run_topology
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.runtimes.torchdist.exchange import Exchange
 from fedmerge.runtimes.torchdist.layout import make_layout
 from fedmerge.runtimes.torchdist.resume import Generations, agree_round, run_identity
-from fedmerge.runtimes.torchdist.round import join_group
+from fedmerge.runtimes.torchdist.round import exchange_and_merge, join_group
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,15 @@ class Sidecar:
         return got[1].name
 
     def round(self, r: int) -> dict:
-        """Round r (0-based): take, publish, exchange, agree, merge, write; a summary."""
+        """Round r (0-based): take, publish, exchange, merge, agree, write; a summary."""
         i, source = self.rank, self.take(r)
         plan = self.topology.round(r, total_rounds=self.cfg.rounds)
         payload, lost = self.agent.publish(r), [False] * len(plan.messages)
-        remote, suspects = self.exchange.exchange(r, plan, lost, {i: payload})
-        self.members.settle(r, "exchanged", suspects)
-        inbox = deliver(plan, {i: payload, **remote}, lost)
         ctx = MergeContext(r, self.cfg, None, self.topology.n)
-        got = receive_and_merge(self.agent, inbox.get(i, []), dict(plan.neighbors[i])[i],
-                                self.protocol, ctx)  # fmt: skip
+        receipts, suspects = exchange_and_merge(self.exchange, plan, lost, {i: payload},
+                                                {i: self.agent}, self.protocol, ctx)  # fmt: skip
+        self.members.settle(r, "exchanged", suspects)  # before anything is written
+        got = receipts[i]
         handoff.write_merged(self.opts.watch, r + 1, self.agent.state(), source)
         self.saved.save({self.rank: self.agent}, r + 1, [], full=True)
         return {"round": r + 1, "source": source, "received": got.received,
