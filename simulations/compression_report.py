@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmerge.report import pyplot, save_png
+from fedmerge.atomic import atomic_write_text
+from fedmerge.report import markdown, pyplot, save_png
 
 SETTINGS = ["torus-4x4-iid", "ring-16-iid", "torus-4x4-dirichlet", "ring-16-dirichlet"]
 EXPERT_CODECS = {"dense": "float32 τ", "ternary10": "ternary (ComPEFT) 10%",
@@ -68,17 +69,22 @@ def claim_lines(results: dict) -> list[str]:
     return lines
 
 
-def table(results: dict) -> str:
+def grid(first: str, second: str, results: dict, cell) -> str:
+    """A Markdown table: one row per label (first column ``first``), two columns
+    ("<key> acc", ``second``) per key of ``results``, filled by ``cell(c)`` → (acc, MB)
+    (``c`` None: missing)."""
     labels = list(dict.fromkeys(label for cells in results.values() for label in cells))
-    head = "| codec | " + " | ".join(f"{s} acc | MB" for s in results) + " |"
-    rule = "| --- |" + " --- | --- |" * len(results)
-
-    def cell(c: dict | None) -> str:
-        return "– | –" if c is None else f"{c['acc']:.3f} ± {c['std']:.3f} | {c['mb']:.3f}"
-
-    rows = [f"| {label} | " + " | ".join(cell(c.get(label)) for c in results.values()) + " |"
+    heads = [first, *(h for key in results for h in (f"{key} acc", second))]
+    rows = [[label, *(x for c in results.values() for x in cell(c.get(label)))]
             for label in labels]  # fmt: skip
-    return "\n".join([head, rule, *rows])
+    return markdown(heads, rows).rstrip("\n")
+
+
+def table(results: dict) -> str:
+    def cell(c: dict | None) -> tuple[str, str]:
+        return ("–", "–") if c is None else (f"{c['acc']:.3f} ± {c['std']:.3f}", f"{c['mb']:.3f}")
+
+    return grid("codec", "MB", results, cell)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -120,18 +126,12 @@ def read_dissemination(folder: Path) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def dissemination_table(results: dict) -> str:
-    head = "| experts travel as | " + " | ".join(f"{r} acc | MB per node" for r in results) + " |"
-    rule = "| --- |" + " --- | --- |" * len(results)
-    labels = list(dict.fromkeys(label for cells in results.values() for label in cells))
-
-    def cell(c: dict | None) -> str:
+    def cell(c: dict | None) -> tuple[str, str]:
         if c is None:
-            return "– | –"
-        return f"{c['acc']:.3f} ± {c['std']:.3f} ({c['seeds']}) | {c['mb']:.3f}"
+            return "–", "–"
+        return f"{c['acc']:.3f} ± {c['std']:.3f} ({c['seeds']})", f"{c['mb']:.3f}"
 
-    rows = [f"| {label} | " + " | ".join(cell(c.get(label)) for c in results.values()) + " |"
-            for label in labels]  # fmt: skip
-    return "\n".join([head, rule, *rows])
+    return grid("experts travel as", "MB per node", results, cell)
 
 
 def plot_dissemination(results: dict, path: Path) -> None:
@@ -158,13 +158,13 @@ def main(folder: str) -> int:
     if not results:
         sys.exit(f"{root}: no <setting>/table.csv (run the sweeps in simulations/compression.yaml)")
     text = table(results) + "\n\n" + "\n".join(f"- {line}" for line in claim_lines(results))
-    (root / "table.md").write_text(text + "\n")
+    atomic_write_text(root / "table.md", text + "\n")
     plot(results, root / "accuracy_vs_mb.png")
     print(text)
     spread = read_dissemination(root)
     if spread:
         text = dissemination_table(spread)
-        (root / "dissemination.md").write_text(text + "\n")
+        atomic_write_text(root / "dissemination.md", text + "\n")
         plot_dissemination(spread, root / "dissemination_vs_mb.png")
         print("\n" + text)
     return 0
