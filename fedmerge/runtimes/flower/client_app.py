@@ -94,7 +94,6 @@ class AgentCache:
 
     def put(self, agent: Agent, state_dir: Path, k: int) -> None:
         """Save ``agent`` after step k and keep it."""
-        state_dir.mkdir(parents=True, exist_ok=True)
         save_agent(agent, state_dir, k)
         self.items[(state_dir, agent.id)] = (k, agent)
         while len(self.items) > self.size:

@@ -24,15 +24,11 @@ SOURCE = Path(__file__).resolve().parents[3]  # the fedmerge the workers import:
 INSECURE = ("--insecure",)
 
 
-def free_ports(k: int) -> list[int]:
-    """k TCP ports on 127.0.0.1 that were free a moment ago."""
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -69,7 +65,7 @@ class Loopback:
 
     def start(self, timeout: float = 90) -> None:
         """Start the SuperLink (one port for all its APIs) and write the connection."""
-        (port,) = free_ports(1)
+        port = free_port()
         self.ports["superlink"] = port
         (self.folder / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
@@ -84,7 +80,7 @@ class Loopback:
         """Start SuperNode ``name`` with ``--node-config node_config`` (and its worker),
         ``env`` added to their environment."""
         if name not in self.ports:
-            (self.ports[name],) = free_ports(1)
+            self.ports[name] = free_port()
         port, link = self.ports[name], self.ports["superlink"]
         isolation = ["--isolation", "process"] if self.workers else []
         supernode = ["flower-supernode"] if self.poll_s is None else [
