@@ -82,7 +82,7 @@ def check_quantize(entries: dict, spec: TensorSpec, params: Params) -> None:
     n = math.prod(spec.shape)
     shapes = {"codes": (code_width(params["bits"], n),), "scales": (-(-n // params["block"]),)}
     expect(entries, ("codes", "scales"), shapes,
-           {"codes": torch.uint8, "scales": real_dtype(spec.dtype)})  # fmt: skip
+           {"codes": code_dtype(params["bits"]), "scales": real_dtype(spec.dtype)})  # fmt: skip
 
 
 def decode_quantize(

@@ -171,6 +171,8 @@ class Agent:
         given), is rejected first: a forged far-future round must not make its sender's real
         payloads look stale. Every payload must name the sender the transport says it came
         from (``source``)."""
+        if not deliveries:  # nothing to check: no O(P) pass over its own model
+            return []
         accepted, own = [], self.own_bounds()
         for d in deliveries:
             try:

@@ -241,10 +241,11 @@ class StackedEngine:
         shared_norms, own_norms = [], []
         for cols in _block_columns(self.theta):
             block = self.theta[:, cols]
-            shared = block if self.ref is None else block - self.ref[cols]
-            shared_norms.append(shared.double().norm(dim=1))
             own_norms.append(block.double().norm(dim=1))
-        norm, own = _combine(shared_norms).numpy(), _combine(own_norms).numpy()
+            if self.ref is not None:  # else the payload is θ_j: its norm is the own one
+                shared_norms.append((block - self.ref[cols]).double().norm(dim=1))
+        own = _combine(own_norms).numpy()
+        norm = own if self.ref is None else _combine(shared_norms).numpy()
         limit = v.max_bytes or 2 * nbytes
         return (
             np.isfinite(norm[senders])
