@@ -465,3 +465,13 @@ def test_choco_gossip_with_topk_reaches_consensus():
     x0, x, _, _ = choco_rounds(8, "topk", {"density": 0.1}, 0.3, 300)
     spread = [sum(float((xi["w"] - _mean(xs, "w")).norm() ** 2) for xi in xs) for xs in (x0, x)]
     assert spread[1] < 1e-4 * spread[0]
+
+
+def test_global_topk_of_only_empty_tensors_encodes_nothing():
+    """Global top-k over a state whose every tensor is empty (the fuzz test's find): no
+    threshold to select, an empty tensor back."""
+    for bits in (32, 8):
+        enc = encode_state({"t0": torch.zeros(0)}, "topk",
+                           {"density": 1.0, "scope": "global", "bits": bits})  # fmt: skip
+        out = enc.decode()
+        assert list(out) == ["t0"] and out["t0"].shape == (0,)

@@ -73,8 +73,8 @@ _SCOPE = Param(
 
 def global_threshold(tensors: Mapping[str, torch.Tensor], params: Params) -> float | None:
     """Pre-pass for ``scope: global``: the exact TIES threshold over all entries."""
-    if params["scope"] != "global" or not tensors:
-        return None
+    if params["scope"] != "global" or not any(t.numel() for t in tensors.values()):
+        return None  # no entries: nothing to select (``select`` keeps none of an empty tensor)
     g = GlobalThreshold(params["density"], n_experts=1)
     for p in range(g.passes):
         for t in tensors.values():
