@@ -50,6 +50,7 @@ from fedmerge.checkpoint import (
 from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
+from fedmerge.merging import fused as _fused
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
@@ -107,6 +108,7 @@ class MergePlan:
     in_specs: dict[str, TensorSpec]  # the base's
     out_specs: dict[str, TensorSpec]
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    fused: bool = True  # use a method's fused CPU form where it applies (False: torch kernels)
 
     @property
     def mergeable(self) -> list[str]:
@@ -245,7 +247,11 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def _finite(t: torch.Tensor, key: str, name: str) -> None:
     if not _all_finite(t):
-        raise ValidationError(f"{name}: {key!r} has non-finite values (NaN or Inf)")
+        raise _non_finite(key, name)
+
+
+def _non_finite(key: str, name: str) -> ValidationError:
+    return ValidationError(f"{name}: {key!r} has non-finite values (NaN or Inf)")
 
 
 def _renew_generators(plan: MergePlan, ctx: KeyContext) -> None:
@@ -281,6 +287,9 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
     if not is_mergeable(spec):
         return plan.base.get(key).clone()  # never alias a caller's tensor
     parts = blocks(plan, key)
+    out = _merge_fused(plan, key, parts, thresholds)
+    if out is not None:
+        return out.reshape(spec.shape)
     numel = math.prod(spec.shape)
     ctx = KeyContext(key, thresholds=thresholds, numel=numel)
     make_pass = plan.method.tensor_pass
@@ -305,6 +314,37 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
         _finite(block, key, f"merged output ({spec.dtype})")
         start += merged.numel()
     return out.reshape(spec.shape)
+
+
+def _merge_fused(
+    plan: MergePlan, key: str, parts: list[Rows], thresholds: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The merged key ``(numel,)`` by the method's fused form, or None where none applies
+    (no form, not CPU, a dtype it does not read or write, parameters it leaves to torch).
+
+    A block with a non-finite value is read again the torch way, which names the
+    input (or else the output) as the torch path does.
+    """
+    form, spec = plan.method.fused, plan.out_specs[key]
+    dtypes = (plan.in_specs[key].dtype, spec.dtype)
+    if not (plan.fused and form and all(d in _fused.DTYPES for d in dtypes)):
+        return None
+
+    def read(rows: Rows) -> _fused.Block:
+        return _read(plan.base, key, rows), [_read(e, key, rows) for e in plan.experts]
+
+    out = torch.empty(math.prod(spec.shape), dtype=spec.dtype)
+    call = _fused.FusedCall(read, parts, out, plan.weights, plan.params, thresholds)
+    try:
+        bad = form(call)
+    except _fused.NotOnCPU:  # found on the first block read, before anything is written
+        return None
+    if bad is NotImplemented:
+        return None
+    if bad is not None:
+        _load(plan, key, parts[bad])  # raises for a non-finite input
+        raise _non_finite(key, f"merged output ({spec.dtype})")
+    return out
 
 
 def run_plan(

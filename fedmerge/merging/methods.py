@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedmerge.merging import fused
 from fedmerge.merging.globalk import GlobalThreshold
 from fedmerge.merging.registry import Param, register
 from fedmerge.merging.sparsify import (
@@ -30,6 +31,7 @@ from fedmerge.merging.sparsify import (
     keep_by_threshold,
     magnitude_rank,
     outlier_ranks,
+    sum_rows,
     trim_magnitude,
     trim_outliers,
 )
@@ -85,8 +87,10 @@ _RESCALE = Param(
 
 
 def _mix(tau: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Σ_k w_k τ_k, divided by Σ_k w_k when ``normalize`` (mergekit: unless |Σw| < 1e-8)."""
-    merged = w.to(tau.dtype) @ tau
+    """Σ_k w_k τ_k (products, then an in-order sum: see
+    :func:`~fedmerge.merging.sparsify.sum_rows`), divided by Σ_k w_k when ``normalize``
+    (mergekit: unless |Σw| < 1e-8). Overwrites ``tau``."""
+    merged = sum_rows(tau.mul_(w.to(tau.dtype)[:, None]))
     total = float(w.sum())
     return merged.div_(total) if normalize and abs(total) >= 1e-8 else merged
 
@@ -106,6 +110,7 @@ def _apply(base: torch.Tensor, lam: float, merged: torch.Tensor) -> torch.Tensor
     _normalize(True),
     reference="https://arxiv.org/abs/2203.05482",
     nonnegative_weights=True,
+    fused=fused.average,
 )
 def average(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Weighted average Σ w_k θ_k / Σ w_k (mergekit's linear); without
@@ -119,6 +124,7 @@ def average(base, tau, w, ctx, p: Params) -> torch.Tensor:
     _lam(0.3),
     _normalize(False),
     reference="https://arxiv.org/abs/2212.04089",
+    fused=fused.mix,
 )
 def task_arithmetic(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """Task arithmetic θ_ref + λ·Σ w_k τ_k (default λ = 0.3 as in FusionBench;
@@ -155,6 +161,7 @@ def _ties_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.d
     reference="https://arxiv.org/abs/2306.01708",
     prepass=_ties_prepass,
     tensor_pass=_ties_tensor_pass,
+    fused=fused.ties,
 )
 def ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """TIES-merging: trim each τ_k to its top-density magnitudes, elect the sign

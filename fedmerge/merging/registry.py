@@ -30,7 +30,9 @@ class Method(Entry):
     (shape ``(n,)``, float32/64), the stacked task vectors ``tau`` (``(K, n)``)
     and the per-expert weights ``w`` (``(K,)``) to the merged tensor ``(n,)``.
     ``ctx`` carries per-key extras (seeded generators, Fisher diagonals, global
-    thresholds); ``params`` is the resolved parameter dict.
+    thresholds); ``params`` is the resolved parameter dict. ``fused``: the same
+    method as one loop per element over CPU blocks, bit-identical (see
+    :mod:`fedmerge.merging.fused`), which the engine prefers where it applies.
     """
 
     reference: str = ""
@@ -38,6 +40,7 @@ class Method(Entry):
     nonnegative_weights: bool = False
     prepass: Callable[[Mapping[str, Any], int], Any] | None = None  # (params, K) -> pass | None
     tensor_pass: Callable[..., Any] | None = None  # (params, ctx, K, dtype): see tensorpass.py
+    fused: Callable[..., Any] | None = None  # (FusedCall) -> None | block index | NotImplemented
 
     @property
     def kernel(self) -> Callable[..., Any]:

@@ -228,12 +228,13 @@ def apply_drop(
 
 
 def sum_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t.sum(dim=0)`` of ``t`` ``(K, n)``, bit for bit, ~3× faster for K ≤ 4.
+    """Σ_k t_k of ``t`` ``(K, n)`` in order, ((t₀ + t₁) + t₂) + …, for any K -> ``(n,)``.
 
-    For up to 4 rows torch sums them in order, ((t₀ + t₁) + t₂) + t₃ (tested);
-    adding the rows in place does the same without its strided reduction.
+    One defined order (``t.sum(dim=0)`` changes its order above 4 rows, a BLAS
+    product may use FMA): the fused kernels (:mod:`fedmerge.merging.fused`) add
+    in the same order and give the same bits. One row: ``t.sum(dim=0)`` (0 + t₀).
     """
-    if not 2 <= t.shape[0] <= 4:
+    if t.shape[0] < 2:
         return t.sum(dim=0)
     out = torch.add(t[0], t[1])
     for row in t[2:]:
@@ -270,5 +271,7 @@ def elect_and_combine(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) 
     agreeing = weighted.mul_(elected).clamp_(min=0)  # |w_k τ_k| where the sign agrees, else 0
     merged = sum_rows(agreeing)
     if normalize:
-        merged.div_(_nonzero_divisor(w.to(weighted.dtype) @ agreeing.sign_(), w))
+        # Σ_k w_k·sign(agreeing_k), in order (see sum_rows)
+        divisor = sum_rows(agreeing.sign_().mul_(w.to(weighted.dtype)[:, None]))
+        merged.div_(_nonzero_divisor(divisor, w))
     return merged.mul_(elected)
