@@ -12,6 +12,11 @@ subprocess so that peak memory is its own:
 * mergekit (``mergekit-pytorch``, the raw-checkpoint front end of mergekit-yaml)
   on the same files with the same method and parameters, when available.
 
+Before timing, a throw-away process merges tiny in-memory tensors of each dtype with
+every method, so numba's on-disk cache of the fused loops (``fedmerge/merging/fusedloops.py``)
+holds their machine code: the timed runs load it (a few hundred ms of CPU in each
+process, counted in the work) instead of compiling it.
+
 Prints wall time, CPU time (user + system, whole process) and the CPU time of
 the work itself (without Python start-up and imports), its ratio to the
 floor's, peak RSS (``getrusage`` of the child: includes the memory-mapped input
@@ -124,8 +129,28 @@ def floor_worker(inputs: list[str], out: str) -> None:
 PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"density": 0.2}}
 
 
+def warm_worker(args: argparse.Namespace) -> None:
+    """Merge tiny tensors of the inputs' dtype with every method: compiles the fused loops
+    into numba's on-disk cache (once per install), so the timed runs only load them."""
+    import torch
+
+    from fedmerge.checkpoint import open_checkpoint
+    from fedmerge.merging import merge
+
+    with open_checkpoint(args.inputs[0]) as ck:
+        dtype = ck.spec(ck.keys()[0]).dtype
+    base = {"w": torch.zeros(512, 512, dtype=dtype)}
+    experts = [
+        {"w": torch.full((512, 512), float(i + 1), dtype=dtype)} for i in range(len(args.inputs) - 1)
+    ]
+    for method, params in PARAMS.items():
+        merge(method, base, experts, **params)
+
+
 def run_worker(args: argparse.Namespace) -> None:
     """The floor, or a fedmerge merge as the CLI runs it; times the work after the imports."""
+    if args.worker == "warm":
+        return warm_worker(args)
     if args.worker != "floor":
         import inspect
 
@@ -277,6 +302,8 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
             cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
             jobs.append((f"mergekit {m}", cmd, [out], env))
     floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
+    for tree_env in [env, *([other] if args.compare_with else [])]:  # and numba's cache
+        measure([*me, "--worker", "warm"], tree_env)
     results = []
     # every job in turn, --repeats times (so that load changes hit all alike); the floor first
     # and once more at the very end

@@ -27,6 +27,7 @@ in :data:`DTYPES`; float16 (numba has no float16) and float64 stay on torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,11 +77,9 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return flat.numpy()
 
 
-def _arrays(block: Block):
-    from numba.typed import List
-
+def _arrays(block: Block) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     base, experts = block
-    return _array(base), List([_array(e) for e in experts])
+    return _array(base), tuple(_array(e) for e in experts)  # numba compiles once per K
 
 
 def _blocks(call: FusedCall):
@@ -128,12 +127,95 @@ def average(call: FusedCall) -> int | None:
                          {"normalize": True, "lambda": 1.0}))  # fmt: skip
 
 
+_SAMPLE = 1 << 16  # |τ_k| values per expert sampled to bracket the wanted rank
+_PIECES = 64  # ... in this many evenly spaced runs of rows
+
+
 def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
     """The exact ``rank``-th smallest float32 |τ_k| of every expert over all blocks -> ``(K,)``.
 
-    Two counting passes: the top 16 bits of the bit patterns, then the low 16
-    bits of the values in the bin that holds the wanted rank.
+    Small keys: :func:`_radix` (two counting passes in cache). Big ones: a sample
+    of ~2^16 values per expert (runs of rows) names a likely answer c and a
+    bracket lo < c < hi around it; one pass counts the values below lo and the
+    ties at lo, c and hi (bfloat16 task vectors hold heavy exact ties) and copies
+    the ~1% strictly inside, where ``np.partition`` picks the answer. If the
+    bracket misses the rank or overflows its buffer, the radix passes run instead.
+    Exact either way.
     """
+    numel = call.out.numel()
+    if numel <= 2 * _SAMPLE:
+        return _radix(call, rank)
+    sample = np.sort(_sample(call, numel), axis=1).astype(np.int64)
+    k, s = sample.shape
+    p = rank / numel
+    margin = int(4 * math.sqrt(s * p * (1 - p))) + 16
+    c = sample[:, min(int(p * s), s - 1)]
+    if not c.all():  # the rank is likely among exact zeros: count them
+        return _radix(call, rank)
+    lo = np.minimum(sample[:, max(int(p * s) - margin, 0)], c - 1)
+    hi = np.maximum(sample[:, min(int(p * s) + margin, s - 1)], c + 1)
+    cap = int(min(numel, 2 * (2 * margin / s) * numel + 65536))
+    counts, stored = np.zeros((k, 4), np.int64), np.zeros(k, np.int64)
+    buf = np.empty((k, cap), np.uint32)
+    from fedmerge.merging.fusedloops import bracket_count
+
+    edges = np.stack([lo, c, hi], axis=1)
+    for base, experts in _blocks(call):
+        bracket_count(base, experts, edges, counts, buf, stored)
+    picks = [_pick(rank, edges[j], counts[j], buf[j, : stored[j]], stored[j] <= cap)
+             for j in range(k)]  # fmt: skip
+    if None in picks:
+        return _radix(call, rank)
+    return np.array(picks, np.uint32).view(np.float32)
+
+
+def _pick(rank: int, edges, counts, inside: np.ndarray, complete: bool) -> int | None:
+    """The rank-th smallest bit pattern from a bracket pass's counts (None: not in it)."""
+    lo, c, hi = (int(x) for x in edges)
+    below, at_lo, at_c, at_hi = (int(x) for x in counts)
+    r = rank - below - at_lo  # rank among the values above lo
+    if rank <= below or not complete:
+        return None
+    if r <= 0:
+        return lo
+    under = inside[inside < c]
+    if r <= under.size:
+        return int(np.partition(under, r - 1)[r - 1])
+    r -= under.size
+    if r <= at_c:
+        return c
+    r -= at_c
+    over = inside[inside > c]
+    if r <= over.size:
+        return int(np.partition(over, r - 1)[r - 1])
+    return hi if r - over.size <= at_hi else None
+
+
+def _sample(call: FusedCall, numel: int) -> np.ndarray:
+    """|τ_k| bit patterns ``(K, ~_SAMPLE)`` from :data:`_PIECES` evenly spaced runs of rows."""
+    from fedmerge.merging.fusedloops import magnitude_bits
+
+    if len(call.parts) == 1:  # in memory: runs of elements
+        base, experts = next(_blocks(call))
+        run = max(1, _SAMPLE // _PIECES)
+        starts = np.linspace(0, numel - run, _PIECES).astype(np.int64)
+        pieces = [(base[a : a + run], tuple(e[a : a + run] for e in experts)) for a in starts]
+    else:
+        rows = call.parts[-1][1]
+        run = max(1, -(-_SAMPLE // (_PIECES * (numel // rows))))
+        starts = np.linspace(0, rows - run, _PIECES).astype(np.int64)
+        pieces = [_arrays(call.read((int(a), int(a) + run))) for a in starts]
+    out = []
+    for base, experts in pieces:
+        bits = np.empty((len(experts), base.shape[0]), np.uint32)
+        magnitude_bits(base, experts, bits)
+        out.append(bits)
+    return np.concatenate(out, axis=1)
+
+
+def _radix(call: FusedCall, rank: int) -> np.ndarray:
+    """The exact ``rank``-th smallest |τ_k| by two counting passes over the blocks: the top 16
+    bits of the float32 bit patterns, then the low 16 bits inside the bin holding the rank."""
     from fedmerge.merging.fusedloops import radix_count
 
     k = len(call.weights)

@@ -64,16 +64,15 @@ def _get(a, i):
 
 def put(a, i, v):
     """Store float32 ``v`` as element i of ``a`` (uint16: bfloat16, nearest-even); returns
-    False when the stored value is not finite."""
+    the stored magnitude's bit pattern on the float32 scale (>= :data:`_INF` if not finite)."""
 
 
 @njit(inline="always")
 def _bf16(v):
     """float32 -> bfloat16 bits, round to nearest even (torch's ``round_to_nearest_even``)."""
-    if v != v:
-        return np.uint16(0x7FC0)
-    b = np.uint32(_bits(v))
-    return np.uint16((b + ((b >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> 16)
+    b = _bits(v)
+    rounded = np.uint16((b + ((b >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> 16)
+    return np.uint16(0x7FC0) if v != v else rounded
 
 
 @overload(put, inline="always")
@@ -83,17 +82,39 @@ def _put(a, i, v):
         def store_bf16(a, i, v):
             h = _bf16(v)
             a[i] = h
-            return (h & np.uint16(0x7F80)) != np.uint16(0x7F80)
+            return np.uint32(np.uint32(h & np.uint16(0x7FFF)) << np.uint32(16))
 
         return store_bf16
     if a.dtype == types.float32:
 
         def store_f32(a, i, v):
             a[i] = v
-            return abs(v) < np.float32(np.inf)
+            return _bits(v) & _ABS
 
         return store_f32
     return None
+
+
+_ABS = np.uint32(0x7FFFFFFF)
+_INF = np.uint32(0x7F800000)  # bit patterns of |x| at or above this: Inf or NaN
+
+
+@njit(inline="always")
+def _tau(x, b, n, out):
+    """out[:n] = float32(x[i]) − b[i]; the largest |τ| bit pattern (>= _INF: not finite)."""
+    worst = np.uint32(0)
+    for i in range(n):
+        t = get(x, i) - b[i]
+        out[i] = t
+        worst = max(worst, _bits(t) & _ABS)
+    return worst
+
+
+@njit(inline="always")
+def _widen(base, s, n, b):
+    bs = base[s : s + n]
+    for i in range(n):
+        b[i] = get(bs, i)
 
 
 @njit(cache=True, nogil=True)
@@ -106,78 +127,81 @@ def radix_count(base, experts, prefix, level, hist):
     """
     m = base.shape[0]
     b = np.empty(_TILE, np.float32)
+    t = np.empty(_TILE, np.float32)
+    u = t.view(np.uint32)
     for s in range(0, m, _TILE):
         n = min(_TILE, m - s)
-        for i in range(n):
-            b[i] = get(base, s + i)
+        _widen(base, s, n, b)
         for k in range(len(experts)):
-            x, h = experts[k], hist[k]
+            _tau(experts[k][s : s + n], b, n, t)
+            h = hist[k]
             if level == 0:
                 for i in range(n):
-                    h[_bits(abs(get(x, s + i) - b[i])) >> np.uint32(16)] += 1
+                    h[(u[i] & _ABS) >> np.uint32(16)] += 1
             else:
                 p = np.uint32(prefix[k])
                 for i in range(n):
-                    u = _bits(abs(get(x, s + i) - b[i]))
-                    if (u >> np.uint32(16)) == p:
-                        h[u & np.uint32(0xFFFF)] += 1
-
-
-@njit(inline="always")
-def _trim_weigh(base, experts, s, n, b, thr, w, wt):
-    """τ_k of elements s..s+n into ``wt`` ``(K, tile)``: trimmed below ``thr[k]`` (±0, as
-    copysign(threshold(|τ|), τ) gives) and times w_k; False if some τ is not finite."""
-    finite = True
-    for i in range(n):
-        b[i] = get(base, s + i)
-    for k in range(len(experts)):
-        x, row, t_k, w_k = experts[k], wt[k], thr[k], w[k]
-        for i in range(n):
-            t = get(x, s + i) - b[i]
-            a = abs(t)
-            finite &= a <= np.float32(3.4028234663852886e38)
-            row[i] = (t if a >= t_k else np.copysign(np.float32(0), t)) * w_k
-    return finite
+                    a = u[i] & _ABS
+                    if (a >> np.uint32(16)) == p:
+                        h[a & np.uint32(0xFFFF)] += 1
 
 
 @njit(cache=True, nogil=True)
 def ties_block(base, experts, thr, w, normalize, low, lam, out):
     """TIES on one block: trim at ``thr`` ``(K,)``, weigh by ``w`` ``(K,)``, elect the sign of
     the in-order sum, disjoint sum (÷ the agreeing weights when ``normalize``; ``low`` =
-    min(w)), θ_ref + λ·merged into ``out``. The operations of
-    :func:`~fedmerge.merging.sparsify.elect_and_combine`, per element. Returns False if an
-    input or output value is not finite."""
+    min(w) if positive, else 0), θ_ref + λ·merged into ``out``: the operations of
+    :func:`~fedmerge.merging.sparsify.elect_and_combine`, on L1-sized tiles (each loop a
+    simple one over the tile, which LLVM vectorizes). Returns False if an input or output
+    value is not finite."""
     K, m = len(experts), base.shape[0]
     b = np.empty(_TILE, np.float32)
     wt = np.empty((K, _TILE), np.float32)
-    ok = True
+    elected = np.empty(_TILE, np.float32)
+    merged = np.empty(_TILE, np.float32)
+    divisor = np.empty(_TILE, np.float32)
+    worst = np.uint32(0)
     zero, one = np.float32(0), np.float32(1)
     for s in range(0, m, _TILE):
         n = min(_TILE, m - s)
-        ok &= _trim_weigh(base, experts, s, n, b, thr, w, wt)
+        _widen(base, s, n, b)
+        for k in range(K):
+            row, t_k, w_k = wt[k], thr[k], w[k]
+            worst = max(worst, _tau(experts[k][s : s + n], b, n, row))
+            for i in range(n):  # copysign(threshold(|τ|), τ), times w_k
+                t = row[i]
+                row[i] = (t if abs(t) >= t_k else np.copysign(zero, t)) * w_k
         for i in range(n):
-            total = wt[0, i] + zero if K == 1 else wt[0, i]
-            for k in range(1, K):
-                total += wt[k, i]
-            elected = np.copysign(one, total)
-            merged = zero
-            divisor = zero
-            for k in range(K):
-                a = wt[k, i] * elected
-                if a < zero:  # clamp(min=0) keeps −0.0
-                    a = zero
-                merged = merged + a if k > 0 or K == 1 else a
-                d = w[k] * (one if a > zero else zero)
-                divisor = divisor + d if k > 0 or K == 1 else d
-            if normalize:
-                if low > zero:
-                    if divisor < low:
-                        divisor = low
-                elif divisor == zero:
-                    divisor = one
-                merged = merged / divisor
-            ok &= put(out, s + i, merged * elected * lam + b[i])
-    return ok
+            elected[i] = wt[0, i] + zero if K == 1 else wt[0, i]  # one row sums as 0 + t
+        for k in range(1, K):
+            for i in range(n):
+                elected[i] += wt[k, i]
+        for i in range(n):
+            elected[i] = np.copysign(one, elected[i])
+        for k in range(K):
+            w_k = w[k]
+            for i in range(n):
+                a = wt[k, i] * elected[i]
+                a = zero if a < zero else a  # clamp(min=0) keeps −0.0
+                d = w_k * (one if a > zero else zero)  # w_k · sign(a)
+                if k == 0:
+                    merged[i] = a + zero if K == 1 else a
+                    divisor[i] = d + zero if K == 1 else d
+                else:
+                    merged[i] += a
+                    divisor[i] += d
+        if normalize and low > zero:  # clamp(min=low): a zero divisor merges ±0 anyway
+            for i in range(n):
+                d = divisor[i]
+                merged[i] = merged[i] / (low if d < low else d)
+        elif normalize:  # a zero divisor (no expert agrees) becomes 1
+            for i in range(n):
+                d = divisor[i]
+                merged[i] = merged[i] / (one if d == zero else d)
+        os = out[s : s + n]
+        for i in range(n):
+            worst = max(worst, put(os, i, merged[i] * elected[i] * lam + b[i]))
+    return worst < _INF
 
 
 @njit(cache=True, nogil=True)
@@ -187,21 +211,87 @@ def mix_block(base, experts, w, total, lam, out):
     K, m = len(experts), base.shape[0]
     b = np.empty(_TILE, np.float32)
     acc = np.empty(_TILE, np.float32)
-    ok = True
+    t = np.empty(_TILE, np.float32)
+    worst = np.uint32(0)
     zero = np.float32(0)
-    big = np.float32(3.4028234663852886e38)
     for s in range(0, m, _TILE):
         n = min(_TILE, m - s)
+        _widen(base, s, n, b)
+        worst = max(worst, _tau(experts[0][s : s + n], b, n, acc))
+        w_k = w[0]
         for i in range(n):
-            b[i] = get(base, s + i)
-        for k in range(K):
-            x, w_k = experts[k], w[k]
+            acc[i] = acc[i] * w_k
+        for k in range(1, K):
+            worst = max(worst, _tau(experts[k][s : s + n], b, n, t))
+            w_k = w[k]
             for i in range(n):
-                t = get(x, s + i) - b[i]
-                ok &= abs(t) <= big
-                p = t * w_k
-                acc[i] = (p + zero if K == 1 else p) if k == 0 else acc[i] + p
+                acc[i] += t[i] * w_k
+        if K == 1:
+            for i in range(n):
+                acc[i] += zero  # torch sums one row as 0 + t
+        if total != zero:
+            for i in range(n):
+                acc[i] = acc[i] / total
+        os = out[s : s + n]
         for i in range(n):
-            merged = acc[i] / total if total != zero else acc[i]
-            ok &= put(out, s + i, merged * lam + b[i])
-    return ok
+            worst = max(worst, put(os, i, acc[i] * lam + b[i]))
+    return worst < _INF
+
+
+@njit(cache=True, nogil=True)
+def magnitude_bits(base, experts, out):
+    """The float32 bit patterns of |τ_k| of a (small) block into ``out`` ``(K, m)``."""
+    m = base.shape[0]
+    b = np.empty(m, np.float32)
+    _widen(base, 0, m, b)
+    for k in range(len(experts)):
+        row = out[k].view(np.float32)
+        _tau(experts[k], b, m, row)
+        for i in range(m):
+            out[k, i] &= _ABS
+
+
+@njit(cache=True, nogil=True)
+def bracket_count(base, experts, edges, counts, buf, stored):
+    """Per expert k, with bit patterns lo < c < hi = ``edges[k]``: add to ``counts[k]`` the
+    numbers of |τ_k| below lo, equal to lo, to c and to hi (their ties are counted, not
+    stored), and copy the others strictly between lo and hi to ``buf[k, stored[k]:]``
+    (``stored`` counts them all; only the first ``buf.shape[1]`` are kept)."""
+    m = base.shape[0]
+    cap = buf.shape[1]
+    b = np.empty(_TILE, np.float32)
+    t = np.empty(_TILE, np.float32)
+    u = t.view(np.uint32)
+    flag = np.zeros(_TILE, np.uint8)
+    words = flag.view(np.uint64)
+    for s in range(0, m, _TILE):
+        n = min(_TILE, m - s)
+        _widen(base, s, n, b)
+        for k in range(len(experts)):
+            _tau(experts[k][s : s + n], b, n, t)
+            lo, c, hi = np.uint32(edges[k, 0]), np.uint32(edges[k, 1]), np.uint32(edges[k, 2])
+            below, at_lo, at_c, at_hi = np.int32(0), np.int32(0), np.int32(0), np.int32(0)
+            for i in range(n):  # branch-free int32 counts: LLVM vectorizes this loop
+                a = u[i] & _ABS
+                u[i] = a
+                below += np.int32(a < lo)
+                at_lo += np.int32(a == lo)
+                at_c += np.int32(a == c)
+                at_hi += np.int32(a == hi)
+            for i in range(n):
+                a = u[i]
+                flag[i] = np.uint8(a > lo) & np.uint8(a < hi) & np.uint8(a != c)
+            counts[k, 0] += below
+            counts[k, 1] += at_lo
+            counts[k, 2] += at_c
+            counts[k, 3] += at_hi
+            j = stored[k]
+            for q in range((n + 7) // 8):  # the few flagged values: skip 8 at a time
+                if words[q] != 0:
+                    for i in range(8 * q, min(8 * q + 8, n)):
+                        if flag[i]:
+                            if j < cap:
+                                buf[k, j] = u[i]
+                            j += 1
+                            flag[i] = 0
+            stored[k] = j
