@@ -152,8 +152,9 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
     c = sample[:, min(int(p * s), s - 1)]
     if not c.all():  # the rank is likely among exact zeros: count them
         return _radix(call, rank)
-    lo = np.minimum(sample[:, max(int(p * s) - margin, 0)], c - 1)
-    hi = np.maximum(sample[:, min(int(p * s) + margin, s - 1)], c + 1)
+    low, high = int(p * s) - margin, int(p * s) + margin
+    lo = np.minimum(sample[:, low] if low > 0 else 0, c - 1)
+    hi = np.maximum(sample[:, high] if high < s else 0xFFFFFFFF, c + 1)  # to the top
     cap = int(min(numel, 2 * (2 * margin / s) * numel + 65536))
     counts, stored = np.zeros((k, 4), np.int64), np.zeros(k, np.int64)
     buf = np.empty((k, cap), np.uint32)
