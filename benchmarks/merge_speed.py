@@ -141,7 +141,8 @@ def warm_worker(args: argparse.Namespace) -> None:
         dtype = ck.spec(ck.keys()[0]).dtype
     base = {"w": torch.zeros(512, 512, dtype=dtype)}
     experts = [
-        {"w": torch.full((512, 512), float(i + 1), dtype=dtype)} for i in range(len(args.inputs) - 1)
+        {"w": torch.full((512, 512), float(i + 1), dtype=dtype)}
+        for i in range(len(args.inputs) - 1)
     ]
     for method, params in PARAMS.items():
         merge(method, base, experts, **params)

@@ -23,14 +23,25 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def in_order(t: torch.Tensor) -> torch.Tensor:
+    """Σ_k t_k added row after row (one row: torch's sum, 0 + t₀): the defined order."""
+    if t.shape[0] == 1:
+        return t.sum(dim=0)
+    out = t[0].clone()
+    for row in t[1:]:
+        out = out + row
+    return out
+
+
 def plain_elect(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """TIES election and disjoint merge as first written (sum, masked fill)."""
-    total = weighted.sum(dim=0)
+    """TIES election and disjoint merge as first written (masked fill), with the in-order
+    sums the engine defines (``t.sum(dim=0)`` changes its order above 4 rows)."""
+    total = in_order(weighted)
     elected = torch.ones_like(total).copysign_(total)
     agreeing = (weighted * elected).clamp(min=0)
-    merged = agreeing.sum(dim=0)
+    merged = in_order(agreeing)
     if normalize:
-        divisor = w.to(weighted.dtype) @ agreeing.sign()
+        divisor = in_order(agreeing.sign() * w.to(weighted.dtype)[:, None])
         merged = merged / divisor.masked_fill(divisor == 0, 1.0)
     return merged * elected
 
@@ -116,13 +127,16 @@ def test_integer_draws_equal_rand_below_density():
         assert torch.equal(got, want), density
 
 
-def test_row_sums_equal_torch_sum_for_every_row_count():
+def test_row_sums_add_in_order_for_every_row_count():
+    """In order for any K (what the fused loops reproduce); torch's own sum agrees up to 4."""
     gen = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.float64):
         for k in range(1, 9):
             scale = torch.logspace(-6, 6, k, dtype=dtype)[torch.randperm(k, generator=gen)]
             t = torch.randn(k, 10_007, generator=gen, dtype=dtype) * scale[:, None]
-            assert torch.equal(bits(sum_rows(t)), bits(t.sum(dim=0))), (dtype, k)
+            assert torch.equal(bits(sum_rows(t)), bits(in_order(t))), (dtype, k)
+            if k <= 4:
+                assert torch.equal(bits(sum_rows(t)), bits(t.sum(dim=0))), (dtype, k)
 
 
 def test_threshold_trim_equals_the_masked_product():

@@ -82,18 +82,19 @@ def state(seed: int, k: int, shapes: dict, dtype: torch.dtype, coarse: bool):
     return base, experts
 
 
-SHAPES = {"emb": (300, 40), "vec": (37,), "one": (1, 3), "s": ()}
+SHAPES = {"emb": (60, 40), "vec": (37,), "one": (1, 3), "s": ()}
 WEIGHTS = {"ones": [1.0] * 6, "positive": [0.5, 2.0, 1.5, 0.25, 3.0, 1.0],
            "mixed": [1.0, -1.0, 0.0, 2.0, -0.5, 1.0]}  # fmt: skip
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 6),
        dtype=st.sampled_from([torch.bfloat16, torch.float32]), coarse=st.booleans(),
        method=st.sampled_from(["task_arithmetic", "ties", "average"]),
        w=st.sampled_from(sorted(WEIGHTS)), normalize=st.booleans(),
        lam=st.sampled_from([1.0, 0.3, 2.5]), density=st.sampled_from([0.01, 0.2, 0.5, 1.0]),
-       scope=st.sampled_from(["tensor", "global"]), chunk=st.sampled_from([WHOLE, 1, 97]))  # fmt: skip
+       scope=st.sampled_from(["tensor", "global"]),
+       chunk=st.sampled_from([WHOLE, 1, 97]))  # fmt: skip
 def test_fused_equals_torch_kernel(seed, k, dtype, coarse, method, w, normalize, lam, density,
                                    scope, chunk):  # fmt: skip
     base, experts = state(seed, k, SHAPES, dtype, coarse)
