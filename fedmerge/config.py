@@ -334,7 +334,8 @@ class SimConfig:
         registry="fedmerge.runtimes:RUNTIMES",
     )
     vectorize: str = option(
-        "auto", "stacked-parameter path for same-architecture gossip/local",
+        "auto", "stacked-parameter path for same-architecture gossip/local (CPU only: with a "
+        "GPU device the per-agent path)",
         choices=("auto", "always", "never"),
     )  # fmt: skip
     threads: int = option(

@@ -209,9 +209,10 @@ class Agent:
 
     def arrive(self, payload: Payload) -> Payload:
         """A validated ``payload`` with its tensors on this agent's device (the one place
-        received tensors change device; a no-op on the CPU)."""
-        tensors = to_device(payload.tensors, self.device)
-        return dataclasses.replace(payload, tensors=tensors)
+        received tensors change device; ``payload`` itself where they are there already)."""
+        if all(t.device == self.device for t in payload.tensors.values()):
+            return payload
+        return dataclasses.replace(payload, tensors=to_device(payload.tensors, self.device))
 
     @property
     def experts(self) -> list[int] | None:
