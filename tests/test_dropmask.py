@@ -86,6 +86,8 @@ def test_torch_numba_and_scalar_implementations_agree_bit_for_bit(keys, start, m
     assert torch.equal(keep_mask(keys, start, m, density), want)
     np_keys = np.array(keys, dtype=np.uint64)
     assert np.array_equal(keep_mask_np(np_keys, start, m, keep_limit(density)), want.numpy())
+    as_int64 = torch.from_numpy(np_keys.view(np.int64))  # keys given as a tensor of their bits
+    assert torch.equal(keep_mask_torch(as_int64, start, m, density), want)
     limit = keep_limit(density)
     for k, key in enumerate(keys):
         for j in range(0, m, 37):  # the scalar kernel and the plain reference, sparsely
