@@ -59,10 +59,9 @@ def pick_backend(choice: str) -> str:
     return "nccl" if fits and "LOCAL_RANK" in os.environ else "gloo"
 
 
-def wire_device(backend: str, agents: torch.device) -> torch.device:
-    """Where payload buffers move: NCCL sends from a GPU, the agents' own when they train on
-    one (``device: auto`` or ``cuda``: ``cuda:LOCAL_RANK``), else ``cuda:LOCAL_RANK``; gloo
-    from the CPU (payloads are made there, so agents on a GPU cost no extra copy)."""
-    if backend != "nccl":
-        return torch.device("cpu")
-    return agents if agents.type == "cuda" else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+def wire_device(backend: str) -> torch.device:
+    """Where payload buffers move: NCCL sends from this rank's GPU (``cuda:LOCAL_RANK``),
+    gloo from the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")

@@ -54,15 +54,14 @@ log = logging.getLogger("fedmerge.torchdist")
 
 
 def join_group(
-    cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout,
-    agents: torch.device,
-) -> tuple[torch.device, Membership]:  # fmt: skip
+    cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout
+) -> tuple[torch.device, Membership]:
     """Start this rank's process group (``distributed.backend``, agreed by every rank; NCCL:
-    the ``agents``' GPU, or LOCAL_RANK's) and its view of the membership; returns (the
-    device payloads move on, membership)."""
+    the GPU LOCAL_RANK, where ``device: auto`` also puts the agents) and its view of the
+    membership; returns (the device payloads move on, membership)."""
     d = cfg.distributed
     backend = agree_backend(store, rank, world, d.backend)
-    device = wire_device(backend, agents)
+    device = wire_device(backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -107,8 +106,7 @@ class RankRunner:
                 f"node file names node {node.node}, but rank {rank} hosts nodes "
                 f"{self.layout.nodes_of(rank)} (one node per rank, node i on rank i)"
             )
-        self.device, self.members = join_group(cfg, store, rank, world, self.layout,
-                                               self.setup.device)  # fmt: skip
+        self.device, self.members = join_group(cfg, store, rank, world, self.layout)
         self.timeout = self.members.timeout
         loss = make_loss(cfg.train.loss)
         self.agents = {i: self.setup.agent(i, loss) for i in self.layout.nodes_of(rank)}

@@ -36,7 +36,6 @@ from fedmerge.decentralized.faults import check_faults
 from fedmerge.decentralized.handoff import CheckpointModel, SidecarAgent
 from fedmerge.decentralized.protocols import get_protocol, gossip
 from fedmerge.decentralized.setup import run_topology
-from fedmerge.device import CPU
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.runtimes.torchdist.exchange import Exchange
 from fedmerge.runtimes.torchdist.layout import make_layout
@@ -85,8 +84,7 @@ class Sidecar:
         )  # fmt: skip
         self.saved = Generations(opts.state, run_identity(cfg))
         self.start = self.resume(store, world)
-        # the sidecar merges on the CPU (the trainer has the GPU); NCCL still sends from it
-        self.device, self.members = join_group(cfg, store, rank, world, self.layout, CPU)
+        self.device, self.members = join_group(cfg, store, rank, world, self.layout)
         self.exchange = Exchange.for_agents(self.members, self.device, [self.agent])
 
     def wait_for_checkpoint(self, timeout: float) -> Path:
