@@ -22,6 +22,7 @@ from fedmerge.decentralized.payload import Payload
 from fedmerge.decentralized.setup import build_setup
 from fedmerge.device import CPU, resolve_device, to_device
 from fedmerge.errors import ConfigError
+from fedmerge.runtimes import torchdist
 from fedmerge.runtimes.local.simulator import Simulator
 
 META = torch.device("meta")
@@ -96,6 +97,27 @@ def test_cpu_and_auto_give_the_same_rows_here(monkeypatch, sets):
     auto = rows_without_wall(load_config(None, [*RING4, *sets, "device=auto"]))
     assert cpu == auto and len(cpu) == 8
     assert all(r["consensus"] is not None for r in cpu)
+
+
+def test_auto_under_the_torchdist_launcher_without_a_gpu_is_the_cpu():
+    """Each worker resolves ``auto`` itself (LOCAL_RANK set, gloo): the simulator's rows."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/test_gpu.py covers auto with CUDA")
+    sets = [*RING4, "device=auto", "vectorize=never", "distributed.agents_per_rank=2",
+            "distributed.timeout_s=30"]  # fmt: skip
+    cfg = load_config(None, sets)
+    got = torchdist.run(cfg, procs=2, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = Simulator(load_config(None, [*sets[:-3], "device=cpu"])).run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got, want, strict=True):
+        same = ("round", "agent", "bytes_sent", "bytes_received")
+        assert [a[k] for k in same] == [b[k] for k in same]
+        assert a["consensus"] == pytest.approx(b["consensus"], abs=1e-6)
+        assert a["global_acc"] == pytest.approx(b["global_acc"], abs=1e-6)
 
 
 def on_meta(monkeypatch, sets: list[str]):
