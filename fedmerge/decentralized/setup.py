@@ -120,7 +120,7 @@ def build_setup(cfg: SimConfig, node: NodeSources | None = None) -> Setup:
         fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
         topo = build_topology(nx.empty_graph(1))
     check_codec(cfg, protocol, topo)
-    device = resolve_device(cfg.device)
+    device = resolve_device(node.device if node is not None and node.device else cfg.device)
     setup = Setup(cfg, protocol, fed_on(fed, device), topo, None, node=node, device=device)
     if cfg.model.init == "same" and not protocol.full_weights:
         base = setup.model(0, pretrained=False).state_dict()
