@@ -90,13 +90,17 @@ WEIGHTS = {"ones": [1.0] * 6, "positive": [0.5, 2.0, 1.5, 0.25, 3.0, 1.0],
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 6),
        dtype=st.sampled_from([torch.bfloat16, torch.float32]), coarse=st.booleans(),
-       method=st.sampled_from(["task_arithmetic", "ties", "average"]),
+       method=st.sampled_from(["task_arithmetic", "ties", "average", "dare_ties",
+                               "dare_linear"]),
+       rescale=st.sampled_from(["inverse", "none", "l1"]), dare_seed=st.integers(0, 3),
        w=st.sampled_from(sorted(WEIGHTS)), normalize=st.booleans(),
        lam=st.sampled_from([1.0, 0.3, 2.5]), density=st.sampled_from([0.01, 0.2, 0.5, 1.0]),
        scope=st.sampled_from(["tensor", "global"]),
        chunk=st.sampled_from([WHOLE, 1, 97]))  # fmt: skip
-def test_fused_equals_torch_kernel(seed, k, dtype, coarse, method, w, normalize, lam, density,
-                                   scope, chunk):  # fmt: skip
+def test_fused_equals_torch_kernel(seed, k, dtype, coarse, method, rescale, dare_seed, w,
+                                   normalize, lam, density, scope, chunk):  # fmt: skip
+    """Every fused method against its torch kernel; the loops ran unless the parameters are
+    ones the fused forms leave to torch (average's plain sum, DARE's l1 rescaling)."""
     base, experts = state(seed, k, SHAPES, dtype, coarse)
     weights = WEIGHTS[w][:k]
     params = {"normalize": normalize}
@@ -106,9 +110,13 @@ def test_fused_equals_torch_kernel(seed, k, dtype, coarse, method, w, normalize,
         params["lambda"] = lam
     if method == "ties":
         params |= {"density": density, "scope": scope}
+    if method.startswith("dare"):
+        params |= {"density": density, "rescale": rescale, "seed": dare_seed}
     got, want, ran = both(method, base, experts, weights, params, chunk)
     assert_same(got, want)
-    assert ran[1] == 0 and (ran[0] > 0 or method == "average" and not normalize)
+    l1 = method.startswith("dare") and rescale == "l1" and density < 1  # needs a norms pass
+    torch_only = method == "average" and not normalize or l1
+    assert ran[1] == 0 and (ran[0] > 0) != torch_only
 
 
 @pytest.mark.parametrize("src,out", [(torch.bfloat16, torch.float32),

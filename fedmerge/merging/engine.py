@@ -327,7 +327,8 @@ def _merge_fused(
         return _read(plan.base, key, rows), [_read(e, key, rows) for e in plan.experts]
 
     out = torch.empty(math.prod(spec.shape), dtype=spec.dtype)
-    call = _fused.FusedCall(read, parts, out, plan.weights, plan.params, thresholds)
+    call = _fused.FusedCall(read, parts, out, plan.weights, plan.params, thresholds,
+                            _stream_keys(plan, key))  # fmt: skip
     try:
         bad = form(call)
     except _fused.NotOnCPU:  # found on the first block read, before anything is written

@@ -60,6 +60,7 @@ class FusedCall:
     weights: torch.Tensor
     params: dict[str, Any]
     thresholds: torch.Tensor | None = None
+    stream_keys: Sequence[int] = ()  # DARE: each expert's mask stream for this key
     _single: Any = field(default=None, repr=False)  # the numpy form of a one-block key
 
 
@@ -94,20 +95,38 @@ def _blocks(call: FusedCall):
         yield _arrays(call.read(rows))
 
 
-def _write(call: FusedCall, loop: Callable[..., bool], *args: Any) -> int | None:
-    """Run ``loop(base, experts, *args, out_block)`` over the blocks, in order; the index of
-    the first block with a non-finite value, or None."""
+_NO_DROP = (np.int64(-1), np.float32(0))
+
+
+def _drop(call: FusedCall) -> tuple[np.int64, np.float32] | None:
+    """DARE's (keep limit, divisor) for the loops; None where they do not cover it
+    (``rescale: l1`` needs the norms pass)."""
+    from fedmerge.merging.dropmask import keep_limit
+
+    p = call.params
+    if p["density"] >= 1:
+        return _NO_DROP
+    if p["rescale"] == "l1":
+        return None
+    divisor = p["density"] if p["rescale"] == "inverse" else 0.0
+    return np.int64(keep_limit(p["density"])), np.float32(divisor)
+
+
+def _write(call: FusedCall, loop: Callable[..., bool], drop, *args: Any) -> int | None:
+    """Run ``loop(base, experts, keys, first, drop, *args, out_block)`` over the blocks, in
+    order; the index of the first block with a non-finite value, or None."""
     out = _array(call.out)
+    keys = np.array(call.stream_keys or [0] * len(call.weights), np.uint64)
     start = 0
     for i, (base, experts) in enumerate(_blocks(call)):
         stop = start + base.shape[0]
-        if not loop(base, experts, *args, out[start:stop]):
+        if not loop(base, experts, keys, np.int64(start), drop, *args, out[start:stop]):
             return i
         start = stop
     return None
 
 
-def mix(call: FusedCall) -> int | None:
+def mix(call: FusedCall, drop=_NO_DROP) -> int | None:
     """``task_arithmetic``: θ_ref + λ·Σ_k w_k τ_k (÷ Σ w_k with ``normalize``)."""
     from fedmerge.merging.fusedloops import mix_block
 
@@ -115,7 +134,14 @@ def mix(call: FusedCall) -> int | None:
     total = float(w.sum())
     divide = call.params["normalize"] and abs(total) >= 1e-8
     lam = np.float32(call.params["lambda"])
-    return _write(call, mix_block, w.float().numpy(), np.float32(total if divide else 0), lam)
+    args = (w.float().numpy(), np.float32(total if divide else 0), lam)
+    return _write(call, mix_block, drop, *args)
+
+
+def dare_linear(call: FusedCall) -> int | None:
+    """``dare_linear`` (rescale inverse or none): DARE's drop, then :func:`mix`."""
+    drop = _drop(call)
+    return NotImplemented if drop is None else mix(call, drop)
 
 
 def average(call: FusedCall) -> int | None:
@@ -234,15 +260,33 @@ def _radix(call: FusedCall, rank: int) -> np.ndarray:
     return prefix.astype(np.uint32).view(np.float32)
 
 
-def ties(call: FusedCall) -> int | None:
-    """``ties``: per-tensor (or global) magnitude thresholds, then the trim/elect/disjoint
-    merge of :func:`~fedmerge.merging.methods.ties` in one loop."""
+def dare_ties(call: FusedCall) -> int | None:
+    """``dare_ties`` (rescale inverse or none): DARE's drop, then TIES' elect/disjoint merge."""
+    drop = _drop(call)
+    return (
+        NotImplemented
+        if drop is None
+        else _elect(call, drop, np.zeros(len(call.weights), np.float32))
+    )
+
+
+def _elect(call: FusedCall, drop, thr: np.ndarray) -> int | None:
+    """Drop (DARE) or trim at ``thr`` (TIES), weigh, elect, disjoint merge: one loop."""
     from fedmerge.merging.fusedloops import ties_block
 
     p, w = call.params, call.weights
     low = float(w.min())
     if low > 0 and np.float32(low) == 0:  # weights below float32's range: leave to torch
         return NotImplemented
+    args = (thr, w.float().numpy(), bool(p["normalize"]), np.float32(max(low, 0.0)),
+            np.float32(p["lambda"]))  # fmt: skip
+    return _write(call, ties_block, drop, *args)
+
+
+def ties(call: FusedCall) -> int | None:
+    """``ties``: per-tensor (or global) magnitude thresholds, then the trim/elect/disjoint
+    merge of :func:`~fedmerge.merging.methods.ties` in one loop."""
+    p, w = call.params, call.weights
     if call.thresholds is not None:
         thr = call.thresholds.to(torch.float32).numpy()
     else:
@@ -250,6 +294,4 @@ def ties(call: FusedCall) -> int | None:
         if rank == 0:  # keeps nothing (zeroes τ, +0): tiny tensors only
             return NotImplemented
         thr = np.zeros(len(w), np.float32) if rank is None else kth_magnitudes(call, rank)
-    args = (thr, w.float().numpy(), bool(p["normalize"]), np.float32(max(low, 0.0)),
-            np.float32(p["lambda"]))  # fmt: skip
-    return _write(call, ties_block, *args)
+    return _elect(call, _NO_DROP, thr)

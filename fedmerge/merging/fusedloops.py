@@ -22,6 +22,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from fedmerge.merging.dropmask import keep_entry
+
 _TILE = 512  # elements per tile: K float32 rows of it stay in L1
 
 
@@ -111,6 +113,22 @@ def _tau(x, b, n, out):
 
 
 @njit(inline="always")
+def _drop(row, n, key, first, drop):
+    """DARE on one expert's τ tile ``row[:n]`` (entries first..first+n−1 of the tensor):
+    × keep (1 or 0, as ``tau.mul_(mask)``), then ÷ density when it is nonzero.
+    ``drop`` = (limit, density): limit < 0 keeps everything (no DARE)."""
+    limit, density = drop
+    if limit < 0:
+        return
+    one, zero = np.float32(1), np.float32(0)
+    for i in range(n):
+        row[i] = row[i] * (one if keep_entry(key, first + i, limit) else zero)
+    if density != zero:
+        for i in range(n):
+            row[i] = row[i] / density
+
+
+@njit(inline="always")
 def _widen(base, s, n, b):
     bs = base[s : s + n]
     for i in range(n):
@@ -147,8 +165,10 @@ def radix_count(base, experts, prefix, level, hist):
 
 
 @njit(cache=True, nogil=True)
-def ties_block(base, experts, thr, w, normalize, low, lam, out):
-    """TIES on one block: trim at ``thr`` ``(K,)``, weigh by ``w`` ``(K,)``, elect the sign of
+def ties_block(base, experts, keys, first, drop, thr, w, normalize, low, lam, out):
+    """TIES on one block: DARE's drop if ``drop`` says so (:func:`_drop`; ``keys`` ``(K,)``
+    uint64 stream keys, ``first`` the block's offset in the tensor), trim at ``thr``
+    ``(K,)`` (0: keep all), weigh by ``w`` ``(K,)``, elect the sign of
     the in-order sum, disjoint sum (÷ the agreeing weights when ``normalize``; ``low`` =
     min(w) if positive, else 0), θ_ref + λ·merged into ``out``: the operations of
     :func:`~fedmerge.merging.sparsify.elect_and_combine`, on L1-sized tiles (each loop a
@@ -168,6 +188,7 @@ def ties_block(base, experts, thr, w, normalize, low, lam, out):
         for k in range(K):
             row, t_k, w_k = wt[k], thr[k], w[k]
             worst = max(worst, _tau(experts[k][s : s + n], b, n, row))
+            _drop(row, n, keys[k], first + s, drop)
             for i in range(n):  # copysign(threshold(|τ|), τ), times w_k
                 t = row[i]
                 row[i] = (t if abs(t) >= t_k else np.copysign(zero, t)) * w_k
@@ -205,9 +226,10 @@ def ties_block(base, experts, thr, w, normalize, low, lam, out):
 
 
 @njit(cache=True, nogil=True)
-def mix_block(base, experts, w, total, lam, out):
-    """θ_ref + λ·(Σ_k w_k τ_k [÷ ``total`` when nonzero]) into ``out``: the in-order sum of
-    :func:`~fedmerge.merging.methods._mix`. Returns False if a value is not finite."""
+def mix_block(base, experts, keys, first, drop, w, total, lam, out):
+    """θ_ref + λ·(Σ_k w_k τ'_k [÷ ``total`` when nonzero]) into ``out``: the in-order sum of
+    :func:`~fedmerge.merging.methods._mix`; τ' = τ after DARE's drop if ``drop`` says so
+    (arguments as in :func:`ties_block`). Returns False if a value is not finite."""
     K, m = len(experts), base.shape[0]
     b = np.empty(_TILE, np.float32)
     acc = np.empty(_TILE, np.float32)
@@ -218,11 +240,13 @@ def mix_block(base, experts, w, total, lam, out):
         n = min(_TILE, m - s)
         _widen(base, s, n, b)
         worst = max(worst, _tau(experts[0][s : s + n], b, n, acc))
+        _drop(acc, n, keys[0], first + s, drop)
         w_k = w[0]
         for i in range(n):
             acc[i] = acc[i] * w_k
         for k in range(1, K):
             worst = max(worst, _tau(experts[k][s : s + n], b, n, t))
+            _drop(t, n, keys[k], first + s, drop)
             w_k = w[k]
             for i in range(n):
                 acc[i] += t[i] * w_k

@@ -194,6 +194,7 @@ def _dare_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.d
     _normalize(False),
     reference="https://arxiv.org/abs/2311.03099",
     tensor_pass=_dare_tensor_pass,
+    fused=fused.dare_linear,
 )
 def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 − density (seeded),
@@ -208,6 +209,7 @@ def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     _normalize(False),
     reference="https://arxiv.org/abs/2311.03099",
     tensor_pass=_dare_tensor_pass,
+    fused=fused.dare_ties,
 )
 def dare_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE dropping followed by TIES sign election and disjoint sum (mean with
