@@ -8,7 +8,9 @@ kernel on each block and casts the result to the output dtype. A method that
 needs a statistic of the whole tensor (TIES's and breadcrumbs' magnitude
 thresholds, DARE's L1 norms) gathers it in a streaming pass over the blocks
 first (see :mod:`fedmerge.merging.tensorpass`), so the result equals the
-whole-tensor computation bit for bit.
+whole-tensor computation bit for bit. On the CPU, a method with a fused form
+(:mod:`fedmerge.merging.fused`: one numba loop per element instead of the
+kernel's torch passes, same bits) merges bfloat16/float32 keys that way.
 Integer and bool tensors (counters, masks) are copied from the reference: they
 are not parameters one can interpolate. Everything that can be checked without
 reading tensor data (method, parameters, weights, keys, shapes, dtypes) is
