@@ -9,7 +9,8 @@ shared init, every round 1 local SGD step (batch 32) then gossip with Metropolis
 weights on a Watts-Strogatz small world (k = 4, p = 0.1); every agent evaluated on its
 local split and the global test set every round.
 
-Printed: wall time, agent-rounds per second and peak RSS of the vectorized run, and the
+Printed: wall time, agent-rounds per second (per wall second after the build, and per CPU
+second of the run, which a busy machine moves less) and peak RSS of the vectorized run, and the
 same workload on the per-agent path for --baseline-rounds rounds (each agent its own
 nn.Module, payloads built, validated and merged one by one): the ratio is per agent-round.
 Each path runs in its own process, so the peak RSS figures are its own, with the config's
@@ -39,7 +40,8 @@ def workload(agents: int, rounds: int, vectorize: str, threads: int) -> list[str
 
 
 def measure(sets: list[str], queue: mp.Queue) -> None:
-    """Run in a fresh process: wall time of build + run, final accuracy, peak RSS (MiB)."""
+    """Run in a fresh process: wall time of build + run, CPU seconds of the run (after the
+    build), final accuracy, peak RSS (MiB)."""
     from fedmerge.config import load_config
     from fedmerge.report import summarize
     from fedmerge.runtimes.local.simulator import Simulator
@@ -49,13 +51,13 @@ def measure(sets: list[str], queue: mp.Queue) -> None:
     with torch_threads(cfg.threads or None):  # as fedmerge.runtimes.local.run
         t0 = time.perf_counter()
         sim = Simulator(cfg)
-        built = time.perf_counter() - t0
+        built, cpu0 = time.perf_counter() - t0, time.process_time()
         rows = sim.run()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     s = summarize(rows)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"path": sim.path, "wall": wall, "build": built, "acc": s["final_global_acc"],
-               "consensus": s["consensus"], "rss": rss})  # fmt: skip
+    queue.put({"path": sim.path, "wall": wall, "build": built, "cpu": cpu,
+               "acc": s["final_global_acc"], "consensus": s["consensus"], "rss": rss})  # fmt: skip
 
 
 def run(sets: list[str]) -> dict:
@@ -81,15 +83,17 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()}")
     table = Table(title=f"{args.agents} agents, small world, 1 SGD step + gossip per round, "
                   f"{args.threads or 'all'} thread(s)")  # fmt: skip
-    for col in ("path", "rounds", "wall s", "build s", "agent-rounds/s", "peak RSS MiB",
-                "final global acc"):  # fmt: skip
+    for col in ("path", "rounds", "wall s", "build s", "run CPU s", "agent-rounds/s",
+                "per CPU s", "peak RSS MiB", "final global acc"):  # fmt: skip
         table.add_column(col, justify="right")
     rates = []
     for res, rounds in ((fast, args.rounds), (slow, args.baseline_rounds)):
         rate = args.agents * rounds / (res["wall"] - res["build"])
         rates.append(rate)
+        per_cpu = args.agents * rounds / res["cpu"]
         table.add_row(res["path"], str(rounds), f"{res['wall']:.1f}", f"{res['build']:.1f}",
-                      f"{rate:,.0f}", f"{res['rss']:.0f}", f"{res['acc']:.3f}")  # fmt: skip
+                      f"{res['cpu']:.1f}", f"{rate:,.0f}", f"{per_cpu:,.0f}", f"{res['rss']:.0f}",
+                      f"{res['acc']:.3f}")  # fmt: skip
     Console(width=120).print(table)
     print(f"vectorized / per-agent, agent-rounds per second: {rates[0] / rates[1]:.1f}x")
     print(f"target: {args.agents} × {args.rounds} in ≤ 60 s wall -> {fast['wall']:.1f} s")
