@@ -15,7 +15,9 @@ keeps state only when it has some; the global-test predictions of an evaluation 
 reused by the disagreement measure.
 
 Used for buffer-free models (no BatchNorm statistics) with cross-entropy and a protocol
-that is a W product (gossip, local, centralized, single global merge).
+that is a W product (gossip, local, centralized, single global merge), on the CPU: its W
+product is scipy's, so with ``device`` on a GPU the simulator runs the per-agent engine
+(``vectorize: auto``; ``always`` is then a ConfigError).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ PER_AGENT_FAULTS = {
 def why_not_stacked(setup: Setup) -> str | None:
     """None if the stacked path applies to ``setup``, else the reason it does not."""
     cfg = setup.config
+    if setup.device.type != "cpu":
+        return f"device {str(setup.device)!r}: the stacked engine computes on the CPU"
     if not setup.protocol.vectorizable:
         return f"protocol {setup.protocol.name!r} merges per agent"
     per_agent = [PER_AGENT_FAULTS[k] for k in faults_in_use(cfg.faults) if k in PER_AGENT_FAULTS]
