@@ -11,10 +11,11 @@ the torch kernel does, in the same order, so the bits are the same (tested in
 ``tests/test_merging_fused.py``).
 
 TIES needs each expert's exact k-th smallest |τ_k| over the whole tensor
-first: two counting passes over the blocks (a histogram of the top 16 bits of
-the float32 |τ_k|, then of the low 16 bits inside the bin holding the k-th),
-the same radix idea as :class:`~fedmerge.merging.globalk.RadixSelect`, without
-gathering values or materialising τ.
+first, without materialising τ: one pass over the blocks around a sampled
+bracket (:func:`kth_magnitudes`), or, where that misses, two radix counting
+passes (the idea of :class:`~fedmerge.merging.globalk.RadixSelect`).
+DARE's masks come from :func:`fedmerge.merging.dropmask.keep_entry`, the
+function the torch path evaluates too.
 
 A form is registered with its method (``Method.fused``) and called by the
 engine as ``form(call)`` with a :class:`FusedCall`; it returns
