@@ -40,6 +40,7 @@ PROBABILITY: Check = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 MAX_AGENTS = 100_000
 MAX_SAMPLES_PER_ROUND = 10**8  # train.steps × train.batch_size: one round's batch plan
 RUN_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,1000}")
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d{1,4})?")  # resolved by fedmerge.device
 
 
 def between(lo: float, hi: float) -> Check:
@@ -50,6 +51,8 @@ def between(lo: float, hi: float) -> Check:
 
 RUN_NAME_CHECK: Check = (lambda v: RUN_NAME.fullmatch(v) is not None,
                          "must be 1 to 1000 characters without control characters")  # fmt: skip
+DEVICE_CHECK: Check = (lambda v: DEVICE_NAME.fullmatch(v) is not None,
+                       "must be auto, cpu, cuda or cuda:N")  # fmt: skip
 
 
 def option(
@@ -331,12 +334,19 @@ class SimConfig:
         registry="fedmerge.runtimes:RUNTIMES",
     )
     vectorize: str = option(
-        "auto", "stacked-parameter path for same-architecture gossip/local",
+        "auto", "stacked-parameter path for same-architecture gossip/local (CPU only: with a "
+        "GPU device the per-agent path)",
         choices=("auto", "always", "never"),
     )  # fmt: skip
     threads: int = option(
         1, "local runtime: torch threads for the run (0: the physical cores this process may "
         "run on), recorded in summary.json", check=between(0, 4096),
+    )  # fmt: skip
+    device: str = option(
+        "cpu", "where agents train, merge and evaluate: cpu (reproducible bit for bit), auto "
+        "(cuda when a GPU is there, else cpu), cuda or cuda:N; under torchrun auto and cuda "
+        "mean cuda:LOCAL_RANK (payloads travel and are stored from the CPU either way)",
+        check=DEVICE_CHECK,
     )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

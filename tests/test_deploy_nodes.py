@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,22 @@ def test_node_data_holds_only_the_own_split(tmp_path):
     assert all(torch.equal(mine.reference[k], v) for k, v in whole.reference.items())
     start = mine.model(1).state_dict()
     assert all(torch.equal(start[k], v) for k, v in whole.model(1).state_dict().items())
+
+
+def test_node_file_device_overrides_the_runs(tmp_path, monkeypatch):
+    cfg = load_config(None, RING3)
+    path = export_split(cfg, tmp_path)[1]
+    with open(path, "a") as f:
+        f.write("device: auto\n")
+    node = read_node_file(path)
+    assert node.device == "auto"
+    assert build_setup(cfg, node).device == torch.device("cpu")  # no GPU here: auto is the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device: 'cuda:1' asks for CUDA"):
+        build_setup(cfg, replace(node, device="cuda:1"))
+    path.write_text(path.read_text().replace("device: auto", "device: gpu0"))
+    with pytest.raises(ConfigError, match="node.yaml: 'device':"):
+        read_node_file(path)
 
 
 def test_node_file_and_samples_errors(tmp_path):

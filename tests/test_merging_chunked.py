@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from fedmerge import open_checkpoint, read_metadata, save_state_dict
 from fedmerge.merging import METHODS, StateSource, merge, merge_checkpoints, plan_merge, run_plan
+from fedmerge.merging.dropmask import keep_mask, keep_mask_torch
 from fedmerge.merging.engine import blocks
 from fedmerge.merging.globalk import RadixSelect
-from fedmerge.merging.sparsify import draw_keep
 
 WHOLE = 1 << 40  # a chunk no tensor reaches: every key in one block (the previous engine)
 
@@ -113,15 +113,17 @@ def test_radix_select_is_exact_for_several_ranks_and_float64():
 
 
 @settings(max_examples=20, deadline=None)
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), seed=st.integers(0, 99))
-def test_dare_masks_drawn_in_blocks_equal_the_whole_draw(sizes, seed):
-    def gens():
-        return [torch.Generator().manual_seed(seed + i) for i in range(2)]
-
-    whole = draw_keep(gens(), sum(sizes), 0.3)
-    g = gens()
-    parts = torch.cat([draw_keep(g, m, 0.3) for m in sizes], dim=1)
-    assert torch.equal(parts, whole)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), seed=st.integers(0, 99),
+       first=st.sampled_from([0, 1, 2**32 - 7, 2**40]))  # fmt: skip
+def test_dare_masks_computed_in_blocks_equal_the_whole_mask(sizes, seed, first):
+    """Counter-based masks: blocks in any order (here reversed) give the whole mask, with
+    either implementation, also past 2³² entries."""
+    keys = [seed, 2**64 - 1 - seed, seed << 40]
+    whole = keep_mask(keys, first, sum(sizes), 0.3)
+    starts = [first + sum(sizes[:i]) for i in range(len(sizes))]
+    parts = [keep_mask(keys, starts[i], sizes[i], 0.3) for i in reversed(range(len(sizes)))]
+    assert torch.equal(torch.cat(parts[::-1], dim=1), whole)
+    assert torch.equal(keep_mask_torch(keys, first, sum(sizes), 0.3), whole)
 
 
 class RowSpy:

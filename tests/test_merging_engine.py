@@ -7,7 +7,7 @@ import torch
 
 from fedmerge import TensorSpec, open_checkpoint, read_metadata, save_state_dict
 from fedmerge.merging import METHODS, merge, merge_checkpoints, plan_merge, run_plan
-from fedmerge.merging.engine import key_seed
+from fedmerge.merging.dropmask import stream_key
 
 SHAPES = {"l1.weight": (6, 5), "l1.bias": (6,), "l2.weight": (3, 6), "emb": (11, 4)}
 
@@ -116,7 +116,7 @@ def test_dare_seed_depends_on_key_and_expert_not_on_key_order(files):
     only = merge("dare_ties", {"l2.weight": base["l2.weight"]},
                  [{"l2.weight": e["l2.weight"]} for e in experts], density=0.5, seed=9)  # fmt: skip
     assert torch.equal(full["l2.weight"], only["l2.weight"])
-    assert len({key_seed(9, e, k) for e in range(3) for k in SHAPES}) == 3 * len(SHAPES)
+    assert len({stream_key(9, e, k) for e in range(3) for k in SHAPES}) == 3 * len(SHAPES)
 
 
 def test_output_metadata_records_method_params_and_inputs(files, tmp_path):

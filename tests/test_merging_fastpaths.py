@@ -2,7 +2,7 @@
 
 The engine computes TIES, DARE and their building blocks with cheaper
 operations than the textbook formulas (histogram selection, threshold +
-copysign trimming, integer DARE draws, in-order row sums, a clamp instead of
+copysign trimming, numba DARE masks, in-order row sums, a clamp instead of
 a masked fill). Each test here writes the plain formula (the previous engine's
 code) and demands identical bits, including signed zeros and exact ties.
 """
@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmerge.merging import merge
-from fedmerge.merging.engine import _all_finite, key_seed
+from fedmerge.merging.dropmask import keep_mask_torch, stream_key
+from fedmerge.merging.engine import _all_finite
 from fedmerge.merging.globalk import RadixSelect, select
-from fedmerge.merging.sparsify import draw_keep, keep_by_threshold, sum_rows
+from fedmerge.merging.sparsify import keep_by_threshold, sum_rows
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,8 @@ def plain_ties(base, experts, w, density, normalize):
 
 def plain_dare_ties(base, experts, density, seed, key):
     tau = torch.stack([e - base for e in experts]).reshape(len(experts), -1)
-    gens = [torch.Generator().manual_seed(key_seed(seed, i, key)) for i in range(len(experts))]
-    keep = torch.stack([torch.rand(tau.shape[1], generator=g) < density for g in gens])
+    keys = [stream_key(seed, i, key) for i in range(len(experts))]
+    keep = keep_mask_torch(keys, 0, tau.shape[1], density)  # the int64 torch implementation
     tau = tau * keep.to(tau.dtype) / density
     merged = plain_elect(tau, torch.ones(len(experts), dtype=torch.float64), False)
     return (merged + base.reshape(-1)).reshape(base.shape)
@@ -95,25 +96,13 @@ def test_ties_equals_the_plain_definition(data, k, n, dtype, density, normalize)
        dtype=st.sampled_from([torch.float32, torch.float64]),
        density=st.sampled_from([0.1, 0.2, 1 / 3, 0.9]), seed=st.integers(0, 99))  # fmt: skip
 def test_dare_ties_equals_the_plain_definition(data, k, n, dtype, density, seed):
-    """Masks from ``torch.rand(…) < density`` with the per-(seed, expert, key) streams."""
+    """Masks from the per-(seed, expert, key) streams (torch implementation; the engine
+    uses the numba one), applied as a float product and ×1/density."""
     base, experts = draw_state(data, k, n, dtype)
     got = merge("dare_ties", {"w": base}, [{"w": e} for e in experts],
                 density=density, seed=seed)["w"]  # fmt: skip
     want = plain_dare_ties(base, experts, density, seed, "w")
     assert torch.equal(bits(got), bits(want))
-
-
-def test_integer_draws_equal_rand_below_density():
-    """``draw_keep`` equals ``torch.rand(m, generator=g) < density`` for densities that float32
-    cannot represent, that lie on the 2^-24 grid, or next to it."""
-    grid = [0.1, 0.2, 1 / 3, 0.5, 0.9, 0.999999, 1e-9, 2**-24, 3 * 2**-25, 1 - 2**-25, 1.0]
-    gen = torch.Generator().manual_seed(0)
-    for density in grid + torch.rand(50, generator=gen, dtype=torch.float64).tolist():
-        seeds = [key_seed(7, i, "k") for i in range(2)]
-        want = torch.stack([torch.rand(3001, generator=torch.Generator().manual_seed(s))
-                            < density for s in seeds])  # fmt: skip
-        got = draw_keep([torch.Generator().manual_seed(s) for s in seeds], 3001, density)
-        assert torch.equal(got, want), density
 
 
 def test_row_sums_equal_torch_sum_for_every_row_count():

@@ -70,7 +70,7 @@ def test_local_only_fields_are_refused_by_name_elsewhere(runtime, field, value):
 def test_local_run_is_the_simulator_and_names_its_path(one_thread):
     cfg = load_config(None, SMALL)
     rows, details = run(cfg)
-    assert details == {"runtime": "local", "path": "vectorized", "threads": 1}
+    assert details == {"runtime": "local", "path": "vectorized", "threads": 1, "device": "cpu"}
     assert rows == [{**r, "wall_s": rows[i]["wall_s"]} for i, r in enumerate(Simulator(cfg).run())]
 
 

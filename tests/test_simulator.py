@@ -201,3 +201,32 @@ def test_a_nonfinite_agent_is_rejected_by_its_neighbours_on_both_engines(vectori
     assert [r["rejected"] for r in rows] == [0, 1, 0, 0, 0, 0, 0, 1]
     flat = s.engine.flat()
     assert not torch.isfinite(flat[0]).all() and torch.isfinite(flat[1:]).all()
+
+
+@pytest.mark.parametrize("vectorize", ["always", "never"])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["topology=ring-8", *FAULTY],
+        ["topology={graph: ring, n: 12, schedule: one_peer_exponential}", "agents=12",
+         "faults.dropout=0.2", "faults.message_loss=0.2"],
+        ["topology={graph: ring, n: 8, schedule: random_matching}", "faults.message_loss=0.3"],
+        ["topology=torus-4x4", "agents=16", "model.init=different",
+         "validation.max_norm_ratio=1.0"],  # some payloads rejected, some not
+    ],
+)  # fmt: skip
+def test_rows_are_identical_with_and_without_the_plan_cache(sets, vectorize, monkeypatch):
+    """The topology's plan cache and the stacked engine's reuse of W change no number: every
+    row (but its wall time) is bit-identical to a run that rebuilds every round's plan."""
+    common = [*sets, "rounds=6", f"vectorize={vectorize}"]
+    cached = sim(*common)
+    rows = strip(cached.run())
+    monkeypatch.setattr("fedmerge.topology.build.PLAN_CACHE", 0)
+    fresh = sim(*common)
+    assert strip(fresh.run()) == rows
+    assert torch.equal(cached.engine.flat(), fresh.engine.flat())
+    assert not fresh.setup.topology._plans
+    if "random_matching" not in sets[0]:
+        assert cached.setup.topology._plans  # the cache was used
+    if "max_norm_ratio" in sets[-1]:
+        assert 0 < sum(r["rejected"] for r in rows) < 4 * len(rows)  # of 4 neighbours each

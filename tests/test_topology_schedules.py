@@ -22,7 +22,7 @@ def test_static_round_is_the_mixing_matrix_and_plan_is_consistent():
     plan = topo.round(5)
     np.testing.assert_allclose(plan.mixing.toarray(), topo.mixing.toarray())
     assert plan.kind == "static" and plan.round == 5 and plan.active is None
-    assert plan.edges == sorted(tuple(sorted(e)) for e in topo.graph.edges)
+    assert plan.edges == tuple(sorted(tuple(sorted(e)) for e in topo.graph.edges))
     assert len(plan.messages) == 2 * len(plan.edges)
     w = plan.mixing.toarray()
     for i, row in enumerate(plan.neighbors):
@@ -77,8 +77,8 @@ def test_one_peer_exponential_other_n_is_directed_doubly_stochastic():
         offset = 2 ** (r % 4)
         props = assert_row(plan)
         assert props["doubly_stochastic"] and not props["symmetric"]
-        assert plan.messages == sorted(((i - offset) % 12, i) for i in range(12))
-        assert plan.neighbors[0] == sorted([(0, 0.5), ((-offset) % 12, 0.5)])
+        assert plan.messages == tuple(sorted(((i - offset) % 12, i) for i in range(12)))
+        assert plan.neighbors[0] == tuple(sorted([(0, 0.5), ((-offset) % 12, 0.5)]))
 
 
 def test_sparse_then_complete_merges_once_at_the_end():
@@ -148,7 +148,7 @@ def test_every_schedule_row_stochastic_under_churn(schedule):
         props = assert_row(plan)
         assert props["doubly_stochastic"] or schedule == "one_peer_exponential"
         for i in set(range(64)) - active:
-            assert plan.neighbors[i] == [(i, 1.0)]
+            assert plan.neighbors[i] == ((i, 1.0),)
             assert all(i not in (s, d) for s, d in plan.messages)
 
 
@@ -191,3 +191,71 @@ def test_measured_contraction_against_the_spectral_bound():
     static = build_topology("ring-16")
     assert static.measure_contraction(60) < sparse.measure_contraction(60) < 1.0
     assert "measured_contraction" not in static.analyze()
+
+
+SCHEDULES = ["static", "random_matching", "one_peer_exponential", "sparse_then_complete"]
+
+
+def same_plan(a: RoundPlan, b: RoundPlan) -> None:
+    assert (a.round, a.kind, a.active) == (b.round, b.kind, b.active)
+    np.testing.assert_array_equal(a.mixing.indptr, b.mixing.indptr)
+    np.testing.assert_array_equal(a.mixing.indices, b.mixing.indices)
+    np.testing.assert_array_equal(a.mixing.data, b.mixing.data)  # bit for bit
+    assert (a.neighbors, a.messages, a.edges) == (b.neighbors, b.messages, b.edges)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cached_plans_equal_freshly_built_ones(schedule, monkeypatch):
+    """Rounds asked in any order, with repeating and changing sets of nodes present: the
+    plans of a caching topology are those built from scratch (no cache) bit for bit."""
+    asks = [(r, None) for r in (0, 1, 5, 0, 4, 9, 1)] + [
+        (r, {0, 2, 3, 5, 7, 8}) for r in (2, 6, 2, 3, 10)
+    ] + [(3, {1, 4}), (3, None), (7, {1, 4})]  # fmt: skip
+    cached = build_topology("ring", n=12, overrides=[f"schedule={schedule}"])
+    plans = [cached.round(r, active=a, total_rounds=11) for r, a in asks]
+    monkeypatch.setattr("fedmerge.topology.build.PLAN_CACHE", 0)
+    fresh = build_topology("ring", n=12, overrides=[f"schedule={schedule}"])
+    for (r, a), plan in zip(asks, plans, strict=True):
+        same_plan(plan, fresh.round(r, active=a, total_rounds=11))
+    assert not fresh._plans
+
+
+def test_a_repeating_schedule_builds_each_phase_once():
+    static = build_topology("ring-8")
+    assert static.round(3).mixing is static.round(7).mixing  # shared, read-only
+    assert static.round(7).round == 7
+    assert static.round(3, active={0, 1, 2}).mixing is not static.round(3).mixing
+    one_peer = build_topology("ring", n=12, overrides=["schedule=one_peer_exponential"])
+    assert one_peer.round(1).mixing is one_peer.round(5).mixing  # period ⌈log2 12⌉ = 4
+    assert one_peer.round(1).messages != one_peer.round(2).messages
+    matching = build_topology("ring-8", overrides=["schedule=random_matching"])
+    assert matching.round(1).mixing is not matching.round(1).mixing  # random: never reused
+
+
+def test_the_plan_cache_is_bounded():
+    from fedmerge.topology.build import PLAN_CACHE
+
+    topo = build_topology("ring-16")
+    for k in range(1, 2**16, 397):  # many distinct sets of nodes present
+        topo.round(k, active=[i for i in range(16) if k >> i & 1])
+    assert len(topo._plans) == PLAN_CACHE
+
+
+def test_a_plan_is_immutable_and_does_not_alias_the_callers_matrix():
+    import scipy.sparse as sp
+
+    w = sp.csr_matrix((np.array([0.5, 0.5, 0.0, 1.0]), np.array([1, 0, 1, 1]),
+                       np.array([0, 2, 4])), shape=(2, 2))  # fmt: skip  # unsorted, a zero
+    plan = RoundPlan(round=0, mixing=w)
+    assert w.indices.tolist() == [1, 0, 1, 1] and w.nnz == 4  # the caller's W untouched
+    w.data[:] = 7.0
+    assert plan.mixing.toarray().tolist() == [[0.5, 0.5], [0.0, 1.0]]
+    for a in (plan.mixing.data, plan.mixing.indices, plan.mixing.indptr):
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        plan.mixing.data *= 2
+    assert isinstance(plan.neighbors, tuple) and isinstance(plan.neighbors[0], tuple)
+    assert isinstance(plan.messages, tuple) and isinstance(plan.edges, tuple)
+    later = plan.at(4)
+    assert (later.round, plan.round) == (4, 0) and later.mixing is plan.mixing

@@ -33,14 +33,15 @@ from fedmerge.errors import ConfigError, ValidationError
 
 
 class CrossStats:
-    """Running sums for the correlation of features a (N, C) and b (N, C)."""
+    """Running sums for the correlation of features a (N, C) and b (N, C), kept on the
+    features' ``device``."""
 
-    def __init__(self, channels: int) -> None:
-        zeros = torch.zeros(channels, dtype=torch.float64)
+    def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
+        zeros = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
         self.sum_a, self.sum_b = zeros.clone(), zeros.clone()
         self.sq_a, self.sq_b = zeros.clone(), zeros.clone()
-        self.cross = torch.zeros(channels, channels, dtype=torch.float64)
+        self.cross = torch.zeros(channels, channels, dtype=torch.float64, device=device)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.double(), b.double()
@@ -115,7 +116,7 @@ def correlations(
                 other(x)
                 for n in names:
                     a, b = _as_samples(feats_a[n]), _as_samples(feats_b[n])
-                    acc.setdefault(n, CrossStats(a.shape[1])).update(a, b)
+                    acc.setdefault(n, CrossStats(a.shape[1], a.device)).update(a, b)
             seen += 1
     if not seen:
         raise ValidationError("activation matching: the calibration data yielded no batch")
@@ -126,9 +127,11 @@ def correlations(
 
 
 def assign(score: torch.Tensor) -> torch.Tensor:
-    """Hungarian assignment maximizing Σ_i score[i, perm[i]]; returns perm (C,) int64."""
+    """Hungarian assignment maximizing Σ_i score[i, perm[i]]; returns perm (C,) int64 on
+    ``score``'s device (scipy solves it on the CPU)."""
     rows, cols = linear_sum_assignment(score.detach().cpu().numpy(), maximize=True)
-    return torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
+    perm = torch.as_tensor(cols, dtype=torch.long)[torch.as_tensor(rows).argsort()]
+    return perm.to(score.device)
 
 
 def activation_matching(

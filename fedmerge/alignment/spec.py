@@ -100,7 +100,9 @@ def apply_permutation(spec: PermutationSpec, perms: Perms, state: StateDict) -> 
 
 
 def identity_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Perms:
-    return {g: torch.arange(n) for g, n in perm_sizes(spec, state).items()}
+    """The identity per group, on the device of ``state``'s tensors."""
+    device = next(iter(state.values())).device if state else None
+    return {g: torch.arange(n, device=device) for g, n in perm_sizes(spec, state).items()}
 
 
 def random_perms(

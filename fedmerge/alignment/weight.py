@@ -36,14 +36,14 @@ def weight_matching(
     max_iter: int = 100,
 ) -> Perms:
     """Permutations aligning ``state_b`` to ``state_a`` (apply them to ``state_b``)."""
-    perms = identity_perms(spec, state_a)
+    perms = identity_perms(spec, state_a)  # on state_a's device, as every score below
     rng = np.random.default_rng(seed)
     groups = list(perms)
     for _ in range(max_iter):
         improved = False
         for g in rng.permutation(groups):
             n = perms[g].numel()
-            score = torch.zeros(n, n, dtype=torch.float64)
+            score = torch.zeros(n, n, dtype=torch.float64, device=perms[g].device)
             for key, axis in spec.perm_to_axes[g]:
                 if key in spec.stats:
                     continue
@@ -51,8 +51,8 @@ def weight_matching(
                 w_b = _permuted_except(spec, perms, key, state_b[key].double(), axis)
                 score += w_a @ w_b.movedim(axis, 0).reshape(n, -1).T
             new = assign(score)
-            old_value = score[torch.arange(n), perms[g]].sum()
-            new_value = score[torch.arange(n), new].sum()
+            rows = torch.arange(n, device=score.device)
+            old_value, new_value = score[rows, perms[g]].sum(), score[rows, new].sum()
             improved |= bool(new_value > old_value + 1e-12 * max(1.0, float(old_value.abs())))
             perms[g] = new
         if not improved:

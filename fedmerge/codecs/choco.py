@@ -24,6 +24,11 @@ that receives it sets its x̂_i ← s_i too, so a copy left behind by a lost mes
 exact again after the next key frame it receives. Without loss all holders still agree,
 so the average is still kept exactly.
 
+The copies x̂ live on the agent's ``device`` (they meet x_i and the received q_j there);
+codecs are CPU code, so :meth:`ChocoGossip.publish` hands them x_i − x̂_i on the CPU and
+brings q_i back (the one place CHOCO moves tensors), and the codec's sender state stays
+on the CPU.
+
 >>> import torch
 >>> a, b = (ChocoGossip(i, "topk", {"density": 0.5}, gamma=1.0) for i in (0, 1))
 >>> xa, xb = {"w": torch.tensor([4.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}
@@ -42,6 +47,7 @@ import torch
 
 from fedmerge.codecs.feedback import Encoder
 from fedmerge.codecs.wire import Encoded, encode_state
+from fedmerge.device import CPU, to_device
 
 StateDict = dict[str, torch.Tensor]
 Heard = tuple[int, Mapping[str, torch.Tensor], float]  # (sender j, q_j, w_ij)
@@ -54,9 +60,10 @@ class ChocoGossip:
 
     def __init__(
         self, agent: int, codec: str, params: Mapping[str, Any] | None, gamma: float,
-        seed: int = 0, resync: int = 0,
+        seed: int = 0, resync: int = 0, device: torch.device = CPU,
     ):  # fmt: skip
         self.agent, self.gamma, self.resync = agent, gamma, resync
+        self.device = torch.device(device)  # where the copies x̂ live
         self.encoder = Encoder(codec, params, seed=seed * 1_000_003 + agent)
         self.copies: dict[int, StateDict] = {}  # j -> x̂_j
 
@@ -71,16 +78,16 @@ class ChocoGossip:
         return self.resync > 0 and (round + 1) % self.resync == 0
 
     def publish(self, x: Mapping[str, torch.Tensor], round: int = 0) -> tuple[Encoded, StateDict]:
-        """Encode q_i = C(x_i − x̂_i) and advance the own copy; returns (encoded, q_i). In
-        a key-frame ``round``: the snapshot s_i, which becomes the own copy."""
+        """Encode q_i = C(x_i − x̂_i) and advance the own copy; returns (encoded, q_i on the
+        CPU). In a key-frame ``round``: the snapshot s_i, which becomes the own copy."""
         own = self._copy(self.agent, x)
         if self.is_keyframe(round):
-            encoded = encode_state(x, *RESYNC_CODEC)
+            encoded = encode_state(to_device(x, CPU), *RESYNC_CODEC)
             snapshot = encoded.decode(source="own payload")
-            own.update({k: v.clone() for k, v in snapshot.items()})
+            own.update(to_device(snapshot, self.device, copy=True))
             return encoded, snapshot
-        encoded, q = self.encoder.encode({k: x[k] - own[k] for k in x})
-        for k, v in q.items():
+        encoded, q = self.encoder.encode(to_device({k: x[k] - own[k] for k in x}, CPU))
+        for k, v in to_device(q, self.device).items():
             own[k] += v
         return encoded, q
 
@@ -114,14 +121,15 @@ class ChocoGossip:
         return out, {"choco_calls": str(self.encoder.calls)}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
-        """Restore what :meth:`to_tensors` saved (``tensors`` may hold other keys too)."""
+        """Restore what :meth:`to_tensors` saved (``tensors`` may hold other keys too): the
+        copies onto :attr:`device`, the codec state onto the CPU."""
         self.copies, self.encoder.state = {}, {}
         for name, v in tensors.items():
             root, kind, owner, key = (name.split("/", 3) + ["", "", ""])[:4]
             if root != PREFIX:
                 continue
             if kind == "copy":
-                self.copies.setdefault(int(owner), {})[key] = v
+                self.copies.setdefault(int(owner), {})[key] = v.to(self.device)
             else:
-                self.encoder.state.setdefault(key, {})[owner] = v
+                self.encoder.state.setdefault(key, {})[owner] = v.to(CPU)
         self.encoder.calls = int(meta.get("choco_calls", "0"))

@@ -8,6 +8,7 @@ any runtime, and the simulator's vectorized path, sees the same batches for a se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from fedmerge.data.partition import AgentData
 from fedmerge.decentralized.adversary import freshest
 from fedmerge.decentralized.delivery import Delivery
 from fedmerge.decentralized.payload import Payload, decode_payload, validate_payload
+from fedmerge.device import CPU, to_device
 from fedmerge.errors import ValidationError
 from fedmerge.factory import import_factory
 from fedmerge.statedict import StateDict, global_norm, is_mergeable, specs_of
@@ -57,6 +59,14 @@ def make_loss(name: str) -> Loss:
     return obj() if isinstance(obj, type) else obj
 
 
+def data_on(data: AgentData, device: torch.device) -> AgentData:
+    """``data`` with every split on ``device`` (``data`` itself when it is there already)."""
+    if data.train_x.device == device:
+        return data
+    fields = dataclasses.fields(data)
+    return dataclasses.replace(data, **{f.name: getattr(data, f.name).to(device) for f in fields})
+
+
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -77,18 +87,24 @@ class Agent:
     """Agent ``id``: ``model`` trained on ``data``; ``reference`` is the shared base its
     payloads are task vectors against, or None (payloads carry full weights). ``choco``:
     its CHOCO-Gossip state when payloads are compressed (``protocol.codec``). ``shared``
-    names the entries it publishes (None: every floating entry; a LoRA agent: its adapter)."""
+    names the entries it publishes (None: every floating entry; a LoRA agent: its adapter).
+
+    ``device``: where its model, data, reference, optimizer state and merges live; what it
+    publishes is on the CPU (:meth:`Payload.make`), and what it accepts is moved to
+    ``device`` after validation (:meth:`arrive`), so nothing else changes device."""
 
     def __init__(
         self, id: int, model: nn.Module, data: AgentData, *, train: TrainConfig,
         validation: ValidationConfig, seed: int, reference: StateDict | None = None,
         loss: Loss = nn.functional.cross_entropy, choco: ChocoGossip | None = None,
-        shared: set[str] | None = None,
+        shared: set[str] | None = None, device: torch.device = CPU,
     ) -> None:  # fmt: skip
-        self.id, self.model, self.data = id, model, data
+        self.device = torch.device(device)
+        self.id, self.model, self.data = id, model.to(self.device), data_on(data, self.device)
         self.choco = choco
         self.train_cfg, self.validation, self.loss = train, validation, loss
-        self.reference, self.shared = reference, shared
+        self.reference = None if reference is None else to_device(reference, self.device)
+        self.shared = shared
         self.generator = agent_generator(seed, id)
         self.rejected: list[str] = []  # reasons, "agent j: why", in arrival order
         self.last_round: dict[int, int] = {}  # sender → round of its last accepted payload
@@ -183,13 +199,20 @@ class Agent:
                 self.rejected.append(str(exc))
                 log.warning("agent %d dropped a payload: %s", self.id, exc)
                 continue
-            accepted.append((payload, d.weight))
+            accepted.append((self.arrive(payload), d.weight))
         accepted, stale = freshest(accepted, self.last_round)
         for reason in stale:
             self.rejected.append(reason)
             log.info("agent %d dropped a payload: %s", self.id, reason)
         self.last_round.update((p.sender, p.round) for p, _ in accepted)
         return accepted
+
+    def arrive(self, payload: Payload) -> Payload:
+        """A validated ``payload`` with its tensors on this agent's device (the one place
+        received tensors change device; ``payload`` itself where they are there already)."""
+        if all(t.device == self.device for t in payload.tensors.values()):
+            return payload
+        return dataclasses.replace(payload, tensors=to_device(payload.tensors, self.device))
 
     @property
     def experts(self) -> list[int] | None:
@@ -219,6 +242,7 @@ class Agent:
         if not len(y):
             return None
         self.model.eval()
+        x, y = x.to(self.device), y.to(self.device)
         return float((self.model(x).argmax(1) == y).double().mean())
 
 

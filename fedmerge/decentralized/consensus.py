@@ -68,10 +68,11 @@ def disagreement(predictions: torch.Tensor) -> list[float]:
     n, samples = predictions.shape
     if n < 2:
         return [0.0] * n
-    counts = torch.zeros(samples, int(predictions.max()) + 1, dtype=torch.float64)
-    cols = torch.arange(samples).expand(n, samples)
-    counts.index_put_((cols.reshape(-1), predictions.reshape(-1)), torch.ones(n * samples,
-                      dtype=torch.float64), accumulate=True)  # fmt: skip
+    on = {"dtype": torch.float64, "device": predictions.device}  # the engine's device
+    counts = torch.zeros(samples, int(predictions.max()) + 1, **on)
+    cols = torch.arange(samples, device=predictions.device).expand(n, samples)
+    counts.index_put_((cols.reshape(-1), predictions.reshape(-1)), torch.ones(n * samples, **on),
+                      accumulate=True)  # fmt: skip
     agree = (counts[cols, predictions] - 1).mean(dim=1) / (n - 1)
     return (1.0 - agree).tolist()
 

@@ -10,7 +10,9 @@ validates the others (keys, shapes, dtypes, finiteness, norm) and folds each new
 its continual merge (:func:`~fedmerge.continual.make_merger`, ``protocol.continual``)
 exactly once, in arrival order (:class:`~fedmerge.decentralized.dissemination.Node`, the
 same node logic as :func:`~fedmerge.decentralized.dissemination.disseminate`). The agent's
-model is its merge; :attr:`ContinualAgent.experts` is what its metrics rows report.
+model is its merge; :attr:`ContinualAgent.experts` is what its metrics rows report. The
+continual merge and the experts held run on the CPU, where payloads are, whatever the
+agent's ``device`` (only its training and evaluation run there).
 
 With ``protocol.codec`` (e.g. ComPEFT ``ternary``) an expert is encoded once, where it is
 made (:func:`~fedmerge.decentralized.dissemination.encode_expert`), held and forwarded as
@@ -37,6 +39,7 @@ from fedmerge.decentralized.context import MergeContext
 from fedmerge.decentralized.delivery import Delivery
 from fedmerge.decentralized.dissemination import FORWARD, Node, encode_expert, expert_tensors
 from fedmerge.decentralized.payload import Payload
+from fedmerge.device import CPU, to_device
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.statedict import StateDict, global_norm, specs_of, state_hash
 
@@ -74,7 +77,8 @@ class ContinualAgent(Agent):
         if forward not in FORWARD:
             raise ConfigError(f"protocol.forward: must be one of {', '.join(FORWARD)}")
         self.method, self.forward = method, forward
-        self.node = Node(self.id, make_merger(method, self.reference), rejected=self.rejected)
+        self.base = to_device(self.reference, CPU)  # θ_0 of the (CPU-side) continual merge
+        self.node = Node(self.id, make_merger(method, self.base), rejected=self.rejected)
         self.made_expert = False
 
     def byte_limit(self) -> int:
@@ -95,10 +99,11 @@ class ContinualAgent(Agent):
         self.model.load_state_dict({**self.state(), **self.reference})  # from θ_0, always
         steps = super().train()
         self.made_expert = True
-        tau = encode_expert(self.tensors(), self.codec, self.codec_params, self.codec_seed)
+        own = to_device(self.tensors(), CPU)
+        tau = encode_expert(own, self.codec, self.codec_params, self.codec_seed)
         mine = Payload.make(tau, sender=self.id, round=0, samples=self.data.samples,
                             kind="delta", expert=str(self.id))  # fmt: skip
-        self.node.offer(mine, self.reference, self.check_expert)
+        self.node.offer(mine, self.base, self.check_expert)
         self.sync()
         return steps
 
@@ -121,6 +126,10 @@ class ContinualAgent(Agent):
             raise ValidationError(f"{who}: content hash mismatch")
         unbundle(p.tensors, who)
         return p
+
+    def arrive(self, payload: Payload) -> Payload:
+        """Bundles stay on the CPU: they are held, forwarded and folded there."""
+        return payload
 
     def receive(
         self, deliveries: Sequence[Delivery], round: int | None = None
@@ -160,7 +169,7 @@ class ContinualAgent(Agent):
     def load_extra_state(self, tensors: StateDict, meta: dict) -> None:
         acc = {k.removeprefix("acc."): v for k, v in tensors.items() if k.startswith("acc.")}
         state = {"tensors": acc, "meta": meta["merger"]}
-        merger = ContinualMerger.from_state(self.reference, state)
+        merger = ContinualMerger.from_state(self.base, state)
         held: dict[str, StateDict] = {}
         for name, v in tensors.items():
             if name.startswith("held."):
@@ -179,14 +188,14 @@ class ContinualAgent(Agent):
 
 def continual_agent(
     i: int, model: nn.Module, data: AgentData, cfg: SimConfig, reference: StateDict | None,
-    loss: Loss, nodes: int,
+    loss: Loss, nodes: int, device: torch.device = CPU,
 ) -> ContinualAgent:  # fmt: skip
     """Node i's agent for the ``disseminate`` protocol (the protocol's agent factory)."""
     return ContinualAgent(
         i, model, data, train=cfg.train, validation=cfg.validation, seed=cfg.seed,
         reference=reference, loss=loss, method=cfg.protocol.continual,
         forward=cfg.protocol.forward, nodes=nodes, codec=cfg.protocol.codec,
-        codec_params=cfg.protocol.codec_params,
+        codec_params=cfg.protocol.codec_params, device=device,
     )  # fmt: skip
 
 
@@ -197,5 +206,5 @@ def fold_experts(
     if not isinstance(agent, ContinualAgent):
         raise TypeError(f"disseminate merges ContinualAgents, got {type(agent).__name__}")
     for payload, _ in received:
-        agent.node.offer(payload, agent.reference, agent.check_expert)
+        agent.node.offer(payload, agent.base, agent.check_expert)
     agent.sync()

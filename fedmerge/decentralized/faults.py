@@ -59,22 +59,27 @@ class FaultModel:
         self.cfg, self.n, self.seed = cfg, n, seed
         self.down_until = np.zeros(n, dtype=np.int64)  # crashed nodes rejoin at this round
 
-    def _rng(self, r: int, kind: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, r, kind])
+    def _hit(self, r: int, kind: int, p: float, size: int) -> np.ndarray:
+        """(size,) bool: each entry hit with probability ``p`` in round r; kind ``kind``'s
+        own stream (with p = 0 nothing is drawn: every stream is seeded per round, so
+        skipping one changes no other draw)."""
+        if p == 0:
+            return np.zeros(size, dtype=bool)
+        return np.random.default_rng([self.seed, r, kind]).random(size) < p
 
     def nodes(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """(active (n,) bool, trains (n,) bool) for round r (call once per round, in order)."""
         c = self.cfg
         alive = self.down_until <= r
-        crash = alive & (self._rng(r, 1).random(self.n) < c.crash)
+        crash = alive & self._hit(r, 1, c.crash, self.n)
         self.down_until[crash] = r + c.crash_rounds
-        active = alive & ~crash & (self._rng(r, 2).random(self.n) >= c.dropout)
-        trains = active & (self._rng(r, 3).random(self.n) >= c.straggler)
+        active = alive & ~crash & ~self._hit(r, 2, c.dropout, self.n)
+        trains = active & ~self._hit(r, 3, c.straggler, self.n)
         return active, trains
 
     def lost(self, r: int, messages: int) -> np.ndarray:
         """(messages,) bool: which of the round's messages (in plan order) are lost."""
-        return self._rng(r, 4).random(messages) < self.cfg.message_loss
+        return self._hit(r, 4, self.cfg.message_loss, messages)
 
 
 class Recovery:

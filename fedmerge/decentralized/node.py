@@ -9,6 +9,7 @@ and a **node file** naming what is its own::
     checkpoint: start.safetensors      # optional: its model at round 0
     eval: public-test.safetensors      # optional: a public test set (test_x, test_y)
     state_dir: state                   # optional: where its agent state is saved
+    device: cuda:1                     # optional: where it computes (overrides the run's device)
 
 Relative paths are resolved against the node file's directory. A samples file holds the
 tensor pairs ``train_x``/``train_y`` and/or ``test_x``/``test_y`` (``x``: (n, *in_shape)
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fedmerge.checkpoint import open_checkpoint, save_state_dict
+from fedmerge.config import DEVICE_CHECK
 from fedmerge.data.partition import AgentData, FederatedData
 from fedmerge.errors import CheckpointError, ConfigError
 from fedmerge.statedict import StateDict
@@ -46,15 +48,16 @@ class NodeSources:
     checkpoint: Path | None = None
     eval: Path | None = None
     state_dir: Path | None = None
+    device: str | None = None  # the node's own ``device`` setting (e.g. its GPU on a shared host)
 
 
 def read_node_file(path: str | os.PathLike) -> NodeSources:
     """The :class:`NodeSources` in node file ``path`` (ConfigError naming the file and field)."""
     raw = read_mapping(path, "node file")
-    unknown = set(raw) - {"node", *_PATHS}
+    unknown = set(raw) - {"node", "device", *_PATHS}
     if unknown:
         raise ConfigError(f"node file {path}: unknown field(s) {sorted(unknown)}; "
-                          f"expected node, {', '.join(_PATHS)}")  # fmt: skip
+                          f"expected node, device, {', '.join(_PATHS)}")  # fmt: skip
     node = raw.get("node")
     if not isinstance(node, int) or isinstance(node, bool) or node < 0:
         raise ConfigError(f"node file {path}: 'node' must be a node id ≥ 0, got {node!r}")
@@ -67,7 +70,10 @@ def read_node_file(path: str | os.PathLike) -> NodeSources:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"node file {path}: {key!r} must be a path, got {value!r}")
         paths[key] = None if value is None else base / value
-    return NodeSources(node, **paths)
+    device = raw.get("device")
+    if device is not None and not (isinstance(device, str) and DEVICE_CHECK[0](device)):
+        raise ConfigError(f"node file {path}: 'device': {DEVICE_CHECK[1]}, got {device!r}")
+    return NodeSources(node, **paths, device=device)
 
 
 def node_file_for(template: str, rank: int, local_rank: int) -> str:

@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 
 from fedmerge.checkpoint import TensorSpec
 from fedmerge.codecs import is_packed, unpack_tensors
+from fedmerge.device import CPU, to_device
 from fedmerge.errors import ValidationError
 from fedmerge.statedict import check_finite, check_same_specs, global_norm, specs_of, state_hash
 from fedmerge.stheader import parse_header
@@ -58,10 +59,12 @@ class Payload:
         cls, tensors: Mapping[str, torch.Tensor], *, sender: int, round: int, samples: int,
         kind: str, expert: str | None = None,
     ) -> Payload:  # fmt: skip
-        """Snapshot ``tensors`` (detached copies) and hash them."""
+        """Snapshot ``tensors`` (detached CPU copies: a payload leaves its agent's device
+        here, whatever runtime moves it) and hash them."""
         if kind not in KINDS:
             raise ValidationError(f"payload kind must be one of {KINDS}, got {kind!r}")
-        owned = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+        detached = {k: v.detach() for k, v in tensors.items()}
+        owned = {k: v.contiguous() for k, v in to_device(detached, CPU, copy=True).items()}
         hash_ = state_hash(owned)
         return cls(owned, int(sender), int(round), int(samples), kind, hash_, expert)
 

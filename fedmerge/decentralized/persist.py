@@ -7,7 +7,8 @@ completed and its per-sender freshness state (:attr:`Agent.last_round`, JSON), s
 node still refuses replays of what it accepted before; what a kind of agent keeps besides
 (:meth:`Agent.extra_state`, e.g. a continual merge) travels in the same file. It is
 written atomically (temp + fsync + rename): a kill at any moment leaves the previous file
-intact. Restoring sets the
+intact. The file is written from the CPU and read onto the CPU; restoring copies the model
+state onto the agent's device, and CHOCO puts its copies there. Restoring sets the
 model, the generator and the freshness state, so a resumed node goes on exactly as if it
 had never stopped. The in-process crash/rejoin policy
 (:class:`~fedmerge.decentralized.faults.Recovery`) and every Flower node keep their agents
@@ -23,6 +24,7 @@ from pathlib import Path
 from fedmerge.checkpoint import open_checkpoint, save_state_dict
 from fedmerge.codecs.choco import PREFIX as CHOCO_PREFIX
 from fedmerge.decentralized.agent import Agent
+from fedmerge.device import CPU, to_device
 from fedmerge.errors import CheckpointError, ValidationError
 
 RNG_KEY = "__rng__"
@@ -47,7 +49,7 @@ def save_agent(agent: Agent, state_dir: str | os.PathLike, round: int) -> Path:
     if agent.choco is not None:  # compressed gossip: public copies and codec state
         tensors, extra = agent.choco.to_tensors()
         state, meta = {**state, **tensors}, {**meta, **extra}
-    save_state_dict(state, path, meta)
+    save_state_dict(to_device(state, CPU), path, meta)  # from the agent's device, if not CPU
     return path
 
 

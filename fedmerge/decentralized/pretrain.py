@@ -18,6 +18,7 @@ from torch import nn
 from fedmerge.config import SimConfig
 from fedmerge.data.partition import AgentData
 from fedmerge.decentralized.agent import Agent, make_loss
+from fedmerge.device import CPU, to_device
 from fedmerge.statedict import StateDict
 
 
@@ -30,13 +31,19 @@ def pretrains(cfg: SimConfig) -> bool:
     return bool(cfg.pretrain.epochs or cfg.pretrain.steps)
 
 
-def pretrain(model: nn.Module, data: AgentData, cfg: SimConfig, agent: int) -> StateDict:
-    """Train ``model`` in place on ``data`` as ``cfg.pretrain`` says; return a copy of its
-    state (the agent's model at round 0)."""
+def pretrain(
+    model: nn.Module, data: AgentData, cfg: SimConfig, agent: int, device: torch.device = CPU
+) -> StateDict:
+    """Train ``model`` in place on ``data`` as ``cfg.pretrain`` says, on ``device`` (the model
+    is back where it was afterwards); return a copy of its state (the agent's model at round
+    0), on the CPU."""
+    home = next(model.parameters()).device
     trainer = Agent(
         agent, model, data, train=cfg.pretrain, validation=cfg.validation, seed=cfg.seed,
-        loss=make_loss(cfg.pretrain.loss),
+        loss=make_loss(cfg.pretrain.loss), device=device,
     )  # fmt: skip
     trainer.generator = pretrain_generator(cfg.seed, agent)
     trainer.train()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = to_device({k: v.detach() for k, v in model.state_dict().items()}, CPU, copy=True)
+    model.to(home)
+    return state

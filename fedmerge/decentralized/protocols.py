@@ -20,6 +20,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fedmerge.config import SimConfig
@@ -36,9 +37,11 @@ from fedmerge.statedict import StateDict
 
 Received = Sequence[tuple[Payload, float]]
 MergeFn = Callable[[Agent, Received, float, MergeContext], None]
-AgentFactory = Callable[[int, nn.Module, AgentData, SimConfig, StateDict | None, Loss, int], Agent]
+AgentFactory = Callable[
+    [int, nn.Module, AgentData, SimConfig, StateDict | None, Loss, int, torch.device], Agent
+]
 """(node i, its initial model, its data, the config, the shared reference, the loss, the
-number of nodes) → agent"""
+number of nodes, the device it computes on) → agent"""
 
 
 @dataclass(frozen=True)

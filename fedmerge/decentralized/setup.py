@@ -10,6 +10,7 @@ starting checkpoint are its own files and nothing of the other nodes is built.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -20,10 +21,11 @@ from fedmerge.codecs.choco import ChocoGossip
 from fedmerge.config import SimConfig
 from fedmerge.data.datasets import load_dataset
 from fedmerge.data.partition import FederatedData, federate
-from fedmerge.decentralized.agent import Agent, Loss, make_loss
+from fedmerge.decentralized.agent import Agent, Loss, data_on, make_loss
 from fedmerge.decentralized.node import NodeSources, load_start, node_data
 from fedmerge.decentralized.pretrain import pretrain, pretrains
 from fedmerge.decentralized.protocols import Protocol, get_protocol, gossip
+from fedmerge.device import CPU, resolve_device, to_device
 from fedmerge.errors import ConfigError
 from fedmerge.hf.lora import apply_lora, trainable_keys
 from fedmerge.models import build_model
@@ -42,6 +44,7 @@ class Setup:
     reference: StateDict | None  # the shared base payloads are τ against; None: full θ
     pretrained: dict[int, StateDict] = field(default_factory=dict, repr=False)  # a cache
     node: NodeSources | None = None  # a deployed node's own sources (None: the whole split)
+    device: torch.device = CPU  # where the agents compute (``device``); data and reference too
 
     @property
     def n(self) -> int:
@@ -64,7 +67,8 @@ class Setup:
             model.load_state_dict(load_start(start, model.state_dict()))
         elif pretrained and pretrains(cfg):  # the whole model, before any LoRA adapter
             if agent not in self.pretrained:
-                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent)
+                self.pretrained[agent] = pretrain(model, self.data.agents[agent], cfg, agent,
+                                                  self.device)  # fmt: skip
             model.load_state_dict(self.pretrained[agent])
         return apply_lora(model, cfg.peft, seed) if cfg.peft.r else model
 
@@ -76,15 +80,16 @@ class Setup:
         loss = loss or make_loss(cfg.train.loss)
         if self.protocol.agent is not None:
             return self.protocol.agent(i, self.model(i), self.data.agents[i], cfg, self.reference,
-                                       loss, self.n)  # fmt: skip
+                                       loss, self.n, self.device)  # fmt: skip
         choco = None if p.codec == "none" else ChocoGossip(
-            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed, resync=p.choco_resync
+            i, p.codec, p.codec_params, p.consensus_step, seed=cfg.seed, resync=p.choco_resync,
+            device=self.device,
         )  # fmt: skip
         model = self.model(i)
         return Agent(
             i, model, self.data.agents[i], train=cfg.train, validation=cfg.validation,
             seed=cfg.seed, reference=self.reference, loss=loss, choco=choco,
-            shared=trainable_keys(model) if cfg.peft.r else None,
+            shared=trainable_keys(model) if cfg.peft.r else None, device=self.device,
         )  # fmt: skip
 
     def calibration(self) -> list[torch.Tensor] | None:
@@ -115,11 +120,22 @@ def build_setup(cfg: SimConfig, node: NodeSources | None = None) -> Setup:
         fed = FederatedData([fed.union()], fed.test_x, fed.test_y, fed.num_classes, fed.in_shape)
         topo = build_topology(nx.empty_graph(1))
     check_codec(cfg, protocol, topo)
-    setup = Setup(cfg, protocol, fed, topo, None, node=node)
+    device = resolve_device(node.device if node is not None and node.device else cfg.device)
+    setup = Setup(cfg, protocol, fed_on(fed, device), topo, None, node=node, device=device)
     if cfg.model.init == "same" and not protocol.full_weights:
         base = setup.model(0, pretrained=False).state_dict()
-        setup.reference = {k: v.detach().clone() for k, v in base.items() if is_mergeable(v)}
+        ref = {k: v.detach() for k, v in base.items() if is_mergeable(v)}
+        setup.reference = to_device(ref, device, copy=True)  # one copy every agent shares
     return setup
+
+
+def fed_on(fed: FederatedData, device: torch.device) -> FederatedData:
+    """``fed`` with every agent's splits and the global test set on ``device``."""
+    if device == CPU:
+        return fed
+    agents = [data_on(a, device) for a in fed.agents]
+    return dataclasses.replace(fed, agents=agents, test_x=fed.test_x.to(device),
+                               test_y=fed.test_y.to(device))  # fmt: skip
 
 
 def run_topology(cfg: SimConfig, protocol: Protocol) -> Topology:

@@ -26,7 +26,6 @@ streaming, and the atomic writer then leaves no output behind.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from fedmerge.codecs.expert import open_expert
 from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
+from fedmerge.merging.dropmask import stream_key
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
 from fedmerge.statedict import StateDict, check_same_specs, is_mergeable
@@ -177,12 +177,6 @@ def _check_weights(m: Method, weights: Sequence[float] | None, k: int) -> torch.
     return torch.tensor(w, dtype=torch.float64)
 
 
-def key_seed(seed: int, expert: int, key: str) -> int:
-    """A 63-bit seed for (seed, expert index, key): independent of the order keys are visited."""
-    digest = hashlib.sha256(f"{seed}\0{expert}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 Rows = tuple[int, int] | None  # rows start:stop of dim 0, or None for the whole tensor
 
 
@@ -248,13 +242,11 @@ def _finite(t: torch.Tensor, key: str, name: str) -> None:
         raise ValidationError(f"{name}: {key!r} has non-finite values (NaN or Inf)")
 
 
-def _renew_generators(plan: MergePlan, ctx: KeyContext) -> None:
-    """Fresh random streams for every expert, so each pass over the key draws the same values."""
-    if "seed" in plan.params:
-        ctx.generators = [
-            torch.Generator().manual_seed(key_seed(plan.params["seed"], i, ctx.key))
-            for i in range(len(plan.experts))
-        ]
+def _stream_keys(plan: MergePlan, key: str) -> list[int]:
+    """Every expert's DARE stream key for ``key`` (none for methods without a seed)."""
+    if "seed" not in plan.params:
+        return []
+    return [stream_key(plan.params["seed"], i, key) for i in range(len(plan.experts))]
 
 
 def _fisher(plan: MergePlan, key: str, rows: Rows) -> torch.Tensor | None:
@@ -282,24 +274,25 @@ def merge_key(plan: MergePlan, key: str, thresholds: torch.Tensor | None = None)
         return plan.base.get(key).clone()  # never alias a caller's tensor
     parts = blocks(plan, key)
     numel = math.prod(spec.shape)
-    ctx = KeyContext(key, thresholds=thresholds, numel=numel)
+    ctx = KeyContext(key, _stream_keys(plan, key), thresholds=thresholds, numel=numel)
     make_pass = plan.method.tensor_pass
     work = torch.float64 if plan.in_specs[key].dtype == torch.float64 else torch.float32
     tensor_pass = make_pass(plan.params, ctx, len(plan.experts), work) if (
         make_pass and len(parts) > 1) else None  # fmt: skip
     p = 0
     while tensor_pass and p < tensor_pass.passes:  # a pass may lower ``passes``
-        _renew_generators(plan, ctx)
+        ctx.start = 0
         for rows in parts:
-            tensor_pass.observe(p, _load(plan, key, rows, check=False)[1])
+            tau = _load(plan, key, rows, check=False)[1]
+            tensor_pass.observe(p, tau)
+            ctx.start += tau.shape[1]
         tensor_pass.end_pass(p)
         p += 1
-    _renew_generators(plan, ctx)
     out = torch.empty(numel, dtype=spec.dtype)
     start = 0
     for rows in parts:
         base, tau = _load(plan, key, rows)
-        ctx.fisher = _fisher(plan, key, rows)
+        ctx.fisher, ctx.start = _fisher(plan, key, rows), start
         merged = plan.method.kernel(base, tau, plan.weights, ctx, plan.params)
         block = out[start : start + merged.numel()].copy_(merged)
         _finite(block, key, f"merged output ({spec.dtype})")

@@ -42,9 +42,10 @@ Params = dict[str, Any]
 class KeyContext:
     """Per-key extras a kernel may need.
 
-    ``generators[k]``: expert k's random stream for this key (seeded from the
+    ``stream_keys[k]``: expert k's DARE stream key for this key (from the
     ``seed`` parameter, the key name and k, so results do not depend on key
-    order; a kernel called block by block continues the stream); ``fisher``:
+    order; see :mod:`fedmerge.merging.dropmask`); ``start``: the index of the
+    block's first element in the flattened tensor; ``fisher``:
     ``(K, n)`` Fisher diagonals of the block; ``thresholds``: ``(K,)`` global
     magnitude thresholds from a pre-pass. When the kernel sees a block of the
     key, ``numel`` is the whole tensor's element count and a tensor pass (see
@@ -53,7 +54,8 @@ class KeyContext:
     """
 
     key: str
-    generators: list[torch.Generator] = field(default_factory=list)
+    stream_keys: list[int] = field(default_factory=list)
+    start: int = 0
     fisher: torch.Tensor | None = None
     thresholds: torch.Tensor | None = None
     numel: int | None = None
@@ -189,7 +191,7 @@ def _dare_tensor_pass(p: Params, ctx: KeyContext, n_experts: int, dtype: torch.d
 def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1 − density (seeded),
     rescale the survivors, then task arithmetic θ_ref + λ·Σ w_k τ'_k."""
-    drop_random(tau, p["density"], ctx.generators, p["rescale"], ctx.norms)
+    drop_random(tau, p["density"], ctx.stream_keys, ctx.start, p["rescale"], ctx.norms)
     return _apply(base, p["lambda"], _mix(tau, w, p["normalize"]))
 
 
@@ -203,7 +205,7 @@ def dare_linear(base, tau, w, ctx, p: Params) -> torch.Tensor:
 def dare_ties(base, tau, w, ctx, p: Params) -> torch.Tensor:
     """DARE dropping followed by TIES sign election and disjoint sum (mean with
     normalize; mergekit's default is the sum)."""
-    drop_random(tau, p["density"], ctx.generators, p["rescale"], ctx.norms)
+    drop_random(tau, p["density"], ctx.stream_keys, ctx.start, p["rescale"], ctx.norms)
     merged = elect_and_combine(_weigh(tau, w), w, p["normalize"])
     return _apply(base, p["lambda"], merged)
 

@@ -29,7 +29,7 @@ class Method(Entry):
     ``kernel(base, tau, w, ctx, params)`` maps the reference tensor ``base``
     (shape ``(n,)``, float32/64), the stacked task vectors ``tau`` (``(K, n)``)
     and the per-expert weights ``w`` (``(K,)``) to the merged tensor ``(n,)``.
-    ``ctx`` carries per-key extras (seeded generators, Fisher diagonals, global
+    ``ctx`` carries per-key extras (DARE stream keys, Fisher diagonals, global
     thresholds); ``params`` is the resolved parameter dict.
     """
 

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fedmerge.merging.dropmask import keep_mask
 from fedmerge.merging.globalk import select
 
 _EXACT_BELOW = 1 << 15  # rows this short go straight to torch.kthvalue
@@ -146,50 +147,26 @@ def trim_outliers(
     return tau.mul_(_as_factor(keep))
 
 
-def draw_keep(generators: list[torch.Generator], m: int, density: float) -> torch.Tensor:
-    """DARE's keep mask ``(K, m)``: row k draws m uniforms from ``generators[k]``.
-
-    The mask is ``torch.rand(m, generator=g) < density``, computed from the
-    same 32-bit draws without forming the floats: ``rand`` maps a draw r to
-    ``(r mod 2^24)·2^-24``, which ``random_(0, 2^24)`` yields as the integer
-    ``r mod 2^24``; the float comparison becomes an integer one.
-    Drawing m1 then m2 values from a generator gives the same values as
-    drawing m1 + m2 at once, so a tensor's mask is the same whole or in blocks.
-    """
-    keep = torch.empty(len(generators), m, dtype=torch.bool)
-    draws = torch.empty(m, dtype=torch.int32)
-    limit = _keep_limit(density)
-    for row, g in zip(keep, generators, strict=True):
-        torch.lt(draws.random_(0, _RAND_STEPS, generator=g), limit, out=row)
-    return keep
-
-
-_RAND_STEPS = 1 << 24  # torch.rand (float32) takes 24 random bits per value
-
-
-def _keep_limit(density: float) -> int:
-    """The number of draws r in [0, 2^24) with ``float32(r·2^-24) < density``, as torch compares."""
-    guess = min(_RAND_STEPS, max(0, int(density * _RAND_STEPS)))
-    near = torch.arange(guess - 2, guess + 3, dtype=torch.int64).clamp_(0, _RAND_STEPS)
-    kept = near.to(torch.float32).mul_(1.0 / _RAND_STEPS) < density
-    return int(near[kept].max()) + 1 if bool(kept.any()) else 0
-
-
 def drop_random(
     tau: torch.Tensor,
     density: float,
-    generators: list[torch.Generator],
+    stream_keys: list[int],
+    start: int,
     rescale: str,
     norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DARE: keep each entry with probability ``density`` (= 1 − p), then rescale (in place).
 
-    Row k draws its mask from ``generators[k]``; see :func:`apply_drop` for
-    ``rescale`` and ``norms``. density ≥ 1 returns ``tau`` unchanged (as mergekit does).
+    ``tau`` ``(K, m)`` holds entries start..start+m−1 of each flattened tensor;
+    row k keeps the entries :func:`~fedmerge.merging.dropmask.keep_mask` draws
+    from ``stream_keys[k]`` (a pure function of key and index: the same mask
+    whole or in blocks). See :func:`apply_drop` for ``rescale`` and ``norms``.
+    density ≥ 1 returns ``tau`` unchanged (as mergekit does).
     """
     if density >= 1:
         return tau
-    return apply_drop(tau, draw_keep(generators, tau.shape[1], density), density, rescale, norms)
+    keep = keep_mask(stream_keys, start, tau.shape[1], density, tau.device)
+    return apply_drop(tau, keep, density, rescale, norms)
 
 
 def drop_norms(tau: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedmerge.merging.dropmask import keep_mask
 from fedmerge.merging.globalk import RadixSelect
-from fedmerge.merging.sparsify import draw_keep, drop_norms
+from fedmerge.merging.sparsify import drop_norms
 
 if TYPE_CHECKING:
     from fedmerge.merging.methods import KeyContext
@@ -62,8 +63,8 @@ class KthMagnitudes:
 class DropNorms:
     """DARE ``rescale: l1``: each expert's L1 norm before and after dropping -> ``ctx.norms``.
 
-    Draws the masks from ``ctx.generators`` (which the engine renews before
-    every pass, so the kernel's pass draws the same masks again).
+    Computes the masks of ``ctx.stream_keys`` at the block's offset ``ctx.start``
+    (the kernel's pass computes the same masks again).
     """
 
     passes = 1
@@ -73,7 +74,10 @@ class DropNorms:
         self.sums: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, pass_index: int, tau: torch.Tensor) -> None:
-        before, after = drop_norms(tau, draw_keep(self.ctx.generators, tau.shape[1], self.density))
+        ctx = self.ctx
+        before, after = drop_norms(
+            tau, keep_mask(ctx.stream_keys, ctx.start, tau.shape[1], self.density, tau.device)
+        )
         self.sums = (before, after) if self.sums is None else (
             self.sums[0] + before, self.sums[1] + after)  # fmt: skip
 

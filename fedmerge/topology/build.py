@@ -2,9 +2,9 @@
 
 >>> topo = build_topology("ring", n=8)
 >>> topo.round(0).neighbors[0]
-[(0, 0.33333333333333337), (1, 0.3333333333333333), (7, 0.3333333333333333)]
+((0, 0.33333333333333337), (1, 0.3333333333333333), (7, 0.3333333333333333))
 >>> topo.round(0, active={0, 1, 2}).neighbors[1]
-[(0, 0.3333333333333333), (1, 0.33333333333333337), (2, 0.3333333333333333)]
+((0, 0.3333333333333333), (1, 0.33333333333333337), (2, 0.3333333333333333))
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from fedmerge.topology.mixing import (
 )
 from fedmerge.topology.schedules import RoundPlan, Schedule, Static, make_schedule
 from fedmerge.topology.specs import resolve_spec
+
+PLAN_CACHE = 64  # plans of a repeating schedule kept (phase × set of nodes present)
 
 
 class Topology:
@@ -68,6 +70,7 @@ class Topology:
         self.spec = spec or {}
         self.name = name
         self._edges = graph_edges(graph)
+        self._plans: dict[tuple[int, bytes | None], RoundPlan] = {}  # see round()
         self.mixing = mixing_from_edges(self._edges, rule)
         self.properties = check_stochasticity(self.mixing, rule, self.stochastic)
 
@@ -88,13 +91,27 @@ class Topology:
 
         Nodes outside ``active`` are dropped: their row is the identity row, nobody
         uses them, and the rule's weights are renormalized over the nodes present.
+
+        A schedule that repeats (``schedule.period``: a static graph every round, the
+        one-peer exponential graph every ⌈log2 n⌉) gives the same plan for the same
+        phase and nodes present; the last :data:`PLAN_CACHE` of those are kept and
+        handed out again (:meth:`RoundPlan.at`; a plan is immutable, W read-only).
         """
         if not isinstance(r, (int, np.integer)) or r < 0:
             raise ConfigError(f"round must be a non-negative integer, got {r!r}")
-        mask = self._active_mask(active)
-        w, kind = self.schedule.mixing(int(r), self._edges, self.rule, mask, total_rounds)
+        r, mask = int(r), self._active_mask(active)
+        period = self.schedule.period(self.n)
+        key = None if period is None else (r % period, None if mask is None else mask.tobytes())
+        if key in self._plans:
+            return self._plans[key].at(r)
+        w, kind = self.schedule.mixing(r, self._edges, self.rule, mask, total_rounds)
         present = None if mask is None else frozenset(np.flatnonzero(mask).tolist())
-        return RoundPlan(round=int(r), mixing=sp.csr_matrix(w), kind=kind, active=present)
+        plan = RoundPlan(round=r, mixing=sp.csr_matrix(w), kind=kind, active=present)
+        if key is not None and PLAN_CACHE:
+            if len(self._plans) >= PLAN_CACHE:
+                del self._plans[next(iter(self._plans))]  # the oldest
+            self._plans[key] = plan
+        return plan
 
     def _active_mask(self, active: Iterable[int] | None) -> np.ndarray | None:
         if active is None:

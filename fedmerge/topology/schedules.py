@@ -27,6 +27,7 @@ sparse_then_complete each graph edge is active with probability ``p`` (default 0
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,39 +44,45 @@ class RoundPlan:
     """Who mixes with whom in one round.
 
     ``mixing``: W_r, (n, n) CSR, row-stochastic; row i = the in-weights of node i.
-    ``neighbors[i]``: ``[(j, W_ij), ...]`` for every j with W_ij > 0, i itself included.
+    ``neighbors[i]``: ``((j, W_ij), ...)`` for every j with W_ij > 0, i itself included.
     ``edges``: unordered pairs (i, j), i < j, that communicate (W_ij > 0 or W_ji > 0).
     ``messages``: directed (sender j, receiver i) pairs with W_ij > 0, j ≠ i: what a
     runtime must deliver (both directions of an edge, except for directed schedules).
     ``kind``: what the round is (``static``, ``matching``, ``sparse``, ``complete`` …).
+
+    A plan is immutable all the way down (tuples; W a private copy whose arrays are
+    read-only), so :meth:`at` can hand the same W and lists to many rounds
+    (:meth:`~fedmerge.topology.build.Topology.round` does for repeating schedules).
     """
 
     round: int
     mixing: sp.csr_matrix
     kind: str = "static"
     active: frozenset[int] | None = None
-    neighbors: list[list[tuple[int, float]]] = field(init=False, repr=False)
-    edges: list[tuple[int, int]] = field(init=False, repr=False)
-    messages: list[tuple[int, int]] = field(init=False, repr=False)
+    neighbors: tuple[tuple[tuple[int, float], ...], ...] = field(init=False, repr=False)
+    edges: tuple[tuple[int, int], ...] = field(init=False, repr=False)
+    messages: tuple[tuple[int, int], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        w = sp.csr_matrix(self.mixing)
+        w = sp.csr_matrix(self.mixing, copy=True)  # never alias (or sort) the caller's W
         w.eliminate_zeros()
         w.sort_indices()
+        for a in (w.data, w.indices, w.indptr):
+            a.flags.writeable = False
         object.__setattr__(self, "mixing", w)
         ptr, idx, val = w.indptr, w.indices.tolist(), w.data.tolist()
-        neighbors = [
-            list(zip(idx[ptr[i] : ptr[i + 1]], val[ptr[i] : ptr[i + 1]], strict=True))
+        neighbors = tuple(
+            tuple(zip(idx[ptr[i] : ptr[i + 1]], val[ptr[i] : ptr[i + 1]], strict=True))
             for i in range(w.shape[0])
-        ]
+        )
         coo = w.tocoo()
         off = coo.row != coo.col
         receivers, senders = coo.row[off].astype(np.int64), coo.col[off].astype(np.int64)
         order = np.lexsort((receivers, senders))
-        messages = list(zip(senders[order].tolist(), receivers[order].tolist(), strict=True))
+        messages = tuple(zip(senders[order].tolist(), receivers[order].tolist(), strict=True))
         pairs = np.stack([np.minimum(senders, receivers), np.maximum(senders, receivers)], 1)
         ends = np.unique(pairs, axis=0)
-        edges = list(zip(ends[:, 0].tolist(), ends[:, 1].tolist(), strict=True))
+        edges = tuple(zip(ends[:, 0].tolist(), ends[:, 1].tolist(), strict=True))
         object.__setattr__(self, "neighbors", neighbors)
         object.__setattr__(self, "messages", messages)
         object.__setattr__(self, "edges", edges)
@@ -84,11 +91,24 @@ class RoundPlan:
     def n(self) -> int:
         return self.mixing.shape[0]
 
+    def at(self, r: int) -> RoundPlan:
+        """This plan as round ``r``'s: the same (immutable) W, neighbours and messages."""
+        if r == self.round:
+            return self
+        plan = copy.copy(self)
+        object.__setattr__(plan, "round", r)
+        return plan
+
 
 class Schedule(Protocol):
     """Picks round r's communication: ``mixing(...)`` → (W_r (n, n) CSR, round kind)."""
 
     kind: str
+
+    def period(self, n: int) -> int | None:
+        """p such that round r's W (for the same nodes present) is round (r mod p)'s on
+        n nodes; None when rounds are drawn at random (nothing repeats)."""
+        ...
 
     def mixing(
         self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
@@ -109,6 +129,9 @@ class Static:
 
     kind = "static"
 
+    def period(self, n: int) -> int | None:
+        return 1
+
     def mixing(
         self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
     ) -> tuple[sp.csr_matrix, str]:
@@ -121,6 +144,9 @@ class RandomMatching:
 
     seed: int = 0
     kind = "random_matching"
+
+    def period(self, n: int) -> int | None:
+        return None
 
     def mixing(
         self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
@@ -143,6 +169,9 @@ class OnePeerExponential:
     """One peer per round at distance 2^k, k cycling over log2 n (see module docstring)."""
 
     kind = "one_peer_exponential"
+
+    def period(self, n: int) -> int | None:
+        return math.ceil(math.log2(n)) if n >= 2 else 1
 
     def mixing(
         self, r: int, edges: Edges, rule: str, active: np.ndarray | None, total: int | None
@@ -179,6 +208,9 @@ class SparseThenComplete:
     total_rounds: int | None = None
     seed: int = 0
     kind = "sparse_then_complete"
+
+    def period(self, n: int) -> int | None:
+        return None
 
     def merge_round(self, total: int | None) -> int:
         t = total if total is not None else self.total_rounds

@@ -16,11 +16,12 @@ def run(
 ) -> list[dict[str, Any]]:
     """Run ``cfg`` in this process with ``cfg.threads`` torch threads (0: the physical cores,
     :func:`~fedmerge.threads.physical_cores`), restored afterwards; ``details["path"]``
-    names the engine that computed, ``details["threads"]`` the count."""
+    names the engine that computed, ``details["threads"]`` the count, ``details["device"]``
+    where the agents computed."""
     with torch_threads(cfg.threads or None) as threads:
         sim = Simulator(cfg)
         if details is not None:
-            details.update(path=sim.path, threads=threads)
+            details.update(path=sim.path, threads=threads, device=str(sim.setup.device))
         return sim.run(on_round)
 
 

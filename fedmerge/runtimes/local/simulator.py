@@ -58,6 +58,7 @@ class Simulator:
         self.byzantine = byzantine_nodes(cfg.faults.byzantine, self.setup.topology.graph, cfg.seed)
         self.rows: list[dict[str, Any]] = []
         self.template = self.setup.model(0)  # the architecture (permutation spec), built once
+        self._quiet_metrics = dataclasses.replace(cfg.metrics, disagreement=False)  # no eval
 
     @property
     def path(self) -> str:
@@ -74,7 +75,7 @@ class Simulator:
         n, cfg = self.setup.n, self.config
         full = self.evaluates(r)
         evaluate = self.engine.evaluate if full else self._unevaluated
-        metrics = cfg.metrics if full else dataclasses.replace(cfg.metrics, disagreement=False)
+        metrics = cfg.metrics if full else self._quiet_metrics
         active, trains = self.faults.nodes(r)
         present = None if active.all() else np.flatnonzero(active).tolist()
         plan = self.setup.topology.round(r, active=present, total_rounds=cfg.rounds)

@@ -15,7 +15,9 @@ keeps state only when it has some; the global-test predictions of an evaluation 
 reused by the disagreement measure.
 
 Used for buffer-free models (no BatchNorm statistics) with cross-entropy and a protocol
-that is a W product (gossip, local, centralized, single global merge).
+that is a W product (gossip, local, centralized, single global merge), on the CPU: its W
+product is scipy's, so with ``device`` on a GPU the simulator runs the per-agent engine
+(``vectorize: auto``; ``always`` is then a ConfigError).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ PER_AGENT_FAULTS = {
 def why_not_stacked(setup: Setup) -> str | None:
     """None if the stacked path applies to ``setup``, else the reason it does not."""
     cfg = setup.config
+    if setup.device.type != "cpu":
+        return f"device {str(setup.device)!r}: the stacked engine computes on the CPU"
     if not setup.protocol.vectorizable:
         return f"protocol {setup.protocol.name!r} merges per agent"
     per_agent = [PER_AGENT_FAULTS[k] for k in faults_in_use(cfg.faults) if k in PER_AGENT_FAULTS]
@@ -116,6 +120,7 @@ class StackedEngine:
         self._logits = vmap(self._forward, in_dims=(0, None))
         self._batch_logits = vmap(self._forward)
         self._predicted: torch.Tensor | None = None  # global-test predictions of this theta
+        self._plan_cache: tuple[sp.csr_matrix, np.ndarray, sp.csr_matrix] | None = None
 
     def _views(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         """The parameters as (A, *shape) views of ``theta`` (A, P), each stored in the
@@ -186,12 +191,13 @@ class StackedEngine:
             return
         self._predicted = None
         a, b = len(plans), cfg.batch_size
-        idx = torch.zeros(steps, a, b, dtype=torch.long)
-        mask = torch.zeros(steps, a, b)
-        for i, plan in enumerate(plans):
+        idx, sizes = np.zeros((steps, a, b), dtype=np.int64), np.zeros((steps, a, 1))
+        for i, plan in enumerate(plans):  # numpy: a tenth of torch's cost per small write
             for s, batch in enumerate(plan):
-                idx[s, i, : len(batch)] = batch
-                mask[s, i, : len(batch)] = 1.0
+                idx[s, i, : len(batch)] = batch.numpy()
+                sizes[s, i] = len(batch)
+        idx = torch.from_numpy(idx)
+        mask = torch.from_numpy(np.arange(b) < sizes).float()  # (steps, a, b): real samples
         rows = torch.arange(a)[:, None]
         opt = _Optimizer(cfg)
         for s in range(steps):
@@ -205,7 +211,7 @@ class StackedEngine:
     def communicate(self, r: int, plan: RoundPlan, active: np.ndarray, lost: np.ndarray) -> Traffic:
         n = self.setup.n
         nbytes = self.theta.shape[1] * 4
-        pairs = np.array(plan.messages, dtype=np.int64).reshape(-1, 2)
+        pairs, full = self._plan_arrays(plan)
         senders, receivers = pairs[:, 0], pairs[:, 1]
         ok = self._valid(senders, receivers, nbytes)
         t = Traffic.zeros(n)
@@ -213,15 +219,25 @@ class StackedEngine:
         delivered = ~lost
         np.add.at(t.received, receivers[delivered], nbytes)
         np.add.at(t.rejected, receivers[delivered & ~ok], 1)
-        w = plan.mixing.tocoo()
-        keep = np.ones(len(w.data), dtype=bool)
-        drop = {(d, s) for s, d, k in zip(senders, receivers, delivered & ok, strict=True) if not k}
-        if drop:
-            keep = np.array([(i, j) not in drop for i, j in zip(w.row, w.col, strict=True)])
-        w = sp.csr_matrix((w.data[keep], (w.row[keep], w.col[keep])), shape=w.shape)
-        w = sp.diags(1.0 / np.asarray(w.sum(axis=1)).ravel()) @ w
-        self._mix(w.tocsr())
+        gone = ~(delivered & ok)
+        if gone.any():
+            drop = set(zip(receivers[gone].tolist(), senders[gone].tolist(), strict=True))
+            self._mix(_renormalized(plan.mixing, drop))
+        else:
+            self._mix(full)
         return t
+
+    def _plan_arrays(self, plan: RoundPlan) -> tuple[np.ndarray, sp.csr_matrix]:
+        """(messages (m, 2) int64 of (sender, receiver), W renormalized with nothing
+        dropped) of ``plan``, reused while the topology hands out the same (read-only) W:
+        a static graph's plan is built once (:meth:`~fedmerge.topology.build.Topology.round`)."""
+        if self._plan_cache is None or self._plan_cache[0] is not plan.mixing:
+            pairs = np.array(plan.messages, dtype=np.int64).reshape(-1, 2)
+            full = _renormalized(plan.mixing, set())
+            for a in (pairs, full.data, full.indices, full.indptr):
+                a.flags.writeable = False
+            self._plan_cache = (plan.mixing, pairs, full)
+        return self._plan_cache[1], self._plan_cache[2]
 
     def _mix(self, w: sp.csr_matrix) -> None:
         """Θ ← W Θ, accumulated in float64 block by block (each entry is the same sum of
@@ -302,6 +318,16 @@ class StackedEngine:
                 for lo in range(0, self.setup.n, EVAL_CHUNK)
             ])  # fmt: skip
         return self._predicted
+
+
+def _renormalized(w: sp.csr_matrix, drop: set[tuple[int, int]]) -> sp.csr_matrix:
+    """W (n, n) without the (receiver, sender) entries in ``drop``, each row rescaled to
+    sum to 1 (a receiver averages over the payloads it accepted)."""
+    w, n = w.tocoo(), w.shape[1]
+    gone = np.array([i * n + j for i, j in drop], dtype=np.int64)
+    keep = ~np.isin(w.row.astype(np.int64) * n + w.col, gone)
+    w = sp.csr_matrix((w.data[keep], (w.row[keep], w.col[keep])), shape=w.shape)
+    return (sp.diags(1.0 / np.asarray(w.sum(axis=1)).ravel()) @ w).tocsr()
 
 
 def _dim_order(t: torch.Tensor) -> tuple[int, ...]:

@@ -57,8 +57,8 @@ def join_group(
     cfg: SimConfig, store: dist.Store, rank: int, world: int, layout: Layout
 ) -> tuple[torch.device, Membership]:
     """Start this rank's process group (``distributed.backend``, agreed by every rank; NCCL:
-    the GPU LOCAL_RANK) and its view of the membership; returns (the device payloads move
-    on, membership)."""
+    the GPU LOCAL_RANK, where ``device: auto`` also puts the agents) and its view of the
+    membership; returns (the device payloads move on, membership)."""
     d = cfg.distributed
     backend = agree_backend(store, rank, world, d.backend)
     device = wire_device(backend)
@@ -188,13 +188,14 @@ class RankRunner:
     def consensus(self, r: int) -> list[float]:
         """‖θ_i − θ̄‖ for the hosted nodes (θ̄ over every live node; float64 all_reduce)."""
         for attempt in range(len(self.members.control.live) + 1):
-            flats = {i: flat_state(a.state()) for i, a in self.agents.items()}
-            total = torch.stack(list(flats.values())).sum(0).to(self.device)
+            # on the wire's device (gloo: the CPU, whatever device the agents train on)
+            flats = torch.stack([flat_state(a.state()) for a in self.agents.values()])
+            flats = flats.to(self.device)
+            total = flats.sum(0)
             try:
                 work = dist.all_reduce(total, group=self.members.group, async_op=True)
                 work.wait(timeout=self.timeout)
-                mean = total.cpu() / int(self.members.alive.sum())
-                return distances(torch.stack(list(flats.values())), mean)
+                return distances(flats, total / int(self.members.alive.sum()))
             except RuntimeError as exc:
                 self.members.settle(r, f"reduce{attempt}", {-1: short_error(exc)})
         raise PeerFailure(f"round {r + 1}: the consensus all_reduce kept failing")
