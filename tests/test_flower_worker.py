@@ -162,8 +162,8 @@ def test_kept_replies_confirm_after_the_next_push(monkeypatch):
     """On an ``HttpGrid`` the relay's reply confirmations wait for :meth:`release` (the
     payloads stay on the SuperLink for the next step's messages); other grids confirm as
     ``pull_messages`` does."""
-    from flwr.superlink.grid.http_grid import HttpGrid
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.superlink.grid.http_grid import HttpGrid
 
     from fedmerge.runtimes.flower.keep import KeptReplies
 

@@ -10,10 +10,10 @@ a process beside it; this is one that never exits::
 
 It asks the SuperNode's runtime API for ``flwr-clientapp`` tasks (Flower's SuperExec
 protocol) every 0.05 s, pulls each task's message (retrying payloads the SuperNode has not
-received yet after 0.01 s, not Flower's 1 s), and runs each in this process with fedmerge's ClientApp
-(:data:`fedmerge.runtimes.flower.client_app.app`), which keeps the setup and the agent in
-memory between messages (and on disk, so a restarted node resumes). It runs the ClientApp
-installed here, never code from the run's FAB: the node decides what it executes.
+received yet after 0.01 s, not Flower's 1 s), and runs each in this process with fedmerge's
+ClientApp (:data:`fedmerge.runtimes.flower.client_app.app`), which keeps the setup and the
+agent in memory between messages (and on disk, so a restarted node resumes). It runs the
+ClientApp installed here, never code from the run's FAB: the node decides what it executes.
 """
 
 from __future__ import annotations
