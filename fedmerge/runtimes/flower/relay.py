@@ -232,8 +232,8 @@ def step_messages(
             "train": cur is not None and bool(cur.trains[i]),
             "publish": merges and cur is not None and bool(cur.active[i]),
         }  # fmt: skip
-        # the Array the sender's reply brought, not a copy: Flower hashes it once and sends
-        # it to the SuperLink once for all its receivers (objects are content-addressed)
+        # the Array the sender's reply brought, not a copy: hashed once for all receivers,
+        # and not uploaded at all while the SuperLink still holds it (:mod:`.keep`)
         blobs = {str(s): prev.payloads[s] for s, _ in inbox[i]} if merging else {}
         content = RecordDict({"step": ConfigRecord(instr), "inbox": ArrayRecord(blobs)})
         messages.append(Message(content, node_id, STEP))
