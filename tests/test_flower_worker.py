@@ -70,9 +70,10 @@ def test_supernode_poll_launcher_caps_sleeps_and_passes_flowers_arguments(monkey
         split_poll(["--poll-s", "10"])
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    CappedSleep(0.2).sleep(3)
-    CappedSleep(0.2).sleep(0.1)
-    assert slept == [0.2, 0.1] and CappedSleep(1).monotonic is time.monotonic
+    CappedSleep(0.2).sleep(3)  # the idle poll
+    CappedSleep(0.2).sleep(0.5)  # waiting for its ClientApp's reply
+    CappedSleep(0.2, wait=0.3).sleep(0.1)
+    assert slept == [0.2, 0.01, 0.1] and CappedSleep(1).monotonic is time.monotonic
     from flwr.supernode import start_client_internal
 
     assert start_client_internal.time is time  # the loop fedmerge knows (flwr 1.41)
@@ -86,10 +87,9 @@ def test_quick_pulls_retries_missing_objects_soon(monkeypatch):
 
     module = ModuleType("puller")
     module.pull_objects = inflatable_utils.pull_objects
-    monkeypatch.setattr(inflatable_utils, "_flwr_pull_objects", None, raising=False)
     quick_pulls(module)
     quick_pulls(module)  # idempotent
-    assert module.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.5,
+    assert module.pull_objects.keywords == {"initial_backoff": 0.01, "backoff_cap": 0.05,
                                             "max_tries_per_object": None}  # fmt: skip
     tries = []
 
@@ -102,6 +102,19 @@ def test_quick_pulls_retries_missing_objects_soon(monkeypatch):
     assert module.pull_objects(["a"], pull) == {"a": b"x"} and len(tries) == 4
     with pytest.raises(RuntimeError, match="not Flower 1.41's"):
         quick_pulls(ModuleType("elsewhere"))
+
+
+def test_the_worker_pulls_task_input_quickly(monkeypatch):
+    """Flower's ``pull_task_input`` passes no backoff, so the worker's partial applies (a
+    partial of ``pull_objects`` would be overridden by the explicit defaults in between)."""
+    from flwr.supernode.runtime import run_clientapp
+
+    from fedmerge.runtimes.flower.polling import QUICK_PULLS
+
+    name = "pull_and_inflate_object_from_tree"
+    monkeypatch.setattr(run_clientapp, name, getattr(run_clientapp, name))  # put back after
+    quick_pulls(run_clientapp, name)
+    assert run_clientapp.pull_and_inflate_object_from_tree.keywords == QUICK_PULLS
 
 
 class Restarting(LoopbackGrid):
@@ -143,3 +156,33 @@ def test_a_new_node_cannot_take_over_a_live_topology_node(tmp_path, caplog):
     by = {(r["round"], r["agent"]): r for r in relay(Restarting(2001, 1), cfg, opts, None)}
     assert by[3, 1]["global_acc"] is not None and by[3, 2]["global_acc"] is None
     assert "claims topology node 1, which is not absent; ignored" in caplog.text
+
+
+def test_kept_replies_confirm_after_the_next_push(monkeypatch):
+    """On an ``HttpGrid`` the relay's reply confirmations wait for :meth:`release` (the
+    payloads stay on the SuperLink for the next step's messages); other grids confirm as
+    ``pull_messages`` does."""
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedmerge.runtimes.flower.keep import KeptReplies
+
+    sent = []
+    monkeypatch.setattr(RuntimeHttpClient, "ConfirmMessageReceived",
+                        lambda self, req: sent.append(req))  # fmt: skip
+    grid = HttpGrid("127.0.0.1:9", insecure=True, token="t")  # no request is made
+
+    def pull_messages(ids):  # Flower's pulls each reply, then confirms it
+        for i in ids:
+            grid._runtime_client.ConfirmMessageReceived(f"confirm {i}")
+        return [f"reply {i}" for i in ids]
+
+    monkeypatch.setattr(grid, "pull_messages", pull_messages)
+    kept = KeptReplies(grid)
+    assert kept.pull(["a", "b"]) == ["reply a", "reply b"] and sent == []
+    assert kept.held == ["confirm a", "confirm b"]
+    grid._runtime_client.ConfirmMessageReceived("direct")  # outside a pull: not held
+    kept.release()
+    assert sorted(sent) == ["confirm a", "confirm b", "direct"] and kept.held == []
+    other = KeptReplies(LoopbackGrid(2))
+    assert other.client is None and other.pull([]) == []

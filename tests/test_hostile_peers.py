@@ -203,12 +203,12 @@ def test_fuzzed_flower_records_are_judged_not_raised(blob, stype, metrics):
     pytest.importorskip("flwr")
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    from fedmerge.runtimes.flower.relay import malformed
+    from fedmerge.runtimes.flower.relay import check_reply
 
     arrays = {k: Array(dtype="uint8", shape=(len(blob),), stype=stype, data=blob)
               for k in ("flat", "payload")}  # fmt: skip
     rec = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)})
-    assert isinstance(malformed(rec, flat_len=6), str)  # never valid, never an exception
+    assert isinstance(check_reply(rec, flat_len=6), str)  # never valid, never an exception
 
 
 # -- a hostile rank in a real torch.distributed run (3 processes, gloo on loopback) --------

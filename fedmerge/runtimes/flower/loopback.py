@@ -38,14 +38,17 @@ class Loopback:
     ``[superlink.loopback]`` connection in ``$FLWR_HOME/config.toml``; ``workers``: run each
     SuperNode with ``--isolation process`` beside a long-lived agent worker (False: Flower's
     default, one ``flwr-clientapp`` process per message); ``poll_s``: start the SuperNodes
-    through :mod:`.supernode` with that poll (None: ``flower-supernode`` itself)."""
+    through :mod:`.supernode` with that poll (None: ``flower-supernode`` itself);
+    ``database``: the SuperLink's ``--database`` (None: Flower's default, in memory; a
+    file puts every payload through SQLite, docs/deployment.md)."""
 
     folder: Path
     link_args: Sequence[str] = INSECURE
     node_args: Sequence[str] = INSECURE
     connection: str = "insecure = true"
     workers: bool = True
-    poll_s: float | None = None
+    poll_s: float | None = 0.2
+    database: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, tuple[subprocess.Popen, IO]] = field(default_factory=dict, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
@@ -71,8 +74,9 @@ class Loopback:
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
             f'address = "127.0.0.1:{port}"\n{self.connection}\n'
         )
+        database = ["--database", self.database] if self.database else []
         self.spawn("superlink", "flower-superlink", *self.link_args, "--port", str(port),
-                   "--database", str(self.folder / "link.db"))  # fmt: skip
+                   *database)  # fmt: skip
         self.wait_for_port(port, "superlink", timeout)
 
     def add_node(self, name: str, node_config: str, *extra: str,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from safetensors import SafetensorError
@@ -54,13 +54,15 @@ from fedmerge.decentralized.protocols import Protocol, get_protocol
 from fedmerge.decentralized.setup import check_codec, run_topology
 from fedmerge.errors import ConfigError, FedmergeError, ValidationError
 from fedmerge.runtimes import get_runtime
-from fedmerge.runtimes.flower.records import array_blob, blob_array
+from fedmerge.runtimes.flower.keep import KeptReplies
+from fedmerge.runtimes.flower.records import array_blob
 from fedmerge.stheader import parse_header
 from fedmerge.topology import RoundPlan, Topology
 
 PARTITION_QUERY = "query.partition"
 STEP = "train.step"
-POLL_S = 0.05  # seconds between pulls for replies (Flower's send_and_receive waits 3 s)
+POLL_S = 0.1  # seconds between pulls for replies (Flower's send_and_receive waits 3 s); each
+# pull is a request the SuperLink serves on the CPU the nodes need
 
 
 @dataclass
@@ -169,21 +171,28 @@ def rejoin(
                 pid, "has another model size" if pid in absent else "is not absent")  # fmt: skip
 
 
-def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None) -> list[Message]:
+def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None,
+             kept: KeptReplies | None = None) -> list[Message]:  # fmt: skip
     """Push ``msgs`` and pull their replies every :data:`POLL_S` seconds until all are in or
-    ``timeout`` seconds passed (None: no limit). Logs the push and the wait."""
+    ``timeout`` seconds passed (None: no limit). Logs the push and the wait. With ``kept``,
+    the previous replies are confirmed after the push and these replies' confirmations are
+    held (their payloads stay on the SuperLink for the next push, :mod:`.keep`)."""
     start = time.perf_counter()
+    own, kept = kept is None, kept or KeptReplies(grid)
     waiting = set(grid.push_messages(msgs))
+    kept.release()
     pushed = time.perf_counter()
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
-        got = list(grid.pull_messages(waiting))
+        got = kept.pull(waiting)
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if not waiting or (end is not None and time.monotonic() >= end):
             break
         time.sleep(POLL_S)
+    if own:
+        kept.release()
     log(INFO, "fedmerge: %d messages pushed in %.2f s, %d replies %.2f s later", len(msgs),
         pushed - start, len(replies), time.perf_counter() - pushed)  # fmt: skip
     return replies
@@ -197,7 +206,7 @@ class Round:
     trains: np.ndarray  # (n,) bool
     plan: RoundPlan | None = None
     lost: np.ndarray | None = None
-    payloads: dict[int, bytes] = field(default_factory=dict)
+    payloads: dict[int, Array] = field(default_factory=dict)  # as received: relayed as is
     nbytes: dict[int, int] = field(default_factory=dict)
 
 
@@ -223,7 +232,9 @@ def step_messages(
             "train": cur is not None and bool(cur.trains[i]),
             "publish": merges and cur is not None and bool(cur.active[i]),
         }  # fmt: skip
-        blobs = {str(s): blob_array(prev.payloads[s]) for s, _ in inbox[i]} if merging else {}
+        # the Array the sender's reply brought, not a copy: hashed once for all receivers,
+        # and not uploaded at all while the SuperLink still holds it (:mod:`.keep`)
+        blobs = {str(s): prev.payloads[s] for s, _ in inbox[i]} if merging else {}
         content = RecordDict({"step": ConfigRecord(instr), "inbox": ArrayRecord(blobs)})
         messages.append(Message(content, node_id, STEP))
     return messages
@@ -251,8 +262,9 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
     seen = set(grid.get_node_ids())
     faults = FaultModel(cfg.faults, n, cfg.seed)
     rows: list[Row] = []
+    kept = KeptReplies(grid)  # step k's payloads stay on the SuperLink for step k + 1
     prev: Round | None = None
-    replies: dict[int, RecordDict] = {}
+    replies: dict[int, Reply] = {}
     clock = time.perf_counter()
     for k in range(cfg.rounds + 1):
         if k > 0:
@@ -261,7 +273,7 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
         back = {node_id: pid for pid, node_id in mapping.items()}
         cur = Round(*faults.nodes(k)) if k < cfg.rounds else None
         msgs = step_messages(k, config_json, mapping, prev, cur, merges, opts)
-        replies = collect(grid, msgs, back, opts, k, flat_len)
+        replies = collect(grid, msgs, back, opts, k, flat_len, kept)
         if cur is not None:
             close_round(cur, replies, topology, faults, k, merges, cfg.rounds)
         if prev is not None:
@@ -274,28 +286,29 @@ def relay(grid: Grid, cfg: SimConfig, opts: RelayOptions, on_round: OnRound | No
             if on_round:
                 on_round(new)
         prev = cur
+    kept.release()
     return rows
 
 
 def collect(
     grid: Grid, msgs: Sequence[Message], back: Mapping[int, int], opts: RelayOptions, k: int,
-    flat_len: int,
-) -> dict[int, RecordDict]:  # fmt: skip
+    flat_len: int, kept: KeptReplies | None = None,
+) -> dict[int, Reply]:  # fmt: skip
     """Send step k and gather replies by topology node; late, failed or malformed replies
-    (:func:`malformed`) are skipped for the step, the node named in the log."""
-    replies: dict[int, RecordDict] = {}
+    (:func:`check_reply`) are skipped for the step, the node named in the log."""
+    replies: dict[int, Reply] = {}
     failed: dict[int, str] = {}
-    for reply in exchange(grid, msgs, opts.timeout):
+    for reply in exchange(grid, msgs, opts.timeout, kept):
         pid = back.get(reply.metadata.src_node_id)
-        why = reply.error.reason if reply.has_error() else malformed(reply.content, flat_len)
+        got = reply.error.reason if reply.has_error() else check_reply(reply.content, flat_len)
         if pid is None:
             log(WARNING, "fedmerge step %d: reply from unknown node %s ignored", k,
                 reply.metadata.src_node_id)  # fmt: skip
-        elif why:
-            failed[pid] = why
-            log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, why)
+        elif isinstance(got, str):
+            failed[pid] = got
+            log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, got)
         else:
-            replies[pid] = reply.content
+            replies[pid] = got
     silent = sorted(set(back.values()) - set(replies) - set(failed))
     if silent:
         log(WARNING, "fedmerge step %d: no reply within %ss from nodes %s; skipping them", k,
@@ -311,10 +324,19 @@ def _numbers(v: object) -> bool:
     return isinstance(v, number) or (isinstance(v, list) and all(isinstance(x, number) for x in v))
 
 
-def malformed(rec: RecordDict, flat_len: int) -> str | None:
-    """Why a node's reply cannot be used, or None: records present, the payload a safetensors
-    blob with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values,
-    the metrics numbers or lists of numbers (``experts``)."""
+@dataclass
+class Reply:
+    """A node's usable reply: its records and its flat state, decoded once."""
+
+    content: RecordDict
+    flat: torch.Tensor | None  # (flat_len,) float32, finite; None when it did not evaluate
+
+
+def check_reply(rec: RecordDict, flat_len: int) -> Reply | str:
+    """The reply, or why it cannot be used: records present, the payload a safetensors blob
+    with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values, the
+    metrics numbers or lists of numbers (``experts``)."""
+    flat = None
     try:
         arrays, metrics = rec.array_records["arrays"], rec.metric_records["metrics"]
         if "payload" in arrays:
@@ -332,21 +354,22 @@ def malformed(rec: RecordDict, flat_len: int) -> str | None:
             return f"metric {bad[0]!r} is not a number or a list of numbers"
     except (KeyError, TypeError, ValidationError, SafetensorError) as exc:
         return f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
-    return None
+    return Reply(rec, flat)
 
 
 def close_round(
-    cur: Round, replies: Mapping[int, RecordDict], topology: Topology, faults: FaultModel,
+    cur: Round, replies: Mapping[int, Reply], topology: Topology, faults: FaultModel,
     r: int, merges: bool, rounds: int,
 ) -> None:  # fmt: skip
     """Round r after its train step: who is present, its plan, lost messages, payloads."""
     for i in np.flatnonzero(cur.active):
-        rec = replies.get(int(i))
+        reply = replies.get(int(i))
+        rec = reply.content if reply is not None else None
         if rec is None or (merges and "payload" not in rec.array_records["arrays"]):
             cur.active[i] = False
             continue
         if merges:
-            cur.payloads[int(i)] = array_blob(rec.array_records["arrays"]["payload"])
+            cur.payloads[int(i)] = rec.array_records["arrays"]["payload"]
             cur.nbytes[int(i)] = int(rec.metric_records["metrics"]["nbytes"])
     if not merges:
         return
@@ -355,24 +378,21 @@ def close_round(
     cur.lost = faults.lost(r, len(cur.plan.messages))
 
 
-def round_rows(r: int, rnd: Round, replies: Mapping[int, RecordDict], n: int) -> list[Row]:
+def round_rows(r: int, rnd: Round, replies: Mapping[int, Reply], n: int) -> list[Row]:
     """Round r's rows from its plan and the evaluation replies (consensus over who replied)."""
     sent, received = np.zeros(n, np.int64), np.zeros(n, np.int64)
     if rnd.plan is not None:
         for (s, d), gone in zip(rnd.plan.messages, rnd.lost, strict=True):
             sent[s] += rnd.nbytes[s]
             received[d] += 0 if gone else rnd.nbytes[s]
-    flats = {
-        i: st_load(array_blob(rec.array_records["arrays"]["flat"]))["flat"].double()
-        for i, rec in replies.items()
-    }
+    flats = {i: rep.flat.double() for i, rep in replies.items() if rep.flat is not None}
     dist: dict[int, float] = {}
     if flats:
         stack = torch.stack([flats[i] for i in sorted(flats)])
         dist = dict(zip(sorted(flats), distances(stack), strict=True))
     rows = []
     for i in range(n):
-        m = replies[i].metric_records["metrics"] if i in replies else {}
+        m = replies[i].content.metric_records["metrics"] if i in replies else {}
         rows.append(metrics_row(
             r + 1, i, active=bool(rnd.active[i]), trained=bool(rnd.trains[i]),
             local_acc=m.get("local_acc"), global_acc=m.get("global_acc"),

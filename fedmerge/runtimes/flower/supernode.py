@@ -1,18 +1,20 @@
-"""``flower-supernode`` that waits less (optional).
+"""``flower-supernode`` that waits less (recommended with fedmerge's worker).
 
 Flower 1.41's SuperNode asks the SuperLink for a message, and when there is none sleeps
-3 s (hard-coded), then waits for its ClientApp's reply in 0.5 s sleeps. A fedmerge step
-reaches a node only after every node's previous reply is in, so each step waits ~1.5 s on
-average (up to 3 s) per node for the poll alone (``benchmarks/flower_deploy.py``). This
-runs Flower's own SuperNode with every sleep of its message loop capped at ``--poll-s``
-seconds (:mod:`.polling`); all other arguments are ``flower-supernode``'s::
+3 s (hard-coded); it pulls a message's payloads, retrying one not yet uploaded after 1 s,
+2 s, ...; then it waits for its ClientApp's reply in 0.5 s sleeps. A fedmerge step reaches
+a node only after every node's previous reply is in, so these waits add up to seconds per
+round (``benchmarks/flower_deploy.py``, docs/deployment.md). This runs Flower's own
+SuperNode with its idle poll capped at ``--poll-s`` seconds, its waits on its ClientApp at
+0.01 s and its payload retries after 0.01 s (:mod:`.polling`); all other arguments are
+``flower-supernode``'s::
 
     python -m fedmerge.runtimes.flower.supernode --poll-s 0.2 --isolation process \\
         --superlink LINK_HOST:9093 --node-config "node-file='/data/node.yaml'" ...
 
 Each poll is one request to the SuperLink: N nodes at 0.2 s make 5·N requests per second
-while idle. It changes only the sleeps of ``flwr.supernode.start_client_internal``
-(checked at start: a Flower whose loop differs is refused; use ``flower-supernode``).
+while idle. It changes only ``flwr.supernode.start_client_internal``'s sleeps and object
+pulls (checked at start: a Flower whose loop differs is refused; use ``flower-supernode``).
 """
 
 from __future__ import annotations

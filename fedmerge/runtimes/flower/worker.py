@@ -9,10 +9,11 @@ a process beside it; this is one that never exits::
     python -m fedmerge.runtimes.flower.worker --runtime-api-address 127.0.0.1:9100
 
 It asks the SuperNode's runtime API for ``flwr-clientapp`` tasks (Flower's SuperExec
-protocol), and runs each in this process with fedmerge's ClientApp
-(:data:`fedmerge.runtimes.flower.client_app.app`), which keeps the setup and the agent in
-memory between messages (and on disk, so a restarted node resumes). It runs the ClientApp
-installed here, never code from the run's FAB: the node decides what it executes.
+protocol) every 0.05 s, pulls each task's message (retrying payloads the SuperNode has not
+received yet after 0.01 s, not Flower's 1 s), and runs each in this process with fedmerge's
+ClientApp (:data:`fedmerge.runtimes.flower.client_app.app`), which keeps the setup and the
+agent in memory between messages (and on disk, so a restarted node resumes). It runs the
+ClientApp installed here, never code from the run's FAB: the node decides what it executes.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedmerge.runtimes.flower.client_app import app
@@ -89,9 +90,9 @@ def run_task(address: str, certificates: bytes | None, token: str) -> None:
 def serve(address: str, certificates: bytes | None = None, poll_s: float = 0.05) -> None:
     """Run ClientApp tasks from the SuperNode at ``address`` forever, polling every
     ``poll_s`` seconds; waits (logging) while the SuperNode is unreachable. A message's
-    payloads may reach the SuperNode after the message: they are retried every 0.02 s or so
-    (:func:`~.polling.quick_pulls`), not after 1 s, 2 s, ..."""
-    quick_pulls(inflatable_utils)
+    payloads may reach the SuperNode after the message: they are retried every 0.05 s at
+    most (:func:`~.polling.quick_pulls`), not after 1 s, 2 s, ..."""
+    quick_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
     log(INFO, "fedmerge worker: serving ClientApp tasks of the SuperNode at %s", address)
     acquire = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     client = _client(address, certificates)
