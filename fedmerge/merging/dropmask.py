@@ -25,7 +25,8 @@ The entry is kept iff ``(h >> 11) < limit`` with ``limit = ceil(density·2⁵³)
 to ``density`` within 2⁻⁵³ (exactly, for densities on the 2⁻⁵³ grid).
 
 Three implementations give identical bits (tested): :func:`keep_entry` (numba
-scalar, for fused kernels), :func:`keep_mask_np` (numba, CPU) and
+scalar, for fused kernels), :func:`keep_mask_np` (numba, CPU; both in
+:mod:`~fedmerge.merging.fusedloops`, imported on first use) and
 :func:`keep_mask_torch` (int64 torch arithmetic, any device); :func:`keep_mask`
 picks the fast one for the device.
 
@@ -39,7 +40,6 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 import torch
 
@@ -68,30 +68,14 @@ def keep_limit(density: float) -> int:
     return min(1 << UNIFORM_BITS, max(0, math.ceil(density * 2.0**UNIFORM_BITS)))
 
 
-@numba.njit(inline="always", cache=True)
-def keep_entry(stream_key: np.uint64, index: np.int64, limit: np.uint64) -> bool:
-    """Keep entry ``index`` (0-based, of the flattened tensor) of stream ``stream_key``?
+def __getattr__(name: str):
+    """:func:`keep_entry` and :func:`keep_mask_np` live with the other numba loops in
+    :mod:`fedmerge.merging.fusedloops`: importing numba (~0.25 s) waits until a mask is made."""
+    if name in ("keep_entry", "keep_mask_np"):
+        from fedmerge.merging import fusedloops
 
-    For numba kernels (``@njit`` code calls it inline): ``stream_key`` a uint64 from
-    :func:`stream_key`, ``index`` an int64 ≥ 0, ``limit`` from :func:`keep_limit`
-    (any integer type). Equal to :func:`keep_mask` entry for entry.
-    """
-    z = np.uint64(stream_key) + np.uint64(index + 1) * _GAMMA
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    z ^= z >> _S31
-    return (z >> _S11) < np.uint64(limit)
-
-
-@numba.njit(cache=True)
-def keep_mask_np(keys: np.ndarray, start: int, m: int, limit: int) -> np.ndarray:
-    """Masks ``(K, m)`` (bool) of entries start..start+m−1 for ``keys`` ``(K,)`` uint64."""
-    out = np.empty((keys.shape[0], m), dtype=np.bool_)
-    for k in range(keys.shape[0]):
-        key = keys[k]
-        for j in range(m):
-            out[k, j] = keep_entry(key, start + j, limit)
-    return out
+        return getattr(fusedloops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _signed(x: int) -> int:
@@ -145,5 +129,7 @@ def keep_mask(
     """
     if torch.device(device).type != "cpu":
         return keep_mask_torch(stream_keys, start, m, density, device)
+    from fedmerge.merging.fusedloops import keep_mask_np
+
     keys = np.array([k & _U64 for k in stream_keys], dtype=np.uint64)
     return torch.from_numpy(keep_mask_np(keys, start, m, keep_limit(density)))

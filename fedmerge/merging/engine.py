@@ -10,7 +10,8 @@ thresholds, DARE's L1 norms) gathers it in a streaming pass over the blocks
 first (see :mod:`fedmerge.merging.tensorpass`), so the result equals the
 whole-tensor computation bit for bit. On the CPU, a method with a fused form
 (:mod:`fedmerge.merging.fused`: one numba loop per element instead of the
-kernel's torch passes, same bits) merges bfloat16/float32 keys that way.
+kernel's torch passes, same bits) merges bfloat16/float32 keys that way when
+the merge is big enough to repay numba's start (:func:`fused.pays`).
 Integer and bool tensors (counters, masks) are copied from the reference: they
 are not parameters one can interpolate. Everything that can be checked without
 reading tensor data (method, parameters, weights, keys, shapes, dtypes) is
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,11 +112,27 @@ class MergePlan:
     in_specs: dict[str, TensorSpec]  # the base's
     out_specs: dict[str, TensorSpec]
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    fused: bool = True  # use a method's fused CPU form where it applies (False: torch kernels)
+    # a method's fused CPU form: True wherever it applies, False never (the torch kernels),
+    # None where it pays (the merge's size at least the form's crossover, fused.PAYS_FROM)
+    fused: bool | None = None
 
     @property
     def mergeable(self) -> list[str]:
         return [k for k in sorted(self.in_specs) if is_mergeable(self.in_specs[k])]
+
+    @cached_property
+    def size(self) -> int:
+        """K × the elements of the mergeable tensors: the merge's work."""
+        return len(self.experts) * sum(math.prod(self.in_specs[k].shape) for k in self.mergeable)
+
+    @property
+    def uses_fused(self) -> bool:
+        """Whether to run the method's fused form where it applies: ``fused``, or where it
+        is None, whether this merge is big enough to repay numba's start."""
+        form = self.method.fused
+        if self.fused is None and form is not None:
+            return _fused.pays(form, self.size)
+        return bool(self.fused and form)
 
 
 def plan_merge(
@@ -322,7 +340,7 @@ def _merge_fused(
     """
     form, spec = plan.method.fused, plan.out_specs[key]
     dtypes = (plan.in_specs[key].dtype, spec.dtype)
-    if not (plan.fused and form and all(d in _fused.DTYPES for d in dtypes)):
+    if not (plan.uses_fused and all(d in _fused.DTYPES for d in dtypes)):
         return None
 
     def read(rows: Rows) -> _fused.Block:

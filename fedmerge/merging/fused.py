@@ -23,7 +23,9 @@ engine as ``form(call)`` with a :class:`FusedCall`; it returns
 kernel), None (done) or the index of the first block holding a non-finite
 input or output (the engine then finds and names it, as the torch path does).
 The engine uses a form only for CPU tensors whose input and output dtypes are
-in :data:`DTYPES`; float16 (numba has no float16) and float64 stay on torch.
+in :data:`DTYPES`; float16 (numba has no float16) and float64 stay on torch;
+and by default only for merges big enough to repay numba's start in each
+process (:func:`pays`).
 """
 
 from __future__ import annotations
@@ -296,3 +298,21 @@ def ties(call: FusedCall) -> int | None:
             return NotImplemented
         thr = np.zeros(len(w), np.float32) if rank is None else kth_magnitudes(call, rank)
     return _elect(call, _NO_DROP, thr)
+
+
+PAYS_FROM: dict[Callable[[FusedCall], int | None], int] = {
+    mix: 400_000_000,
+    average: 400_000_000,
+    ties: 30_000_000,
+    dare_linear: 0,
+    dare_ties: 0,
+}
+"""The measured crossover of each form: the merge size (K × the elements of the mergeable
+tensors) from which it needs less CPU than the torch kernels, numba's start in the process
+(importing it and the first dispatch from the cache, ~0.7 s of CPU) included. DARE's torch
+kernels load numba for their masks anyway: 0. Measured in docs/merge-performance.md."""
+
+
+def pays(form: Callable[[FusedCall], int | None], size: int) -> bool:
+    """Whether ``form`` repays numba's start on a merge of ``size`` = K × elements."""
+    return size >= PAYS_FROM.get(form, 0)

@@ -10,6 +10,9 @@ by a 16-bit shift, narrowed by round-to-nearest-even exactly as torch's
 float32 operation in the torch kernels' order (no fastmath, no FMA), so the
 results are bit-identical to theirs.
 
+DARE's keep masks (:func:`keep_entry`, :func:`keep_mask_np`) live here too, so
+that numba is imported only by a merge that runs one of these loops.
+
 Compiled on first use and cached on disk (``cache=True``): numba writes the
 cache next to this file, or, where that is not writable, under the user's cache
 directory (its ``_UserWideCacheLocator``); ``NUMBA_CACHE_DIR`` overrides both.
@@ -22,9 +25,37 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from fedmerge.merging.dropmask import keep_entry
+from fedmerge.merging.dropmask import _GAMMA, _MIX1, _MIX2, _S11, _S27, _S30, _S31
 
 _TILE = 512  # elements per tile: K float32 rows of it stay in L1
+
+
+@njit(inline="always", cache=True)
+def keep_entry(stream_key: np.uint64, index: np.int64, limit: np.uint64) -> bool:
+    """Keep entry ``index`` (0-based, of the flattened tensor) of stream ``stream_key``?
+
+    DARE's counter-based mask (:mod:`fedmerge.merging.dropmask`), for numba kernels
+    (``@njit`` code calls it inline): ``stream_key`` a uint64 from
+    :func:`~fedmerge.merging.dropmask.stream_key`, ``index`` an int64 ≥ 0, ``limit`` from
+    :func:`~fedmerge.merging.dropmask.keep_limit` (any integer type). Equal to
+    :func:`~fedmerge.merging.dropmask.keep_mask` entry for entry.
+    """
+    z = np.uint64(stream_key) + np.uint64(index + 1) * _GAMMA
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    z ^= z >> _S31
+    return (z >> _S11) < np.uint64(limit)
+
+
+@njit(cache=True)
+def keep_mask_np(keys: np.ndarray, start: int, m: int, limit: int) -> np.ndarray:
+    """Masks ``(K, m)`` (bool) of entries start..start+m−1 for ``keys`` ``(K,)`` uint64."""
+    out = np.empty((keys.shape[0], m), dtype=np.bool_)
+    for k in range(keys.shape[0]):
+        key = keys[k]
+        for j in range(m):
+            out[k, j] = keep_entry(key, start + j, limit)
+    return out
 
 
 @intrinsic
