@@ -301,16 +301,17 @@ def ties(call: FusedCall) -> int | None:
 
 
 PAYS_FROM: dict[Callable[[FusedCall], int | None], int] = {
-    mix: 400_000_000,
-    average: 400_000_000,
-    ties: 30_000_000,
+    mix: 600_000_000,  # 4 experts × 150M
+    average: 600_000_000,
+    ties: 120_000_000,  # 4 × 30M
     dare_linear: 0,
     dare_ties: 0,
 }
-"""The measured crossover of each form: the merge size (K × the elements of the mergeable
-tensors) from which it needs less CPU than the torch kernels, numba's start in the process
-(importing it and the first dispatch from the cache, ~0.7 s of CPU) included. DARE's torch
-kernels load numba for their masks anyway: 0. Measured in docs/merge-performance.md."""
+"""Each form's crossover: the merge size (K × the elements of the mergeable tensors) from
+which it needs less CPU than the torch kernels, numba's start in the process included
+(importing it, ~0.25 s of CPU, and the first dispatch from the cache, ~0.45 s; each
+further loop or K ~0.01 s). DARE's torch kernels start numba for their masks anyway (the
+two paths within ±0.1 s up to 4 × 30M): 0. Measured in docs/merge-performance.md."""
 
 
 def pays(form: Callable[[FusedCall], int | None], size: int) -> bool:
