@@ -130,12 +130,13 @@ PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"densit
 
 
 def warm_worker(args: argparse.Namespace) -> None:
-    """Merge tiny tensors of the inputs' dtype with every method: compiles the fused loops
-    into numba's on-disk cache (once per install), so the timed runs only load them."""
+    """Merge tiny tensors of the inputs' dtype with every method, the fused loops forced:
+    compiles them into numba's on-disk cache (once per install), so the timed runs only
+    load them (where the merge is big enough to use them, ``fedmerge.merging.fused.pays``)."""
     import torch
 
     from fedmerge.checkpoint import open_checkpoint
-    from fedmerge.merging import merge
+    from fedmerge.merging import StateSource, plan_merge, run_plan
 
     with open_checkpoint(args.inputs[0]) as ck:
         dtype = ck.spec(ck.keys()[0]).dtype
@@ -144,8 +145,12 @@ def warm_worker(args: argparse.Namespace) -> None:
         {"w": torch.full((512, 512), float(i + 1), dtype=dtype)}
         for i in range(len(args.inputs) - 1)
     ]
+    names = [f"input{i}" for i in range(len(args.inputs))]
     for method, params in PARAMS.items():
-        merge(method, base, experts, **params)
+        src = [StateSource(s, n) for s, n in zip([base, *experts], names, strict=True)]
+        plan = plan_merge(method, src[0], src[1:], names, params=params)
+        plan.fused = True  # tiny: by default the torch kernels would run
+        dict(run_plan(plan))
 
 
 def run_worker(args: argparse.Namespace) -> None:
