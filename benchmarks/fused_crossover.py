@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console, load = Console(), os.getloadavg()
+    console, load = Console(width=120), os.getloadavg()
     methods, sizes = args.methods.split(","), [int(float(s)) for s in args.sizes.split(",")]
     for method in methods:  # fill numba's cache
         run(method, 1 << 20, args.experts, "fused")

@@ -301,17 +301,17 @@ def ties(call: FusedCall) -> int | None:
 
 
 PAYS_FROM: dict[Callable[[FusedCall], int | None], int] = {
-    mix: 600_000_000,  # 4 experts × 150M
-    average: 600_000_000,
-    ties: 120_000_000,  # 4 × 30M
+    mix: 800_000_000,  # 4 experts × 200M
+    average: 800_000_000,
+    ties: 200_000_000,  # 4 × 50M
     dare_linear: 0,
     dare_ties: 0,
 }
 """Each form's crossover: the merge size (K × the elements of the mergeable tensors) from
 which it needs less CPU than the torch kernels, numba's start in the process included
 (importing it, ~0.25 s of CPU, and the first dispatch from the cache, ~0.45 s; each
-further loop or K ~0.01 s). DARE's torch kernels start numba for their masks anyway (the
-two paths within ±0.1 s up to 4 × 30M): 0. Measured in docs/merge-performance.md."""
+further loop or K ~0.01 s), rounded up from the measured ones (benchmarks/fused_crossover.py,
+docs/merge-performance.md). DARE's torch kernels start numba for their masks anyway: 0."""
 
 
 def pays(form: Callable[[FusedCall], int | None], size: int) -> bool:
