@@ -29,15 +29,10 @@ class Method(Entry):
         ``kernel(base, tau, w, ctx, params)`` maps the reference tensor ``base``
         (shape ``(n,)``, float32/64), the stacked task vectors ``tau`` (``(K, n)``)
         and the per-expert weights ``w`` (``(K,)``) to the merged tensor ``(n,)``.
-    <<<<<<< HEAD
-        ``ctx`` carries per-key extras (seeded generators, Fisher diagonals, global
+        ``ctx`` carries per-key extras (DARE stream keys, Fisher diagonals, global
         thresholds); ``params`` is the resolved parameter dict. ``fused``: the same
         method as one loop per element over CPU blocks, bit-identical (see
         :mod:`fedmerge.merging.fused`), which the engine prefers where it applies.
-    =======
-        ``ctx`` carries per-key extras (DARE stream keys, Fisher diagonals, global
-        thresholds); ``params`` is the resolved parameter dict.
-    >>>>>>> main
     """
 
     reference: str = ""
