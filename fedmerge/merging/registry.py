@@ -26,18 +26,13 @@ __all__ = ["METHODS", "Method", "Param", "get_method", "register"]
 class Method(Entry):
     """A registered merge method; its ``target`` is the kernel.
 
-        ``kernel(base, tau, w, ctx, params)`` maps the reference tensor ``base``
-        (shape ``(n,)``, float32/64), the stacked task vectors ``tau`` (``(K, n)``)
-        and the per-expert weights ``w`` (``(K,)``) to the merged tensor ``(n,)``.
-    <<<<<<< HEAD
-        ``ctx`` carries per-key extras (seeded generators, Fisher diagonals, global
-        thresholds); ``params`` is the resolved parameter dict. ``fused``: the same
-        method as one loop per element over CPU blocks, bit-identical (see
-        :mod:`fedmerge.merging.fused`), which the engine prefers where it applies.
-    =======
-        ``ctx`` carries per-key extras (DARE stream keys, Fisher diagonals, global
-        thresholds); ``params`` is the resolved parameter dict.
-    >>>>>>> main
+    ``kernel(base, tau, w, ctx, params)`` maps the reference tensor ``base``
+    (shape ``(n,)``, float32/64), the stacked task vectors ``tau`` (``(K, n)``)
+    and the per-expert weights ``w`` (``(K,)``) to the merged tensor ``(n,)``.
+    ``ctx`` carries per-key extras (DARE stream keys, Fisher diagonals, global
+    thresholds); ``params`` is the resolved parameter dict. ``fused``: the same
+    method as one loop per element over CPU blocks, bit-identical (see
+    :mod:`fedmerge.merging.fused`), which the engine prefers where it applies.
     """
 
     reference: str = ""
