@@ -52,7 +52,12 @@ class Control:
         """Check in under ``tag`` with ``value``; wait for the live ranks until the timeout,
         or only until every missing rank is one of ``suspects`` (peers this rank saw fail),
         or until another rank's verdict is out; return (the agreed live ranks, their
-        values). Raises :class:`Excluded` if this rank was declared gone by faster peers."""
+        values). Raises :class:`Excluded` if this rank was declared gone by faster peers.
+
+        The wait for a rank nobody here saw fail is two timeouts, not one: a healthy rank
+        can spend a whole timeout blocked behind a neighbour that is itself blocked on the
+        failed rank, and must not be declared gone for it (suspected ranks end the wait
+        at once, so a real failure is not detected later)."""
         suspected = set(suspects)
 
         def key(name: object) -> str:
@@ -60,7 +65,7 @@ class Control:
 
         try:
             self.store.set(key(self.rank), json.dumps(value))
-            deadline, here = time.monotonic() + self.timeout, [self.rank]
+            deadline, here = time.monotonic() + 2 * self.timeout, [self.rank]
             while not self.store.check([key("verdict")]):
                 here = [k for k in self.live if self.store.check([key(k)])]
                 missing = set(self.live) - set(here)
@@ -70,8 +75,8 @@ class Control:
             ranks = json.loads(self.store.compare_set(key("verdict"), "", json.dumps(here)))
             if self.rank not in ranks:
                 raise Excluded(
-                    f"rank {self.rank} answered after the {self.timeout:g} s timeout at {tag}; "
-                    f"its peers went on without it"
+                    f"rank {self.rank} answered after its peers' {2 * self.timeout:g} s wait "
+                    f"at {tag}; they went on without it"
                 )
             return ranks, {k: json.loads(self.store.get(key(k))) for k in ranks}
         except (RuntimeError, dist.DistStoreError) as exc:
