@@ -8,6 +8,9 @@ subprocess so that peak memory is its own:
 * floor: read every input byte once and write the output once (fsync), the
   least any merge of these files can do (page cache warmed first; run before and
   after the merges, the faster run is the denominator);
+* numba start: importing the fused loops and their first call from numba's on-disk
+  cache, the fixed CPU cost that each merge running a fused loop pays inside its work
+  (shown apart; a note after the table gives such merges' work CPU less it);
 * fedmerge task_arithmetic, ties and dare_ties through the streaming engine;
 * mergekit (``mergekit-pytorch``, the raw-checkpoint front end of mergekit-yaml)
   on the same files with the same method and parameters, when available.
@@ -54,6 +57,7 @@ TREE = os.environ.get("MERGE_SPEED_TREE", str(REPO))  # the fedmerge source a wo
 sys.path.insert(0, TREE)
 
 CHUNK = 64 << 20
+NUMBA_JOB = "numba start (import + 1st cached call)"
 
 
 # ----------------------------------------------------------------------------- synthetic models
@@ -153,8 +157,27 @@ def warm_worker(args: argparse.Namespace) -> None:
         dict(run_plan(plan))
 
 
+def numba_worker(inputs: list[str]) -> None:
+    """numba's fixed cost in a merge process that runs a fused loop: importing the loops and
+    the first call of one (its machine code loaded from the on-disk cache that the warm
+    worker filled: the inputs' dtype and expert count, as in the merges)."""
+    import numpy as np
+
+    from fedmerge.checkpoint import open_checkpoint
+    from fedmerge.merging import fusedloops
+
+    with open_checkpoint(inputs[0]) as ck:
+        bf16 = str(ck.spec(ck.keys()[0]).dtype) == "torch.bfloat16"
+    x = np.zeros(512, np.uint16 if bf16 else np.float32)
+    k = len(inputs) - 1
+    fusedloops.mix_block(x, (x,) * k, np.zeros(k, np.uint64), np.int64(0),
+                         (np.int64(-1), np.float32(0)), np.ones(k, np.float32), np.float32(0),
+                         np.float32(1), x.copy())  # fmt: skip
+
+
 def run_worker(args: argparse.Namespace) -> None:
-    """The floor, or a fedmerge merge as the CLI runs it; times the work after the imports."""
+    """The floor, numba's start, or a fedmerge merge as the CLI runs it; times the work after
+    the imports (a merge's work includes numba's start where it runs a fused loop)."""
     if args.worker == "warm":
         return warm_worker(args)
     if args.worker != "floor":
@@ -171,11 +194,14 @@ def run_worker(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     if args.worker == "floor":
         floor_worker(args.inputs, args.out)
+    elif args.worker == "numba":
+        numba_worker(args.inputs)
     else:
         merge_checkpoints(args.worker, args.inputs[0], args.inputs[1:], args.out,
                           params=PARAMS[args.worker], progress=False,
                           **({"threads": args.threads} if has_threads else {}))  # fmt: skip
-    work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu}
+    work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu,
+            "numba": "numba" in sys.modules}  # fmt: skip
     print(json.dumps(work))
 
 
@@ -211,7 +237,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     last = lines[-1] if lines else {}
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss": usage.ru_maxrss * 1024, "anon": peak_anon[0],
-            "work_s": last.get("work_s"), "work_cpu": last.get("work_cpu")}  # fmt: skip
+            "work_s": last.get("work_s"), "work_cpu": last.get("work_cpu"),
+            "numba": last.get("numba")}  # fmt: skip
 
 
 def mergekit_cmd(binary: str, method: str, inputs: list[Path], out: Path, dtype: str,
@@ -240,18 +267,21 @@ def _cell(x: float | None, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
+def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> list[str]:
     """One row per job: the median of its runs (peak memory: the largest); ratios to the
     fastest floor run (CPU of the work; wall of the process); spread = slowest / fastest
-    work CPU over the repeats."""
+    work CPU over the repeats. Returns a note per merge that started numba: its work CPU
+    less numba's start (the median of the numba job), a derived figure, not a run."""
     runs: dict[str, list[dict]] = {}
     for name, r in results:
         runs.setdefault(name, []).append(r)
     floor = min((r for n, r in results if n.startswith("floor")), key=lambda r: r["work_cpu"])
+    numba_start = _median(runs[NUMBA_JOB], "work_cpu")
+    notes = []
     for name, rs in runs.items():
         r = floor if name.startswith("floor") else {
             key: max(x[key] for x in rs) if key in ("rss", "anon") else _median(rs, key)
-            for key in rs[0]}  # fmt: skip
+            for key in rs[0] if key != "numba"}  # fmt: skip
         ratio = r["work_cpu"] / floor["work_cpu"] if r["work_cpu"] is not None else None
         cpus = [x["work_cpu"] for x in rs if x["work_cpu"] is not None]
         spread = max(cpus) / min(cpus) if len(cpus) > 1 and not name.startswith("floor") else None
@@ -259,6 +289,12 @@ def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
                       _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
                       _cell(spread, ".2f"), f"{r['wall_s'] / floor['wall_s']:.2f}×",
                       f"{r['rss'] / 2**20:.0f}", f"{r['anon'] / 2**20:.0f}")  # fmt: skip
+        if name.startswith("fedmerge") and all(x["numba"] for x in rs):
+            rest = r["work_cpu"] - numba_start
+            notes.append(f"{dtype} {name}: started numba; work CPU less numba's start "
+                         f"({numba_start:.2f} s): {rest:.2f} s = {rest / floor['work_cpu']:.2f}× "
+                         "the floor")  # fmt: skip
+    return notes
 
 
 def _median(rows: list[dict], key: str) -> float | None:
@@ -291,7 +327,8 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
     me = [sys.executable, __file__, "--threads", str(args.threads), "--inputs", *map(str, inputs)]
     floor_out = folder / "floor.bin"
     jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
-             [floor_out], env)]  # fmt: skip
+             [floor_out], env),
+            (NUMBA_JOB, [*me, "--worker", "numba"], [], env)]  # fmt: skip
     tree = str(args.compare_with)
     other = {**env, "MERGE_SPEED_TREE": tree, "PYTHONPATH": tree}
     for m in args.methods.split(","):
@@ -378,10 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("dtype", "job", "runs", "wall s", "CPU s", "work CPU s", "work CPU / floor",
                 "spread", "wall / floor", "peak RSS MiB", "peak heap MiB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("dtype", "job") else "right")
+    notes = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for dtype in args.dtype.split(","):
-            add_rows(table, dtype, run_dtype(args, console, Path(tmp) / dtype, dtype, env))
+            notes += add_rows(table, dtype, run_dtype(args, console, Path(tmp) / dtype, dtype, env))
     console.print(table)
+    for note in notes:
+        console.print(note)
     after = os.getloadavg()
     loads = [" ".join(f"{x:.2f}" for x in v) for v in (load, after)]
     console.print(f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}; "

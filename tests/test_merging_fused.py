@@ -10,6 +10,7 @@ thresholds, all-zero columns, −0.0, mixed weights, normalize on and off.
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmerge.checkpoint import TensorSpec
+from fedmerge.checkpoint import TensorSpec, open_checkpoint, save_state_dict
 from fedmerge.errors import ValidationError
 from fedmerge.merging import StateSource, fused, fusedloops, plan_merge, run_plan
 from fedmerge.merging.registry import get_method
@@ -237,6 +238,38 @@ def test_big_keys_through_the_bracket_equal_the_torch_kernel(dtype):
         assert_same(got, want)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_checkpoint_files_in_blocks_and_whole_equal_the_torch_kernel(tmp_path, method, monkeypatch):
+    """From memory-mapped files, in blocks and whole, the fused loops equal the torch kernel;
+    TIES' sampled bracket must hit (runs of rows, read one at a time, whose |τ| grows along
+    the rows: a sample that kept one run's values for all would miss)."""
+    base, experts = state(6, 3, {"emb": (600, 512), "b": (300,)}, torch.bfloat16, coarse=False)
+    scale = torch.linspace(1, 8, 600)[:, None]
+    for e in experts:
+        e["emb"] = (base["emb"].float() + (e["emb"].float() - base["emb"].float()) * scale).to(
+            torch.bfloat16
+        )
+    paths = []
+    for i, sd in enumerate([base, *experts]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_state_dict(sd, paths[-1])
+    radix = fused._radix  # small keys use it by design; the big one must not
+    monkeypatch.setattr(fused, "_radix", lambda call, rank: radix(call, rank)
+                        if call.out.numel() < 1000 else pytest.fail("bracket missed"))  # fmt: skip
+    names = [str(p) for p in paths]
+    for chunk in (WHOLE, 40_000):
+        out = []
+        for use_fused in (True, False):
+            with ExitStack() as stack:
+                cks = [stack.enter_context(open_checkpoint(p)) for p in paths]
+                params = {} if method == "task_arithmetic" else {"density": 0.2}
+                plan = plan_merge(method, cks[0], cks[1:], names, params=params,
+                                  chunk_elements=chunk)  # fmt: skip
+                plan.fused = use_fused
+                out.append(dict(run_plan(plan)))
+        assert_same(*out)
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_non_finite_inputs_and_outputs_raise_the_torch_paths_errors(method, dtype):
@@ -328,3 +361,22 @@ def test_small_merges_do_not_import_numba_big_ones_run_the_loops(method):
                              capture_output=True, text=True).stdout.split()[-1]
               for how in ("default", "low")]  # fmt: skip
     assert loaded == ["True" if method == "dare_ties" else "False", "True"]
+
+
+def test_the_loops_do_not_import_scipy_and_numba_still_sees_blas():
+    """A fresh process: running a fused loop leaves ``scipy.linalg`` unimported (numba's
+    first dispatch would import it, ~0.2 s, for a BLAS check these loops do not need), and
+    numba's answer to that check is unchanged (scipy is installed: BLAS is available)."""
+    script = (
+        "import sys, torch\n"
+        "from fedmerge.merging import fused, merge\n"
+        "fused.PAYS_FROM[fused.ties] = 0\n"
+        "base = {'w': torch.zeros(64)}\n"
+        "merge('ties', base, [{'w': torch.ones(64)}], density=0.5)\n"
+        "import numba.np.arraymath as am\n"
+        "print('numba' in sys.modules, 'scipy.linalg' in sys.modules, am._HAVE_BLAS)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert out[-3:] == ["True", "False", "True"]

@@ -20,12 +20,38 @@ directory (its ``_UserWideCacheLocator``); ``NUMBA_CACHE_DIR`` overrides both.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from fedmerge.merging.dropmask import _GAMMA, _MIX1, _MIX2, _S11, _S27, _S30, _S31
+
+
+def _defer_scipy() -> None:
+    """Spare numba's first dispatch the import of ``scipy.linalg`` (~0.2 s of CPU).
+
+    The dispatch imports ``numba.np.arraymath``, which calls ``ensure_blas()`` (that
+    is, imports ``scipy.linalg``) only to learn whether its ``np.dot`` family can use
+    BLAS; none of these loops does. Import it with that question answered by whether
+    scipy is installed: the same answer, and numba's BLAS functions still import scipy
+    (their own ``ensure_blas()``) when one is compiled.
+    """
+    import numba.np.linalg as linalg
+
+    check = getattr(linalg, "ensure_blas", None)
+    if check is None:  # another numba: leave it alone
+        return
+    linalg.ensure_blas = lambda: None if importlib.util.find_spec("scipy") else check()
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        linalg.ensure_blas = check
+
+
+_defer_scipy()
 
 _TILE = 512  # elements per tile: K float32 rows of it stay in L1
 
