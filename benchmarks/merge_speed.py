@@ -289,7 +289,7 @@ def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> list[str]:
                       _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
                       _cell(spread, ".2f"), f"{r['wall_s'] / floor['wall_s']:.2f}×",
                       f"{r['rss'] / 2**20:.0f}", f"{r['anon'] / 2**20:.0f}")  # fmt: skip
-        if name.startswith("fedmerge") and all(x["numba"] for x in rs):
+        if name.startswith("fedmerge ") and all(x["numba"] for x in rs):  # this tree's
             rest = r["work_cpu"] - numba_start
             notes.append(f"{dtype} {name}: started numba; work CPU less numba's start "
                          f"({numba_start:.2f} s): {rest:.2f} s = {rest / floor['work_cpu']:.2f}× "
