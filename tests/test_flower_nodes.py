@@ -84,7 +84,9 @@ def test_a_node_killed_mid_run_rejoins_from_its_saved_state(tmp_path):
     with Loopback(tmp_path / "dep") as dep:
         dep.start()
         start_nodes(dep, nodes)
-        run = dep.run(SOURCE, f"overrides='{' '.join(sets)}' out-dir='{out}' timeout=20", 20)
+        # 30 s a step: node 1 must be back (SuperNode, worker, imports) within the 3 steps
+        # left, up to 90 s on a loaded 2-core machine
+        run = dep.run(SOURCE, f"overrides='{' '.join(sets)}' out-dir='{out}' timeout=30", 20)
         deadline = time.monotonic() + 300
         while not saved_round(state) >= 2 and time.monotonic() < deadline and run.poll() is None:
             time.sleep(0.1)
