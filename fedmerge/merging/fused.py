@@ -312,7 +312,8 @@ PAYS_FROM: dict[Callable[[FusedCall], int | None], int] = {
 }
 """Each form's crossover: the merge size (K × the elements of the mergeable tensors) from
 which it needs less CPU than the torch kernels, numba's start in the process included
-(importing it, ~0.25 s of CPU, and the first dispatch from the cache, ~0.45 s; each
+(importing it, ~0.25 s of CPU, and the first dispatch from the cache, ~0.45 s when these were
+measured, ~0.25 s since it no longer imports scipy.linalg: they are now conservative; each
 further loop or K ~0.01 s), rounded up from the measured ones (benchmarks/fused_crossover.py,
 docs/merge-performance.md). DARE's torch kernels start numba for their masks anyway: 0."""
 
