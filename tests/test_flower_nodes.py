@@ -84,7 +84,9 @@ def test_a_node_killed_mid_run_rejoins_from_its_saved_state(tmp_path):
     with Loopback(tmp_path / "dep") as dep:
         dep.start()
         start_nodes(dep, nodes)
-        run = dep.run(SOURCE, f"overrides='{' '.join(sets)}' out-dir='{out}' timeout=20", 20)
+        # 30 s a step: node 1 must be back (SuperNode, worker, imports) within the 3 steps
+        # left, up to 90 s on a loaded 2-core machine
+        run = dep.run(SOURCE, f"overrides='{' '.join(sets)}' out-dir='{out}' timeout=30", 20)
         deadline = time.monotonic() + 300
         while not saved_round(state) >= 2 and time.monotonic() < deadline and run.poll() is None:
             time.sleep(0.1)
@@ -103,11 +105,9 @@ def test_a_node_killed_mid_run_rejoins_from_its_saved_state(tmp_path):
     node1 = [r for r in rows if r["agent"] == 1]
     assert node1[0]["active"] and not all(r["active"] for r in node1)  # it missed a round
     assert node1[-1]["active"] and node1[-1]["global_acc"] is not None  # and came back
-    # the survivors are evaluated in every round; on a loaded 2-core CI machine one survivor's
-    # reply once missed the step deadline in the round node 1 rejoined (under investigation):
-    # at most one such round is tolerated, never the last
-    missed = [r for r in rows if r["agent"] != 1 and r["global_acc"] is None]
-    assert len(missed) <= 1 and all(r["round"] < rounds for r in missed), missed
+    # the survivors are evaluated in every round: node 1's half-uploaded reply no longer holds
+    # the relay past the step deadline (it once did, for Flower's 180 s push session)
+    assert all(r["global_acc"] is not None for r in rows if r["agent"] != 1)
     for k in range(3):
         (path,) = (nodes / f"node-{k}" / "state").glob("run-*/agent-*.safetensors")
         with open_checkpoint(path) as ck:  # parses and checks every tensor

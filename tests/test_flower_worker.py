@@ -10,11 +10,11 @@ import time
 from types import ModuleType
 
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 from fedmerge.config import load_config
 from fedmerge.decentralized.nodedirs import export_split
-from fedmerge.runtimes.flower.polling import CappedSleep, cap_sleeps, quick_pulls
+from fedmerge.runtimes.flower.polling import CappedSleep, cap_sleeps, pulls_until, quick_pulls
 from fedmerge.runtimes.flower.relay import RelayOptions, relay
 from fedmerge.runtimes.flower.supernode import split_poll
 from fedmerge.runtimes.local.simulator import Simulator
@@ -156,6 +156,88 @@ def test_a_new_node_cannot_take_over_a_live_topology_node(tmp_path, caplog):
     by = {(r["round"], r["agent"]): r for r in relay(Restarting(2001, 1), cfg, opts, None)}
     assert by[3, 1]["global_acc"] is not None and by[3, 2]["global_acc"] is None
     assert "claims topology node 1, which is not absent; ignored" in caplog.text
+
+
+def test_pulls_until_gives_up_on_a_missing_object_at_the_deadline():
+    """A reply whose sender died mid-upload: its object never comes. Within
+    :func:`pulls_until` the pull stops at the deadline (Flower's quick pulls alone wait for
+    the 180 s object-push session); outside it the module's function is Flower's again."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    module = ModuleType("puller")
+    module.pull_objects = inflatable_utils.pull_objects
+    quick_pulls(module)
+    quick = module.pull_objects
+    tries = []
+
+    def never(object_id: str) -> bytes:
+        tries.append(object_id)
+        raise ObjectUnavailableError(object_id)
+
+    with pulls_until(module, time.monotonic()):  # the deadline has passed: one try only
+        with pytest.raises(ObjectPullError):
+            module.pull_objects(["a"], never)
+        assert module.pull_objects(["b"], lambda i: b"whole") == {"b": b"whole"}
+    assert tries == ["a"] and module.pull_objects is quick
+    with pulls_until(module, None):
+        assert module.pull_objects is quick
+
+
+class HeldPull(LoopbackGrid):
+    """At step 2 the relay's first pull blocks past the step deadline and returns nothing
+    (a dead node's half-uploaded reply holds it), while the other replies arrive."""
+
+    def __init__(self, hold: float):
+        super().__init__(4)
+        self.hold, self.step, self.held = hold, -1, False
+
+    def push_messages(self, messages):
+        step = messages[0].content.config_records.get("step")
+        self.step = -1 if step is None else int(step["step"])
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        if self.step == 2 and not self.held:
+            self.held = True
+            time.sleep(self.hold)
+            return []
+        return super().pull_messages(message_ids)
+
+
+def test_replies_in_by_the_deadline_count_after_a_pull_held_past_it(tmp_path):
+    """The relay pulls once more after the deadline: a pull held past it (the CI failure:
+    then no reply counted, and the run stopped with "no node replied") loses no reply."""
+    cfg = load_config(None, RING4)
+    opts = RelayOptions(timeout=0.3, state_dir=str(tmp_path))
+    rows = relay(HeldPull(hold=0.6), cfg, opts, None)
+    assert all(r["active"] and r["global_acc"] is not None for r in rows)
+
+
+class ErrorReply(LoopbackGrid):
+    """Topology node 1's step-2 reply is Flower's MESSAGE_UNAVAILABLE error reply, which
+    names the ServerApp's own node (1), not node 1001."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for m in messages:
+            step = m.content.config_records.get("step")
+            if m.metadata.dst_node_id == 1001 and step is not None and int(step["step"]) == 2:
+                self.replies = [r for r in self.replies if r.metadata.reply_to_message_id
+                                != m.metadata.message_id]  # fmt: skip
+                error = Message(Error(3, "Reply message objects are unavailable."), reply_to=m)
+                error.metadata.__dict__["_src_node_id"] = 1
+                self.replies.append(error)
+        return ids
+
+
+def test_an_error_reply_is_the_node_it_answers(tmp_path, caplog):
+    cfg = load_config(None, RING4)
+    opts = RelayOptions(timeout=0.5, state_dir=str(tmp_path))
+    by = {(r["round"], r["agent"]): r for r in relay(ErrorReply(4), cfg, opts, None)}
+    assert "step 2: node 1 failed: Reply message objects are unavailable" in caplog.text
+    assert by[2, 1]["global_acc"] is None and not by[3, 1]["active"]
+    assert by[3, 1]["global_acc"] is not None and by[2, 0]["global_acc"] is not None
 
 
 def test_kept_replies_confirm_after_the_next_push(monkeypatch):

@@ -8,7 +8,8 @@ the next step's messages (4.3 MB per payload for a 1M-parameter model). With
 messages: the SuperLink still holds the payloads then, the new messages reference them, and
 ``PushMessages`` asks the relay for none of them (``objects_to_push``); the confirmation
 then drops only the replies' own references. Only for Flower 1.41's ``HttpGrid`` (a
-deployment); any other grid confirms as usual.
+deployment); any other grid confirms as usual. Its pulls end at the caller's deadline
+(:func:`~fedmerge.runtimes.flower.polling.pulls_until`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from fedmerge.runtimes.flower.polling import pulls_until
 
 
 class KeptReplies:
@@ -32,13 +35,18 @@ class KeptReplies:
         ):  # fmt: skip
             raise RuntimeError("this Flower's runtime client is not the one fedmerge knows")
 
-    def pull(self, message_ids: Iterable[str]) -> list[Message]:
-        """``grid.pull_messages``, its confirmations kept for :meth:`release`."""
+    def pull(self, message_ids: Iterable[str], until: float | None = None) -> list[Message]:
+        """``grid.pull_messages``, its confirmations kept for :meth:`release`; a reply whose
+        objects are not all on the SuperLink by ``time.monotonic()`` ``until`` comes back as
+        an error reply (None: Flower's limit)."""
         if self.client is None:
             return list(self.grid.pull_messages(message_ids))
+        from flwr.superlink.grid import http_grid
+
         self.client.ConfirmMessageReceived = self.held.append  # the instance's, for this call
         try:
-            return list(self.grid.pull_messages(message_ids))
+            with pulls_until(http_grid, until):
+                return list(self.grid.pull_messages(message_ids))
         finally:
             del self.client.ConfirmMessageReceived
 

@@ -13,12 +13,17 @@ without backoff arguments (the ServerApp's grid, the SuperNode loop, the worker'
 input). :func:`cap_sleeps` caps the SuperNode loop's idle poll at ``poll`` seconds and its
 other waits (for the local ClientApp's reply) at :data:`WAIT_CAP_S`. Both replace one module
 attribute, and refuse (RuntimeError) a Flower whose modules are not the ones they know.
+:func:`pulls_until` bounds the ServerApp's pulls by the step's deadline: a reply whose
+sender died mid-upload would otherwise hold the relay until Flower's object-push session
+expires (180 s), and every other node's reply with it.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 # retries of an object not pushed yet: after 0.01 s, 0.02 s, 0.04 s, then every 0.05 s
@@ -40,6 +45,28 @@ def quick_pulls(module: ModuleType, name: str = "pull_objects") -> None:
     if current is not original:
         raise RuntimeError(f"{module.__name__}.{name} is not Flower 1.41's; not changed")
     setattr(module, name, functools.partial(original, **QUICK_PULLS))
+
+
+@contextmanager
+def pulls_until(
+    module: ModuleType, end: float | None, name: str = "pull_objects"
+) -> Iterator[None]:
+    """Within the block, ``module``'s ``name`` (Flower's ``pull_objects``, quick or not) gives
+    up at ``time.monotonic()`` ``end`` (None: unchanged): the message then comes back as an
+    error reply (``MESSAGE_UNAVAILABLE``), the caller's to skip."""
+    current: Callable = getattr(module, name)
+    if end is None:
+        yield
+        return
+
+    def bounded(*args: object, **kwargs: object) -> object:
+        return current(*args, **kwargs, max_time=max(0.0, end - time.monotonic()))
+
+    setattr(module, name, bounded)
+    try:
+        yield
+    finally:
+        setattr(module, name, current)
 
 
 class CappedSleep:

@@ -174,9 +174,11 @@ def rejoin(
 def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None,
              kept: KeptReplies | None = None) -> list[Message]:  # fmt: skip
     """Push ``msgs`` and pull their replies every :data:`POLL_S` seconds until all are in or
-    ``timeout`` seconds passed (None: no limit). Logs the push and the wait. With ``kept``,
-    the previous replies are confirmed after the push and these replies' confirmations are
-    held (their payloads stay on the SuperLink for the next push, :mod:`.keep`)."""
+    ``timeout`` seconds passed (None: no limit), then once more: what is whole on the
+    SuperLink by then counts, a reply still uploading comes back as an error reply. Logs the
+    push and the wait. With ``kept``, the previous replies are confirmed after the push and
+    these replies' confirmations are held (their payloads stay on the SuperLink for the next
+    push, :mod:`.keep`)."""
     start = time.perf_counter()
     own, kept = kept is None, kept or KeptReplies(grid)
     waiting = set(grid.push_messages(msgs))
@@ -185,10 +187,11 @@ def exchange(grid: Grid, msgs: Sequence[Message], timeout: float | None,
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
-        got = kept.pull(waiting)
+        last = end is not None and time.monotonic() >= end
+        got = kept.pull(waiting, end)  # a sender that died mid-upload holds it until `end`
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
-        if not waiting or (end is not None and time.monotonic() >= end):
+        if last or not waiting:
             break
         time.sleep(POLL_S)
     if own:
@@ -298,12 +301,16 @@ def collect(
     (:func:`check_reply`) are skipped for the step, the node named in the log."""
     replies: dict[int, Reply] = {}
     failed: dict[int, str] = {}
-    for reply in exchange(grid, msgs, opts.timeout, kept):
-        pid = back.get(reply.metadata.src_node_id)
+    answered = exchange(grid, msgs, opts.timeout, kept)
+    # by the message it answers: an error reply the SuperLink or the grid made carries
+    # their node id, not the node's (pushing set each message's id)
+    sent = {m.metadata.message_id: back[m.metadata.dst_node_id] for m in msgs}
+    for reply in answered:
+        pid = sent.get(reply.metadata.reply_to_message_id)
         got = reply.error.reason if reply.has_error() else check_reply(reply.content, flat_len)
         if pid is None:
-            log(WARNING, "fedmerge step %d: reply from unknown node %s ignored", k,
-                reply.metadata.src_node_id)  # fmt: skip
+            log(WARNING, "fedmerge step %d: reply from node %s to no message of this step "
+                "ignored", k, reply.metadata.src_node_id)  # fmt: skip
         elif isinstance(got, str):
             failed[pid] = got
             log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, got)
