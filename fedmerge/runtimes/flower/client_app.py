@@ -122,7 +122,7 @@ def node_step(msg: Message, partition: int, run_id: int, state_root: str | None,
                 metrics[name] = acc
         if agent.experts is not None:
             metrics["experts"] = agent.experts
-        # its own dtype, not float64: exact, and half the bytes of a float32 model
+        # in its own dtype: exact, and for a float32 model half the bytes of float64
         arrays["flat"] = blob_array(st_save({"flat": flat_state(agent.state(), None)}))
     if instr["train"]:
         agent.train()

@@ -14,8 +14,9 @@ One message per node per step, pipelined so the order of operations is the simul
     publish (k < R) its round-k payload (τ_i or θ_i), returned in the reply
 
 The node replies with its payload (one safetensors blob in an ``ArrayRecord``), its flat
-merged state (for the consensus distance ‖θ_i − θ̄‖, computed by the ServerApp) and its
-metrics (``MetricRecord``). Agent state between steps lives on the node's disk.
+merged state in its model's dtype (for the consensus distance ‖θ_i − θ̄‖, computed by the
+ServerApp in float64) and its metrics (``MetricRecord``). Agent state between steps lives
+on the node's disk.
 
 A node that does not reply within ``timeout`` seconds is skipped: round k's plan is
 rebuilt without it, so its neighbours merge without it (weights renormalize) and its row
