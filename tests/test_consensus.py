@@ -83,3 +83,14 @@ def test_engines_give_the_same_disagreement():
         cfg = load_config(None, [*SMALL, "protocol.name=gossip", f"vectorize={vectorize}"])
         got.append([r["disagreement"] for r in Simulator(cfg).run()])
     assert got[0] == pytest.approx(got[1], abs=1e-9)
+
+
+def test_flat_state_in_its_own_dtype_holds_every_value_exactly():
+    """``dtype=None`` (what a Flower node ships): float16 and bfloat16 entries meet in
+    float32, exactly; integer entries are left out as with float64."""
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3, 4).half(), "n": torch.tensor(7), "b": torch.randn(5).bfloat16()}
+    own = flat_state(state, None)
+    assert own.dtype == torch.float32 and own.shape == (17,)
+    assert torch.equal(own.double(), flat_state(state))
+    assert flat_state({"w": torch.randn(4)}, None).dtype == torch.float32

@@ -11,15 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import pytest
-from flwr.app import Array, Context, Error, Message, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from fedmerge.config import default_config, load_config
 from fedmerge.decentralized.metrics import IN_PROCESS_ONLY
 from fedmerge.errors import ConfigError
 from fedmerge.runtimes.flower.client_app import app as client_app
-from fedmerge.runtimes.flower.relay import FlowerTimeout, RelayOptions, relay
+from fedmerge.runtimes.flower.records import blob_array
+from fedmerge.runtimes.flower.relay import FlowerTimeout, RelayOptions, check_reply, relay
 from fedmerge.runtimes.flower.server_app import config_from_run, run_options
 from fedmerge.runtimes.local.simulator import Simulator
 
@@ -222,6 +226,63 @@ def test_a_corrupted_payload_is_rejected_and_counted(tmp_path):
     assert by[2, 0]["rejected"] == 1 and sum(r["rejected"] for r in rows) == 1
     assert by[1, 0]["global_acc"] == ref[0]["global_acc"]  # round 1 untouched
     assert by[3, 0]["global_acc"] is not None  # the run went on
+
+
+class RecordingGrid(LoopbackGrid):
+    """A :class:`LoopbackGrid` that keeps every reply the relay pulled, in order."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.pulled: list[Message] = []
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        got = super().pull_messages(message_ids)
+        self.pulled += got
+        return got
+
+
+def test_a_reply_ships_the_flat_state_once_in_the_models_dtype(tmp_path):
+    """Step 0 ships the payload only, steps 1..R−1 the payload and the flat state, step R
+    the flat state only; the flat state is float32, 4 bytes a parameter (float64 doubled
+    it), and the consensus distances from it are the simulator's."""
+    cfg = load_config(None, RING4)
+    grid = RecordingGrid(4)
+    rows = relay(grid, cfg, RelayOptions(timeout=1.0, state_dir=str(tmp_path)), None)
+    assert_same_rows(Simulator(cfg).run(), rows)
+    params = 64 * 16 + 16 + 16 * 10 + 10
+    steps = [grid.pulled[i : i + 4] for i in range(4, len(grid.pulled), 4)]  # after the query
+    assert len(steps) == cfg.rounds + 1
+    for k, replies in enumerate(steps):
+        for reply in replies:
+            arrays = reply.content.array_records["arrays"]
+            assert sorted(arrays) == [*(["flat"] if k else []), *(["payload"] if k < 3 else [])]
+            if k:
+                blob = bytes(arrays["flat"].data)
+                flat = st_load(blob)["flat"]
+                assert flat.dtype == torch.float32 and flat.shape == (params,)
+                assert 4 * params < len(blob) < 4 * params + 100  # the header: < 100 bytes
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "why"),
+    [
+        (torch.float16, 1.0, None),
+        (torch.bfloat16, 1.0, None),
+        (torch.float64, 1.0, None),
+        (torch.float16, float("inf"), "expected (5,) finite"),
+        (torch.int32, 1, "dtype torch.int32"),
+        (torch.float8_e4m3fn, 1.0, "unsupported dtype 'F8_E4M3'"),  # by the header check
+    ],
+)
+def test_the_relay_takes_a_flat_state_only_in_a_float_dtype(dtype, value, why):
+    flat = torch.full((5,), value, dtype=torch.float32).to(dtype)
+    rec = RecordDict({"arrays": ArrayRecord({"flat": blob_array(st_save({"flat": flat}))}),
+                      "metrics": MetricRecord({})})  # fmt: skip
+    got = check_reply(rec, 5)
+    if why is None:
+        assert got.flat.dtype == dtype and got.flat.double().tolist() == [1.0] * 5
+    else:
+        assert isinstance(got, str) and why in got, got
 
 
 def test_every_topology_node_needs_a_partition_id(tmp_path):

@@ -36,9 +36,12 @@ from fedmerge.errors import ConfigError
 from fedmerge.statedict import StateDict, is_mergeable
 
 
-def flat_state(state: StateDict) -> torch.Tensor:
-    """(P,) float64: the floating entries of ``state``, flattened in key order."""
-    return torch.cat([v.reshape(-1) for v in state.values() if is_mergeable(v)]).double()
+def flat_state(state: StateDict, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """(P,) ``dtype``: the floating entries of ``state``, flattened in key order. ``None``:
+    their common dtype (float32 for a float32 model), which holds every value exactly at
+    a fraction of float64's bytes (what a Flower node ships, converted on arrival)."""
+    flat = torch.cat([v.reshape(-1) for v in state.values() if is_mergeable(v)])
+    return flat if dtype is None else flat.to(dtype)
 
 
 def distances(flat: torch.Tensor, mean: torch.Tensor | None = None) -> list[float]:

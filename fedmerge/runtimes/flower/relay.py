@@ -14,8 +14,9 @@ One message per node per step, pipelined so the order of operations is the simul
     publish (k < R) its round-k payload (τ_i or θ_i), returned in the reply
 
 The node replies with its payload (one safetensors blob in an ``ArrayRecord``), its flat
-merged state (for the consensus distance ‖θ_i − θ̄‖, computed by the ServerApp) and its
-metrics (``MetricRecord``). Agent state between steps lives on the node's disk.
+merged state in its model's dtype (for the consensus distance ‖θ_i − θ̄‖, computed by the
+ServerApp in float64) and its metrics (``MetricRecord``). Agent state between steps lives
+on the node's disk.
 
 A node that does not reply within ``timeout`` seconds is skipped: round k's plan is
 rebuilt without it, so its neighbours merge without it (weights renormalize) and its row
@@ -331,18 +332,22 @@ def _numbers(v: object) -> bool:
     return isinstance(v, number) or (isinstance(v, list) and all(isinstance(x, number) for x in v))
 
 
+# a node's flat state comes in its model's dtype (exact in float64, where distances are taken)
+FLAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 @dataclass
 class Reply:
     """A node's usable reply: its records and its flat state, decoded once."""
 
     content: RecordDict
-    flat: torch.Tensor | None  # (flat_len,) float32, finite; None when it did not evaluate
+    flat: torch.Tensor | None  # (flat_len,) FLAT_DTYPES, finite; None when it did not evaluate
 
 
 def check_reply(rec: RecordDict, flat_len: int) -> Reply | str:
     """The reply, or why it cannot be used: records present, the payload a safetensors blob
-    with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values, the
-    metrics numbers or lists of numbers (``experts``)."""
+    with its ``nbytes``, the flat state a safetensors blob of (flat_len,) finite values of a
+    :data:`FLAT_DTYPES` dtype, the metrics numbers or lists of numbers (``experts``)."""
     flat = None
     try:
         arrays, metrics = rec.array_records["arrays"], rec.metric_records["metrics"]
@@ -354,6 +359,8 @@ def check_reply(rec: RecordDict, flat_len: int) -> Reply | str:
             blob = array_blob(arrays["flat"])
             parse_header(blob, source="flat state", max_tensors=1)
             flat = st_load(blob)["flat"]
+            if flat.dtype not in FLAT_DTYPES:
+                return f"flat state of dtype {flat.dtype}, expected one of {FLAT_DTYPES}"
             if flat.shape != (flat_len,) or not bool(torch.isfinite(flat).all()):
                 return f"flat state of shape {tuple(flat.shape)}, expected ({flat_len},) finite"
         bad = [k for k, v in metrics.items() if not _numbers(v)]
