@@ -304,14 +304,15 @@ def collect(
     failed: dict[int, str] = {}
     answered = exchange(grid, msgs, opts.timeout, kept)
     # by the message it answers: an error reply the SuperLink or the grid made carries
-    # their node id, not the node's (pushing set each message's id)
+    # their node id, not the node's (pushing set each message's id); else by its sender
     sent = {m.metadata.message_id: back[m.metadata.dst_node_id] for m in msgs}
     for reply in answered:
-        pid = sent.get(reply.metadata.reply_to_message_id)
+        meta = reply.metadata
+        pid = sent.get(meta.reply_to_message_id, back.get(meta.src_node_id))
         got = reply.error.reason if reply.has_error() else check_reply(reply.content, flat_len)
         if pid is None:
             log(WARNING, "fedmerge step %d: reply from node %s to no message of this step "
-                "ignored", k, reply.metadata.src_node_id)  # fmt: skip
+                "ignored", k, meta.src_node_id)  # fmt: skip
         elif isinstance(got, str):
             failed[pid] = got
             log(WARNING, "fedmerge step %d: node %d failed: %s", k, pid, got)
