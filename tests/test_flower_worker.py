@@ -117,6 +117,12 @@ def test_the_worker_pulls_task_input_quickly(monkeypatch):
     assert run_clientapp.pull_and_inflate_object_from_tree.keywords == QUICK_PULLS
 
 
+def step_of(msg) -> int | None:
+    """The relay step a message carries (None: the partition query)."""
+    step = msg.content.config_records.get("step")
+    return None if step is None else int(step["step"])
+
+
 class Restarting(LoopbackGrid):
     """Flower node 1002 (topology node 2) dies at step 2; node ``new_id`` with node config
     ``claims`` connects right after (a restarted SuperNode registers under a new id)."""
@@ -132,8 +138,7 @@ class Restarting(LoopbackGrid):
     def push_messages(self, messages):
         live = []
         for m in messages:
-            step = m.content.config_records.get("step")
-            if m.metadata.dst_node_id == 1002 and step is not None and int(step["step"]) >= 2:
+            if m.metadata.dst_node_id == 1002 and (step_of(m) or 0) >= 2:
                 self.revived = True  # the message is lost with the node
                 m.metadata.__dict__["_message_id"] = m.object_id
             else:
@@ -193,8 +198,8 @@ class HeldPull(LoopbackGrid):
         self.hold, self.step, self.held = hold, -1, False
 
     def push_messages(self, messages):
-        step = messages[0].content.config_records.get("step")
-        self.step = -1 if step is None else int(step["step"])
+        step = step_of(messages[0])
+        self.step = -1 if step is None else step
         return super().push_messages(messages)
 
     def pull_messages(self, message_ids):
@@ -221,8 +226,7 @@ class ErrorReply(LoopbackGrid):
     def push_messages(self, messages):
         ids = super().push_messages(messages)
         for m in messages:
-            step = m.content.config_records.get("step")
-            if m.metadata.dst_node_id == 1001 and step is not None and int(step["step"]) == 2:
+            if m.metadata.dst_node_id == 1001 and step_of(m) == 2:
                 self.replies = [r for r in self.replies if r.metadata.reply_to_message_id
                                 != m.metadata.message_id]  # fmt: skip
                 error = Message(Error(3, "Reply message objects are unavailable."), reply_to=m)
