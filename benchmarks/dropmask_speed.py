@@ -8,7 +8,8 @@ of ``--block`` entries (the merge engine's row blocks), on one thread:
   integer compare, the stream continued from block to block;
 * ``torch``: :func:`~fedmerge.merging.dropmask.keep_mask_torch` (int64 SplitMix64; the
   path for non-CPU tensors), per block and in tiles of ``--tile`` entries (cache-sized);
-* ``numba``: :func:`~fedmerge.merging.dropmask.keep_mask` on CPU (what DARE runs).
+* ``C``: :func:`~fedmerge.merging.dropmask.keep_mask` on CPU (the C loop; what DARE's
+  torch kernel runs, and what the fused loops inline).
 
 Prints the best of ``--repeats`` runs, the ratio to ``previous`` and the load average,
 plus what each would cost on the issue-20 case (4 experts × 99.5M entries).
@@ -53,7 +54,7 @@ def torch_masks(keys: list[int], blocks: list[tuple[int, int]], density: float, 
             keep_mask_torch(keys, s, min(tile, start + m - s), density)
 
 
-def numba_masks(keys: list[int], blocks: list[tuple[int, int]], density: float) -> None:
+def c_masks(keys: list[int], blocks: list[tuple[int, int]], density: float) -> None:
     for start, m in blocks:
         keep_mask(keys, start, m, density)
 
@@ -79,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(1)
     keys = [stream_key(0, e, "model.embed_tokens.weight") for e in range(args.experts)]
     blocks = [(s, min(args.block, args.entries - s)) for s in range(0, args.entries, args.block)]
-    keep_mask(keys, 0, 8, args.density)  # compile (or load numba's cache) outside the timing
+    keep_mask(keys, 0, 8, args.density)  # build (or load) the C loops outside the timing
     d = args.density
     cases = {
         "previous (mt19937 random_)": lambda: previous(keys, blocks, d),
@@ -89,7 +90,7 @@ def main() -> None:
         f"torch SplitMix64, {args.tile}-entry tiles": lambda: torch_masks(
             keys, blocks, d, args.tile
         ),
-        "numba SplitMix64 (DARE on CPU)": lambda: numba_masks(keys, blocks, d),
+        "C SplitMix64 (DARE on CPU)": lambda: c_masks(keys, blocks, d),
     }
     total = args.experts * args.entries
     load = os.getloadavg()[0]

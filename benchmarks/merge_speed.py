@@ -8,17 +8,17 @@ subprocess so that peak memory is its own:
 * floor: read every input byte once and write the output once (fsync), the
   least any merge of these files can do (page cache warmed first; run before and
   after the merges, the faster run is the denominator);
-* numba start: importing the fused loops and their first call from numba's on-disk
-  cache, the fixed CPU cost that each merge running a fused loop pays inside its work
-  (shown apart; a note after the table gives such merges' work CPU less it);
+* loops start: loading the fused C loops (built into the cache beforehand) and their
+  first call, the fixed CPU cost each merge pays inside its work (shown apart; numba's
+  start, which it replaced, was ~0.5 s);
 * fedmerge task_arithmetic, ties and dare_ties through the streaming engine;
 * mergekit (``mergekit-pytorch``, the raw-checkpoint front end of mergekit-yaml)
   on the same files with the same method and parameters, when available.
 
 Before timing, a throw-away process merges tiny in-memory tensors of each dtype with
-every method, so numba's on-disk cache of the fused loops (``fedmerge/merging/fusedloops.py``)
-holds their machine code: the timed runs load it (a few hundred ms of CPU in each
-process, counted in the work) instead of compiling it.
+every method, so the fused loops (``fedmerge/merging/loops.c``) are built (once per
+machine; with ``--compare-with`` an older tree fills its own caches the same way): the
+timed runs only load them.
 
 Prints wall time, CPU time (user + system, whole process) and the CPU time of
 the work itself (without Python start-up and imports), its ratio to the
@@ -57,7 +57,7 @@ TREE = os.environ.get("MERGE_SPEED_TREE", str(REPO))  # the fedmerge source a wo
 sys.path.insert(0, TREE)
 
 CHUNK = 64 << 20
-NUMBA_JOB = "numba start (import + 1st cached call)"
+START_JOB = "loops start (load + 1st call)"
 
 
 # ----------------------------------------------------------------------------- synthetic models
@@ -134,9 +134,9 @@ PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"densit
 
 
 def warm_worker(args: argparse.Namespace) -> None:
-    """Merge tiny tensors of the inputs' dtype with every method, the fused loops forced:
-    compiles them into numba's on-disk cache (once per install), so the timed runs only
-    load them (where the merge is big enough to use them, ``fedmerge.merging.fused.pays``)."""
+    """Merge tiny tensors of the inputs' dtype with every method, the fused loops forced
+    (an older tree ran them only on big merges): builds or compiles them into their cache,
+    so the timed runs only load them."""
     import torch
 
     from fedmerge.checkpoint import open_checkpoint
@@ -153,31 +153,30 @@ def warm_worker(args: argparse.Namespace) -> None:
     for method, params in PARAMS.items():
         src = [StateSource(s, n) for s, n in zip([base, *experts], names, strict=True)]
         plan = plan_merge(method, src[0], src[1:], names, params=params)
-        plan.fused = True  # tiny: by default the torch kernels would run
+        plan.fused = True
         dict(run_plan(plan))
 
 
-def numba_worker(inputs: list[str]) -> None:
-    """numba's fixed cost in a merge process that runs a fused loop: importing the loops and
-    the first call of one (its machine code loaded from the on-disk cache that the warm
-    worker filled: the inputs' dtype and expert count, as in the merges)."""
+def start_worker(inputs: list[str]) -> None:
+    """The loops' fixed cost in a merge process: loading them (built by the warm worker)
+    and the first call of one, with the inputs' dtype and expert count."""
     import numpy as np
 
     from fedmerge.checkpoint import open_checkpoint
-    from fedmerge.merging import fusedloops
+    from fedmerge.merging import native
 
     with open_checkpoint(inputs[0]) as ck:
         bf16 = str(ck.spec(ck.keys()[0]).dtype) == "torch.bfloat16"
     x = np.zeros(512, np.uint16 if bf16 else np.float32)
     k = len(inputs) - 1
-    fusedloops.mix_block(x, (x,) * k, np.zeros(k, np.uint64), np.int64(0),
+    native.mix_block(x, (x,) * k, np.zeros(k, np.uint64), np.int64(0),
                          (np.int64(-1), np.float32(0)), np.ones(k, np.float32), np.float32(0),
                          np.float32(1), x.copy())  # fmt: skip
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    """The floor, numba's start, or a fedmerge merge as the CLI runs it; times the work after
-    the imports (a merge's work includes numba's start where it runs a fused loop)."""
+    """The floor, the loops' start, or a fedmerge merge as the CLI runs it; times the work
+    after the imports (a merge's work includes loading the loops)."""
     if args.worker == "warm":
         return warm_worker(args)
     if args.worker != "floor":
@@ -194,14 +193,13 @@ def run_worker(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     if args.worker == "floor":
         floor_worker(args.inputs, args.out)
-    elif args.worker == "numba":
-        numba_worker(args.inputs)
+    elif args.worker == "start":
+        start_worker(args.inputs)
     else:
         merge_checkpoints(args.worker, args.inputs[0], args.inputs[1:], args.out,
                           params=PARAMS[args.worker], progress=False,
                           **({"threads": args.threads} if has_threads else {}))  # fmt: skip
-    work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu,
-            "numba": "numba" in sys.modules}  # fmt: skip
+    work = {"work_s": time.perf_counter() - start, "work_cpu": time.process_time() - cpu}
     print(json.dumps(work))
 
 
@@ -237,8 +235,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     last = lines[-1] if lines else {}
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss": usage.ru_maxrss * 1024, "anon": peak_anon[0],
-            "work_s": last.get("work_s"), "work_cpu": last.get("work_cpu"),
-            "numba": last.get("numba")}  # fmt: skip
+            "work_s": last.get("work_s"), "work_cpu": last.get("work_cpu")}  # fmt: skip
 
 
 def mergekit_cmd(binary: str, method: str, inputs: list[Path], out: Path, dtype: str,
@@ -267,21 +264,18 @@ def _cell(x: float | None, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> list[str]:
+def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> None:
     """One row per job: the median of its runs (peak memory: the largest); ratios to the
     fastest floor run (CPU of the work; wall of the process); spread = slowest / fastest
-    work CPU over the repeats. Returns a note per merge that started numba: its work CPU
-    less numba's start (the median of the numba job), a derived figure, not a run."""
+    work CPU over the repeats."""
     runs: dict[str, list[dict]] = {}
     for name, r in results:
         runs.setdefault(name, []).append(r)
     floor = min((r for n, r in results if n.startswith("floor")), key=lambda r: r["work_cpu"])
-    numba_start = _median(runs[NUMBA_JOB], "work_cpu")
-    notes = []
     for name, rs in runs.items():
         r = floor if name.startswith("floor") else {
             key: max(x[key] for x in rs) if key in ("rss", "anon") else _median(rs, key)
-            for key in rs[0] if key != "numba"}  # fmt: skip
+            for key in rs[0]}  # fmt: skip
         ratio = r["work_cpu"] / floor["work_cpu"] if r["work_cpu"] is not None else None
         cpus = [x["work_cpu"] for x in rs if x["work_cpu"] is not None]
         spread = max(cpus) / min(cpus) if len(cpus) > 1 and not name.startswith("floor") else None
@@ -289,12 +283,6 @@ def add_rows(table, dtype: str, results: list[tuple[str, dict]]) -> list[str]:
                       _cell(r["work_cpu"], ".2f"), _cell(ratio, ".2f") + ("×" if ratio else ""),
                       _cell(spread, ".2f"), f"{r['wall_s'] / floor['wall_s']:.2f}×",
                       f"{r['rss'] / 2**20:.0f}", f"{r['anon'] / 2**20:.0f}")  # fmt: skip
-        if name.startswith("fedmerge ") and all(x["numba"] for x in rs):  # this tree's
-            rest = r["work_cpu"] - numba_start
-            notes.append(f"{dtype} {name}: started numba; work CPU less numba's start "
-                         f"({numba_start:.2f} s): {rest:.2f} s = {rest / floor['work_cpu']:.2f}× "
-                         "the floor")  # fmt: skip
-    return notes
 
 
 def _median(rows: list[dict], key: str) -> float | None:
@@ -328,7 +316,7 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
     floor_out = folder / "floor.bin"
     jobs = [("floor (read all + write)", [*me, "--worker", "floor", "--out", str(floor_out)],
              [floor_out], env),
-            (NUMBA_JOB, [*me, "--worker", "numba"], [], env)]  # fmt: skip
+            (START_JOB, [*me, "--worker", "start"], [], env)]  # fmt: skip
     tree = str(args.compare_with)
     other = {**env, "MERGE_SPEED_TREE": tree, "PYTHONPATH": tree}
     for m in args.methods.split(","):
@@ -345,7 +333,7 @@ def run_dtype(args, console, folder: Path, dtype: str, env: dict) -> list[tuple[
             cmd = mergekit_cmd(args.mergekit_bin, m, inputs, out, dtype, args.threads)
             jobs.append((f"mergekit {m}", cmd, [out], env))
     floor_worker(list(map(str, inputs)), str(floor_out))  # warm the page cache
-    for tree_env in [env, *([other] if args.compare_with else [])]:  # and numba's cache
+    for tree_env in [env, *([other] if args.compare_with else [])]:  # and the loops' caches
         measure([*me, "--worker", "warm"], tree_env)
     results = []
     # every job in turn, --repeats times (so that load changes hit all alike); the floor first
@@ -415,13 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("dtype", "job", "runs", "wall s", "CPU s", "work CPU s", "work CPU / floor",
                 "spread", "wall / floor", "peak RSS MiB", "peak heap MiB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("dtype", "job") else "right")
-    notes = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for dtype in args.dtype.split(","):
-            notes += add_rows(table, dtype, run_dtype(args, console, Path(tmp) / dtype, dtype, env))
+            add_rows(table, dtype, run_dtype(args, console, Path(tmp) / dtype, dtype, env))
     console.print(table)
-    for note in notes:
-        console.print(note)
     after = os.getloadavg()
     loads = [" ".join(f"{x:.2f}" for x in v) for v in (load, after)]
     console.print(f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}; "

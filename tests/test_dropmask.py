@@ -1,4 +1,4 @@
-"""DARE's counter-based keep masks: SplitMix64 as published, three implementations with
+"""DARE's counter-based keep masks: SplitMix64 as published, two implementations with
 identical bits, any block order, and masks that look independent and Bernoulli(density).
 
 The statistical checks run on fixed keys (deterministic); each bound is a p ≈ 1e-6 tail of
@@ -7,17 +7,15 @@ while a good generator passes them every time."""
 
 import math
 
-import numba
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmerge.merging import native
 from fedmerge.merging.dropmask import (
-    keep_entry,
     keep_limit,
     keep_mask,
-    keep_mask_np,
     keep_mask_torch,
     stream_key,
 )
@@ -79,37 +77,18 @@ DENSITIES = st.one_of(
 @settings(max_examples=200, deadline=None)
 @given(keys=st.lists(KEYS, min_size=1, max_size=4), start=st.sampled_from([0, 1, 2**32 - 3,
        2**40 + 5, 2**62]), m=st.integers(0, 300), density=DENSITIES)  # fmt: skip
-def test_torch_numba_and_scalar_implementations_agree_bit_for_bit(keys, start, m, density):
+def test_torch_and_c_implementations_agree_bit_for_bit(keys, start, m, density):
     """Also past 2³² entries and for keys with the top bit set (negative as int64)."""
     want = keep_mask_torch(keys, start, m, density)
     assert want.shape == (len(keys), m) and want.dtype == torch.bool
     assert torch.equal(keep_mask(keys, start, m, density), want)
     np_keys = np.array(keys, dtype=np.uint64)
-    assert np.array_equal(keep_mask_np(np_keys, start, m, keep_limit(density)), want.numpy())
+    assert np.array_equal(native.keep_mask(np_keys, start, m, keep_limit(density)), want.numpy())
     as_int64 = torch.from_numpy(np_keys.view(np.int64))  # keys given as a tensor of their bits
     assert torch.equal(keep_mask_torch(as_int64, start, m, density), want)
-    limit = keep_limit(density)
     for k, key in enumerate(keys):
-        for j in range(0, m, 37):  # the scalar kernel and the plain reference, sparsely
-            assert keep_entry(np.uint64(key), start + j, limit) == bool(want[k, j])
+        for j in range(0, m, 37):  # the plain reference, sparsely
             assert plain_keep(key, start + j, density) == bool(want[k, j])
-
-
-def test_keep_entry_inlines_into_other_numba_kernels_with_any_integer_limit():
-    """How a fused kernel calls it: uint64 keys, int64 indices, an int64 or uint64 limit."""
-
-    @numba.njit
-    def count(keys, start, m, limit):
-        total = 0
-        for k in range(keys.shape[0]):
-            for j in range(m):
-                total += keep_entry(keys[k], start + j, limit)
-        return total
-
-    keys = np.array([stream_key(1, e, "w") for e in range(3)], dtype=np.uint64)
-    want = int(keep_mask(keys.tolist(), 7, 5000, 0.3).sum())
-    limit = keep_limit(0.3)
-    assert count(keys, 7, 5000, limit) == count(keys, 7, 5000, np.uint64(limit)) == want
 
 
 def test_keep_limit_is_the_count_of_53_bit_uniforms_below_density():

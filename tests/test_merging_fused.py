@@ -1,4 +1,4 @@
-"""The fused CPU forms (numba loops) equal the torch kernels bit for bit.
+"""The fused CPU forms (C loops) equal the torch kernels bit for bit.
 
 Each test merges the same inputs twice, once with the method's fused form and
 once with its torch kernel (``plan.fused = False``, the reference), and
@@ -7,11 +7,7 @@ float32 inputs and outputs, in one block and in many, with exact ties at the
 thresholds, all-zero columns, −0.0, mixed weights, normalize on and off.
 """
 
-import os
-import subprocess
-import sys
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmerge.checkpoint import TensorSpec, open_checkpoint, save_state_dict
+from fedmerge.checkpoint import open_checkpoint, save_state_dict
 from fedmerge.errors import ValidationError
-from fedmerge.merging import StateSource, fused, fusedloops, plan_merge, run_plan
-from fedmerge.merging.registry import get_method
+from fedmerge.merging import StateSource, fused, native, plan_merge, run_plan
 
 WHOLE = 1 << 40  # every key in one block
 
@@ -55,12 +50,12 @@ class _counting:
 
     def __enter__(self):
         for name in ("mix_block", "ties_block"):
-            loop = self.saved[name] = getattr(fusedloops, name)
-            setattr(fusedloops, name, lambda *a, _f=loop: self.calls.append(1) or _f(*a))
+            loop = self.saved[name] = getattr(native, name)
+            setattr(native, name, lambda *a, _f=loop: self.calls.append(1) or _f(*a))
 
     def __exit__(self, *exc):
         for name, loop in self.saved.items():
-            setattr(fusedloops, name, loop)
+            setattr(native, name, loop)
 
 
 def assert_same(got: dict, want: dict):
@@ -298,85 +293,3 @@ def test_non_finite_inputs_and_outputs_raise_the_torch_paths_errors(method, dtyp
         assert messages[0] == messages[1], (bad, messages)
         errors.append(messages[0])
     assert len(set(errors)) == 4 and "merged output" in errors[-1]
-
-
-class _Specs:
-    """A source that only has specs (plan_merge reads nothing else)."""
-
-    def __init__(self, shapes):
-        self.shapes = shapes
-
-    def specs(self):
-        return {k: TensorSpec(torch.bfloat16, s) for k, s in self.shapes.items()}
-
-
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
-def test_by_default_the_fused_form_runs_from_its_crossover(method, monkeypatch):
-    """``fused=None`` uses a form iff K × the mergeable elements reach ``PAYS_FROM``
-    (int tensors do not count); True and False force it either way."""
-    form = get_method(method).fused
-    shapes = {"w": (1000, 1000), "b": (1000,)}
-    need = fused.PAYS_FROM[form]
-    plan = plan_merge(method, _Specs(shapes), [_Specs(shapes)] * 3, ["b", "1", "2", "3"])
-    assert plan.fused is None and plan.size == 3 * 1_001_000
-    assert plan.uses_fused == (plan.size >= need)
-    big = {"w": (need // 4 // 4096 + 1, 4096)}  # 4 experts: just past the crossover
-    assert need == 0 or not plan_merge(method, _Specs(big), [_Specs(big)] * 3, ["b"] * 4).uses_fused
-    assert plan_merge(method, _Specs(big), [_Specs(big)] * 4, ["b"] * 5).uses_fused
-    for limit, want in ((plan.size, True), (plan.size + 1, False)):
-        monkeypatch.setitem(fused.PAYS_FROM, form, limit)
-        assert plan.uses_fused is want
-        plan.fused = True
-        assert plan.uses_fused is True
-        plan.fused = False
-        assert plan.uses_fused is False
-        plan.fused = None
-
-
-def test_crossovers_leave_small_plain_merges_to_torch_and_dare_to_the_loops():
-    """Task arithmetic and TIES repay numba's start only on big merges; DARE's torch kernel
-    loads numba for its masks anyway, so its loops always pay."""
-    assert fused.PAYS_FROM[fused.mix] >= fused.PAYS_FROM[fused.ties] > 10**7
-    assert fused.PAYS_FROM[fused.dare_ties] == fused.PAYS_FROM[fused.dare_linear] == 0
-
-
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
-def test_small_merges_do_not_import_numba_big_ones_run_the_loops(method):
-    """A fresh process: a small task-arithmetic or TIES merge leaves numba unimported; with
-    the crossover lowered to its size the same merge runs the fused loops (numba imported)."""
-    script = (
-        "import sys, torch\n"
-        "from fedmerge.merging import fused, merge\n"
-        "from fedmerge.merging.registry import get_method\n"
-        "if sys.argv[1] == 'low':\n"
-        "    fused.PAYS_FROM[get_method(sys.argv[2]).fused] = 0\n"
-        "base = {'w': torch.zeros(64, dtype=torch.bfloat16)}\n"
-        "ex = [{'w': torch.full((64,), i + 1.0, dtype=torch.bfloat16)} for i in range(2)]\n"
-        "params = {'density': 0.5} if 'ties' in sys.argv[2] else {}\n"
-        "merge(sys.argv[2], base, ex, **params)\n"
-        "print('numba' in sys.modules)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    loaded = [subprocess.run([sys.executable, "-c", script, how, method], env=env, check=True,
-                             capture_output=True, text=True).stdout.split()[-1]
-              for how in ("default", "low")]  # fmt: skip
-    assert loaded == ["True" if method == "dare_ties" else "False", "True"]
-
-
-def test_the_loops_do_not_import_scipy_and_numba_still_sees_blas():
-    """A fresh process: running a fused loop leaves ``scipy.linalg`` unimported (numba's
-    first dispatch would import it, ~0.2 s, for a BLAS check these loops do not need), and
-    numba's answer to that check is unchanged (scipy is installed: BLAS is available)."""
-    script = (
-        "import sys, torch\n"
-        "from fedmerge.merging import fused, merge\n"
-        "fused.PAYS_FROM[fused.ties] = 0\n"
-        "base = {'w': torch.zeros(64)}\n"
-        "merge('ties', base, [{'w': torch.ones(64)}], density=0.5)\n"
-        "import numba.np.arraymath as am\n"
-        "print('numba' in sys.modules, 'scipy.linalg' in sys.modules, am._HAVE_BLAS)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
-    assert out[-3:] == ["True", "False", "True"]

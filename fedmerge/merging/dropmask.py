@@ -24,10 +24,9 @@ The entry is kept iff ``(h >> 11) < limit`` with ``limit = ceil(density·2⁵³)
 ``u = (h >> 11)·2⁻⁵³`` is < density: the keep probability is ``limit/2⁵³``, equal
 to ``density`` within 2⁻⁵³ (exactly, for densities on the 2⁻⁵³ grid).
 
-Three implementations give identical bits (tested): :func:`keep_entry` (numba
-scalar, for fused kernels), :func:`keep_mask_np` (numba, CPU; both in
-:mod:`~fedmerge.merging.fusedloops`, imported on first use) and
-:func:`keep_mask_torch` (int64 torch arithmetic, any device); :func:`keep_mask`
+Two implementations give identical bits (tested): the C loops' ``keep`` (``loops.c``,
+inlined into the fused kernels and behind :func:`fedmerge.merging.native.keep_mask`)
+and :func:`keep_mask_torch` (int64 torch arithmetic, any device); :func:`keep_mask`
 picks the fast one for the device.
 
 >>> keep_mask([0], 0, 4, 0.5).tolist()  # u = 0.883, 0.431, 0.026, 0.971
@@ -49,11 +48,6 @@ MIX2 = 0x94D049BB133111EB
 UNIFORM_BITS = 53  # the top 53 bits of a hash make one uniform double in [0, 1)
 _U64 = (1 << 64) - 1
 
-# numba types module-level numpy scalars as constants of their own type: uint64 throughout
-# (mixing uint64 with int64 in numba promotes to float64)
-_GAMMA, _MIX1, _MIX2 = np.uint64(GAMMA), np.uint64(MIX1), np.uint64(MIX2)
-_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(64 - UNIFORM_BITS)
-
 
 def stream_key(seed: int, expert: int, key: str) -> int:
     """The 64-bit stream key of (seed, expert index, tensor key): the first 8 bytes of
@@ -66,16 +60,6 @@ def keep_limit(density: float) -> int:
     """``ceil(density·2⁵³)`` clamped to [0, 2⁵³]: the number of 53-bit values v with
     ``v·2⁻⁵³ < density`` (the scaling by 2⁵³ is exact in floating point)."""
     return min(1 << UNIFORM_BITS, max(0, math.ceil(density * 2.0**UNIFORM_BITS)))
-
-
-def __getattr__(name: str):
-    """:func:`keep_entry` and :func:`keep_mask_np` live with the other numba loops in
-    :mod:`fedmerge.merging.fusedloops`: importing numba (~0.25 s) waits until a mask is made."""
-    if name in ("keep_entry", "keep_mask_np"):
-        from fedmerge.merging import fusedloops
-
-        return getattr(fusedloops, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _signed(x: int) -> int:
@@ -124,12 +108,13 @@ def keep_mask(
     """DARE's keep masks ``(K, m)`` (bool) of entries start..start+m−1 of the flattened
     tensor, row k for stream key ``stream_keys[k]``; entry i kept with probability density.
 
-    On CPU by :func:`keep_mask_np` (vectorized by LLVM: ~0.25 ns/entry on one core,
-    ``benchmarks/dropmask_speed.py``), elsewhere by :func:`keep_mask_torch`.
+    On CPU by the C loop (:func:`fedmerge.merging.native.keep_mask`, vectorized:
+    ``benchmarks/dropmask_speed.py``), elsewhere (or where the loops are not built) by
+    :func:`keep_mask_torch`.
     """
-    if torch.device(device).type != "cpu":
-        return keep_mask_torch(stream_keys, start, m, density, device)
-    from fedmerge.merging.fusedloops import keep_mask_np
+    from fedmerge.merging import native
 
+    if torch.device(device).type != "cpu" or native.library() is None:
+        return keep_mask_torch(stream_keys, start, m, density, device)
     keys = np.array([k & _U64 for k in stream_keys], dtype=np.uint64)
-    return torch.from_numpy(keep_mask_np(keys, start, m, keep_limit(density)))
+    return torch.from_numpy(native.keep_mask(keys, start, m, keep_limit(density)))

@@ -9,9 +9,9 @@ needs a statistic of the whole tensor (TIES's and breadcrumbs' magnitude
 thresholds, DARE's L1 norms) gathers it in a streaming pass over the blocks
 first (see :mod:`fedmerge.merging.tensorpass`), so the result equals the
 whole-tensor computation bit for bit. On the CPU, a method with a fused form
-(:mod:`fedmerge.merging.fused`: one numba loop per element instead of the
-kernel's torch passes, same bits) merges bfloat16/float32 keys that way when
-the merge is big enough to repay numba's start (:func:`fused.pays`).
+(:mod:`fedmerge.merging.fused`: one C loop per element instead of the
+kernel's torch passes, same bits) merges bfloat16/float32 keys that way
+wherever its loops could be built (:func:`fedmerge.merging.native.library`).
 Integer and bool tensors (counters, masks) are copied from the reference: they
 are not parameters one can interpolate. Everything that can be checked without
 reading tensor data (method, parameters, weights, keys, shapes, dtypes) is
@@ -55,6 +55,7 @@ from fedmerge.errors import ConfigError, ValidationError
 from fedmerge.hf.modeldir import copy_model_files, is_model_dir, writes_directory
 from fedmerge.merging import fused as _fused
 from fedmerge.merging import methods as _methods  # noqa: F401  (registers the methods)
+from fedmerge.merging import native
 from fedmerge.merging.dropmask import stream_key
 from fedmerge.merging.methods import KeyContext
 from fedmerge.merging.registry import Method, get_method
@@ -112,9 +113,8 @@ class MergePlan:
     in_specs: dict[str, TensorSpec]  # the base's
     out_specs: dict[str, TensorSpec]
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    # a method's fused CPU form: True wherever it applies, False never (the torch kernels),
-    # None where it pays (the merge's size at least the form's crossover, fused.PAYS_FROM)
-    fused: bool | None = None
+    # a method's fused CPU form: True wherever it applies, False never (the torch kernels)
+    fused: bool = True
 
     @property
     def mergeable(self) -> list[str]:
@@ -127,12 +127,9 @@ class MergePlan:
 
     @property
     def uses_fused(self) -> bool:
-        """Whether to run the method's fused form where it applies: ``fused``, or where it
-        is None, whether this merge is big enough to repay numba's start."""
-        form = self.method.fused
-        if self.fused is None and form is not None:
-            return _fused.pays(form, self.size)
-        return bool(self.fused and form)
+        """Whether to run the method's fused form where it applies: ``fused``, the method has
+        one and its loops are built."""
+        return bool(self.fused and self.method.fused and native.library())
 
 
 def plan_merge(

@@ -5,17 +5,17 @@ over K × n float32 task vectors (form τ, |τ|, trim, weigh, sum, elect, clamp,
 sum, divide, scale, cast): 0.1-0.5 ns per entry each, 9-20× the I/O floor on
 LLM-sized checkpoints. A fused form reads each block of the inputs in their
 stored dtype (bfloat16 or float32) and does all of a pass's work per element
-in registers (:mod:`fedmerge.merging.fusedloops`, numba), writing the output
-dtype straight into the output tensor. Each operation is the float32 operation
-the torch kernel does, in the same order, so the bits are the same (tested in
-``tests/test_merging_fused.py``).
+on L1-sized tiles (:mod:`fedmerge.merging.native`: C loops, compiled on first
+use), writing the output dtype straight into the output tensor. Each operation
+is the float32 operation the torch kernel does, in the same order, so the bits
+are the same (tested in ``tests/test_merging_fused.py``).
 
 TIES needs each expert's exact k-th smallest |τ_k| over the whole tensor
 first, without materialising τ: one pass over the blocks around a sampled
 bracket (:func:`kth_magnitudes`), or, where that misses, two radix counting
 passes (the idea of :class:`~fedmerge.merging.globalk.RadixSelect`).
-DARE's masks come from :func:`fedmerge.merging.dropmask.keep_entry`, the
-function the torch path evaluates too.
+DARE's masks come from the counter-based generator of
+:mod:`fedmerge.merging.dropmask`, which the torch path evaluates too.
 
 A form is registered with its method (``Method.fused``) and called by the
 engine as ``form(call)`` with a :class:`FusedCall`; it returns
@@ -23,9 +23,8 @@ engine as ``form(call)`` with a :class:`FusedCall`; it returns
 kernel), None (done) or the index of the first block holding a non-finite
 input or output (the engine then finds and names it, as the torch path does).
 The engine uses a form only for CPU tensors whose input and output dtypes are
-in :data:`DTYPES`; float16 (numba has no float16) and float64 stay on torch;
-and by default only for merges big enough to repay numba's start in each
-process (:func:`pays`).
+in :data:`DTYPES` (float16 and float64 stay on torch), and only where the loops
+could be built (:func:`fedmerge.merging.native.library`).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmerge.merging import native
 from fedmerge.merging.sparsify import magnitude_rank
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -75,15 +75,12 @@ def _array(t: torch.Tensor) -> np.ndarray:
     """A flat numpy view of ``t`` (bfloat16 as its uint16 bit patterns)."""
     if t.device.type != "cpu":
         raise NotOnCPU(t.device)
-    flat = t.detach().reshape(-1)
-    if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
+    return native.array(t)
 
 
 def _arrays(block: Block) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     base, experts = block
-    return _array(base), tuple(_array(e) for e in experts)  # numba compiles once per K
+    return _array(base), tuple(_array(e) for e in experts)
 
 
 def _blocks(call: FusedCall):
@@ -131,14 +128,12 @@ def _write(call: FusedCall, loop: Callable[..., bool], drop, *args: Any) -> int 
 
 def mix(call: FusedCall, drop=_NO_DROP) -> int | None:
     """``task_arithmetic``: θ_ref + λ·Σ_k w_k τ_k (÷ Σ w_k with ``normalize``)."""
-    from fedmerge.merging.fusedloops import mix_block
-
     w = call.weights
     total = float(w.sum())
     divide = call.params["normalize"] and abs(total) >= 1e-8
     lam = np.float32(call.params["lambda"])
     args = (w.float().numpy(), np.float32(total if divide else 0), lam)
-    return _write(call, mix_block, drop, *args)
+    return _write(call, native.mix_block, drop, *args)
 
 
 def dare_linear(call: FusedCall) -> int | None:
@@ -156,7 +151,7 @@ def average(call: FusedCall) -> int | None:
                          {"normalize": True, "lambda": 1.0}))  # fmt: skip
 
 
-_SAMPLE = 1 << 16  # |τ_k| values per expert sampled to bracket the wanted rank
+_SAMPLE = 1 << 16  # at most this many |τ_k| values per expert sampled to bracket the rank
 _PIECES = 64  # ... in this many evenly spaced runs of rows
 
 
@@ -164,10 +159,10 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
     """The exact ``rank``-th smallest float32 |τ_k| of every expert over all blocks -> ``(K,)``.
 
     Small keys: :func:`_radix` (two counting passes in cache). Big ones: a sample
-    of ~2^16 values per expert (runs of rows) names a likely answer c and a
-    bracket lo < c < hi around it; one pass counts the values below lo and the
+    of 2^12–2^16 values per expert (:func:`_sample_size`; runs of rows) names a
+    likely answer c and a bracket lo < c < hi around it; one pass counts the values below lo and the
     ties at lo, c and hi (bfloat16 task vectors hold heavy exact ties) and copies
-    the ~1% strictly inside, where ``np.partition`` picks the answer. If the
+    the ~1–3% strictly inside, where ``np.partition`` picks the answer. If the
     bracket misses the rank or overflows its buffer, the radix passes run instead.
     Exact either way.
     """
@@ -190,11 +185,9 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
     cap = int(min(numel, 2 * (2 * margin / s) * numel + 65536))
     counts, stored = np.zeros((k, 4), np.int64), np.zeros(k, np.int64)
     buf = np.empty((k, cap), np.uint32)
-    from fedmerge.merging.fusedloops import bracket_count
-
     edges = np.stack([lo, c, hi], axis=1)
     for base, experts in _blocks(call):
-        bracket_count(base, experts, edges, counts, buf, stored)
+        native.bracket_count(base, experts, edges, counts, buf, stored)
     picks = [_pick(rank, edges[j], counts[j], buf[j, : stored[j]], stored[j] <= cap)
              for j in range(k)]  # fmt: skip
     if None in picks:
@@ -224,24 +217,30 @@ def _pick(rank: int, edges, counts, inside: np.ndarray, complete: bool) -> int |
     return hi if r - over.size <= at_hi else None
 
 
-def _sample(call: FusedCall, numel: int) -> np.ndarray:
-    """|τ_k| bit patterns ``(K, ~_SAMPLE)`` from :data:`_PIECES` evenly spaced runs of rows."""
-    from fedmerge.merging.fusedloops import magnitude_bits
+def _sample_size(numel: int) -> int:
+    """|τ_k| values to sample per expert: ~(1.6·n)^⅔, in [2^12, 2^16]. The sample's partition
+    costs ∝ s and the bracket's inside ∝ 8·√(p(1−p)/s)·n (p ≈ 0.2–0.8); s ∝ n^⅔ balances them."""
+    return int(min(_SAMPLE, max(_SAMPLE >> 4, (1.6 * numel) ** (2 / 3))))
 
-    if len(call.parts) == 1:  # in memory: runs of elements
+
+def _sample(call: FusedCall, numel: int) -> np.ndarray:
+    """|τ_k| bit patterns ``(K, ~_sample_size)`` from :data:`_PIECES` evenly spaced runs of rows
+    (of elements, for a key in one block: one call of the loop)."""
+    size = _sample_size(numel)
+    if len(call.parts) == 1:
         base, experts = next(_blocks(call))
-        run = max(1, _SAMPLE // _PIECES)
+        run = max(1, size // _PIECES)
         starts = np.linspace(0, numel - run, _PIECES).astype(np.int64)
-        pieces = [(base[a : a + run], tuple(e[a : a + run] for e in experts)) for a in starts]
-    else:
-        rows = call.parts[-1][1]
-        run = max(1, -(-_SAMPLE // (_PIECES * (numel // rows))))
-        starts = np.linspace(0, rows - run, _PIECES).astype(np.int64)
-        pieces = [_arrays(call.read((int(a), int(a) + run))) for a in starts]
+        bits = np.empty((len(experts), _PIECES * run), np.uint32)
+        native.magnitude_runs(base, experts, starts, run, bits)
+        return bits
+    rows = call.parts[-1][1]
+    run = max(1, -(-size // (_PIECES * (numel // rows))))
     out = []
-    for base, experts in pieces:
+    for a in np.linspace(0, rows - run, _PIECES).astype(np.int64):
+        base, experts = _arrays(call.read((int(a), int(a) + run)))
         bits = np.empty((len(experts), base.shape[0]), np.uint32)
-        magnitude_bits(base, experts, bits)
+        native.magnitude_runs(base, experts, np.zeros(1, np.int64), base.shape[0], bits)
         out.append(bits)
     return np.concatenate(out, axis=1)
 
@@ -249,8 +248,6 @@ def _sample(call: FusedCall, numel: int) -> np.ndarray:
 def _radix(call: FusedCall, rank: int) -> np.ndarray:
     """The exact ``rank``-th smallest |τ_k| by two counting passes over the blocks: the top 16
     bits of the float32 bit patterns, then the low 16 bits inside the bin holding the rank."""
-    from fedmerge.merging.fusedloops import radix_count
-
     k = len(call.weights)
     hist = np.zeros((k, 1 << 16), np.int64)
     prefix = np.zeros(k, np.int64)
@@ -258,7 +255,7 @@ def _radix(call: FusedCall, rank: int) -> np.ndarray:
     for level in (0, 1):
         hist[:] = 0
         for base, experts in _blocks(call):
-            radix_count(base, experts, prefix, level, hist)
+            native.radix_count(base, experts, prefix, level, hist)
         cum = np.cumsum(hist, axis=1)
         digit = (cum < want[:, None]).sum(axis=1)  # the first bin whose count reaches the rank
         want -= np.where(digit > 0, cum[np.arange(k), np.maximum(digit - 1, 0)], 0)
@@ -278,15 +275,13 @@ def dare_ties(call: FusedCall) -> int | None:
 
 def _elect(call: FusedCall, drop, thr: np.ndarray) -> int | None:
     """Drop (DARE) or trim at ``thr`` (TIES), weigh, elect, disjoint merge: one loop."""
-    from fedmerge.merging.fusedloops import ties_block
-
     p, w = call.params, call.weights
     low = float(w.min())
     if low > 0 and np.float32(low) == 0:  # weights below float32's range: leave to torch
         return NotImplemented
     args = (thr, w.float().numpy(), bool(p["normalize"]), np.float32(max(low, 0.0)),
             np.float32(p["lambda"]))  # fmt: skip
-    return _write(call, ties_block, drop, *args)
+    return _write(call, native.ties_block, drop, *args)
 
 
 def ties(call: FusedCall) -> int | None:
@@ -301,23 +296,3 @@ def ties(call: FusedCall) -> int | None:
             return NotImplemented
         thr = np.zeros(len(w), np.float32) if rank is None else kth_magnitudes(call, rank)
     return _elect(call, _NO_DROP, thr)
-
-
-PAYS_FROM: dict[Callable[[FusedCall], int | None], int] = {
-    mix: 800_000_000,  # 4 experts × 200M
-    average: 800_000_000,
-    ties: 200_000_000,  # 4 × 50M
-    dare_linear: 0,
-    dare_ties: 0,
-}
-"""Each form's crossover: the merge size (K × the elements of the mergeable tensors) from
-which it needs less CPU than the torch kernels, numba's start in the process included
-(importing it, ~0.25 s of CPU, and the first dispatch from the cache, ~0.45 s when these were
-measured, ~0.25 s since it no longer imports scipy.linalg: they are now conservative; each
-further loop or K ~0.01 s), rounded up from the measured ones (benchmarks/fused_crossover.py,
-docs/merge-performance.md). DARE's torch kernels start numba for their masks anyway: 0."""
-
-
-def pays(form: Callable[[FusedCall], int | None], size: int) -> bool:
-    """Whether ``form`` repays numba's start on a merge of ``size`` = K × elements."""
-    return size >= PAYS_FROM.get(form, 0)

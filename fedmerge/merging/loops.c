@@ -1,0 +1,289 @@
+/* The fused merge loops behind fedmerge/merging/fused.py: one pass over a block per call.
+ *
+ * Compiled on first use by fedmerge/merging/native.py (which documents the flags) and
+ * called through ctypes. Inputs are "sources": src[0] is the reference θ_ref, src[1..K]
+ * the experts θ_k, each a flat array of m elements in its stored dtype, bf16[j] != 0
+ * where src[j] holds bfloat16 bit patterns (uint16), else float32. τ_k = float32(θ_k) −
+ * float32(θ_ref) is formed tile by tile (TILE elements: K float32 rows stay in L1) and all
+ * of a pass's work is done on the tile. Every operation is one IEEE float32 operation in
+ * the torch kernels' order (built with -ffp-contract=off, no fast-math), so the results
+ * are bit-identical to theirs. bfloat16 is narrowed by round-to-nearest-even exactly as
+ * torch's .to(torch.bfloat16) (NaN -> 0x7FC0).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 512
+#define ABS_BITS 0x7FFFFFFFu
+#define INF_BITS 0x7F800000u /* |x| bit patterns at or above this: Inf or NaN */
+
+static inline uint32_t bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float from_bits(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static inline uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* SplitMix64 entry `index` of stream `key` kept? (fedmerge/merging/dropmask.py) */
+static inline int keep(uint64_t key, int64_t index, uint64_t limit) {
+    uint64_t z = key + (uint64_t)(index + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (z >> 11) < limit;
+}
+
+/* dst[:n] = float32(src[s:s+n]) */
+static void widen(const void *src, int bf16, int64_t s, int n, float *restrict dst) {
+    if (bf16) {
+        const uint16_t *h = (const uint16_t *)src + s;
+        for (int i = 0; i < n; i++) dst[i] = from_bits((uint32_t)h[i] << 16);
+    } else {
+        memcpy(dst, (const float *)src + s, (size_t)n * sizeof(float));
+    }
+}
+
+/* out[:n] = float32(x[s+i]) − b[i]; returns the largest |τ| bit pattern (>= INF_BITS: not finite) */
+static uint32_t tau(const void *x, int bf16, int64_t s, int n, const float *restrict b,
+                    float *restrict out) {
+    uint32_t worst = 0;
+    if (bf16) {
+        const uint16_t *h = (const uint16_t *)x + s;
+        for (int i = 0; i < n; i++) {
+            float t = from_bits((uint32_t)h[i] << 16) - b[i];
+            out[i] = t;
+            worst = umax(worst, bits(t) & ABS_BITS);
+        }
+    } else {
+        const float *f = (const float *)x + s;
+        for (int i = 0; i < n; i++) {
+            float t = f[i] - b[i];
+            out[i] = t;
+            worst = umax(worst, bits(t) & ABS_BITS);
+        }
+    }
+    return worst;
+}
+
+/* out[s+i] = v[i] in out's dtype; returns the largest stored |value| on the float32 bit scale */
+static uint32_t put(void *out, int bf16, int64_t s, int n, const float *restrict v) {
+    uint32_t worst = 0;
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out + s;
+        for (int i = 0; i < n; i++) {
+            uint32_t b = bits(v[i]);
+            uint16_t h = (uint16_t)((b + ((b >> 16) & 1u) + 0x7FFFu) >> 16);
+            h = v[i] != v[i] ? (uint16_t)0x7FC0 : h;
+            o[i] = h;
+            worst = umax(worst, (uint32_t)(h & 0x7FFFu) << 16);
+        }
+    } else {
+        float *o = (float *)out + s;
+        for (int i = 0; i < n; i++) {
+            o[i] = v[i];
+            worst = umax(worst, bits(v[i]) & ABS_BITS);
+        }
+    }
+    return worst;
+}
+
+/* DARE on one τ tile row[:n] (entries first..first+n−1 of the tensor): × keep (1 or 0, as
+ * tau.mul_(mask)), then ÷ density when nonzero. limit < 0 keeps everything (no DARE). */
+static void drop(float *restrict row, int n, uint64_t key, int64_t first, int64_t limit,
+                 float density) {
+    if (limit < 0) return;
+    for (int i = 0; i < n; i++) row[i] = row[i] * (keep(key, first + i, (uint64_t)limit) ? 1.0f : 0.0f);
+    if (density != 0.0f)
+        for (int i = 0; i < n; i++) row[i] = row[i] / density;
+}
+
+/* DARE's keep masks out (K, m), 0/1 bytes, of entries start..start+m−1 */
+void keep_mask(const uint64_t *keys, int64_t K, int64_t start, int64_t m, uint64_t limit,
+               uint8_t *out) {
+    for (int64_t k = 0; k < K; k++) {
+        uint64_t key = keys[k];
+        uint8_t *o = out + k * m;
+        for (int64_t j = 0; j < m; j++) o[j] = (uint8_t)keep(key, start + j, limit);
+    }
+}
+
+/* θ_ref + λ·(Σ_k w_k τ'_k [÷ total when nonzero]) into out: the in-order sum of the torch
+ * kernel; τ' = τ after DARE's drop (limit >= 0). Returns 0 if a value is not finite. */
+int mix_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
+              const uint64_t *keys, int64_t first, int64_t limit, float density,
+              const float *w, float total, float lam, void *out, int32_t out_bf16) {
+    float b[TILE], acc[TILE], t[TILE];
+    uint32_t worst = 0;
+    for (int64_t s = 0; s < m; s += TILE) {
+        int n = (int)imin(TILE, m - s);
+        widen(src[0], bf16[0], s, n, b);
+        worst = umax(worst, tau(src[1], bf16[1], s, n, b, acc));
+        drop(acc, n, keys[0], first + s, limit, density);
+        float w0 = w[0];
+        for (int i = 0; i < n; i++) acc[i] = acc[i] * w0;
+        for (int64_t k = 1; k < K; k++) {
+            worst = umax(worst, tau(src[k + 1], bf16[k + 1], s, n, b, t));
+            drop(t, n, keys[k], first + s, limit, density);
+            float wk = w[k];
+            for (int i = 0; i < n; i++) acc[i] += t[i] * wk;
+        }
+        if (K == 1)
+            for (int i = 0; i < n; i++) acc[i] += 0.0f; /* torch sums one row as 0 + t */
+        if (total != 0.0f)
+            for (int i = 0; i < n; i++) acc[i] = acc[i] / total;
+        for (int i = 0; i < n; i++) acc[i] = acc[i] * lam + b[i];
+        worst = umax(worst, put(out, out_bf16, s, n, acc));
+    }
+    return worst < INF_BITS;
+}
+
+/* TIES on one block: DARE's drop (limit >= 0), trim at thr (K,) (0: keep all), weigh by w,
+ * elect the sign of the in-order sum, disjoint sum (÷ the agreeing weights when normalize;
+ * low = min(w) if positive, else 0), θ_ref + λ·merged into out: the operations of
+ * sparsify.elect_and_combine. Returns 0 if an input or output value is not finite, −1 if
+ * out of memory. */
+int ties_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
+               const uint64_t *keys, int64_t first, int64_t limit, float density,
+               const float *thr, const float *w, int32_t normalize, float low, float lam,
+               void *out, int32_t out_bf16) {
+    float b[TILE], elected[TILE], merged[TILE], divisor[TILE];
+    float (*wt)[TILE] = malloc((size_t)K * sizeof *wt); /* K weighted τ rows of a tile */
+    if (!wt) return -1;
+    uint32_t worst = 0;
+    for (int64_t s = 0; s < m; s += TILE) {
+        int n = (int)imin(TILE, m - s);
+        widen(src[0], bf16[0], s, n, b);
+        for (int64_t k = 0; k < K; k++) {
+            float *row = wt[k], tk = thr[k], wk = w[k];
+            worst = umax(worst, tau(src[k + 1], bf16[k + 1], s, n, b, row));
+            drop(row, n, keys[k], first + s, limit, density);
+            for (int i = 0; i < n; i++) { /* copysign(threshold(|τ|), τ), times w_k */
+                float x = row[i];
+                float kept = from_bits(bits(x) & ABS_BITS) >= tk ? x : from_bits(bits(x) & 0x80000000u);
+                row[i] = kept * wk;
+            }
+        }
+        for (int i = 0; i < n; i++) elected[i] = K == 1 ? wt[0][i] + 0.0f : wt[0][i];
+        for (int64_t k = 1; k < K; k++)
+            for (int i = 0; i < n; i++) elected[i] += wt[k][i];
+        for (int i = 0; i < n; i++) /* copysign(1, elected) */
+            elected[i] = from_bits(0x3F800000u | (bits(elected[i]) & 0x80000000u));
+        for (int64_t k = 0; k < K; k++) {
+            float wk = w[k];
+            for (int i = 0; i < n; i++) {
+                float a = wt[k][i] * elected[i];
+                a = a < 0.0f ? 0.0f : a; /* clamp(min=0) keeps −0.0 */
+                float d = wk * (a > 0.0f ? 1.0f : 0.0f); /* w_k · sign(a) */
+                if (k == 0) {
+                    merged[i] = K == 1 ? a + 0.0f : a;
+                    divisor[i] = K == 1 ? d + 0.0f : d;
+                } else {
+                    merged[i] += a;
+                    divisor[i] += d;
+                }
+            }
+        }
+        if (normalize && low > 0.0f) { /* clamp(min=low): a zero divisor merges ±0 anyway */
+            for (int i = 0; i < n; i++) merged[i] = merged[i] / (divisor[i] < low ? low : divisor[i]);
+        } else if (normalize) { /* a zero divisor (no expert agrees) becomes 1 */
+            for (int i = 0; i < n; i++)
+                merged[i] = merged[i] / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
+        }
+        for (int i = 0; i < n; i++) merged[i] = merged[i] * elected[i] * lam + b[i];
+        worst = umax(worst, put(out, out_bf16, s, n, merged));
+    }
+    free(wt);
+    return worst < INF_BITS;
+}
+
+/* Histogram one digit of the float32 bit patterns of |τ_k| into hist (K, 2^16): level 0 the
+ * top 16 bits of every |τ_k|, level 1 the low 16 bits of those whose top 16 bits equal
+ * prefix[k] (non-negative floats order like their bit patterns: two levels find the exact
+ * k-th smallest). */
+void radix_count(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
+                 const int64_t *prefix, int32_t level, int64_t *hist) {
+    float b[TILE], t[TILE];
+    for (int64_t s = 0; s < m; s += TILE) {
+        int n = (int)imin(TILE, m - s);
+        widen(src[0], bf16[0], s, n, b);
+        for (int64_t k = 0; k < K; k++) {
+            int64_t *h = hist + (k << 16);
+            tau(src[k + 1], bf16[k + 1], s, n, b, t);
+            if (level == 0) {
+                for (int i = 0; i < n; i++) h[(bits(t[i]) & ABS_BITS) >> 16] += 1;
+            } else {
+                uint32_t p = (uint32_t)prefix[k];
+                for (int i = 0; i < n; i++) {
+                    uint32_t a = bits(t[i]) & ABS_BITS;
+                    if ((a >> 16) == p) h[a & 0xFFFFu] += 1;
+                }
+            }
+        }
+    }
+}
+
+/* The float32 bit patterns of |τ_k| of `runs` runs of `run` elements, starting at
+ * starts[r], into out (K, runs·run): a sample of the block's magnitudes in one call */
+void magnitude_runs(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
+                    const int64_t *starts, int64_t runs, int64_t run, uint32_t *out) {
+    float b[TILE], t[TILE];
+    for (int64_t r = 0; r < runs; r++) {
+        int64_t first = starts[r], stop = first + run < m ? first + run : m;
+        for (int64_t s = first; s < stop; s += TILE) {
+            int n = (int)imin(TILE, stop - s);
+            widen(src[0], bf16[0], s, n, b);
+            for (int64_t k = 0; k < K; k++) {
+                uint32_t *o = out + k * runs * run + r * run + (s - first);
+                tau(src[k + 1], bf16[k + 1], s, n, b, t);
+                for (int i = 0; i < n; i++) o[i] = bits(t[i]) & ABS_BITS;
+            }
+        }
+    }
+}
+
+/* Per expert k, with bit patterns lo < c < hi = edges[k] (K, 3): add to counts[k] (K, 4) the
+ * numbers of |τ_k| below lo, equal to lo, to c and to hi (ties are counted, not stored), and
+ * copy the others strictly between lo and hi to buf[k, stored[k]:] (buf (K, cap); stored
+ * counts them all, only the first cap are kept). */
+void bracket_count(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
+                   const int64_t *edges, int64_t *counts, uint32_t *buf, int64_t cap,
+                   int64_t *stored) {
+    float b[TILE], t[TILE];
+    uint32_t u[TILE];
+    uint8_t flag[TILE];
+    for (int64_t s = 0; s < m; s += TILE) {
+        int n = (int)imin(TILE, m - s);
+        widen(src[0], bf16[0], s, n, b);
+        for (int64_t k = 0; k < K; k++) {
+            uint32_t lo = (uint32_t)edges[3 * k], c = (uint32_t)edges[3 * k + 1],
+                     hi = (uint32_t)edges[3 * k + 2];
+            int32_t below = 0, at_lo = 0, at_c = 0, at_hi = 0;
+            tau(src[k + 1], bf16[k + 1], s, n, b, t);
+            for (int i = 0; i < n; i++) { /* branch-free counts: vectorized */
+                uint32_t a = bits(t[i]) & ABS_BITS;
+                u[i] = a;
+                below += a < lo;
+                at_lo += a == lo;
+                at_c += a == c;
+                at_hi += a == hi;
+                flag[i] = (uint8_t)((a > lo) & (a < hi) & (a != c));
+            }
+            counts[4 * k] += below;
+            counts[4 * k + 1] += at_lo;
+            counts[4 * k + 2] += at_c;
+            counts[4 * k + 3] += at_hi;
+            int64_t j = stored[k];
+            uint32_t *bk = buf + k * cap;
+            for (int q = 0; q < n; q += 8) { /* the few flagged values: skip 8 at a time */
+                uint64_t word = 0;
+                memcpy(&word, flag + q, (size_t)(n - q < 8 ? n - q : 8));
+                if (!word) continue;
+                for (int i = q; i < q + 8 && i < n; i++)
+                    if (flag[i]) {
+                        if (j < cap) bk[j] = u[i];
+                        j++;
+                    }
+            }
+            stored[k] = j;
+        }
+    }
+}
