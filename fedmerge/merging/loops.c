@@ -23,13 +23,20 @@ static inline float from_bits(uint32_t u) { float x; memcpy(&x, &u, 4); return x
 static inline uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* SplitMix64 entry `index` of stream `key` kept? (fedmerge/merging/dropmask.py) */
-static inline int keep(uint64_t key, int64_t index, uint64_t limit) {
-    uint64_t z = key + (uint64_t)(index + 1) * 0x9E3779B97F4A7C15ull;
+#define GAMMA 0x9E3779B97F4A7C15ull /* SplitMix64's Weyl increment */
+
+/* Is entry `index` of stream `key` kept? SplitMix64 (fedmerge/merging/dropmask.py), with
+ * step = (index + 1)·γ (mod 2⁶⁴), the same for every stream. */
+static inline int keep_step(uint64_t key, uint64_t step, uint64_t limit) {
+    uint64_t z = key + step;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
     return (z >> 11) < limit;
+}
+
+static inline int keep(uint64_t key, int64_t index, uint64_t limit) {
+    return keep_step(key, (uint64_t)(index + 1) * GAMMA, limit);
 }
 
 /* dst[:n] = float32(src[s:s+n]) */
@@ -136,52 +143,78 @@ int mix_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
     return worst < INF_BITS;
 }
 
+/* One expert's tile for TIES: row[i] = w_k · trim_t(drop(τ_k[i])) and elected[i] += row[i];
+ * returns the largest |τ| bit pattern. `bf16` and `dare` (0: none, 1: × keep, 2: × keep
+ * then ÷ density) are constants where it is called, so each variant is its own simple
+ * loop that the compiler vectorizes. trim: copysign(threshold(|τ|), τ); steps[i]: the
+ * SplitMix64 step of the tile's entry i (shared by the experts' streams). */
+static inline uint32_t weigh(const void *x, const int bf16, int64_t s, int n,
+                             const float *restrict b, const int dare, uint64_t key,
+                             const uint64_t *restrict steps, uint64_t limit, float density,
+                             float tk, float wk, float *restrict row, float *restrict elected) {
+    const uint16_t *h = (const uint16_t *)x + s;
+    const float *f = (const float *)x + s;
+    uint32_t worst = 0;
+    for (int i = 0; i < n; i++) {
+        float t = (bf16 ? from_bits((uint32_t)h[i] << 16) : f[i]) - b[i];
+        worst = umax(worst, bits(t) & ABS_BITS);
+        if (dare) t = t * (keep_step(key, steps[i], limit) ? 1.0f : 0.0f);
+        if (dare == 2) t = t / density;
+        float kept = from_bits(bits(t) & ABS_BITS) >= tk ? t : from_bits(bits(t) & 0x80000000u);
+        row[i] = kept * wk;
+        elected[i] += row[i];
+    }
+    return worst;
+}
+
 /* TIES on one block: DARE's drop (limit >= 0), trim at thr (K,) (0: keep all), weigh by w,
  * elect the sign of the in-order sum, disjoint sum (÷ the agreeing weights when normalize;
  * low = min(w) if positive, else 0), θ_ref + λ·merged into out: the operations of
- * sparsify.elect_and_combine. Returns 0 if an input or output value is not finite, −1 if
- * out of memory. */
+ * sparsify.elect_and_combine. In-order sums start from −0.0, the identity of IEEE addition
+ * (−0 + x = x for every x), and one row sums as 0 + t, as torch's. Returns 0 if an input or
+ * output value is not finite, −1 if out of memory. */
 int ties_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
                const uint64_t *keys, int64_t first, int64_t limit, float density,
                const float *thr, const float *w, int32_t normalize, float low, float lam,
                void *out, int32_t out_bf16) {
     float b[TILE], elected[TILE], merged[TILE], divisor[TILE];
+    uint64_t steps[TILE];
     float (*wt)[TILE] = malloc((size_t)K * sizeof *wt); /* K weighted τ rows of a tile */
     if (!wt) return -1;
+    const int dare = limit < 0 ? 0 : density != 0.0f ? 2 : 1;
+    const uint64_t lim = (uint64_t)limit;
     uint32_t worst = 0;
     for (int64_t s = 0; s < m; s += TILE) {
         int n = (int)imin(TILE, m - s);
         widen(src[0], bf16[0], s, n, b);
+        for (int i = 0; i < n; i++) elected[i] = merged[i] = divisor[i] = -0.0f;
+        if (dare)
+            for (int i = 0; i < n; i++) steps[i] = (uint64_t)(first + s + i + 1) * GAMMA;
         for (int64_t k = 0; k < K; k++) {
-            float *row = wt[k], tk = thr[k], wk = w[k];
-            worst = umax(worst, tau(src[k + 1], bf16[k + 1], s, n, b, row));
-            drop(row, n, keys[k], first + s, limit, density);
-            for (int i = 0; i < n; i++) { /* copysign(threshold(|τ|), τ), times w_k */
-                float x = row[i];
-                float kept = from_bits(bits(x) & ABS_BITS) >= tk ? x : from_bits(bits(x) & 0x80000000u);
-                row[i] = kept * wk;
-            }
+            const void *x = src[k + 1];
+            float tk = thr[k], wk = w[k], *row = wt[k];
+#define WEIGH(B, D) weigh(x, B, s, n, b, D, keys[k], steps, lim, density, tk, wk, row, elected)
+            uint32_t most = bf16[k + 1] ? (dare == 0 ? WEIGH(1, 0) : dare == 1 ? WEIGH(1, 1) : WEIGH(1, 2))
+                                        : (dare == 0 ? WEIGH(0, 0) : dare == 1 ? WEIGH(0, 1) : WEIGH(0, 2));
+#undef WEIGH
+            worst = umax(worst, most);
         }
-        for (int i = 0; i < n; i++) elected[i] = K == 1 ? wt[0][i] + 0.0f : wt[0][i];
-        for (int64_t k = 1; k < K; k++)
-            for (int i = 0; i < n; i++) elected[i] += wt[k][i];
-        for (int i = 0; i < n; i++) /* copysign(1, elected) */
-            elected[i] = from_bits(0x3F800000u | (bits(elected[i]) & 0x80000000u));
+        for (int i = 0; i < n; i++) /* copysign(1, Σ), one row as 0 + t */
+            elected[i] = from_bits(0x3F800000u | (bits(K == 1 ? elected[i] + 0.0f : elected[i]) & 0x80000000u));
         for (int64_t k = 0; k < K; k++) {
-            float wk = w[k];
+            float wk = w[k], *row = wt[k];
             for (int i = 0; i < n; i++) {
-                float a = wt[k][i] * elected[i];
+                float a = row[i] * elected[i];
                 a = a < 0.0f ? 0.0f : a; /* clamp(min=0) keeps −0.0 */
-                float d = wk * (a > 0.0f ? 1.0f : 0.0f); /* w_k · sign(a) */
-                if (k == 0) {
-                    merged[i] = K == 1 ? a + 0.0f : a;
-                    divisor[i] = K == 1 ? d + 0.0f : d;
-                } else {
-                    merged[i] += a;
-                    divisor[i] += d;
-                }
+                merged[i] += a;
+                divisor[i] += wk * (a > 0.0f ? 1.0f : 0.0f); /* w_k · sign(a) */
             }
         }
+        if (K == 1)
+            for (int i = 0; i < n; i++) {
+                merged[i] += 0.0f;
+                divisor[i] += 0.0f;
+            }
         if (normalize && low > 0.0f) { /* clamp(min=low): a zero divisor merges ±0 anyway */
             for (int i = 0; i < n; i++) merged[i] = merged[i] / (divisor[i] < low ? low : divisor[i]);
         } else if (normalize) { /* a zero divisor (no expert agrees) becomes 1 */
