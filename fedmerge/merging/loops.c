@@ -273,6 +273,30 @@ void magnitude_runs(const void *const *src, const int32_t *bf16, int64_t K, int6
     }
 }
 
+/* One expert's tile for bracket_count: u[i] = |τ_k[i]| bit pattern, flag[i] = whether it lies
+ * strictly inside (lo, hi) and is not c; adds the counts below lo and at lo, c, hi to cnt. */
+static inline void classify(const void *x, const int bf16, int64_t s, int n, const float *restrict b,
+                            uint32_t lo, uint32_t c, uint32_t hi, uint32_t *restrict u,
+                            uint8_t *restrict flag, int64_t *cnt) {
+    const uint16_t *h = (const uint16_t *)x + s;
+    const float *f = (const float *)x + s;
+    int32_t below = 0, at_lo = 0, at_c = 0, at_hi = 0;
+    for (int i = 0; i < n; i++) { /* branch-free counts: vectorized */
+        float t = (bf16 ? from_bits((uint32_t)h[i] << 16) : f[i]) - b[i];
+        uint32_t a = bits(t) & ABS_BITS;
+        u[i] = a;
+        below += a < lo;
+        at_lo += a == lo;
+        at_c += a == c;
+        at_hi += a == hi;
+        flag[i] = (uint8_t)((a > lo) & (a < hi) & (a != c));
+    }
+    cnt[0] += below;
+    cnt[1] += at_lo;
+    cnt[2] += at_c;
+    cnt[3] += at_hi;
+}
+
 /* Per expert k, with bit patterns lo < c < hi = edges[k] (K, 3): add to counts[k] (K, 4) the
  * numbers of |τ_k| below lo, equal to lo, to c and to hi (ties are counted, not stored), and
  * copy the others strictly between lo and hi to buf[k, stored[k]:] (buf (K, cap); stored
@@ -280,7 +304,7 @@ void magnitude_runs(const void *const *src, const int32_t *bf16, int64_t K, int6
 void bracket_count(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
                    const int64_t *edges, int64_t *counts, uint32_t *buf, int64_t cap,
                    int64_t *stored) {
-    float b[TILE], t[TILE];
+    float b[TILE];
     uint32_t u[TILE];
     uint8_t flag[TILE];
     for (int64_t s = 0; s < m; s += TILE) {
@@ -289,21 +313,10 @@ void bracket_count(const void *const *src, const int32_t *bf16, int64_t K, int64
         for (int64_t k = 0; k < K; k++) {
             uint32_t lo = (uint32_t)edges[3 * k], c = (uint32_t)edges[3 * k + 1],
                      hi = (uint32_t)edges[3 * k + 2];
-            int32_t below = 0, at_lo = 0, at_c = 0, at_hi = 0;
-            tau(src[k + 1], bf16[k + 1], s, n, b, t);
-            for (int i = 0; i < n; i++) { /* branch-free counts: vectorized */
-                uint32_t a = bits(t[i]) & ABS_BITS;
-                u[i] = a;
-                below += a < lo;
-                at_lo += a == lo;
-                at_c += a == c;
-                at_hi += a == hi;
-                flag[i] = (uint8_t)((a > lo) & (a < hi) & (a != c));
-            }
-            counts[4 * k] += below;
-            counts[4 * k + 1] += at_lo;
-            counts[4 * k + 2] += at_c;
-            counts[4 * k + 3] += at_hi;
+            if (bf16[k + 1])
+                classify(src[k + 1], 1, s, n, b, lo, c, hi, u, flag, counts + 4 * k);
+            else
+                classify(src[k + 1], 0, s, n, b, lo, c, hi, u, flag, counts + 4 * k);
             int64_t j = stored[k];
             uint32_t *bk = buf + k * cap;
             for (int q = 0; q < n; q += 8) { /* the few flagged values: skip 8 at a time */
