@@ -113,3 +113,38 @@ def test_a_merge_runs_the_loops_by_default_even_a_tiny_one(monkeypatch):
     expert = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
     out = merge("task_arithmetic", base, [expert], **{"lambda": 1.0})
     assert out["w"].tolist() == [1.0, 2.0, 3.0, 4.0] and calls == [1]
+
+
+def test_the_portable_loops_equal_the_avx512_ones(monkeypatch, tmp_path):
+    """Built without AVX-512 (``-mno-avx512f``: the plain C every machine runs), the bracket
+    counts and the TIES merge equal those of the default build (AVX-512 where the CPU has it)
+    bit for bit, bf16 and fp32, with exact ties at the bracket's edges."""
+    gen = torch.Generator().manual_seed(3)
+    got = []
+    for flags in ((), ("-mno-avx512f",)):
+        monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, *flags))
+        monkeypatch.setenv("FEDMERGE_NATIVE_DIR", str(tmp_path))
+        native.library.cache_clear()
+        runs = []
+        for dtype in (torch.bfloat16, torch.float32):
+            base = torch.randn(700, 300, generator=torch.Generator().manual_seed(4)).to(dtype)
+            experts = [(base.float() + 0.01 * torch.randn(700, 300, generator=gen)).to(dtype)
+                       for _ in range(3)]  # fmt: skip
+            merged = merge("ties", {"w": base}, [{"w": e} for e in experts], density=0.3)["w"]
+            b, ex = native.array(base), tuple(native.array(e) for e in experts)
+            edges = np.tile(np.array([[0x3B000000, 0x3C000000, 0x3C800000]], np.int64), (3, 1))
+            counts, stored = np.zeros((3, 5), np.int64), np.zeros(3, np.int64)
+            buf = np.empty((3, 1 << 18), np.uint32)
+            native.bracket_count(b, ex, edges, counts, buf, stored)
+            inside = [np.sort(buf[k, : stored[k]]) for k in range(3)]
+            runs.append((merged, counts, stored, inside))
+        got.append(runs)
+        gen = torch.Generator().manual_seed(3)
+    native.library.cache_clear()
+    assert len(list(tmp_path.glob("loops-*.so"))) == 2
+    for (m1, c1, s1, i1), (m2, c2, s2, i2) in zip(*got, strict=True):
+        assert torch.equal(m1.view(torch.uint8), m2.view(torch.uint8))
+        assert np.array_equal(c1, c2) and np.array_equal(s1, s2) and (s1 > 0).all()
+        assert all(np.array_equal(a, b) for a, b in zip(i1, i2, strict=True))
+    c = got[0][0][1]
+    assert (c[:, 1:4] > 0).any()  # ties at the edges really occur (bf16)

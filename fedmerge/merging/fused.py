@@ -160,11 +160,11 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
 
     Small keys: :func:`_radix` (two counting passes in cache). Big ones: a sample
     of 2^12–2^16 values per expert (:func:`_sample_size`; runs of rows) names a
-    likely answer c and a bracket lo < c < hi around it; one pass counts the values below lo and the
-    ties at lo, c and hi (bfloat16 task vectors hold heavy exact ties) and copies
-    the ~1–3% strictly inside, where ``np.partition`` picks the answer. If the
-    bracket misses the rank or overflows its buffer, the radix passes run instead.
-    Exact either way.
+    likely answer c and a bracket lo < c < hi around it; one pass counts the values
+    below lo, the ties at lo, c and hi (bfloat16 task vectors hold heavy exact ties)
+    and those between lo and c, and copies the ~1–3% strictly inside, where one
+    ``np.partition`` picks the answer (:func:`_pick`). If the bracket misses the rank
+    or overflows its buffer, the radix passes run instead. Exact either way.
     """
     numel = call.out.numel()
     if numel <= 2 * _SAMPLE:
@@ -183,7 +183,7 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
     lo = np.minimum(sample[:, low] if low > 0 else 0, c - 1)
     hi = np.maximum(sample[:, high] if high < s else 0xFFFFFFFF, c + 1)  # to the top
     cap = int(min(numel, 2 * (2 * margin / s) * numel + 65536))
-    counts, stored = np.zeros((k, 4), np.int64), np.zeros(k, np.int64)
+    counts, stored = np.zeros((k, 5), np.int64), np.zeros(k, np.int64)
     buf = np.empty((k, cap), np.uint32)
     edges = np.stack([lo, c, hi], axis=1)
     for base, experts in _blocks(call):
@@ -196,25 +196,24 @@ def kth_magnitudes(call: FusedCall, rank: int) -> np.ndarray:
 
 
 def _pick(rank: int, edges, counts, inside: np.ndarray, complete: bool) -> int | None:
-    """The rank-th smallest bit pattern from a bracket pass's counts (None: not in it)."""
+    """The rank-th smallest bit pattern from a bracket pass (None: not in the bracket).
+
+    ``counts``: below lo, at lo, at c, at hi, strictly between lo and c; ``inside``: the
+    values strictly inside (lo, hi) other than c, in any order (its ``counts[4]`` smallest
+    lie below c), all of them if ``complete``. One ``np.partition`` at most."""
     lo, c, hi = (int(x) for x in edges)
-    below, at_lo, at_c, at_hi = (int(x) for x in counts)
-    r = rank - below - at_lo  # rank among the values above lo
+    below, at_lo, at_c, at_hi, under = (int(x) for x in counts)
     if rank <= below or not complete:
         return None
+    r = rank - below - at_lo  # rank among the values above lo
     if r <= 0:
         return lo
-    under = inside[inside < c]
-    if r <= under.size:
-        return int(np.partition(under, r - 1)[r - 1])
-    r -= under.size
-    if r <= at_c:
+    if under < r <= under + at_c:
         return c
-    r -= at_c
-    over = inside[inside > c]
-    if r <= over.size:
-        return int(np.partition(over, r - 1)[r - 1])
-    return hi if r - over.size <= at_hi else None
+    r -= at_c if r > under else 0  # rank within inside (sorted: under c, then over c)
+    if r <= inside.size:
+        return int(np.partition(inside, r - 1)[r - 1])
+    return hi if r - inside.size <= at_hi else None
 
 
 def _sample_size(numel: int) -> int:

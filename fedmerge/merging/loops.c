@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define TILE 512
 #define ABS_BITS 0x7FFFFFFFu
@@ -273,63 +276,74 @@ void magnitude_runs(const void *const *src, const int32_t *bf16, int64_t K, int6
     }
 }
 
-/* One expert's tile for bracket_count: u[i] = |τ_k[i]| bit pattern, flag[i] = whether it lies
- * strictly inside (lo, hi) and is not c; adds the counts below lo and at lo, c, hi to cnt. */
+/* One expert's tile for bracket_count: with a = the |τ_k[i]| bit patterns, adds to cnt (5) the
+ * counts of a < lo, a == lo, a == c, a == hi and of lo < a < c, and appends the a strictly
+ * inside (lo, hi) other than c to out[*j:] (at most cap kept, *j counts all; past cap it
+ * exceeds cap). AVX-512: 16 entries at a time, appended by one compressing store. */
 static inline void classify(const void *x, const int bf16, int64_t s, int n, const float *restrict b,
-                            uint32_t lo, uint32_t c, uint32_t hi, uint32_t *restrict u,
-                            uint8_t *restrict flag, int64_t *cnt) {
+                            const uint32_t lo, const uint32_t c, const uint32_t hi, int64_t *cnt,
+                            uint32_t *restrict out, int64_t cap, int64_t *j) {
     const uint16_t *h = (const uint16_t *)x + s;
     const float *f = (const float *)x + s;
-    int32_t below = 0, at_lo = 0, at_c = 0, at_hi = 0;
-    for (int i = 0; i < n; i++) { /* branch-free counts: vectorized */
+    int64_t below = 0, at_lo = 0, at_c = 0, at_hi = 0, under = 0, at = *j;
+    int i = 0;
+#ifdef __AVX512F__
+    const __m512i vlo = _mm512_set1_epi32((int)lo), vc = _mm512_set1_epi32((int)c),
+                  vhi = _mm512_set1_epi32((int)hi), mag = _mm512_set1_epi32(0x7FFFFFFF);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(h + i))), 16))
+                        : _mm512_loadu_ps(f + i);
+        __m512i a = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(v, _mm512_loadu_ps(b + i))), mag);
+        __mmask16 lt_lo = _mm512_cmplt_epu32_mask(a, vlo), lt_c = _mm512_cmplt_epu32_mask(a, vc),
+                  lt_hi = _mm512_cmplt_epu32_mask(a, vhi), eq_c = _mm512_cmpeq_epu32_mask(a, vc),
+                  gt_lo = _mm512_cmpgt_epu32_mask(a, vlo);
+        __mmask16 keep = gt_lo & lt_hi & (__mmask16)~eq_c;
+        below += __builtin_popcount(lt_lo);
+        at_lo += __builtin_popcount((__mmask16)~(lt_lo | gt_lo));
+        at_c += __builtin_popcount(eq_c);
+        at_hi += __builtin_popcount(_mm512_cmpeq_epu32_mask(a, vhi));
+        under += __builtin_popcount(gt_lo & lt_c);
+        if (keep) {
+            if (at + 16 <= cap) _mm512_mask_compressstoreu_epi32(out + at, keep, a);
+            else if (at <= cap) at = cap + 1; /* from here on counted, not kept */
+            at += __builtin_popcount(keep);
+        }
+    }
+#endif
+    for (; i < n; i++) {
         float t = (bf16 ? from_bits((uint32_t)h[i] << 16) : f[i]) - b[i];
         uint32_t a = bits(t) & ABS_BITS;
-        u[i] = a;
-        below += a < lo;
-        at_lo += a == lo;
-        at_c += a == c;
-        at_hi += a == hi;
-        flag[i] = (uint8_t)((a > lo) & (a < hi) & (a != c));
+        below += a < lo, at_lo += a == lo, at_c += a == c, at_hi += a == hi;
+        under += (a > lo) & (a < c);
+        if (a > lo && a < hi && a != c) {
+            if (at < cap) out[at] = a;
+            at++;
+        }
     }
-    cnt[0] += below;
-    cnt[1] += at_lo;
-    cnt[2] += at_c;
-    cnt[3] += at_hi;
+    cnt[0] += below, cnt[1] += at_lo, cnt[2] += at_c, cnt[3] += at_hi, cnt[4] += under;
+    *j = at;
 }
 
-/* Per expert k, with bit patterns lo < c < hi = edges[k] (K, 3): add to counts[k] (K, 4) the
- * numbers of |τ_k| below lo, equal to lo, to c and to hi (ties are counted, not stored), and
- * copy the others strictly between lo and hi to buf[k, stored[k]:] (buf (K, cap); stored
- * counts them all, only the first cap are kept). */
+/* Per expert k, with bit patterns lo < c < hi = edges[k] (K, 3): add to counts[k] (K, 5) the
+ * numbers of |τ_k| below lo, equal to lo, to c and to hi (ties are counted, not stored) and
+ * strictly between lo and c, and copy those strictly between lo and hi other than c to
+ * buf[k, stored[k]:] (buf (K, cap); stored counts them all, and exceeds cap where not all
+ * were kept). */
 void bracket_count(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
                    const int64_t *edges, int64_t *counts, uint32_t *buf, int64_t cap,
                    int64_t *stored) {
     float b[TILE];
-    uint32_t u[TILE];
-    uint8_t flag[TILE];
     for (int64_t s = 0; s < m; s += TILE) {
         int n = (int)imin(TILE, m - s);
         widen(src[0], bf16[0], s, n, b);
         for (int64_t k = 0; k < K; k++) {
-            uint32_t lo = (uint32_t)edges[3 * k], c = (uint32_t)edges[3 * k + 1],
-                     hi = (uint32_t)edges[3 * k + 2];
+            const int64_t *e = edges + 3 * k;
+            const uint32_t lo = (uint32_t)e[0], c = (uint32_t)e[1], hi = (uint32_t)e[2];
             if (bf16[k + 1])
-                classify(src[k + 1], 1, s, n, b, lo, c, hi, u, flag, counts + 4 * k);
+                classify(src[k + 1], 1, s, n, b, lo, c, hi, counts + 5 * k, buf + k * cap, cap, stored + k);
             else
-                classify(src[k + 1], 0, s, n, b, lo, c, hi, u, flag, counts + 4 * k);
-            int64_t j = stored[k];
-            uint32_t *bk = buf + k * cap;
-            for (int q = 0; q < n; q += 8) { /* the few flagged values: skip 8 at a time */
-                uint64_t word = 0;
-                memcpy(&word, flag + q, (size_t)(n - q < 8 ? n - q : 8));
-                if (!word) continue;
-                for (int i = q; i < q + 8 && i < n; i++)
-                    if (flag[i]) {
-                        if (j < cap) bk[j] = u[i];
-                        j++;
-                    }
-            }
-            stored[k] = j;
+                classify(src[k + 1], 0, s, n, b, lo, c, hi, counts + 5 * k, buf + k * cap, cap, stored + k);
         }
     }
 }

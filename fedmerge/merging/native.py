@@ -212,11 +212,12 @@ def magnitude_runs(base, experts, starts: np.ndarray, run: int, out: np.ndarray)
 
 
 def bracket_count(base, experts, edges, counts, buf, stored) -> None:
-    """Counts below/at the bracket edges ``(K, 3)`` into ``counts`` ``(K, 4)``, the values
-    inside into ``buf`` ``(K, cap)`` (``stored`` ``(K,)``: how many each expert had)."""
+    """Counts below lo, at lo, c and hi and inside (lo, c) of the bracket edges ``(K, 3)`` into
+    ``counts`` ``(K, 5)``, the values inside (lo, hi) other than c into ``buf`` ``(K, cap)``
+    (``stored`` ``(K,)``: how many each expert had; above cap where not all were kept)."""
     k = len(experts)
     if buf.ndim != 2 or buf.shape[0] != k:
         raise ValueError(f"bracket_count: buf must be ({k}, cap), not {buf.shape}")
     _lib().bracket_count(*_sources(base, experts), _ptr(edges, np.int64, (k, 3)),
-                         _ptr(counts, np.int64, (k, 4)), _ptr(buf, np.uint32), buf.shape[1],
+                         _ptr(counts, np.int64, (k, 5)), _ptr(buf, np.uint32), buf.shape[1],
                          _ptr(stored, np.int64, (k,)))  # fmt: skip
