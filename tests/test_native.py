@@ -148,3 +148,18 @@ def test_the_portable_loops_equal_the_avx512_ones(monkeypatch, tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(i1, i2, strict=True))
     c = got[0][0][1]
     assert (c[:, 1:4] > 0).any()  # ties at the edges really occur (bf16)
+
+
+def test_every_exported_loop_has_a_signature_with_its_argument_count():
+    """ctypes trusts ``SIGNATURES``: a missing argument would pass garbage to C. Each
+    non-static function of loops.c is declared, with as many arguments as it takes."""
+    import re
+
+    source = native.SOURCE.read_text()
+    found = {name: (kind, params) for kind, name, params in re.findall(
+        r"^(int|void) (\w+)\(([^)]*)\)\s*{", source, flags=re.M)}  # fmt: skip
+    assert found.keys() == native.SIGNATURES.keys()
+    for name, (kind, params) in found.items():
+        args, result = native.SIGNATURES[name]
+        assert len(args) == params.count(",") + 1, name
+        assert (result is None) == (kind == "void"), name
