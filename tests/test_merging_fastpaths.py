@@ -2,7 +2,7 @@
 
 The engine computes TIES, DARE and their building blocks with cheaper
 operations than the textbook formulas (histogram selection, threshold +
-copysign trimming, numba DARE masks, in-order row sums, a clamp instead of
+copysign trimming, counter-based DARE masks, in-order row sums, a clamp instead of
 a masked fill). Each test here writes the plain formula (the previous engine's
 code) and demands identical bits, including signed zeros and exact ties.
 """
@@ -108,7 +108,7 @@ def test_ties_equals_the_plain_definition(data, k, n, dtype, density, normalize)
        density=st.sampled_from([0.1, 0.2, 1 / 3, 0.9]), seed=st.integers(0, 99))  # fmt: skip
 def test_dare_ties_equals_the_plain_definition(data, k, n, dtype, density, seed):
     """Masks from the per-(seed, expert, key) streams (torch implementation; the engine
-    uses the numba one), applied as a float product and ×1/density."""
+    uses the C one), applied as a float product and ×1/density."""
     base, experts = draw_state(data, k, n, dtype)
     got = merge("dare_ties", {"w": base}, [{"w": e} for e in experts],
                 density=density, seed=seed)["w"]  # fmt: skip
