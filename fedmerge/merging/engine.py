@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,11 +118,6 @@ class MergePlan:
     @property
     def mergeable(self) -> list[str]:
         return [k for k in sorted(self.in_specs) if is_mergeable(self.in_specs[k])]
-
-    @cached_property
-    def size(self) -> int:
-        """K × the elements of the mergeable tensors: the merge's work."""
-        return len(self.experts) * sum(math.prod(self.in_specs[k].shape) for k in self.mergeable)
 
     @property
     def uses_fused(self) -> bool:
