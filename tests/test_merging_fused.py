@@ -7,6 +7,8 @@ float32 inputs and outputs, in one block and in many, with exact ties at the
 thresholds, all-zero columns, −0.0, mixed weights, normalize on and off.
 """
 
+import os
+import shutil
 from contextlib import ExitStack
 
 import numpy as np
@@ -20,6 +22,9 @@ from fedmerge.errors import ValidationError
 from fedmerge.merging import StateSource, fused, native, plan_merge, run_plan
 
 WHOLE = 1 << 40  # every key in one block
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler to build the loops"
+)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

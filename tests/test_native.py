@@ -3,6 +3,8 @@ machine into the cache and then only loaded, refused inputs the C side would
 misread, and a merge that still works (with the torch kernels) where nothing can be built."""
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,9 @@ import torch
 from fedmerge.merging import merge, native
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler to build the loops"
+)
 
 SCRIPT = """
 import logging, sys, torch
@@ -115,6 +120,7 @@ def test_a_merge_runs_the_loops_by_default_even_a_tiny_one(monkeypatch):
     assert out["w"].tolist() == [1.0, 2.0, 3.0, 4.0] and calls == [1]
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
 def test_the_portable_loops_equal_the_avx512_ones(monkeypatch, tmp_path):
     """Built without AVX-512 (``-mno-avx512f``: the plain C every machine runs), the bracket
     counts and the TIES merge equal those of the default build (AVX-512 where the CPU has it)
