@@ -93,16 +93,9 @@ def library() -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise OSError("no C compiler (cc, or $CC) on PATH")
-        digest = hashlib.sha256(
-            b"\0".join(
-                [
-                    SOURCE.read_bytes(),
-                    " ".join(FLAGS).encode(),
-                    compiler.encode(),
-                    _cpu_flags().encode(),
-                ]
-            )  # fmt: skip
-        ).hexdigest()[:16]
+        parts = (SOURCE.read_bytes(), " ".join(FLAGS), compiler, _cpu_flags())
+        key = b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)
+        digest = hashlib.sha256(key).hexdigest()[:16]
         target = _cache_dir() / f"loops-{digest}.so"
         if not target.exists():
             _build(compiler, target)
