@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,16 @@ def test_without_the_loops_the_torch_kernels_merge_the_same(tmp_path, env):
     if "CC" in env:
         assert "fused merge loops unavailable" in done.stderr
         assert ("failed" if env["CC"] == "false" else "no C compiler") in done.stderr
+
+
+def test_an_unwritable_cache_builds_into_a_private_directory(tmp_path):
+    """A cache directory that cannot be made (here: below a regular file) does not cost the
+    loops: they are built into a private temporary directory for the process."""
+    (tmp_path / "file").write_text("not a directory")
+    private = set(Path(tempfile.gettempdir()).glob("fedmerge-native-*"))
+    done = run(tmp_path, FEDMERGE_NATIVE_DIR=str(tmp_path / "file" / "native"))
+    assert done.stdout.split()[0] == "True" and "unavailable" not in done.stderr
+    assert set(Path(tempfile.gettempdir()).glob("fedmerge-native-*")) == private  # removed
 
 
 def test_a_library_built_for_other_flags_or_source_is_another_file(monkeypatch, tmp_path):

@@ -7,7 +7,8 @@ once per machine and source: ``cc`` (``$CC`` if set) with :data:`FLAGS`, into
 ``$FEDMERGE_NATIVE_DIR``, else ``$XDG_CACHE_HOME/fedmerge/native``, else
 ``~/.cache/fedmerge/native``, named by a hash of the source, the flags, the compiler and
 the CPU's feature flags (``-march=native`` code runs only where it was built); written
-atomically, so concurrent first calls are safe. Loading a built library costs about a
+atomically, so concurrent first calls are safe (where that directory cannot be written, a
+private temporary one serves the process). Loading a built library costs about a
 millisecond, where numba's start cost ~0.5 s of CPU in every process that ran a loop.
 
 Where no library can be built (no compiler, or ``FEDMERGE_NATIVE=0``) :func:`library`
@@ -68,9 +69,20 @@ def _cache_dir() -> Path:
     return Path(base) / "fedmerge" / "native"
 
 
+def _writable(target: Path) -> Path:
+    """``target``, or its name in a private temporary directory where its own directory cannot
+    be made or written (a read-only home): the loops are then built once per process."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if os.access(target.parent, os.W_OK):
+            return target
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="fedmerge-native-")) / target.name
+
+
 def _build(compiler: str, target: Path) -> None:
     """Compile :data:`SOURCE` to ``target`` atomically (a private temporary name, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -98,8 +110,11 @@ def library() -> ctypes.CDLL | None:
         digest = hashlib.sha256(key).hexdigest()[:16]
         target = _cache_dir() / f"loops-{digest}.so"
         if not target.exists():
+            target = _writable(target)
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
+        if target.parent != _cache_dir():  # a private build: mapped now, the file can go
+            shutil.rmtree(target.parent, ignore_errors=True)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("fused merge loops unavailable (%s): merging with the torch kernels", e)
         return None
