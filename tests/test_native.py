@@ -136,9 +136,9 @@ def test_the_portable_loops_equal_the_avx512_ones(monkeypatch, tmp_path):
     """Built without AVX-512 (``-mno-avx512f``: the plain C every machine runs), the bracket
     counts and the TIES merge equal those of the default build (AVX-512 where the CPU has it)
     bit for bit, bf16 and fp32, with exact ties at the bracket's edges."""
-    gen = torch.Generator().manual_seed(3)
     got = []
     for flags in ((), ("-mno-avx512f",)):
+        gen = torch.Generator().manual_seed(3)  # the same inputs for both builds
         monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, *flags))
         monkeypatch.setenv("FEDMERGE_NATIVE_DIR", str(tmp_path))
         native.library.cache_clear()
@@ -156,7 +156,6 @@ def test_the_portable_loops_equal_the_avx512_ones(monkeypatch, tmp_path):
             inside = [np.sort(buf[k, : stored[k]]) for k in range(3)]
             runs.append((merged, counts, stored, inside))
         got.append(runs)
-        gen = torch.Generator().manual_seed(3)
     native.library.cache_clear()
     assert len(list(tmp_path.glob("loops-*.so"))) == 2
     for (m1, c1, s1, i1), (m2, c2, s2, i2) in zip(*got, strict=True):

@@ -24,7 +24,7 @@ The entry is kept iff ``(h >> 11) < limit`` with ``limit = ceil(density·2⁵³)
 ``u = (h >> 11)·2⁻⁵³`` is < density: the keep probability is ``limit/2⁵³``, equal
 to ``density`` within 2⁻⁵³ (exactly, for densities on the 2⁻⁵³ grid).
 
-Two implementations give identical bits (tested): the C loops' ``keep`` (``loops.c``,
+Two implementations give identical bits (tested): the C loops' ``keep_step`` (``loops.c``,
 inlined into the fused kernels and behind :func:`fedmerge.merging.native.keep_mask`)
 and :func:`keep_mask_torch` (int64 torch arithmetic, any device); :func:`keep_mask`
 picks the fast one for the device.

@@ -28,18 +28,19 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #define GAMMA 0x9E3779B97F4A7C15ull /* SplitMix64's Weyl increment */
 
-/* Is entry `index` of stream `key` kept? SplitMix64 (fedmerge/merging/dropmask.py), with
- * step = (index + 1)·γ (mod 2⁶⁴), the same for every stream. */
+/* steps[i] = (first + i + 1)·γ (mod 2⁶⁴): entry first+i's SplitMix64 step, the same for
+ * every stream, so a tile computes it once for all K experts. */
+static void fill_steps(uint64_t *steps, int64_t first, int n) {
+    for (int i = 0; i < n; i++) steps[i] = (uint64_t)(first + i + 1) * GAMMA;
+}
+
+/* Is the entry with SplitMix64 step `step` of stream `key` kept? (fedmerge/merging/dropmask.py) */
 static inline int keep_step(uint64_t key, uint64_t step, uint64_t limit) {
     uint64_t z = key + step;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
     return (z >> 11) < limit;
-}
-
-static inline int keep(uint64_t key, int64_t index, uint64_t limit) {
-    return keep_step(key, (uint64_t)(index + 1) * GAMMA, limit);
 }
 
 /* dst[:n] = float32(src[s:s+n]) */
@@ -96,12 +97,12 @@ static uint32_t put(void *out, int bf16, int64_t s, int n, const float *restrict
     return worst;
 }
 
-/* DARE on one τ tile row[:n] (entries first..first+n−1 of the tensor): × keep (1 or 0, as
+/* DARE on one τ tile row[:n] (steps: its entries' SplitMix64 steps): × keep (1 or 0, as
  * tau.mul_(mask)), then ÷ density when nonzero. limit < 0 keeps everything (no DARE). */
-static void drop(float *restrict row, int n, uint64_t key, int64_t first, int64_t limit,
-                 float density) {
+static void drop(float *restrict row, int n, uint64_t key, const uint64_t *restrict steps,
+                 int64_t limit, float density) {
     if (limit < 0) return;
-    for (int i = 0; i < n; i++) row[i] = row[i] * (keep(key, first + i, (uint64_t)limit) ? 1.0f : 0.0f);
+    for (int i = 0; i < n; i++) row[i] = row[i] * (keep_step(key, steps[i], (uint64_t)limit) ? 1.0f : 0.0f);
     if (density != 0.0f)
         for (int i = 0; i < n; i++) row[i] = row[i] / density;
 }
@@ -109,10 +110,14 @@ static void drop(float *restrict row, int n, uint64_t key, int64_t first, int64_
 /* DARE's keep masks out (K, m), 0/1 bytes, of entries start..start+m−1 */
 void keep_mask(const uint64_t *keys, int64_t K, int64_t start, int64_t m, uint64_t limit,
                uint8_t *out) {
-    for (int64_t k = 0; k < K; k++) {
-        uint64_t key = keys[k];
-        uint8_t *o = out + k * m;
-        for (int64_t j = 0; j < m; j++) o[j] = (uint8_t)keep(key, start + j, limit);
+    uint64_t steps[TILE];
+    for (int64_t s = 0; s < m; s += TILE) {
+        int n = (int)imin(TILE, m - s);
+        fill_steps(steps, start + s, n);
+        for (int64_t k = 0; k < K; k++) {
+            uint8_t *o = out + k * m + s;
+            for (int i = 0; i < n; i++) o[i] = (uint8_t)keep_step(keys[k], steps[i], limit);
+        }
     }
 }
 
@@ -122,17 +127,19 @@ int mix_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m,
               const uint64_t *keys, int64_t first, int64_t limit, float density,
               const float *w, float total, float lam, void *out, int32_t out_bf16) {
     float b[TILE], acc[TILE], t[TILE];
+    uint64_t steps[TILE];
     uint32_t worst = 0;
     for (int64_t s = 0; s < m; s += TILE) {
         int n = (int)imin(TILE, m - s);
         widen(src[0], bf16[0], s, n, b);
+        if (limit >= 0) fill_steps(steps, first + s, n);
         worst = umax(worst, tau(src[1], bf16[1], s, n, b, acc));
-        drop(acc, n, keys[0], first + s, limit, density);
+        drop(acc, n, keys[0], steps, limit, density);
         float w0 = w[0];
         for (int i = 0; i < n; i++) acc[i] = acc[i] * w0;
         for (int64_t k = 1; k < K; k++) {
             worst = umax(worst, tau(src[k + 1], bf16[k + 1], s, n, b, t));
-            drop(t, n, keys[k], first + s, limit, density);
+            drop(t, n, keys[k], steps, limit, density);
             float wk = w[k];
             for (int i = 0; i < n; i++) acc[i] += t[i] * wk;
         }
@@ -191,8 +198,7 @@ int ties_block(const void *const *src, const int32_t *bf16, int64_t K, int64_t m
         int n = (int)imin(TILE, m - s);
         widen(src[0], bf16[0], s, n, b);
         for (int i = 0; i < n; i++) elected[i] = merged[i] = divisor[i] = -0.0f;
-        if (dare)
-            for (int i = 0; i < n; i++) steps[i] = (uint64_t)(first + s + i + 1) * GAMMA;
+        if (dare) fill_steps(steps, first + s, n);
         for (int64_t k = 0; k < K; k++) {
             const void *x = src[k + 1];
             float tk = thr[k], wk = w[k], *row = wt[k];
