@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedmerge.directwrite import DirectStream, write_all
 from fedmerge.errors import StorageError
 
 TEMP_SUFFIX = ".tmp"
@@ -48,29 +49,41 @@ class TempFile:
     """A new temp file beside ``target`` (mode 0666 & ~umask) that replaces it on :meth:`commit`.
 
     :meth:`write_at` opens it on demand, :meth:`park` flushes and closes it (so that many
-    temp files need one descriptor at a time), :meth:`discard` removes it.
+    temp files need one descriptor at a time), :meth:`discard` removes it. ``direct``: a
+    file written front to back from offset 0 goes to disk through a
+    :class:`~fedmerge.directwrite.DirectStream` (``O_DIRECT``, not through the page cache)
+    until the first write out of order or the first :meth:`park`; then through the cache.
     """
 
-    def __init__(self, target: str | os.PathLike):
+    def __init__(self, target: str | os.PathLike, direct: bool = False):
         self.target = Path(target)
         name = f".{self.target.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
         self.path = self.target.with_name(name)
         self._fd: int | None = os.open(self.path, _NEW, 0o666)
+        self._stream = DirectStream.open(self._fd) if direct else None
 
     def write_at(self, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at byte ``offset`` (positional; no seek state)."""
         if self._fd is None:
             self._fd = os.open(self.path, _RESUME)
         view = memoryview(data).cast("B")
-        while view:
-            done = os.pwrite(self._fd, view, offset)
-            view, offset = view[done:], offset + done
+        if self._stream is not None and offset == self._stream.end:
+            self._stream.append(view)
+            return
+        self._end_stream()
+        write_all(self._fd, view, offset)
+
+    def _end_stream(self, flush: bool = True) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close(flush)
 
     def park(self) -> None:
         """fsync and close (reopened by the next :meth:`write_at`)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
+                self._end_stream()
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -84,7 +97,10 @@ class TempFile:
         """Close without syncing and remove the temp file (idempotent)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            try:
+                self._end_stream(flush=False)
+            finally:
+                os.close(fd)
         self.path.unlink(missing_ok=True)
 
 

@@ -100,6 +100,7 @@ class Checkpoint:
         self.path = Path(path)
         self._files = resolve_files(self.path)  # key -> shard file
         self._handles: dict[Path, object] = {}
+        self._rows: tuple[str | None, torch.Tensor | None] = (None, None)  # get_rows' last key
         self._specs: dict[str, TensorSpec] = {}
         meta: dict[str, str] = {}
         for file in dict.fromkeys(self._files.values()):
@@ -163,11 +164,9 @@ class Checkpoint:
             raise ValidationError(f"{self.path}: no tensor named {key!r}")
         if not self._specs[key].shape:
             raise ValidationError(f"{self.path}: {key!r} is 0-D and has no rows")
-        file = self._files[key]
-        try:
-            return self._handle(file).get_slice(key)[start:stop]
-        except Exception as exc:
-            raise CheckpointError(f"{file}: cannot read rows of {key!r} ({exc})") from None
+        if self._rows[0] != key:  # the key's mapped view, sliced per block: no copy, and
+            self._rows = (key, self.get(key))  # 2 µs a block instead of safetensors' 20
+        return self._rows[1][start:stop]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.keys():
@@ -179,6 +178,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._rows = (None, None)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -347,8 +347,9 @@ class CheckpointWriter:
     ``max_shard_bytes``); any other path is a Hugging Face style directory.
 
     One shard file is open at a time (writing keys in sorted order opens each once), so
-    thousands of shards need one descriptor. Files the previous checkpoint at ``path``
-    owned (:func:`output_layout`) and the new one does not are removed on commit: a
+    thousands of shards need one descriptor; written in sorted order, a shard streams to
+    disk past the page cache (:mod:`fedmerge.directwrite`). Files the previous checkpoint
+    at ``path`` owned (:func:`output_layout`) and the new one does not are removed on commit: a
     reader sees the old checkpoint, the new one, or (while an old index is replaced) a
     clear error, never a mix of the two.
     """
@@ -404,7 +405,7 @@ class CheckpointWriter:
             self._tmp[self._open].park()
         self._open = i
         if self._tmp[i] is None:
-            self._tmp[i] = TempFile(self.files[i])
+            self._tmp[i] = TempFile(self.files[i], direct=True)
             self._tmp[i].write_at(self._headers[i], 0)
         return self._tmp[i]
 
@@ -465,5 +466,5 @@ def save_state_dict(
     """Write ``state`` atomically as a safetensors checkpoint (see :class:`CheckpointWriter`)."""
     specs = {k: TensorSpec.of(v) for k, v in state.items()}
     with CheckpointWriter(path, specs, metadata, max_shard_bytes) as writer:
-        for key, tensor in state.items():
-            writer.write(key, tensor)
+        for key in sorted(state):  # the file's order: written front to back
+            writer.write(key, state[key])

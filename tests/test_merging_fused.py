@@ -214,8 +214,8 @@ def test_kth_magnitude_bracket_is_exact_and_usually_hits(dtype, chunks, monkeypa
 
 
 def test_kth_magnitude_falls_back_exactly_on_zeros_and_small_keys():
-    """The rank inside a mass of exact zeros, a rank of 1, and a key below the sampling size
-    go to the two radix passes; all exact."""
+    """The rank inside a mass of exact zeros and a rank of 1 go to the two radix passes, a key
+    below the sampling size is partitioned whole (in one block or several); all exact."""
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(700, 512, generator=gen)
     experts = [base.clone(), base + torch.randn(700, 512, generator=gen)]
@@ -225,8 +225,10 @@ def test_kth_magnitude_falls_back_exactly_on_zeros_and_small_keys():
         got = fused.kth_magnitudes(kth_call(base, experts, 5), rank)
         assert np.array_equal(got, exact_kth(tau, rank)), rank
     small = base[:10], [e[:10] for e in experts]
-    got = fused.kth_magnitudes(kth_call(*small, 1), 7)
-    assert np.array_equal(got, exact_kth(tau.view(2, 700, 512)[:, :10].reshape(2, -1), 7))
+    small_tau = tau.view(2, 700, 512)[:, :10].reshape(2, -1)
+    for chunks, rank in [(1, 7), (1, 1), (4, 2000), (4, small_tau.shape[1])]:
+        got = fused.kth_magnitudes(kth_call(*small, chunks), rank)
+        assert np.array_equal(got, exact_kth(small_tau, rank)), (chunks, rank)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -253,9 +255,7 @@ def test_checkpoint_files_in_blocks_and_whole_equal_the_torch_kernel(tmp_path, m
     for i, sd in enumerate([base, *experts]):
         paths.append(tmp_path / f"m{i}.safetensors")
         save_state_dict(sd, paths[-1])
-    radix = fused._radix  # small keys use it by design; the big one must not
-    monkeypatch.setattr(fused, "_radix", lambda call, rank: radix(call, rank)
-                        if call.out.numel() < 1000 else pytest.fail("bracket missed"))  # fmt: skip
+    monkeypatch.setattr(fused, "_radix", lambda call, rank: pytest.fail("bracket missed"))
     names = [str(p) for p in paths]
     for chunk in (WHOLE, 40_000):
         out = []
