@@ -134,12 +134,13 @@ def floor_worker(inputs: list[str], out: str, direct: bool = False) -> None:
         tmp = TempFile(out, direct=True)
         for start in range(0, size, CHUNK):
             tmp.write_at(view[: min(CHUNK, size - start)], start)
-        return tmp.commit()
-    with open(out, "wb") as fh:
-        while size > 0:
-            size -= fh.write(view[: min(CHUNK, size)])
-        fh.flush()
-        os.fsync(fh.fileno())
+        tmp.commit()
+    else:
+        with open(out, "wb") as fh:
+            while size > 0:
+                size -= fh.write(view[: min(CHUNK, size)])
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 PARAMS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_ties": {"density": 0.2}}

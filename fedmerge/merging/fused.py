@@ -235,24 +235,23 @@ def _sample(call: FusedCall, numel: int) -> np.ndarray:
         return bits
     rows = call.parts[-1][1]
     run = max(1, -(-size // (_PIECES * (numel // rows))))
-    out = []
-    for a in np.linspace(0, rows - run, _PIECES).astype(np.int64):
-        base, experts = _arrays(call.read((int(a), int(a) + run)))
-        bits = np.empty((len(experts), base.shape[0]), np.uint32)
-        native.magnitude_runs(base, experts, np.zeros(1, np.int64), base.shape[0], bits)
-        out.append(bits)
-    return np.concatenate(out, axis=1)
+    starts = np.linspace(0, rows - run, _PIECES).astype(np.int64)
+    return np.concatenate([_magnitudes(*_arrays(call.read((int(a), int(a) + run))))
+                           for a in starts], axis=1)  # fmt: skip
+
+
+def _magnitudes(base: np.ndarray, experts: Sequence[np.ndarray]) -> np.ndarray:
+    """The |τ_k| bit patterns of a whole block -> ``(K, m)`` uint32."""
+    bits = np.empty((len(experts), base.shape[0]), np.uint32)
+    native.magnitude_runs(base, experts, np.zeros(1, np.int64), base.shape[0], bits)
+    return bits
 
 
 def _every_magnitude(call: FusedCall, rank: int) -> np.ndarray:
     """The exact ``rank``-th smallest |τ_k| of a small key (at most 2 · :data:`_SAMPLE` values
     per expert, ≤ 2 MB for K = 4): all its bit patterns, one ``np.partition`` (a 1,024-entry
     norm: ~40 µs, where the radix passes spent ~1.5 ms on their 2^16-bin histograms)."""
-    parts = []
-    for base, experts in _blocks(call):
-        bits = np.empty((len(experts), base.shape[0]), np.uint32)
-        native.magnitude_runs(base, experts, np.zeros(1, np.int64), base.shape[0], bits)
-        parts.append(bits)
+    parts = [_magnitudes(base, experts) for base, experts in _blocks(call)]
     bits = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return np.partition(bits, rank - 1, axis=1)[:, rank - 1].copy().view(np.float32)
 

@@ -295,11 +295,7 @@ static inline void classify(const void *x, const int bf16, int64_t s, int n, con
     int i = 0;
 #ifdef __AVX512F__
     const __m512i vlo = _mm512_set1_epi32((int)lo), vc = _mm512_set1_epi32((int)c),
-                  vhi = _mm512_set1_epi32((int)hi), mag = _mm512_set1_epi32(0x7FFFFFFF),
-                  one = _mm512_set1_epi32(1);
-    /* per-lane counts (n <= TILE: no overflow), summed once at the end */
-    __m512i n_below = _mm512_setzero_si512(), n_lo = n_below, n_c = n_below, n_hi = n_below,
-            n_under = n_below;
+                  vhi = _mm512_set1_epi32((int)hi), mag = _mm512_set1_epi32(0x7FFFFFFF);
     for (; i + 16 <= n; i += 16) {
         __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(h + i))), 16))
@@ -309,11 +305,11 @@ static inline void classify(const void *x, const int bf16, int64_t s, int n, con
                   lt_hi = _mm512_cmplt_epu32_mask(a, vhi), eq_c = _mm512_cmpeq_epu32_mask(a, vc),
                   gt_lo = _mm512_cmpgt_epu32_mask(a, vlo);
         __mmask16 keep = gt_lo & lt_hi & (__mmask16)~eq_c;
-        n_below = _mm512_mask_add_epi32(n_below, lt_lo, n_below, one);
-        n_lo = _mm512_mask_add_epi32(n_lo, (__mmask16)~(lt_lo | gt_lo), n_lo, one);
-        n_c = _mm512_mask_add_epi32(n_c, eq_c, n_c, one);
-        n_hi = _mm512_mask_add_epi32(n_hi, _mm512_cmpeq_epu32_mask(a, vhi), n_hi, one);
-        n_under = _mm512_mask_add_epi32(n_under, gt_lo & lt_c, n_under, one);
+        below += __builtin_popcount(lt_lo);
+        at_lo += __builtin_popcount((__mmask16)~(lt_lo | gt_lo));
+        at_c += __builtin_popcount(eq_c);
+        at_hi += __builtin_popcount(_mm512_cmpeq_epu32_mask(a, vhi));
+        under += __builtin_popcount(gt_lo & lt_c);
         /* compress in a register, then a plain store of all 16 lanes (the slack past the
          * kept ones is overwritten later), with or without any kept: a compressing store
          * to memory is microcoded on AMD Zen 4 (~100 cycles) and a branch on `keep` is
@@ -322,9 +318,6 @@ static inline void classify(const void *x, const int bf16, int64_t s, int n, con
         else if (keep && at <= cap) at = cap + 1; /* from here on counted, not kept */
         at += __builtin_popcount(keep);
     }
-    below += _mm512_reduce_add_epi32(n_below), at_lo += _mm512_reduce_add_epi32(n_lo);
-    at_c += _mm512_reduce_add_epi32(n_c), at_hi += _mm512_reduce_add_epi32(n_hi);
-    under += _mm512_reduce_add_epi32(n_under);
 #endif
     for (; i < n; i++) {
         float t = (bf16 ? from_bits((uint32_t)h[i] << 16) : f[i]) - b[i];
