@@ -107,7 +107,10 @@ def test_quantized_topk_keeps_the_selected_entries_within_half_a_step(x, density
     pad = (-kept.numel()) % block
     scales = torch.cat([kept.abs(), kept.new_zeros(pad)]).view(-1, block).amax(1)
     bound = scales.repeat_interleave(block)[: kept.numel()] / (2 * (2 ** (bits - 1) - 1))
-    assert bool(((y[mask] - kept).abs() <= bound * (1 + 1e-5) + 1e-12).all())
+    # half a step, plus the float rounding of x / scale · L and of its decoding (a few ulps of
+    # x: at 16 bits in float32 it can tip a rounding by ~0.004 of a step)
+    slack = 4 * torch.finfo(kept.dtype).eps * kept.abs()
+    assert bool(((y[mask] - kept).abs() <= bound * (1 + 1e-5) + slack + 1e-12).all())
     assert not bool(y[~mask].any())  # nothing outside the selection; a kept entry may round to 0
     assert bool((y[mask] * kept >= 0).all())  # never a flipped sign
 
